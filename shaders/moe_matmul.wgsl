@@ -1,0 +1,54 @@
+// The grouped expert matmul: every expert's rows in one dispatch. Rows of expert e are
+// [offsets[e], offsets[e+1]) of x; its weight is the e-th [n, k] matrix of the stacked w. Workgroup
+// (x, y) computes column tile x of the y-th row tile counted over all experts (tile_starts).
+struct Params {
+    n: u32,
+    k: u32,
+    n_experts: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<WStore>;
+@group(0) @binding(3) var<storage, read> offsets: array<u32>;
+@group(0) @binding(4) var<storage, read> tile_starts: array<u32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(THREADS)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tile = wg.y;
+    if tile >= tile_starts[p.n_experts] {
+        return;
+    }
+    // The expert whose tiles contain this one: the last e with tile_starts[e] <= tile.
+    var lo = 0u;
+    var hi = p.n_experts;
+    while hi - lo > 1u {
+        let mid = (lo + hi) / 2u;
+        if tile_starts[mid] <= tile {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let e = lo;
+    let m0 = offsets[e] + (tile - tile_starts[e]) * BM;
+    let m_end = offsets[e + 1u];
+    let n0 = wg.x * BN;
+    let acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, e * p.n * p.k);
+    let tx = lid % TX;
+    let ty = lid / TX;
+    for (var i = 0u; i < TM; i++) {
+        let row = m0 + ty * TM + i;
+        if row >= m_end {
+            break;
+        }
+        for (var j = 0u; j < TN; j++) {
+            let col = n0 + tx * TN + j;
+            if col < p.n {
+                y[row * p.n + col] = acc[i][j];
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! GPU buffers: a pool that reuses allocations, chunked uploads, readback, and weights split
+//! into parts that each fit one storage binding.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{ensure, Error, Result};
+use crate::gpu::GpuContext;
+
+/// Usage of every storage buffer: kernels bind it, uploads and copies reach it both ways.
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+pub const UNIFORM: wgpu::BufferUsages = wgpu::BufferUsages::UNIFORM.union(wgpu::BufferUsages::COPY_DST);
+
+/// One `write_buffer` call carries at most this much, so the driver's staging stays bounded.
+const UPLOAD_CHUNK: usize = 8 << 20;
+/// Uploads are flushed with a submit after this many bytes or calls (some backends misbehave
+/// with hundreds of writes queued and nothing submitted).
+const FLUSH_BYTES: usize = 64 << 20;
+const FLUSH_CALLS: usize = 64;
+/// Idle buffers kept for reuse, in bytes, before the pool frees instead.
+const DEFAULT_IDLE_CAP: u64 = 1 << 30;
+
+type Key = (u64, u32);
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<Key, Vec<wgpu::Buffer>>,
+    idle_bytes: u64,
+    allocated_bytes: u64,
+    reused: u64,
+    created: u64,
+}
+
+/// Reuses GPU allocations by size class, so steady-state steps allocate nothing.
+#[derive(Clone, Default)]
+pub struct BufferPool {
+    state: Arc<Mutex<PoolState>>,
+    pub(crate) upload: Arc<Mutex<(usize, usize)>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub allocated_bytes: u64,
+    pub idle_bytes: u64,
+    pub created: u64,
+    pub reused: u64,
+}
+
+impl BufferPool {
+    pub fn stats(&self) -> PoolStats {
+        let s = self.state.lock().unwrap();
+        PoolStats { allocated_bytes: s.allocated_bytes, idle_bytes: s.idle_bytes, created: s.created, reused: s.reused }
+    }
+
+    /// Frees every idle buffer.
+    pub fn trim(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.free.clear();
+        s.allocated_bytes -= s.idle_bytes;
+        s.idle_bytes = 0;
+    }
+}
+
+/// Rounds a request up to its size class (at most 12.5% larger), so nearby sizes share buffers.
+fn size_class(bytes: u64, max: u64) -> u64 {
+    let b = bytes.max(256).next_multiple_of(4);
+    let step = (b.next_power_of_two() / 8).max(256);
+    let class = b.next_multiple_of(step);
+    if class > max {
+        b
+    } else {
+        class
+    }
+}
+
+/// A pooled GPU buffer, shared by handle; the allocation goes back to the pool when the last
+/// handle is dropped (a recorded batch holds one until it is submitted). `size` is what was asked for.
+#[derive(Clone)]
+pub struct GpuBuffer(Arc<Pooled>);
+
+struct Pooled {
+    buffer: wgpu::Buffer,
+    size: u64,
+    key: Key,
+    pool: BufferPool,
+}
+
+impl GpuBuffer {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        &self.0.buffer
+    }
+    /// Bytes asked for (the allocation may be larger).
+    pub fn size(&self) -> u64 {
+        self.0.size
+    }
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        self.raw().as_entire_binding()
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut s = self.pool.state.lock().unwrap();
+        if s.idle_bytes + self.key.0 <= DEFAULT_IDLE_CAP {
+            s.idle_bytes += self.key.0;
+            s.free.entry(self.key).or_default().push(self.buffer.clone());
+        } else {
+            s.allocated_bytes -= self.key.0;
+            self.buffer.destroy();
+        }
+    }
+}
+
+impl std::fmt::Debug for GpuBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBuffer({} bytes)", self.size())
+    }
+}
+
+impl GpuContext {
+    /// A buffer of at least `bytes` bytes, from the pool when one is free. Contents are undefined.
+    pub fn buffer(&self, what: &str, bytes: u64, usage: wgpu::BufferUsages) -> Result<GpuBuffer> {
+        let limit = self.limits().max_buffer_size;
+        if bytes > limit {
+            return Err(Error::BindingTooLarge { what: what.to_string(), needed: bytes, limit });
+        }
+        let pool = &self.shared.pool;
+        let key = (size_class(bytes, limit), usage.bits());
+        let reused = {
+            let mut s = pool.state.lock().unwrap();
+            let found = s.free.get_mut(&key).and_then(Vec::pop);
+            if found.is_some() {
+                s.idle_bytes -= key.0;
+                s.reused += 1;
+            }
+            found
+        };
+        let buffer = match reused {
+            Some(b) => b,
+            None => {
+                let b = self.scoped(&format!("allocating {} bytes for {what}", key.0), || {
+                    self.device().create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(what),
+                        size: key.0,
+                        usage,
+                        mapped_at_creation: false,
+                    })
+                })?;
+                let mut s = pool.state.lock().unwrap();
+                s.allocated_bytes += key.0;
+                s.created += 1;
+                b
+            }
+        };
+        Ok(GpuBuffer(Arc::new(Pooled { buffer, size: bytes, key, pool: pool.clone() })))
+    }
+
+    /// A storage buffer of `bytes`, which must fit one binding.
+    pub fn storage(&self, what: &str, bytes: u64) -> Result<GpuBuffer> {
+        if bytes > self.binding_limit() {
+            return Err(Error::BindingTooLarge { what: what.to_string(), needed: bytes, limit: self.binding_limit() });
+        }
+        self.buffer(what, bytes, STORAGE)
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn storage_from<T: bytemuck::Pod>(&self, what: &str, data: &[T]) -> Result<GpuBuffer> {
+        let bytes = bytemuck::cast_slice::<T, u8>(data);
+        let buf = self.storage(what, bytes.len().max(4) as u64)?;
+        self.upload(&buf, 0, bytes)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`, in bounded chunks with periodic submits.
+    pub fn upload(&self, buf: &GpuBuffer, offset: u64, data: &[u8]) -> Result<()> {
+        ensure!(offset % 4 == 0, "upload", "offset {offset} is not a multiple of 4");
+        ensure!(
+            offset + data.len() as u64 <= buf.raw().size(),
+            "upload",
+            "{} bytes at offset {offset} overrun a buffer of {}",
+            data.len(),
+            buf.raw().size()
+        );
+        let queue = self.queue();
+        let mut at = 0usize;
+        while at < data.len() {
+            let end = (at + UPLOAD_CHUNK).min(data.len());
+            let chunk = &data[at..end];
+            if chunk.len() % 4 == 0 {
+                queue.write_buffer(buf.raw(), offset + at as u64, chunk);
+            } else {
+                let mut padded = chunk.to_vec();
+                padded.resize(chunk.len().next_multiple_of(4), 0);
+                queue.write_buffer(buf.raw(), offset + at as u64, &padded);
+            }
+            let mut pending = self.shared.pool.upload.lock().unwrap();
+            pending.0 += chunk.len();
+            pending.1 += 1;
+            if pending.0 >= FLUSH_BYTES || pending.1 >= FLUSH_CALLS {
+                *pending = (0, 0);
+                drop(pending);
+                queue.submit([]);
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `offset` of `buf` back to the host, waiting for the GPU.
+    pub fn read_bytes(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let padded = len.next_multiple_of(4);
+        ensure!(
+            offset % 4 == 0 && offset + padded <= buf.raw().size(),
+            "readback",
+            "{len} bytes at offset {offset} of a {}-byte buffer",
+            buf.raw().size()
+        );
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.buffer(
+            "readback staging",
+            padded,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let mut enc = self.device().create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf.raw(), offset, staging.raw(), 0, padded);
+        self.queue().submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.raw().map_async(wgpu::MapMode::Read, 0..padded, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait_idle("reading back a buffer")?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback: map callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("readback: {e}")))?;
+        let out = {
+            let view = staging
+                .raw()
+                .get_mapped_range(0..padded)
+                .map_err(|e| Error::Gpu(format!("readback: {e:?}")))?;
+            view[..len as usize].to_vec()
+        };
+        staging.raw().unmap();
+        Ok(out)
+    }
+
+    pub fn read_f32(&self, buf: &GpuBuffer, count: usize) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(buf, 0, count as u64 * 4)?))
+    }
+
+    pub fn read_u32(&self, buf: &GpuBuffer, count: usize) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(buf, 0, count as u64 * 4)?))
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.pool.stats()
+    }
+}
+
+/// How weight elements are stored on the GPU. Activations are always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::F16 | WeightDtype::Bf16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A contiguous run of rows of a weight matrix, in its own buffer.
+#[derive(Debug)]
+pub struct WeightPart {
+    pub buffer: GpuBuffer,
+    pub first_row: usize,
+    pub rows: usize,
+}
+
+/// A `[rows, cols]` row-major matrix (Hugging Face `[out, in]`), split by rows into parts that
+/// each fit one storage binding.
+#[derive(Debug)]
+pub struct GpuWeight {
+    pub parts: Vec<WeightPart>,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: WeightDtype,
+}
+
+impl GpuWeight {
+    /// Uploads `data` (little-endian elements of `dtype`, `rows * cols` of them).
+    pub fn upload(ctx: &GpuContext, what: &str, data: &[u8], dtype: WeightDtype, rows: usize, cols: usize) -> Result<Self> {
+        let row_bytes = cols * dtype.bytes();
+        ensure!(
+            data.len() == rows * row_bytes,
+            what,
+            "expected {rows}x{cols} {} = {} bytes, got {}",
+            dtype.name(),
+            rows * row_bytes,
+            data.len()
+        );
+        ensure!(rows > 0 && cols > 0, what, "empty weight {rows}x{cols}");
+        // Leave room for the padding of a part whose byte length is not a multiple of 4.
+        let rows_per_part = ((ctx.binding_limit().saturating_sub(4)) / row_bytes as u64) as usize;
+        if rows_per_part == 0 {
+            return Err(Error::BindingTooLarge {
+                what: format!("one row of {what}"),
+                needed: row_bytes as u64,
+                limit: ctx.binding_limit(),
+            });
+        }
+        let mut parts = Vec::new();
+        let mut first_row = 0;
+        while first_row < rows {
+            let n = rows_per_part.min(rows - first_row);
+            let bytes = &data[first_row * row_bytes..(first_row + n) * row_bytes];
+            let buffer = ctx.storage(what, (bytes.len() as u64).next_multiple_of(4))?;
+            ctx.upload(&buffer, 0, bytes)?;
+            parts.push(WeightPart { buffer, first_row, rows: n });
+            first_row += n;
+        }
+        Ok(GpuWeight { parts, rows, cols, dtype })
+    }
+
+    /// Uploads f32 values converted to `dtype` (round to nearest even).
+    pub fn from_f32(ctx: &GpuContext, what: &str, values: &[f32], dtype: WeightDtype, rows: usize, cols: usize) -> Result<Self> {
+        let bytes = encode_weights(values, dtype);
+        Self::upload(ctx, what, &bytes, dtype, rows, cols)
+    }
+}
+
+/// Encodes f32 values as `dtype` bytes (little-endian).
+pub fn encode_weights(values: &[f32], dtype: WeightDtype) -> Vec<u8> {
+    match dtype {
+        WeightDtype::F32 => bytemuck::cast_slice(values).to_vec(),
+        WeightDtype::F16 => {
+            let v: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        }
+        WeightDtype::Bf16 => {
+            let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        }
+    }
+}
+
+/// The values a GPU kernel sees after `dtype` rounding: what CPU references must use.
+pub fn round_weights(values: &[f32], dtype: WeightDtype) -> Vec<f32> {
+    match dtype {
+        WeightDtype::F32 => values.to_vec(),
+        WeightDtype::F16 => values.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        WeightDtype::Bf16 => values.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+    }
+}

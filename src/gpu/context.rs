@@ -1,0 +1,276 @@
+//! Adapter selection and the device every kernel runs on.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::gpu::buffers::BufferPool;
+use crate::gpu::pipelines::PipelineCache;
+
+/// Optional adapter features the kernels can use; each has a fallback path.
+pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// How to pick an adapter. `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` are read by [`AdapterChoice::from_env`].
+#[derive(Clone, Debug, Default)]
+pub struct AdapterChoice {
+    /// Backends to consider (`WGPU_BACKEND`, e.g. `vulkan`, `metal`, `dx12`).
+    pub backends: Option<wgpu::Backends>,
+    /// An index into `moegen devices`, or a case-insensitive part of the adapter name.
+    pub adapter: Option<String>,
+    /// Features not to use even where the adapter has them (tests of the fallback paths).
+    pub disabled_features: wgpu::Features,
+}
+
+impl AdapterChoice {
+    /// The choice the environment makes, with `flag` (the `--adapter` value) taking precedence.
+    pub fn from_env(flag: Option<String>) -> Self {
+        AdapterChoice {
+            backends: wgpu::Backends::from_env(),
+            adapter: flag.or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()),
+            disabled_features: disabled_from_env(),
+        }
+    }
+}
+
+/// `MOEGEN_DISABLE_FEATURES=f16,subgroup,timestamp` forces the fallback paths.
+fn disabled_from_env() -> wgpu::Features {
+    let mut off = wgpu::Features::empty();
+    if let Ok(list) = std::env::var("MOEGEN_DISABLE_FEATURES") {
+        for name in list.split(',').map(str::trim) {
+            off |= match name.to_ascii_lowercase().as_str() {
+                "f16" | "shader_f16" => wgpu::Features::SHADER_F16,
+                "subgroup" | "subgroups" => wgpu::Features::SUBGROUP,
+                "timestamp" | "timestamp_query" => wgpu::Features::TIMESTAMP_QUERY,
+                _ => wgpu::Features::empty(),
+            };
+        }
+    }
+    off
+}
+
+pub fn instance(backends: Option<wgpu::Backends>) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if let Some(b) = backends {
+        desc.backends = b;
+    }
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter the instance sees, in a stable order (the index `--adapter N` refers to).
+pub fn list_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+/// Faster kinds of device first; a software adapter is accepted, but last.
+fn device_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+fn select_adapter(choice: &AdapterChoice) -> Result<wgpu::Adapter> {
+    let instance = instance(choice.backends);
+    let adapters = list_adapters(&instance);
+    let backends_note = match choice.backends {
+        Some(b) => format!(" for WGPU_BACKEND={b:?}"),
+        None => String::new(),
+    };
+    if adapters.is_empty() {
+        return Err(Error::NoAdapter(format!(
+            "{backends_note}; install a GPU driver, or Mesa's software Vulkan driver \
+             (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
+        )));
+    }
+    if let Some(want) = &choice.adapter {
+        if let Ok(index) = want.parse::<usize>() {
+            return adapters.into_iter().nth(index).ok_or_else(|| {
+                Error::NoAdapter(format!(": --adapter {index} is out of range (see `moegen devices`)"))
+            });
+        }
+        let needle = want.to_lowercase();
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(" whose name contains {want:?}{backends_note}; adapters seen: {}", names.join(", ")))
+            });
+    }
+    let best = adapters
+        .into_iter()
+        .min_by_key(|a| device_rank(a.get_info().device_type))
+        .expect("list is not empty");
+    Ok(best)
+}
+
+/// What kernels may rely on, after intersecting the adapter's features with what was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelFeatures {
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+}
+
+pub(crate) struct Shared {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub pool: BufferPool,
+    pub pipelines: PipelineCache,
+    /// Errors no error scope caught (reported at the next sync point instead of panicking).
+    pub uncaptured: Arc<Mutex<Vec<String>>>,
+    pub lost: Arc<Mutex<Option<(String, String)>>>,
+}
+
+/// A device and queue with the caches that go with them. Cheap to clone.
+#[derive(Clone)]
+pub struct GpuContext {
+    pub(crate) shared: Arc<Shared>,
+    features: KernelFeatures,
+    binding_limit: u64,
+}
+
+impl GpuContext {
+    pub fn new(choice: &AdapterChoice) -> Result<Self> {
+        let adapter = select_adapter(choice)?;
+        Self::from_adapter(adapter, choice.disabled_features)
+    }
+
+    pub fn from_adapter(adapter: wgpu::Adapter, disabled: wgpu::Features) -> Result<Self> {
+        let info = adapter.get_info();
+        let features = adapter.features() & WANTED_FEATURES & !disabled;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moegen"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice(format!("{} ({:?}): {e}", info.name, info.backend)))?;
+
+        let uncaptured = Arc::new(Mutex::new(Vec::new()));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        let lost = Arc::new(Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            *lost_sink.lock().unwrap() = Some((format!("{reason:?}"), message));
+        });
+
+        let binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) & !3;
+        log::info!("GPU: {} ({:?}, {:?}), features {:?}", info.name, info.backend, info.device_type, features);
+        Ok(GpuContext {
+            shared: Arc::new(Shared {
+                device,
+                queue,
+                info,
+                limits,
+                pool: BufferPool::default(),
+                pipelines: PipelineCache::default(),
+                uncaptured,
+                lost,
+            }),
+            features: KernelFeatures {
+                f16: features.contains(wgpu::Features::SHADER_F16),
+                subgroups: features.contains(wgpu::Features::SUBGROUP),
+                timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            },
+            binding_limit,
+        })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.shared.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.shared.queue
+    }
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.shared.info
+    }
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.shared.limits
+    }
+    pub fn features(&self) -> KernelFeatures {
+        self.features
+    }
+    /// The largest buffer one binding may cover (bytes); larger tensors are split.
+    pub fn binding_limit(&self) -> u64 {
+        self.binding_limit
+    }
+
+    /// The same device with some optional features switched off, to run the fallback paths.
+    pub fn with_features(&self, features: KernelFeatures) -> Self {
+        let have = self.features;
+        GpuContext {
+            shared: self.shared.clone(),
+            features: KernelFeatures {
+                f16: features.f16 && have.f16,
+                subgroups: features.subgroups && have.subgroups,
+                timestamps: features.timestamps && have.timestamps,
+            },
+            binding_limit: self.binding_limit,
+        }
+    }
+
+    /// The same device with a smaller binding limit, so that tests reach the split paths.
+    pub fn with_binding_limit(&self, bytes: u64) -> Self {
+        GpuContext { binding_limit: bytes.min(self.binding_limit) & !3, ..self.clone() }
+    }
+
+    /// Turns errors reported asynchronously (uncaptured, device lost) into a Rust error.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if let Some((reason, detail)) = self.shared.lost.lock().unwrap().clone() {
+            return Err(Error::DeviceLost { reason, detail: format!("{detail} (during {what})") });
+        }
+        let mut errors = self.shared.uncaptured.lock().unwrap();
+        if !errors.is_empty() {
+            let detail = errors.join("; ");
+            errors.clear();
+            return Err(Error::Gpu(format!("{what}: {detail}")));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` inside out-of-memory and validation error scopes, naming `what` in the error.
+    pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let device = &self.shared.device;
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o {
+            return Err(Error::OutOfMemory { what: what.to_string(), detail: e.to_string() });
+        }
+        if let Some(e) = v {
+            return Err(Error::Validation { what: what.to_string(), detail: e.to_string() });
+        }
+        Ok(value)
+    }
+
+    /// Blocks until all submitted work has finished, then reports any error it raised.
+    pub fn wait_idle(&self, what: &str) -> Result<()> {
+        self.shared
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("{what}: {e}")))?;
+        self.check(what)
+    }
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuContext({}, {:?})", self.shared.info.name, self.features)
+    }
+}

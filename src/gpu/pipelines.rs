@@ -1,0 +1,134 @@
+//! WGSL assembly and the pipeline cache: each (kernel, specialisation) is compiled once.
+//!
+//! WGSL has no preprocessor, so a specialisation is a module built from pieces: `enable`
+//! directives, `const` values, helper snippets (how weights are loaded, how a workgroup reduces)
+//! and the kernel body. The pieces are all in `shaders/`, embedded in the binary.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+
+use crate::error::Result;
+use crate::gpu::{GpuContext, KernelFeatures, WeightDtype};
+
+/// A complete WGSL module and the key it is cached under.
+#[derive(Clone, Debug)]
+pub struct ShaderSource {
+    pub key: String,
+    pub code: String,
+}
+
+/// Builds one specialisation of a kernel.
+pub struct ShaderBuilder {
+    key: String,
+    enables: Vec<&'static str>,
+    consts: String,
+    snippets: Vec<&'static str>,
+}
+
+impl ShaderBuilder {
+    pub fn new(kernel: &str) -> Self {
+        ShaderBuilder { key: kernel.to_string(), enables: Vec::new(), consts: String::new(), snippets: vec![COMMON] }
+    }
+
+    pub fn constant(mut self, name: &str, value: u32) -> Self {
+        let _ = write!(self.key, ",{name}={value}");
+        let _ = writeln!(self.consts, "const {name}: u32 = {value}u;");
+        self
+    }
+
+    pub fn flag(self, name: &str, on: bool) -> Self {
+        self.constant(name, on as u32)
+    }
+
+    /// `fn load_w(i: u32) -> f32` and the element type `WStore` of the weight binding `w`.
+    pub fn weights(mut self, dtype: WeightDtype, features: KernelFeatures) -> Self {
+        let (name, snippet) = match dtype {
+            WeightDtype::F32 => ("f32", WEIGHTS_F32),
+            WeightDtype::Bf16 => ("bf16", WEIGHTS_BF16),
+            WeightDtype::F16 if features.f16 => ("f16", WEIGHTS_F16),
+            WeightDtype::F16 => ("f16packed", WEIGHTS_F16_PACKED),
+        };
+        if name == "f16" {
+            self.enable("f16");
+        }
+        let _ = write!(self.key, ",w={name}");
+        self.snippets.push(snippet);
+        self
+    }
+
+    /// `wg_sum`, `wg_max` across the workgroup, through subgroups where the device has them.
+    /// The kernel's entry point takes a `lane: Lane` argument that carries the builtins.
+    pub fn reductions(mut self, features: KernelFeatures) -> Self {
+        if features.subgroups {
+            self.enable("subgroups");
+            self.key.push_str(",reduce=subgroup");
+            self.snippets.push(REDUCE_SUBGROUP);
+        } else {
+            self.key.push_str(",reduce=shared");
+            self.snippets.push(REDUCE_SHARED);
+        }
+        self
+    }
+
+    fn enable(&mut self, ext: &'static str) {
+        if !self.enables.contains(&ext) {
+            self.enables.push(ext);
+        }
+    }
+
+    pub fn body(self, body: &'static str) -> ShaderSource {
+        let mut code = String::new();
+        for e in &self.enables {
+            let _ = writeln!(code, "enable {e};");
+        }
+        code.push_str(&self.consts);
+        for s in &self.snippets {
+            code.push_str(s);
+            code.push('\n');
+        }
+        code.push_str(body);
+        ShaderSource { key: self.key, code }
+    }
+}
+
+const COMMON: &str = include_str!("../../shaders/lib/common.wgsl");
+const WEIGHTS_F32: &str = include_str!("../../shaders/lib/weights_f32.wgsl");
+const WEIGHTS_F16: &str = include_str!("../../shaders/lib/weights_f16.wgsl");
+const WEIGHTS_F16_PACKED: &str = include_str!("../../shaders/lib/weights_f16_packed.wgsl");
+const WEIGHTS_BF16: &str = include_str!("../../shaders/lib/weights_bf16.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/lib/reduce_subgroup.wgsl");
+const REDUCE_SHARED: &str = include_str!("../../shaders/lib/reduce_shared.wgsl");
+
+#[derive(Default)]
+pub struct PipelineCache {
+    compiled: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl GpuContext {
+    /// The compute pipeline for `src`, compiled on first use.
+    pub fn pipeline(&self, src: &ShaderSource) -> Result<Arc<wgpu::ComputePipeline>> {
+        let cache = &self.shared.pipelines;
+        if let Some(p) = cache.compiled.lock().unwrap().get(&src.key) {
+            return Ok(p.clone());
+        }
+        let what = format!("compiling kernel {}", src.key);
+        let pipeline = self.scoped(&what, || {
+            let module = self.device().create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&src.key),
+                source: wgpu::ShaderSource::Wgsl(src.code.as_str().into()),
+            });
+            self.device().create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&src.key),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        })?;
+        let pipeline = Arc::new(pipeline);
+        cache.compiled.lock().unwrap().insert(src.key.clone(), pipeline.clone());
+        Ok(pipeline)
+    }
+}

@@ -1,0 +1,138 @@
+//! Attention with grouped-query heads over ragged batches: causal prefill of prompts and decode
+//! over a KV cache run through the same kernel, told by host-built key ranges which rows each
+//! query row sees.
+
+use crate::error::{ensure, Result};
+use crate::gpu::{grid, Batch, GpuBuffer, KernelFeatures, ShaderBuilder, ShaderSource};
+use crate::kernels::{need, u32_of};
+
+/// Keys per block, and threads per workgroup.
+const WG: u32 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q.k (1/sqrt(head_dim) unless the model says otherwise).
+    pub scale: f32,
+}
+
+impl AttentionShape {
+    pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionShape { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt() }
+    }
+}
+
+/// Key ranges for causal prefill of prompts of `lens` tokens laid out one after another: query j
+/// of a prompt sees that prompt's rows 0..=j. Returns (start, len) pairs, one per query row.
+pub fn prefill_ranges(lens: &[usize]) -> Vec<u32> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for &len in lens {
+        for j in 0..len {
+            ranges.extend([start as u32, j as u32 + 1]);
+        }
+        start += len;
+    }
+    ranges
+}
+
+/// Key ranges for decode: sequence s (one query row) sees cache rows `starts[s]..starts[s] + lens[s]`
+/// (its new token's key and value already appended).
+pub fn decode_ranges(starts: &[usize], lens: &[usize]) -> Vec<u32> {
+    starts.iter().zip(lens).flat_map(|(&s, &l)| [s as u32, l as u32]).collect()
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n_queries: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    q_stride: u32,
+    kv_stride: u32,
+    _pad: u32,
+}
+
+pub fn shader(features: KernelFeatures, head_dim: usize) -> ShaderSource {
+    ShaderBuilder::new("attention")
+        .constant("WG", WG)
+        .constant("HD_SLOTS", (head_dim as u32).div_ceil(WG))
+        .reductions(features)
+        .body(include_str!("../../shaders/attention.wgsl"))
+}
+
+/// `out[q, h, :] = softmax(scale * q[q, h] . k[r, h']^T) v[r, h']` over the rows r of each query's
+/// range, h' the kv head of h. q and out are `[n_queries, n_heads * head_dim]`, k and v
+/// `[kv_rows, n_kv_heads * head_dim]`, `ranges` has a (start, len) pair per query.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    b: &mut Batch,
+    shape: &AttentionShape,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    ranges: &GpuBuffer,
+    out: &GpuBuffer,
+    n_queries: usize,
+    kv_rows: usize,
+) -> Result<()> {
+    let AttentionShape { n_heads, n_kv_heads, head_dim, scale } = *shape;
+    ensure!(n_queries > 0, "attention", "no queries");
+    ensure!(
+        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        "attention",
+        "{n_heads} query heads cannot share {n_kv_heads} kv heads evenly"
+    );
+    ensure!(head_dim > 0 && head_dim <= 1024, "attention", "head dim {head_dim} outside 1..=1024");
+    need(q, n_queries * n_heads * head_dim, "attention queries")?;
+    need(out, n_queries * n_heads * head_dim, "attention output")?;
+    need(k, kv_rows * n_kv_heads * head_dim, "attention keys")?;
+    need(v, kv_rows * n_kv_heads * head_dim, "attention values")?;
+    need(ranges, 2 * n_queries, "attention key ranges")?;
+    let params = Params {
+        n_queries: u32_of(n_queries, "attention queries")?,
+        n_heads: n_heads as u32,
+        n_kv_heads: n_kv_heads as u32,
+        head_dim: head_dim as u32,
+        scale,
+        q_stride: (n_heads * head_dim) as u32,
+        kv_stride: (n_kv_heads * head_dim) as u32,
+        _pad: 0,
+    };
+    let pipeline = b.ctx().pipeline(&shader(b.ctx().features(), head_dim))?;
+    let groups = grid(b.ctx(), u32_of(n_queries * n_heads, "attention grid")?);
+    b.dispatch("attention", &pipeline, &params, &[q, k, v, ranges, out], groups)
+}
+
+/// The CPU reference, in f64.
+pub fn reference(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], ranges: &[u32]) -> Vec<f32> {
+    let AttentionShape { n_heads, n_kv_heads, head_dim: hd, scale } = *shape;
+    let group = n_heads / n_kv_heads;
+    let n_queries = ranges.len() / 2;
+    let mut out = vec![0f32; n_queries * n_heads * hd];
+    for qi in 0..n_queries {
+        let (start, len) = (ranges[2 * qi] as usize, ranges[2 * qi + 1] as usize);
+        for h in 0..n_heads {
+            let kvh = h / group;
+            let qv = &q[(qi * n_heads + h) * hd..][..hd];
+            let scores: Vec<f64> = (start..start + len)
+                .map(|r| {
+                    let kr = &k[(r * n_kv_heads + kvh) * hd..][..hd];
+                    qv.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                })
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for d in 0..hd {
+                let acc: f64 = (start..start + len).zip(&weights).map(|(r, w)| w * v[(r * n_kv_heads + kvh) * hd + d] as f64).sum();
+                out[(qi * n_heads + h) * hd + d] = (acc / total) as f32;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,99 @@
+//! The WGSL kernel library. Each op has its shader specialisations, a function that records it
+//! into a [`Batch`](crate::gpu::Batch) after checking its arguments, and a CPU reference in Rust
+//! that the tests hold it to.
+
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod matmul;
+pub mod moe;
+pub mod norm;
+pub mod rope;
+pub mod router;
+pub mod softmax;
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuBuffer, GpuContext, KernelFeatures, ShaderSource, WeightDtype};
+
+/// Threads per workgroup of the row kernels (one workgroup per row, reducing across it).
+pub(crate) const ROW_WG: u32 = 128;
+/// Threads per workgroup of the elementwise kernels.
+pub(crate) const ELEMENT_WG: u32 = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Dims4 {
+    pub a: u32,
+    pub b: u32,
+    pub c: u32,
+    pub d: u32,
+}
+
+/// Fails unless `buf` holds at least `elements` 4-byte values.
+pub(crate) fn need(buf: &GpuBuffer, elements: usize, what: &str) -> Result<()> {
+    let bytes = elements as u64 * 4;
+    if buf.size() < bytes {
+        return Err(Error::invalid(what, format!("needs {bytes} bytes, the buffer has {}", buf.size())));
+    }
+    Ok(())
+}
+
+/// Converts a size to the u32 the kernels index with, or fails naming it.
+pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} does not fit in 32 bits")))
+}
+
+/// A stand-in for an optional binding that a dispatch does not use.
+pub(crate) fn unused_binding(ctx: &GpuContext) -> Result<GpuBuffer> {
+    ctx.storage("unused binding", 16)
+}
+
+/// Every shader specialisation the engine can compile on a device with `features`: what the
+/// cross-compiler test validates for Vulkan, Metal and DX12.
+pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
+    let dtypes = [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16];
+    let mut out = vec![
+        norm::rms_norm_shader(features),
+        elementwise::add_shader(),
+        elementwise::swiglu_shader(),
+        rope::shader(),
+        softmax::softmax_shader(features),
+        softmax::argmax_shader(features),
+        router::shader(),
+        moe::plan_shader(),
+        moe::gather_shader(),
+        moe::combine_shader(),
+    ];
+    for hd in [64, 128, 192, 256] {
+        out.push(attention::shader(features, hd));
+    }
+    for dtype in dtypes {
+        out.push(embedding::shader(dtype, features));
+        for path in matmul::MatmulPath::ALL {
+            out.push(matmul::shader(path, dtype, features));
+        }
+        for tile in moe::GroupTile::ALL {
+            out.push(moe::grouped_matmul_shader(tile, dtype, features));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specialisations_have_distinct_keys() {
+        for f16 in [false, true] {
+            for subgroups in [false, true] {
+                let shaders = all_shaders(KernelFeatures { f16, subgroups, timestamps: false });
+                let mut keys: Vec<_> = shaders.iter().map(|s| s.key.clone()).collect();
+                keys.sort();
+                let n = keys.len();
+                keys.dedup();
+                assert_eq!(keys.len(), n, "two specialisations share a cache key");
+            }
+        }
+    }
+}
