@@ -1,1 +1,105 @@
-fn main(){}
+//! Kernel benchmarks: `cargo bench`. Prints, for each shape, the median GPU time (timestamp
+//! queries where the adapter has them, else wall time to completion) and the rate it implies.
+//! Figures are side by side from one run; record them in BENCHMARKS.md with the adapter name.
+//! `MOEGEN_BENCH_QUICK=1` runs fewer repetitions.
+
+use std::time::Duration;
+
+use moegen::gpu::{AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, WeightDtype};
+use moegen::kernels::{attention, matmul};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(ctx: &GpuContext, reps: usize, mut record: impl FnMut(&mut Batch)) -> Duration {
+    let mut warm = Batch::new(ctx);
+    record(&mut warm);
+    warm.submit_timed().expect("warm-up run");
+    median(
+        (0..reps)
+            .map(|_| {
+                let mut b = Batch::new(ctx);
+                record(&mut b);
+                b.submit_timed().expect("timed run")
+            })
+            .collect(),
+    )
+}
+
+fn filled(ctx: &GpuContext, n: usize, seed: u32) -> GpuBuffer {
+    let v: Vec<f32> = (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5).collect();
+    ctx.storage_from("bench data", &v).expect("upload")
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; any other argument is a filter on the section names.
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let quick = std::env::var("MOEGEN_BENCH_QUICK").is_ok();
+    let ctx = GpuContext::new(&AdapterChoice::from_env(None)).expect("a GPU adapter");
+    let f = ctx.features();
+    println!(
+        "adapter: {} ({:?}, {:?}), driver {} {}; f16 {}, subgroups {}, timestamps {}",
+        ctx.info().name,
+        ctx.info().backend,
+        ctx.info().device_type,
+        ctx.info().driver,
+        ctx.info().driver_info,
+        f.f16,
+        f.subgroups,
+        f.timestamps
+    );
+
+    if wants("matmul") {
+        let (n, k) = (5632, 2048);
+        println!("\nmatmul y = x W^T, W {n}x{k}");
+        println!("{:>6} {:>5} {:>22} {:>12} {:>10} {:>10}", "tokens", "W", "path", "time", "GFLOP/s", "W GB/s");
+        for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+            let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
+            let w = GpuWeight::from_f32(&ctx, "bench weight", &wv, dtype, n, k).expect("weight");
+            for m in [1usize, 16, 256, 2048] {
+                let x = filled(&ctx, m * k, 1);
+                let y = ctx.storage("bench out", (m * n * 4) as u64).expect("out");
+                let reps = if quick || m >= 256 { 3 } else { 10 };
+                let t = time(&ctx, reps, |b| matmul::matmul(b, &x, &w, None, &y, m).expect("matmul"));
+                let flops = 2.0 * (m * n * k) as f64;
+                let bytes = (n * k * dtype.bytes()) as f64;
+                println!(
+                    "{m:>6} {:>5} {:>22} {:>10.3}ms {:>10.1} {:>10.1}",
+                    dtype.name(),
+                    format!("{:?}", matmul::MatmulPath::for_rows(m)),
+                    t.as_secs_f64() * 1e3,
+                    flops / t.as_secs_f64() / 1e9,
+                    bytes / t.as_secs_f64() / 1e9
+                );
+            }
+        }
+    }
+
+    if wants("attention") {
+        println!("\ndecode attention: 32 query heads, 8 kv heads, head dim 128");
+        println!("{:>9} {:>8} {:>12} {:>10} {:>10}", "sequences", "context", "time", "KV GB/s", "GFLOP/s");
+        let shape = attention::AttentionShape::new(32, 8, 128);
+        for (seqs, context) in [(1usize, 512usize), (16, 512), (64, 1024)] {
+            let kv_rows = seqs * context;
+            let q = filled(&ctx, seqs * 32 * 128, 2);
+            let k = filled(&ctx, kv_rows * 8 * 128, 3);
+            let v = filled(&ctx, kv_rows * 8 * 128, 4);
+            let out = ctx.storage("bench out", (seqs * 32 * 128 * 4) as u64).expect("out");
+            let starts: Vec<usize> = (0..seqs).map(|s| s * context).collect();
+            let ranges = ctx.storage_from("ranges", &attention::decode_ranges(&starts, &vec![context; seqs])).expect("ranges");
+            let reps = if quick { 3 } else { 10 };
+            let t = time(&ctx, reps, |b| attention::attention(b, &shape, &q, &k, &v, &ranges, &out, seqs, kv_rows).expect("attention"));
+            let kv_bytes = 2.0 * (kv_rows * 8 * 128 * 4) as f64;
+            let flops = 4.0 * (seqs * 32 * context * 128) as f64;
+            println!(
+                "{seqs:>9} {context:>8} {:>10.3}ms {:>10.1} {:>10.1}",
+                t.as_secs_f64() * 1e3,
+                kv_bytes / t.as_secs_f64() / 1e9,
+                flops / t.as_secs_f64() / 1e9
+            );
+        }
+    }
+}

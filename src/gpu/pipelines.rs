@@ -61,7 +61,7 @@ impl ShaderBuilder {
     /// The kernel's entry point takes a `lane: Lane` argument that carries the builtins.
     pub fn reductions(mut self, features: KernelFeatures) -> Self {
         if features.subgroups {
-            self.enable("subgroups");
+            // naga takes subgroup builtins without `enable subgroups;` (and rejects the directive).
             self.key.push_str(",reduce=subgroup");
             self.snippets.push(REDUCE_SUBGROUP);
         } else {

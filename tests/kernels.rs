@@ -1,0 +1,496 @@
+//! Every kernel against its CPU reference, on random inputs of awkward sizes, output buffers
+//! poisoned with NaN first, compared by normalised mean squared error (as llama.cpp's
+//! test-backend-ops does). Each runs on the device's full feature set and again with the optional
+//! features (f16, subgroups) switched off, so both paths are checked.
+
+use std::sync::OnceLock;
+
+use moegen::gpu::{round_weights, AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
+use moegen::kernels::{attention, elementwise, embedding, matmul, moe, norm, rope, router, softmax};
+use moegen::Error;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// One device for the whole test binary (creating one is slow on llvmpipe).
+fn gpu() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = GpuContext::new(&AdapterChoice::from_env(None)).expect("a GPU adapter (install mesa-vulkan-drivers)");
+        eprintln!("kernel tests on {} ({:?}), {:?}", ctx.info().name, ctx.info().backend, ctx.features());
+        ctx
+    })
+}
+
+/// The device as it is, and with every optional feature off.
+fn variants() -> Vec<GpuContext> {
+    let full = gpu().clone();
+    let bare = full.with_features(KernelFeatures { f16: false, subgroups: false, timestamps: false });
+    if bare.features() == full.features() {
+        vec![full]
+    } else {
+        vec![full, bare]
+    }
+}
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+}
+
+/// A buffer of `n` f32 filled with NaN, so anything a kernel fails to write shows up.
+fn poisoned(ctx: &GpuContext, n: usize) -> GpuBuffer {
+    ctx.storage_from("poisoned output", &vec![f32::NAN; n]).unwrap()
+}
+
+fn upload(ctx: &GpuContext, data: &[f32]) -> GpuBuffer {
+    ctx.storage_from("test input", data).unwrap()
+}
+
+/// sum((a - b)^2) / sum(b^2); NaN anywhere makes it NaN, which fails every bound.
+fn nmse(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let mut err = 0.0;
+    let mut norm = 0.0;
+    for (&a, &e) in actual.iter().zip(expected) {
+        err += (a as f64 - e as f64).powi(2);
+        norm += (e as f64).powi(2);
+    }
+    err / norm.max(f64::MIN_POSITIVE)
+}
+
+#[track_caller]
+fn assert_close(what: &str, actual: &[f32], expected: &[f32], bound: f64) {
+    let e = nmse(actual, expected);
+    assert!(e <= bound, "{what}: normalised error {e:e} above {bound:e}");
+}
+
+const DTYPES: [WeightDtype; 3] = [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16];
+
+#[test]
+fn embedding_gathers_rows_from_split_tables() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for ctx in variants() {
+        for dtype in DTYPES {
+            let (vocab, dim) = (101, 37);
+            let table = random(&mut rng, vocab * dim, 1.0);
+            let ids: Vec<u32> = (0..33).map(|_| rng.random_range(0..vocab as u32)).collect();
+            // A binding limit of ~20 rows splits the table into six parts.
+            let small = ctx.with_binding_limit((20 * dim * dtype.bytes()) as u64 + 4);
+            let w = GpuWeight::from_f32(&small, "table", &table, dtype, vocab, dim).unwrap();
+            assert!(w.parts.len() >= 5, "table not split: {} parts", w.parts.len());
+            let ids_buf = ctx.storage_from("ids", &ids).unwrap();
+            let out = poisoned(&ctx, ids.len() * dim);
+            let mut b = Batch::new(&ctx);
+            embedding::embed(&mut b, &w, &ids_buf, ids.len(), &out).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&out, ids.len() * dim).unwrap();
+            let want = embedding::reference(&round_weights(&table, dtype), dim, &ids);
+            assert_eq!(got, want, "embedding {dtype:?} {:?}", ctx.features());
+        }
+    }
+}
+
+#[test]
+fn rms_norm_over_rows_and_head_slices() {
+    let mut rng = StdRng::seed_from_u64(2);
+    for ctx in variants() {
+        for (rows, dim) in [(1, 1000), (7, 333), (33 * 3, 48)] {
+            let x = random(&mut rng, rows * dim, 3.0);
+            let gamma = random(&mut rng, dim, 1.0);
+            let out = poisoned(&ctx, rows * dim);
+            let mut b = Batch::new(&ctx);
+            norm::rms_norm(&mut b, &upload(&ctx, &x), &upload(&ctx, &gamma), &out, rows, dim, 1e-5).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&out, rows * dim).unwrap();
+            assert_close(&format!("rms_norm {rows}x{dim}"), &got, &norm::reference(&x, &gamma, dim, 1e-5), 1e-10);
+        }
+    }
+}
+
+#[test]
+fn residual_add_and_swiglu() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let ctx = gpu();
+    for n in [1, 1001, 70_003] {
+        let a = random(&mut rng, n, 2.0);
+        let x = random(&mut rng, n, 2.0);
+        let acc = upload(ctx, &a);
+        let gate = random(&mut rng, n, 6.0);
+        let up = random(&mut rng, n, 2.0);
+        let out = poisoned(ctx, n);
+        let mut b = Batch::new(ctx);
+        elementwise::add_assign(&mut b, &acc, &upload(ctx, &x), n).unwrap();
+        elementwise::swiglu(&mut b, &upload(ctx, &gate), &upload(ctx, &up), &out, n).unwrap();
+        b.submit().unwrap();
+        assert_close("add", &ctx.read_f32(&acc, n).unwrap(), &elementwise::add_reference(&a, &x), 1e-14);
+        assert_close("swiglu", &ctx.read_f32(&out, n).unwrap(), &elementwise::swiglu_reference(&gate, &up), 1e-12);
+    }
+}
+
+#[test]
+fn rope_half_split_and_interleaved_with_partial_rotation() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let ctx = gpu();
+    for layout in [rope::RopeLayout::HalfSplit, rope::RopeLayout::Interleaved] {
+        for (tokens, heads, head_dim, rot_dim) in [(1, 1, 8, 8), (7, 3, 40, 24), (33, 5, 64, 64)] {
+            let inv_freq = rope::default_inv_freq(10000.0, rot_dim);
+            let table = rope::RopeTable::new(ctx, &inv_freq, 1.0, 300).unwrap();
+            let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..300)).collect();
+            let x = random(&mut rng, tokens * heads * head_dim, 1.0);
+            let buf = upload(ctx, &x);
+            let mut b = Batch::new(ctx);
+            let pos = ctx.storage_from("positions", &positions).unwrap();
+            rope::rope(&mut b, &buf, &pos, &table, tokens, heads, head_dim, layout).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&buf, x.len()).unwrap();
+            let cs = rope::cos_sin_table(&inv_freq, 1.0, 300);
+            let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, layout);
+            assert_close(&format!("rope {layout:?} {tokens}x{heads}x{head_dim}/{rot_dim}"), &got, &want, 1e-12);
+            // The dims past rot_dim pass through untouched.
+            for h in 0..tokens * heads {
+                assert_eq!(got[h * head_dim + rot_dim..(h + 1) * head_dim], x[h * head_dim + rot_dim..(h + 1) * head_dim]);
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_table_holds_cos_and_sin_of_position_times_frequency() {
+    let inv_freq = rope::default_inv_freq(10000.0, 4);
+    assert_eq!(inv_freq, vec![1.0, 0.01]);
+    let table = rope::cos_sin_table(&inv_freq, 0.5, 4);
+    let [c, s] = table[3 * 2 + 1];
+    assert!((c - 0.5 * 0.03f64.cos() as f32).abs() < 1e-7 && (s - 0.5 * 0.03f64.sin() as f32).abs() < 1e-7);
+    assert_eq!(table[0], [0.5, 0.0]);
+}
+
+fn check_matmul(ctx: &GpuContext, rng: &mut StdRng, m: usize, n: usize, k: usize, dtype: WeightDtype, bias: bool, path: Option<matmul::MatmulPath>) {
+    let x = random(rng, m * k, 1.0);
+    let wv = random(rng, n * k, 0.5);
+    let bv = random(rng, n, 1.0);
+    let w = GpuWeight::from_f32(ctx, "w", &wv, dtype, n, k).unwrap();
+    let bias_buf = upload(ctx, &bv);
+    let y = poisoned(ctx, m * n);
+    let mut b = Batch::new(ctx);
+    let rows = matmul::Rows::all(m);
+    matmul::matmul_rows(&mut b, &upload(ctx, &x), &w, bias.then_some(&bias_buf), &y, rows, path).unwrap();
+    b.submit().unwrap();
+    let got = ctx.read_f32(&y, m * n).unwrap();
+    let want = matmul::reference(&x, &round_weights(&wv, dtype), bias.then_some(&bv[..]), m, n, k);
+    assert_close(&format!("matmul {m}x{n}x{k} {dtype:?} bias={bias} {path:?} {:?}", ctx.features()), &got, &want, 1e-10);
+}
+
+#[test]
+fn matmul_every_path_and_weight_type() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for ctx in variants() {
+        for dtype in DTYPES {
+            for path in matmul::MatmulPath::ALL {
+                check_matmul(&ctx, &mut rng, 7, 67, 45, dtype, true, Some(path));
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_awkward_token_counts_on_the_chosen_path() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let ctx = gpu();
+    for (i, m) in [1, 2, 7, 9, 33, 257].into_iter().enumerate() {
+        check_matmul(ctx, &mut rng, m, 97, 129, DTYPES[i % 3], i % 2 == 0, None);
+    }
+}
+
+#[test]
+fn matmul_with_weights_split_across_bindings_and_row_offsets() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (m, n, k) = (9, 70, 33);
+    for ctx in variants() {
+        let small = ctx.with_binding_limit((16 * k * 2) as u64 + 4);
+        let x = random(&mut rng, (m + 3) * k, 1.0);
+        let wv = random(&mut rng, n * k, 0.5);
+        let bv = random(&mut rng, n, 1.0);
+        let w = GpuWeight::from_f32(&small, "split w", &wv, WeightDtype::Bf16, n, k).unwrap();
+        assert!(w.parts.len() >= 4);
+        // Rows 3..3+m of x land at rows 1..1+m of a y whose rows are n + 5 wide.
+        let stride = n + 5;
+        let y = poisoned(&ctx, (m + 1) * stride);
+        let mut b = Batch::new(&small);
+        let rows = matmul::Rows { m, x_row0: 3, y_row0: 1, y_stride: Some(stride) };
+        matmul::matmul_rows(&mut b, &upload(&ctx, &x), &w, Some(&upload(&ctx, &bv)), &y, rows, None).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&y, (m + 1) * stride).unwrap();
+        let want = matmul::reference(&x[3 * k..], &round_weights(&wv, WeightDtype::Bf16), Some(&bv), m, n, k);
+        let got_rows: Vec<f32> = (0..m).flat_map(|r| got[(r + 1) * stride..(r + 1) * stride + n].to_vec()).collect();
+        assert_close("split matmul", &got_rows, &want, 1e-10);
+        // Nothing outside the target rows and columns was written.
+        assert!(got[..stride].iter().all(|v| v.is_nan()));
+        assert!((1..=m).all(|r| got[r * stride + n..(r + 1) * stride].iter().all(|v| v.is_nan())));
+    }
+}
+
+#[test]
+fn softmax_and_argmax_rows() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for ctx in variants() {
+        for (rows, dim) in [(1, 5), (7, 1000), (9, 3001)] {
+            let mut x = random(&mut rng, rows * dim, 8.0);
+            // Plant ties: the first of two equal maxima must win.
+            if dim > 10 {
+                x[dim + 3] = 100.0;
+                x[dim + 9] = 100.0;
+            }
+            let y = poisoned(&ctx, rows * dim);
+            let ids = ctx.storage_from("ids", &vec![u32::MAX; rows]).unwrap();
+            let xb = upload(&ctx, &x);
+            let mut b = Batch::new(&ctx);
+            softmax::softmax(&mut b, &xb, &y, rows, dim).unwrap();
+            softmax::argmax(&mut b, &xb, &ids, rows, dim).unwrap();
+            b.submit().unwrap();
+            assert_close("softmax", &ctx.read_f32(&y, rows * dim).unwrap(), &softmax::softmax_reference(&x, dim), 1e-12);
+            let got = ctx.read_u32(&ids, rows).unwrap();
+            assert_eq!(got, softmax::argmax_reference(&x, dim), "argmax {rows}x{dim} {:?}", ctx.features());
+            if dim > 10 {
+                assert_eq!(got[1], 3);
+            }
+        }
+    }
+}
+
+/// Router logits far enough apart that f32 and f64 agree on the order.
+fn spaced_logits(rng: &mut StdRng, tokens: usize, n_experts: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for _ in 0..tokens {
+        let mut order: Vec<usize> = (0..n_experts).collect();
+        for i in (1..n_experts).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        out.extend(order.iter().map(|&r| r as f32 * 0.37 - 2.0 + rng.random_range(0.0..0.05)));
+    }
+    out
+}
+
+#[test]
+fn router_softmax_sigmoid_renormalised_and_biased() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let ctx = gpu();
+    let configs = [
+        router::RouterConfig { n_experts: 8, top_k: 2, sigmoid: false, renormalize: true, scale: 1.0 },
+        router::RouterConfig { n_experts: 60, top_k: 4, sigmoid: false, renormalize: false, scale: 1.0 },
+        router::RouterConfig { n_experts: 7, top_k: 7, sigmoid: false, renormalize: true, scale: 1.0 },
+        router::RouterConfig { n_experts: 33, top_k: 6, sigmoid: true, renormalize: true, scale: 2.5 },
+    ];
+    for (i, cfg) in configs.iter().enumerate() {
+        let tokens = [1, 37, 5, 300][i];
+        let logits = spaced_logits(&mut rng, tokens, cfg.n_experts);
+        let bias = cfg.sigmoid.then(|| random(&mut rng, cfg.n_experts, 0.3));
+        let bias_buf = bias.as_ref().map(|b| upload(ctx, b));
+        let ids = ctx.storage_from("ids", &vec![u32::MAX; tokens * cfg.top_k]).unwrap();
+        let weights = poisoned(ctx, tokens * cfg.top_k);
+        let mut b = Batch::new(ctx);
+        router::route(&mut b, cfg, &upload(ctx, &logits), bias_buf.as_ref(), &ids, &weights, tokens).unwrap();
+        b.submit().unwrap();
+        let (want_ids, want_w) = router::reference(cfg, &logits, bias.as_deref());
+        assert_eq!(ctx.read_u32(&ids, tokens * cfg.top_k).unwrap(), want_ids, "router {cfg:?}");
+        assert_close(&format!("router {cfg:?}"), &ctx.read_f32(&weights, tokens * cfg.top_k).unwrap(), &want_w, 1e-12);
+    }
+}
+
+fn check_attention(ctx: &GpuContext, rng: &mut StdRng, shape: attention::AttentionShape, ranges: &[u32], kv_rows: usize) {
+    let nq = ranges.len() / 2;
+    let q = random(rng, nq * shape.n_heads * shape.head_dim, 1.0);
+    let k = random(rng, kv_rows * shape.n_kv_heads * shape.head_dim, 1.0);
+    let v = random(rng, kv_rows * shape.n_kv_heads * shape.head_dim, 1.0);
+    let out = poisoned(ctx, q.len());
+    let mut b = Batch::new(ctx);
+    let ranges_buf = ctx.storage_from("ranges", ranges).unwrap();
+    attention::attention(&mut b, &shape, &upload(ctx, &q), &upload(ctx, &k), &upload(ctx, &v), &ranges_buf, &out, nq, kv_rows).unwrap();
+    b.submit().unwrap();
+    let got = ctx.read_f32(&out, q.len()).unwrap();
+    assert_close(&format!("attention {shape:?} {:?}", ctx.features()), &got, &attention::reference(&shape, &q, &k, &v, ranges), 1e-10);
+}
+
+#[test]
+fn attention_causal_prefill_of_a_ragged_batch() {
+    let mut rng = StdRng::seed_from_u64(10);
+    for ctx in variants() {
+        let lens = [1, 7, 33, 70];
+        let ranges = attention::prefill_ranges(&lens);
+        check_attention(&ctx, &mut rng, attention::AttentionShape::new(4, 2, 64), &ranges, lens.iter().sum());
+        check_attention(&ctx, &mut rng, attention::AttentionShape::new(3, 3, 80), &attention::prefill_ranges(&[5, 66]), 71);
+    }
+}
+
+#[test]
+fn attention_decode_over_a_ragged_cache() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for ctx in variants() {
+        // Three sequences whose caches lie apart in one buffer, with 1, 65 and 257 entries.
+        let starts = [0, 10, 100];
+        let lens = [1, 65, 257];
+        let ranges = attention::decode_ranges(&starts, &lens);
+        check_attention(&ctx, &mut rng, attention::AttentionShape::new(8, 2, 128), &ranges, 357);
+        let mut shape = attention::AttentionShape::new(2, 1, 40);
+        shape.scale = 0.3;
+        check_attention(&ctx, &mut rng, shape, &attention::decode_ranges(&[3], &[29]), 32);
+    }
+}
+
+#[test]
+fn moe_plan_groups_assignments_by_expert() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let ctx = gpu();
+    let (tokens, top_k, n_experts) = (257, 3, 13);
+    let mut ids: Vec<u32> = (0..tokens * top_k).map(|_| rng.random_range(0..n_experts as u32)).collect();
+    ids[5] = 999; // an id out of range gets no row
+    for tile in moe::GroupTile::ALL {
+        let mut b = Batch::new(ctx);
+        let plan = moe::plan(&mut b, &ctx.storage_from("ids", &ids).unwrap(), ids.len(), n_experts, tile).unwrap();
+        b.submit().unwrap();
+        let offsets = ctx.read_u32(&plan.offsets, n_experts + 1).unwrap();
+        assert_eq!(offsets, moe::offsets_reference(&ids, n_experts));
+        let tiles = ctx.read_u32(&plan.tile_starts, n_experts + 1).unwrap();
+        for e in 0..n_experts {
+            let rows = offsets[e + 1] - offsets[e];
+            assert_eq!(tiles[e + 1] - tiles[e], rows.div_ceil(tile.rows()));
+        }
+        let assign_row = ctx.read_u32(&plan.assign_row, ids.len()).unwrap();
+        let row_assign = ctx.read_u32(&plan.row_assign, ids.len()).unwrap();
+        let mut seen = vec![false; ids.len()];
+        for (a, &e) in ids.iter().enumerate() {
+            if e as usize >= n_experts {
+                assert_eq!(assign_row[a], u32::MAX);
+                continue;
+            }
+            let row = assign_row[a];
+            assert!(offsets[e as usize] <= row && row < offsets[e as usize + 1], "assignment {a} outside its expert's rows");
+            assert_eq!(row_assign[row as usize], a as u32);
+            assert!(!std::mem::replace(&mut seen[row as usize], true), "row {row} given twice");
+        }
+    }
+}
+
+#[test]
+fn moe_expert_ffn_grouped_matches_per_token_reference() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for ctx in variants() {
+        for (tokens, n_experts, top_k, dim, inter, dtype) in
+            [(1, 5, 2, 40, 24, WeightDtype::Bf16), (33, 5, 2, 40, 24, WeightDtype::F16), (257, 7, 3, 72, 40, WeightDtype::F32)]
+        {
+            let x = random(&mut rng, tokens * dim, 1.0);
+            let base = random(&mut rng, tokens * dim, 1.0);
+            let gate = random(&mut rng, n_experts * inter * dim, 0.3);
+            let up = random(&mut rng, n_experts * inter * dim, 0.3);
+            let down = random(&mut rng, n_experts * dim * inter, 0.3);
+            let logits = spaced_logits(&mut rng, tokens, n_experts);
+            let (ids, weights) = router::reference(
+                &router::RouterConfig { n_experts, top_k, sigmoid: false, renormalize: true, scale: 1.0 },
+                &logits,
+                None,
+            );
+            let experts = moe::StackedExperts {
+                gate: GpuWeight::from_f32(&ctx, "gate", &gate, dtype, n_experts * inter, dim).unwrap(),
+                up: GpuWeight::from_f32(&ctx, "up", &up, dtype, n_experts * inter, dim).unwrap(),
+                down: GpuWeight::from_f32(&ctx, "down", &down, dtype, n_experts * dim, inter).unwrap(),
+                n_experts,
+            };
+            let out = upload(&ctx, &base);
+            let mut b = Batch::new(&ctx);
+            let ids_buf = ctx.storage_from("ids", &ids).unwrap();
+            moe::expert_ffn(&mut b, &upload(&ctx, &x), &ids_buf, &upload(&ctx, &weights), tokens, top_k, &experts, &out).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&out, tokens * dim).unwrap();
+            let r = |v: &[f32]| round_weights(v, dtype);
+            let want = moe::expert_ffn_reference(&x, &ids, &weights, top_k, &r(&gate), &r(&up), &r(&down), inter, &base);
+            assert_close(&format!("moe ffn tokens={tokens} {dtype:?} {:?}", ctx.features()), &got, &want, 1e-10);
+        }
+    }
+}
+
+#[test]
+fn both_grouped_tiles_agree() {
+    let mut rng = StdRng::seed_from_u64(14);
+    let ctx = gpu();
+    let (tokens, n_experts, top_k, k, n) = (40, 6, 2, 36, 50);
+    let ids: Vec<u32> = (0..tokens * top_k).map(|_| rng.random_range(0..n_experts as u32)).collect();
+    let x = random(&mut rng, tokens * k, 1.0);
+    let wv = random(&mut rng, n_experts * n * k, 0.5);
+    let w = GpuWeight::from_f32(ctx, "w", &wv, WeightDtype::Bf16, n_experts * n, k).unwrap();
+    let rounded = round_weights(&wv, WeightDtype::Bf16);
+    for tile in moe::GroupTile::ALL {
+        let mut b = Batch::new(ctx);
+        let plan = moe::plan(&mut b, &ctx.storage_from("ids", &ids).unwrap(), ids.len(), n_experts, tile).unwrap();
+        let xg = moe::gather(&mut b, &upload(ctx, &x), &plan, k, top_k).unwrap();
+        let y = moe::grouped_matmul(&mut b, &xg, &w, &plan).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&y, ids.len() * n).unwrap();
+        let assign_row = ctx.read_u32(&plan.assign_row, ids.len()).unwrap();
+        for (a, &e) in ids.iter().enumerate() {
+            let t = a / top_k;
+            let want = matmul::reference(&x[t * k..(t + 1) * k], &rounded[e as usize * n * k..][..n * k], None, 1, n, k);
+            let row = assign_row[a] as usize;
+            assert_close(&format!("grouped {tile:?} assignment {a}"), &got[row * n..(row + 1) * n], &want, 1e-10);
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    let ctx = gpu();
+    let x = upload(ctx, &[1.0; 16]);
+    let small = upload(ctx, &[0.0; 4]);
+    let w = GpuWeight::from_f32(ctx, "w", &[0.5; 32], WeightDtype::F32, 8, 4).unwrap();
+    let mut b = Batch::new(ctx);
+    let e = matmul::matmul(&mut b, &x, &w, None, &small, 4).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    assert!(e.to_string().contains("matmul output"), "{e}");
+    let e = GpuWeight::upload(ctx, "model.layers.0.mlp.gate.weight", &[0u8; 10], WeightDtype::Bf16, 2, 3).unwrap_err();
+    assert!(e.to_string().contains("model.layers.0.mlp.gate.weight"), "{e}");
+    let e = ctx.storage("huge", ctx.binding_limit() + 4).unwrap_err();
+    assert!(matches!(e, Error::BindingTooLarge { .. }), "{e}");
+    let split = GpuWeight::from_f32(&ctx.with_binding_limit(64), "experts", &[0.5; 64], WeightDtype::F32, 16, 4).unwrap();
+    let ids = ctx.storage_from("ids", &[0u32, 1]).unwrap();
+    let plan = moe::plan(&mut b, &ids, 2, 2, moe::GroupTile::Small).unwrap();
+    assert!(matches!(moe::grouped_matmul(&mut b, &x, &split, &plan), Err(Error::BindingTooLarge { .. })));
+    let e = router::route(
+        &mut b,
+        &router::RouterConfig { n_experts: 4, top_k: 5, sigmoid: false, renormalize: true, scale: 1.0 },
+        &x,
+        None,
+        &ids,
+        &small,
+        1,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("top_k"), "{e}");
+    b.submit().unwrap();
+    ctx.wait_idle("bad-argument test").unwrap();
+}
+
+#[test]
+fn pool_reuses_buffers_and_uploads_are_chunked() {
+    let ctx = gpu();
+    // 20 MiB crosses several upload chunks; every byte must arrive.
+    let n = 5 << 20;
+    let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let buf = ctx.storage_from("big", &data).unwrap();
+    assert_eq!(ctx.read_f32(&buf, n).unwrap(), data);
+    drop(buf);
+    let before = ctx.pool_stats();
+    let again = ctx.storage("big again", (n * 4) as u64).unwrap();
+    let after = ctx.pool_stats();
+    assert_eq!(after.reused, before.reused + 1, "a freed buffer of the same size class was not reused");
+    assert!(again.size() == (n * 4) as u64);
+}
+
+#[test]
+fn timed_submission_reports_a_duration() {
+    let ctx = gpu();
+    let x = upload(ctx, &[1.0; 4096]);
+    let w = GpuWeight::from_f32(ctx, "w", &vec![0.25; 4096 * 64], WeightDtype::F32, 4096, 64).unwrap();
+    let y = poisoned(ctx, 64 * 4096);
+    let mut b = Batch::new(ctx);
+    matmul::matmul(&mut b, &x, &w, None, &y, 64).unwrap();
+    let t = b.submit_timed().unwrap();
+    assert!(t.as_nanos() > 0);
+    assert_eq!(ctx.read_f32(&y, 1).unwrap(), vec![16.0]);
+}
