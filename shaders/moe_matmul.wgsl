@@ -1,11 +1,13 @@
 // The grouped expert matmul: every expert's rows in one dispatch. Rows of expert e are
 // [offsets[e], offsets[e+1]) of x; its weight is the e-th [n, k] matrix of the stacked w. Workgroup
-// (x, y) computes column tile x of the y-th row tile counted over all experts (tile_starts).
+// (x, y) computes column tile x of the y-th row tile counted over the experts of this dispatch:
+// experts [first, first + count), whose weights the bound part of w holds (a weight too large for
+// one binding is split at expert boundaries, one dispatch per part).
 struct Params {
     n: u32,
     k: u32,
-    n_experts: u32,
-    _pad: u32,
+    first: u32,
+    count: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -17,13 +19,13 @@ struct Params {
 
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let tile = wg.y;
-    if tile >= tile_starts[p.n_experts] {
+    let tile = tile_starts[p.first] + wg.y;
+    if tile >= tile_starts[p.first + p.count] {
         return;
     }
     // The expert whose tiles contain this one: the last e with tile_starts[e] <= tile.
-    var lo = 0u;
-    var hi = p.n_experts;
+    var lo = p.first;
+    var hi = p.first + p.count;
     while hi - lo > 1u {
         let mid = (lo + hi) / 2u;
         if tile_starts[mid] <= tile {
@@ -36,7 +38,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let m0 = offsets[e] + (tile - tile_starts[e]) * BM;
     let m_end = offsets[e + 1u];
     let n0 = wg.x * BN;
-    let acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, e * p.n * p.k);
+    let acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, (e - p.first) * p.n * p.k);
     let tx = lid % TX;
     let ty = lid / TX;
     for (var i = 0u; i < TM; i++) {

@@ -127,6 +127,43 @@ fn residual_add_and_swiglu() {
 }
 
 #[test]
+fn copy_rows_by_index_and_gated_add() {
+    let mut rng = StdRng::seed_from_u64(15);
+    let ctx = gpu();
+    let (n, dim, dst_len) = (7, 131, 20);
+    let src = random(&mut rng, 9 * dim, 1.0);
+    let src_rows: Vec<u32> = vec![8, 0, 3, 3, 5, 1, 2];
+    let dst_rows: Vec<u32> = vec![19, 4, 0, 7, 11, 12, 2];
+    let dst = poisoned(ctx, dst_len * dim);
+    let picked = poisoned(ctx, n * dim);
+    let mut b = Batch::new(ctx);
+    let src_buf = upload(ctx, &src);
+    let (sr, dr) = (ctx.storage_from("src rows", &src_rows).unwrap(), ctx.storage_from("dst rows", &dst_rows).unwrap());
+    elementwise::copy_rows(&mut b, &src_buf, Some(&sr), &dst, Some(&dr), n, dim).unwrap();
+    elementwise::copy_rows(&mut b, &src_buf, Some(&sr), &picked, None, n, dim).unwrap();
+    b.submit().unwrap();
+    let got = ctx.read_f32(&dst, dst_len * dim).unwrap();
+    let got_picked = ctx.read_f32(&picked, n * dim).unwrap();
+    for i in 0..n {
+        let want = &src[src_rows[i] as usize * dim..][..dim];
+        assert_eq!(&got[dst_rows[i] as usize * dim..][..dim], want);
+        assert_eq!(&got_picked[i * dim..][..dim], want);
+    }
+    assert!(got[dim..2 * dim].iter().all(|v| v.is_nan()), "an unlisted row was written");
+
+    let (tokens, dim) = (33, 77);
+    let acc = random(&mut rng, tokens * dim, 1.0);
+    let x = random(&mut rng, tokens * dim, 1.0);
+    let gate = random(&mut rng, tokens, 4.0);
+    let acc_buf = upload(ctx, &acc);
+    let mut b = Batch::new(ctx);
+    elementwise::add_gated(&mut b, &acc_buf, &upload(ctx, &x), &upload(ctx, &gate), tokens, dim).unwrap();
+    b.submit().unwrap();
+    let want = elementwise::add_gated_reference(&acc, &x, &gate, dim);
+    assert_close("add_gated", &ctx.read_f32(&acc_buf, tokens * dim).unwrap(), &want, 1e-12);
+}
+
+#[test]
 fn rope_half_split_and_interleaved_with_partial_rotation() {
     let mut rng = StdRng::seed_from_u64(4);
     let ctx = gpu();
@@ -387,12 +424,21 @@ fn moe_expert_ffn_grouped_matches_per_token_reference() {
                 &logits,
                 None,
             );
+            // The largest case stacks its experts in parts of two experts each.
+            let split = tokens == 257;
+            let wctx = if split { ctx.with_binding_limit((2 * inter * dim * dtype.bytes() + 8) as u64) } else { ctx.clone() };
+            let stack = |what: &str, values: &[f32], rows_each: usize, cols: usize| {
+                let bytes = moegen::gpu::encode_weights(values, dtype);
+                let pieces: Vec<&[u8]> = bytes.chunks(rows_each * cols * dtype.bytes()).collect();
+                GpuWeight::stack(&wctx, what, &pieces, dtype, rows_each, cols).unwrap()
+            };
             let experts = moe::StackedExperts {
-                gate: GpuWeight::from_f32(&ctx, "gate", &gate, dtype, n_experts * inter, dim).unwrap(),
-                up: GpuWeight::from_f32(&ctx, "up", &up, dtype, n_experts * inter, dim).unwrap(),
-                down: GpuWeight::from_f32(&ctx, "down", &down, dtype, n_experts * dim, inter).unwrap(),
+                gate: stack("gate", &gate, inter, dim),
+                up: stack("up", &up, inter, dim),
+                down: stack("down", &down, dim, inter),
                 n_experts,
             };
+            assert_eq!(experts.gate.parts.len() > 1, split);
             let out = upload(&ctx, &base);
             let mut b = Batch::new(&ctx);
             let ids_buf = ctx.storage_from("ids", &ids).unwrap();
@@ -447,10 +493,12 @@ fn bad_arguments_are_errors_not_panics() {
     assert!(e.to_string().contains("model.layers.0.mlp.gate.weight"), "{e}");
     let e = ctx.storage("huge", ctx.binding_limit() + 4).unwrap_err();
     assert!(matches!(e, Error::BindingTooLarge { .. }), "{e}");
-    let split = GpuWeight::from_f32(&ctx.with_binding_limit(64), "experts", &[0.5; 64], WeightDtype::F32, 16, 4).unwrap();
+    // Split mid-expert (rows 0..3 and 3..6 of two 3-row experts... 4 rows a part): refused, not wrong.
+    let split = GpuWeight::from_f32(&ctx.with_binding_limit(68), "experts", &[0.5; 24], WeightDtype::F32, 6, 4).unwrap();
     let ids = ctx.storage_from("ids", &[0u32, 1]).unwrap();
     let plan = moe::plan(&mut b, &ids, 2, 2, moe::GroupTile::Small).unwrap();
-    assert!(matches!(moe::grouped_matmul(&mut b, &x, &split, &plan), Err(Error::BindingTooLarge { .. })));
+    let e = moe::grouped_matmul(&mut b, &x, &split, &plan).unwrap_err();
+    assert!(e.to_string().contains("splits an expert"), "{e}");
     let e = router::route(
         &mut b,
         &router::RouterConfig { n_experts: 4, top_k: 5, sigmoid: false, renormalize: true, scale: 1.0 },

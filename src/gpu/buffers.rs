@@ -305,22 +305,34 @@ pub struct GpuWeight {
 impl GpuWeight {
     /// Uploads `data` (little-endian elements of `dtype`, `rows * cols` of them).
     pub fn upload(ctx: &GpuContext, what: &str, data: &[u8], dtype: WeightDtype, rows: usize, cols: usize) -> Result<Self> {
+        Self::stack(ctx, what, &[data], dtype, rows, cols)
+    }
+
+    /// Uploads matrices of `rows_each x cols` stacked into one `[pieces * rows_each, cols]` weight
+    /// (the experts of a layer), straight from each piece's bytes. Parts split only between pieces.
+    pub fn stack(ctx: &GpuContext, what: &str, pieces: &[&[u8]], dtype: WeightDtype, rows_each: usize, cols: usize) -> Result<Self> {
         let row_bytes = cols * dtype.bytes();
-        ensure!(
-            data.len() == rows * row_bytes,
-            what,
-            "expected {rows}x{cols} {} = {} bytes, got {}",
-            dtype.name(),
-            rows * row_bytes,
-            data.len()
-        );
-        ensure!(rows > 0 && cols > 0, what, "empty weight {rows}x{cols}");
+        ensure!(rows_each > 0 && cols > 0 && !pieces.is_empty(), what, "empty weight {rows_each}x{cols}");
+        for (i, piece) in pieces.iter().enumerate() {
+            ensure!(
+                piece.len() == rows_each * row_bytes,
+                what,
+                "expected {rows_each}x{cols} {} = {} bytes{}, got {}",
+                dtype.name(),
+                rows_each * row_bytes,
+                if pieces.len() > 1 { format!(" in piece {i}") } else { String::new() },
+                piece.len()
+            );
+        }
+        let rows = rows_each * pieces.len();
+        let group = if pieces.len() > 1 { rows_each } else { 1 };
         // Leave room for the padding of a part whose byte length is not a multiple of 4.
-        let rows_per_part = ((ctx.binding_limit().saturating_sub(4)) / row_bytes as u64) as usize;
+        let fit = (ctx.binding_limit().saturating_sub(4) / row_bytes as u64) as usize;
+        let rows_per_part = fit / group * group;
         if rows_per_part == 0 {
             return Err(Error::BindingTooLarge {
-                what: format!("one row of {what}"),
-                needed: row_bytes as u64,
+                what: format!("{} of {what}", if group > 1 { "one stacked matrix" } else { "one row" }),
+                needed: (group * row_bytes) as u64,
                 limit: ctx.binding_limit(),
             });
         }
@@ -328,9 +340,24 @@ impl GpuWeight {
         let mut first_row = 0;
         while first_row < rows {
             let n = rows_per_part.min(rows - first_row);
-            let bytes = &data[first_row * row_bytes..(first_row + n) * row_bytes];
-            let buffer = ctx.storage(what, (bytes.len() as u64).next_multiple_of(4))?;
-            ctx.upload(&buffer, 0, bytes)?;
+            let buffer = ctx.storage(what, ((n * row_bytes) as u64).next_multiple_of(4))?;
+            // The pieces' rows that fall in this part, each with its byte offset in the part.
+            let mut slices = Vec::new();
+            let mut row = first_row;
+            while row < first_row + n {
+                let (piece, r) = (row / rows_each, row % rows_each);
+                let take = (rows_each - r).min(first_row + n - row);
+                slices.push(((row - first_row) * row_bytes, &pieces[piece][r * row_bytes..(r + take) * row_bytes]));
+                row += take;
+            }
+            if slices.iter().all(|(offset, _)| offset % 4 == 0) {
+                for (offset, bytes) in slices {
+                    ctx.upload(&buffer, offset as u64, bytes)?;
+                }
+            } else {
+                let joined: Vec<u8> = slices.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+                ctx.upload(&buffer, 0, &joined)?;
+            }
             parts.push(WeightPart { buffer, first_row, rows: n });
             first_row += n;
         }

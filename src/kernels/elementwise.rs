@@ -1,8 +1,9 @@
-//! Elementwise kernels: the residual add and the SwiGLU gate.
+//! Elementwise and row-copy kernels: the residual add, the SwiGLU gate, the gated add of a shared
+//! expert, and row copies by index.
 
 use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, ShaderBuilder, ShaderSource};
-use crate::kernels::{need, u32_of, Dims4, ELEMENT_WG};
+use crate::kernels::{need, u32_of, unused_binding, Dims4, ELEMENT_WG, ROW_WG};
 
 pub fn add_shader() -> ShaderSource {
     ShaderBuilder::new("add").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/add.wgsl"))
@@ -10,6 +11,14 @@ pub fn add_shader() -> ShaderSource {
 
 pub fn swiglu_shader() -> ShaderSource {
     ShaderBuilder::new("swiglu").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/swiglu.wgsl"))
+}
+
+pub fn add_gated_shader() -> ShaderSource {
+    ShaderBuilder::new("add_gated").constant("WG", ROW_WG).body(include_str!("../../shaders/add_gated.wgsl"))
+}
+
+pub fn copy_rows_shader() -> ShaderSource {
+    ShaderBuilder::new("copy_rows").constant("WG", ROW_WG).body(include_str!("../../shaders/copy_rows.wgsl"))
 }
 
 fn groups(b: &Batch, n: usize) -> Result<[u32; 3]> {
@@ -39,6 +48,60 @@ pub fn swiglu(b: &mut Batch, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBuffer, 
     b.dispatch("swiglu", &pipeline, &params, &[gate, up, out], g)
 }
 
+/// `acc[t, :] += sigmoid(gate[t]) * x[t, :]` for `tokens` rows of `dim`.
+pub fn add_gated(b: &mut Batch, acc: &GpuBuffer, x: &GpuBuffer, gate: &GpuBuffer, tokens: usize, dim: usize) -> Result<()> {
+    ensure!(tokens > 0 && dim > 0, "add_gated", "empty input {tokens}x{dim}");
+    need(acc, tokens * dim, "add_gated accumulator")?;
+    need(x, tokens * dim, "add_gated input")?;
+    need(gate, tokens, "add_gated gate")?;
+    let pipeline = b.ctx().pipeline(&add_gated_shader())?;
+    let params = Dims4 { a: u32_of(tokens, "add_gated rows")?, b: u32_of(dim, "add_gated width")?, c: 0, d: 0 };
+    let g = grid(b.ctx(), params.a);
+    b.dispatch("add_gated", &pipeline, &params, &[acc, x, gate], g)
+}
+
+/// `dst[dst_rows[i], :] = src[src_rows[i], :]` for `n` rows of `dim`; `None` is the identity.
+/// The caller guarantees the indices are in range (they index buffers of `src_len`/`dst_len` rows).
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows(
+    b: &mut Batch,
+    src: &GpuBuffer,
+    src_rows: Option<&GpuBuffer>,
+    dst: &GpuBuffer,
+    dst_rows: Option<&GpuBuffer>,
+    n: usize,
+    dim: usize,
+) -> Result<()> {
+    ensure!(n > 0 && dim > 0, "copy_rows", "empty copy {n}x{dim}");
+    if let Some(rows) = src_rows {
+        need(rows, n, "copy_rows source rows")?;
+    } else {
+        need(src, n * dim, "copy_rows source")?;
+    }
+    if let Some(rows) = dst_rows {
+        need(rows, n, "copy_rows destination rows")?;
+    } else {
+        need(dst, n * dim, "copy_rows destination")?;
+    }
+    let ctx = b.ctx().clone();
+    let placeholder = unused_binding(&ctx)?;
+    let params = Dims4 {
+        a: u32_of(n, "copy_rows rows")?,
+        b: u32_of(dim, "copy_rows width")?,
+        c: src_rows.is_none() as u32,
+        d: dst_rows.is_none() as u32,
+    };
+    let pipeline = ctx.pipeline(&copy_rows_shader())?;
+    let g = grid(&ctx, params.a);
+    b.dispatch(
+        "copy_rows",
+        &pipeline,
+        &params,
+        &[src, src_rows.unwrap_or(&placeholder), dst_rows.unwrap_or(&placeholder), dst],
+        g,
+    )
+}
+
 pub fn add_reference(acc: &[f32], x: &[f32]) -> Vec<f32> {
     acc.iter().zip(x).map(|(a, b)| a + b).collect()
 }
@@ -49,4 +112,8 @@ pub fn silu(x: f32) -> f32 {
 
 pub fn swiglu_reference(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect()
+}
+
+pub fn add_gated_reference(acc: &[f32], x: &[f32], gate: &[f32], dim: usize) -> Vec<f32> {
+    acc.iter().zip(x).enumerate().map(|(i, (&a, &v))| a + v / (1.0 + (-gate[i / dim]).exp())).collect()
 }

@@ -56,6 +56,8 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         norm::rms_norm_shader(features),
         elementwise::add_shader(),
         elementwise::swiglu_shader(),
+        elementwise::add_gated_shader(),
+        elementwise::copy_rows_shader(),
         rope::shader(),
         softmax::softmax_shader(features),
         softmax::argmax_shader(features),

@@ -2,7 +2,7 @@
 //! run every expert's rows in one grouped matmul dispatch, and scatter-add the weighted outputs
 //! back in token order.
 
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, GpuWeight, KernelFeatures, ShaderBuilder, ShaderSource, WeightDtype};
 use crate::kernels::elementwise::{silu, swiglu};
 use crate::kernels::matmul::{tile_constants, TILE_BN};
@@ -120,8 +120,9 @@ pub fn gather(b: &mut Batch, x: &GpuBuffer, plan: &MoePlan, dim: usize, top_k: u
     Ok(xg)
 }
 
-/// Every expert's rows of `xg` times its `[n, k]` matrix from the stacked `w` (`[n_experts * n, k]`,
-/// one binding), in one dispatch. Returns `[n_assign, n]`.
+/// Every expert's rows of `xg` times its `[n, k]` matrix from the stacked `w` (`[n_experts * n, k]`),
+/// in one dispatch per part of `w` (one in all when the stack fits a binding; parts split at expert
+/// boundaries, see [`GpuWeight::stack`]). Returns `[n_assign, n]`.
 pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePlan) -> Result<GpuBuffer> {
     ensure!(
         w.rows % plan.n_experts == 0,
@@ -130,22 +131,25 @@ pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePl
         w.rows,
         plan.n_experts
     );
-    if w.parts.len() != 1 {
-        return Err(Error::BindingTooLarge {
-            what: "the stacked expert weights of a grouped matmul".into(),
-            needed: (w.rows * w.cols * w.dtype.bytes()) as u64,
-            limit: b.ctx().binding_limit(),
-        });
-    }
     let (n, k) = (w.rows / plan.n_experts, w.cols);
     need(xg, plan.n_assign * k, "grouped matmul input")?;
     let ctx = b.ctx().clone();
     let y = ctx.storage("grouped matmul output", plan.n_assign as u64 * n as u64 * 4)?;
-    let params = Dims4 { a: u32_of(n, "expert width")?, b: u32_of(k, "expert inner dim")?, c: plan.n_experts as u32, d: 0 };
     let pipeline = ctx.pipeline(&grouped_matmul_shader(plan.tile, w.dtype, ctx.features()))?;
-    let max_tiles = plan.n_assign.div_ceil(plan.tile.rows() as usize) + plan.n_experts;
-    let groups = [params.a.div_ceil(TILE_BN), u32_of(max_tiles, "grouped matmul tiles")?, 1];
-    b.dispatch("moe_matmul", &pipeline, &params, &[xg, &w.parts[0].buffer, &plan.offsets, &plan.tile_starts, &y], groups)?;
+    for part in &w.parts {
+        ensure!(
+            part.first_row % n == 0 && part.rows % n == 0,
+            "grouped matmul",
+            "a part of the stacked weights splits an expert (rows {}..{})",
+            part.first_row,
+            part.first_row + part.rows
+        );
+        let (first, count) = (part.first_row / n, part.rows / n);
+        let params = Dims4 { a: u32_of(n, "expert width")?, b: u32_of(k, "expert inner dim")?, c: first as u32, d: count as u32 };
+        let max_tiles = plan.n_assign.div_ceil(plan.tile.rows() as usize) + count;
+        let groups = [params.a.div_ceil(TILE_BN), u32_of(max_tiles, "grouped matmul tiles")?, 1];
+        b.dispatch("moe_matmul", &pipeline, &params, &[xg, &part.buffer, &plan.offsets, &plan.tile_starts, &y], groups)?;
+    }
     Ok(y)
 }
 
