@@ -4,5 +4,10 @@
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod loader;
+pub mod model;
+pub mod output;
+pub mod sampler;
+pub mod scheduler;
 
 pub use error::{Error, Result};

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Builds the correctness fixtures under tests/fixtures/: tiny random-weight checkpoints of every
+supported architecture, with the logits transformers computes for every position of several
+prompts and its greedy continuations. The Rust tests compare against these; they never run Python.
+
+Pinned:  torch==2.15.0  transformers==5.23.0  safetensors  numpy
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0
+    /tmp/venv/bin/python scripts/make_fixtures.py
+
+Weights are non-flat (initializer_range 0.1, random norm weights and biases), saved in f32, f16 or
+bf16, one checkpoint sharded into several files. The reference runs in float32 on the saved
+(rounded) weights, eager attention, one prompt at a time.
+"""
+import json, os, shutil
+
+import torch
+import transformers
+from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+assert torch.__version__.startswith("2.15.0"), torch.__version__
+assert transformers.__version__ == "5.23.0", transformers.__version__
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+VOCAB = 256
+PROMPT_LENS = [1, 5, 17, 9]
+NEW_TOKENS = 8
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2, initializer_range=0.1,
+              rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+
+FIXTURES = [
+    # name, config class, model class, extra config, save dtype, max shard size
+    ("mixtral-f32", MixtralConfig, MixtralForCausalLM,
+     dict(intermediate_size=96, num_local_experts=4, rope_theta=10000.0), torch.float32, None),
+    ("mixtral-bf16-sharded", MixtralConfig, MixtralForCausalLM,
+     dict(intermediate_size=80, num_local_experts=5, rope_theta=1e6, num_hidden_layers=3), torch.bfloat16, "100KB"),
+    ("qwen2-moe-bf16", Qwen2MoeConfig, Qwen2MoeForCausalLM,
+     dict(intermediate_size=72, moe_intermediate_size=40, shared_expert_intermediate_size=56, num_experts=6,
+          num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0], num_hidden_layers=3), torch.bfloat16, None),
+    ("qwen3-moe-f16", Qwen3MoeConfig, Qwen3MoeForCausalLM,
+     dict(intermediate_size=72, moe_intermediate_size=48, num_experts=8, head_dim=24, norm_topk_prob=True,
+          rope_theta=1e6), torch.float16, None),
+    ("olmoe-bf16", OlmoeConfig, OlmoeForCausalLM,
+     dict(intermediate_size=56, num_experts=8, norm_topk_prob=False, eos_token_id=2, pad_token_id=0), torch.bfloat16, None),
+]
+
+
+def roughen(model, gen):
+    """Non-flat norms and biases: transformers initialises norms to one and biases to zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def build(name, config_cls, model_cls, extra, dtype, shard):
+    torch.manual_seed(sum(map(ord, name)))
+    gen = torch.Generator().manual_seed(len(name))
+    cfg = config_cls(**{**COMMON, **extra})
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).eval()
+    roughen(model, gen)
+    out = os.path.join(OUT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    model.to(dtype).save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    # The reference: the saved weights, rounded as stored, computed in float32.
+    ref = model_cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+    logits, greedy = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            logits.append([round(float(v), 6) for v in ref(input_ids=ids).logits[0].reshape(-1)])
+            g = ref.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=NEW_TOKENS)
+            greedy.append(g[0, len(p):].tolist())
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump({"vocab_size": VOCAB, "prompts": prompts, "logits": logits, "greedy": greedy,
+                   "max_new_tokens": NEW_TOKENS, "torch": torch.__version__,
+                   "transformers": transformers.__version__}, f)
+    files = sorted(os.listdir(out))
+    print(f"{name}: {files}")
+
+
+def old_style_config(name):
+    """Rewrites a fixture's config in the pre-transformers-5 form (rope_theta at the top level)."""
+    path = os.path.join(OUT, name, "config.json")
+    cfg = json.load(open(path))
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope["rope_theta"]
+    json.dump(cfg, open(path, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    os.makedirs(OUT, exist_ok=True)
+    for fixture in FIXTURES:
+        build(*fixture)
+    old_style_config("qwen2-moe-bf16")

@@ -1,0 +1,164 @@
+//! Safetensors checkpoints, single-file or sharded, memory-mapped: tensors are read in place from
+//! the page cache and never copied whole into RAM.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::gpu::WeightDtype;
+use crate::loader::config::read_json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+    pub fn weight(self) -> WeightDtype {
+        match self {
+            Dtype::F32 => WeightDtype::F32,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::Bf16 => WeightDtype::Bf16,
+        }
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, Entry>,
+}
+
+/// A tensor's bytes, in place in the mapped file.
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl TensorRef<'_> {
+    /// The values as f32 (norm weights and biases, which the kernels take in f32).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            Dtype::F32 => bytemuck::pod_collect_to_vec(self.data),
+            Dtype::F16 => self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::Bf16 => self.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        }
+    }
+}
+
+fn bad(path: &Path, detail: impl Into<String>) -> Error {
+    Error::invalid(path.display().to_string(), detail)
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or the shards that `model.safetensors.index.json` lists.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files: Vec<PathBuf> = if index.exists() {
+            let v = read_json(&index)?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| bad(&index, "no `weight_map` object"))?;
+            let mut shards: Vec<String> = Vec::new();
+            for (tensor, shard) in map {
+                let shard = shard.as_str().ok_or_else(|| bad(&index, format!("the shard of `{tensor}` is not a file name")))?;
+                if !shards.iter().any(|s| s == shard) {
+                    shards.push(shard.to_string());
+                }
+            }
+            shards.sort();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(bad(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
+        };
+        let mut checkpoint = Checkpoint { files: Vec::new(), tensors: HashMap::new() };
+        for path in files {
+            checkpoint.add_file(path)?;
+        }
+        Ok(checkpoint)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        // SAFETY: the mapping is read-only; a file changed underneath a running job is outside
+        // what the engine can defend against, as for any memory-mapped reader.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
+            .map_err(|e| bad(&path, format!("not a readable safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let index = self.files.len();
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => Dtype::F32,
+                safetensors::Dtype::F16 => Dtype::F16,
+                safetensors::Dtype::BF16 => Dtype::Bf16,
+                other => return Err(bad(&path, format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"))),
+            };
+            let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
+            if end > map.len() {
+                return Err(bad(&path, format!("truncated: tensor `{name}` ends at byte {end}, the file has {}", map.len())));
+            }
+            let elements: usize = info.shape.iter().product();
+            if elements * dtype.bytes() != end - start {
+                return Err(bad(&path, format!("tensor `{name}`: shape {:?} does not match its {} bytes", info.shape, end - start)));
+            }
+            self.tensors.insert(name.clone(), Entry { file: index, dtype, shape: info.shape.clone(), start, end });
+        }
+        self.files.push((path, map));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor `name`, which must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
+        let (key, e) = self.tensors.get_key_value(name).ok_or_else(|| {
+            let dir = self.files.first().and_then(|(p, _)| p.parent()).map(|p| p.display().to_string()).unwrap_or_default();
+            Error::invalid(format!("checkpoint {dir}"), format!("tensor `{name}` is missing"))
+        })?;
+        let (path, map) = &self.files[e.file];
+        if e.shape != shape {
+            return Err(bad(path, format!("tensor `{name}` has shape {:?}, expected {shape:?}", e.shape)));
+        }
+        Ok(TensorRef { name: key, dtype: e.dtype, shape: &e.shape, data: &map[e.start..e.end] })
+    }
+
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<TensorRef<'_>>> {
+        if self.contains(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! `config.json` and `generation_config.json`: one normalised description of the model, from the
+//! old (`rope_theta`, `rope_scaling`) and transformers-5 (`rope_parameters`) forms alike.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The supported architectures, by their `architectures` name in `config.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+}
+
+impl Arch {
+    pub const ALL: [(Arch, &'static str); 4] = [
+        (Arch::Mixtral, "MixtralForCausalLM"),
+        (Arch::Qwen2Moe, "Qwen2MoeForCausalLM"),
+        (Arch::Qwen3Moe, "Qwen3MoeForCausalLM"),
+        (Arch::Olmoe, "OlmoeForCausalLM"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Arch::ALL.iter().find(|(a, _)| *a == self).map(|(_, n)| *n).unwrap_or("?")
+    }
+
+    fn from_name(name: &str) -> Option<Arch> {
+        Arch::ALL.iter().find(|(_, n)| *n == name).map(|(a, _)| *a)
+    }
+}
+
+/// How q and k are normalised before rope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// RMSNorm over each head's `head_dim` (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over all heads at once (OLMoE).
+    FullWidth,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    /// The rope frequencies after scaling, and the factor cos and sin are multiplied by.
+    pub inv_freq: Vec<f32>,
+    pub rope_attention_scaling: f32,
+    pub max_position_embeddings: usize,
+    pub sliding_window: Option<usize>,
+    pub num_experts: usize,
+    pub experts_per_token: usize,
+    pub norm_topk_prob: bool,
+    /// Width of each routed expert's hidden layer.
+    pub moe_intermediate_size: usize,
+    /// Width of the dense MLP of layers that have no experts (Qwen's `mlp_only_layers`).
+    pub intermediate_size: usize,
+    /// Layers that run a dense MLP instead of experts.
+    pub dense_layers: Vec<usize>,
+    /// Qwen2-MoE's shared expert width (with its sigmoid gate).
+    pub shared_expert_intermediate_size: Option<usize>,
+    pub attention_bias: bool,
+    pub qk_norm: QkNorm,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn err(file: &Path, detail: impl Into<String>) -> Error {
+    Error::invalid(file.display().to_string(), detail)
+}
+
+struct Fields<'a> {
+    v: &'a Value,
+    file: &'a Path,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.v.get(key).filter(|v| !v.is_null())
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| err(self.file, format!("missing field `{key}`")))
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| err(self.file, format!("`{key}` should be a non-negative integer, found {v}"))),
+        }
+    }
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| err(self.file, format!("`{key}` should be a number, found {v}"))),
+        }
+    }
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| err(self.file, format!("`{key}` should be true or false, found {v}"))),
+        }
+    }
+    /// An id or a list of ids (`eos_token_id` takes both forms).
+    fn ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| i.as_u64().map(|n| n as u32).ok_or_else(|| err(self.file, format!("`{key}` holds a non-integer {i}"))))
+                .collect(),
+            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(|| err(self.file, format!("`{key}` should be an id, found {v}"))),
+        }
+    }
+}
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|e| err(path, format!("not valid JSON: {e}")))
+}
+
+impl ModelConfig {
+    /// Reads `config.json` (and `generation_config.json` for the EOS ids, when present) of `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let file = dir.join("config.json");
+        let v = read_json(&file)?;
+        let mut cfg = Self::parse(&v, &file)?;
+        let gen_file = dir.join("generation_config.json");
+        if gen_file.exists() {
+            let g = read_json(&gen_file)?;
+            let fields = Fields { v: &g, file: &gen_file };
+            let eos = fields.ids("eos_token_id")?;
+            if !eos.is_empty() {
+                cfg.eos_token_ids = eos;
+            }
+            if let Some(bos) = fields.ids("bos_token_id")?.first() {
+                cfg.bos_token_id = Some(*bos);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn parse(v: &Value, file: &Path) -> Result<Self> {
+        let f = Fields { v, file };
+        let names: Vec<&str> = match f.get("architectures") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let supported = Arch::ALL.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ");
+        let arch = names.iter().find_map(|n| Arch::from_name(n)).ok_or_else(|| {
+            err(file, format!("architecture {names:?} is not supported; supported: {supported}"))
+        })?;
+
+        let hidden_size = f.usize("hidden_size")?;
+        let num_heads = f.usize("num_attention_heads")?;
+        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(err(file, format!("{num_heads} attention heads cannot share {num_kv_heads} key/value heads")));
+        }
+        let num_layers = f.usize("num_hidden_layers")?;
+        let num_experts = match f.opt_usize("num_local_experts")? {
+            Some(n) => n,
+            None => f.usize("num_experts")?,
+        };
+        let experts_per_token = f.usize("num_experts_per_tok")?;
+        if experts_per_token == 0 || experts_per_token > num_experts {
+            return Err(err(file, format!("num_experts_per_tok {experts_per_token} with {num_experts} experts")));
+        }
+        let intermediate_size = f.usize("intermediate_size")?;
+        let moe_intermediate_size = match arch {
+            Arch::Mixtral | Arch::Olmoe => intermediate_size,
+            Arch::Qwen2Moe | Arch::Qwen3Moe => f.opt_usize("moe_intermediate_size")?.unwrap_or(intermediate_size),
+        };
+        // Qwen: layer i has experts unless listed in mlp_only_layers or off the sparse step.
+        let mut dense_layers = Vec::new();
+        if matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe) {
+            let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+            let only: Vec<usize> = match f.get("mlp_only_layers") {
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect(),
+                _ => Vec::new(),
+            };
+            dense_layers = (0..num_layers).filter(|i| only.contains(i) || (i + 1) % step != 0).collect();
+        }
+        let shared_expert_intermediate_size = match arch {
+            Arch::Qwen2Moe => f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0),
+            _ => None,
+        };
+        let norm_topk_prob = match arch {
+            Arch::Mixtral => true,
+            Arch::Qwen2Moe | Arch::Olmoe => f.bool("norm_topk_prob")?.unwrap_or(false),
+            Arch::Qwen3Moe => f.bool("norm_topk_prob")?.unwrap_or(true),
+        };
+        let attention_bias = match arch {
+            Arch::Qwen2Moe => f.bool("qkv_bias")?.unwrap_or(true),
+            _ => f.bool("attention_bias")?.unwrap_or(false),
+        };
+        let qk_norm = match arch {
+            Arch::Qwen3Moe => QkNorm::PerHead,
+            Arch::Olmoe => QkNorm::FullWidth,
+            _ => QkNorm::None,
+        };
+        let sliding_window = match arch {
+            Arch::Mixtral => f.opt_usize("sliding_window")?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe if f.bool("use_sliding_window")?.unwrap_or(false) => f.opt_usize("sliding_window")?,
+            _ => None,
+        };
+        let (inv_freq, rope_attention_scaling) = rope(&f, head_dim)?;
+        let mut eos_token_ids = f.ids("eos_token_id")?;
+        eos_token_ids.dedup();
+        Ok(ModelConfig {
+            arch,
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            inv_freq,
+            rope_attention_scaling,
+            max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            sliding_window,
+            num_experts,
+            experts_per_token,
+            norm_topk_prob,
+            moe_intermediate_size,
+            intermediate_size,
+            dense_layers,
+            shared_expert_intermediate_size,
+            attention_bias,
+            qk_norm,
+            tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
+            bos_token_id: f.ids("bos_token_id")?.first().copied(),
+            eos_token_ids,
+        })
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        !self.dense_layers.contains(&layer)
+    }
+}
+
+/// Rope frequencies from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
+fn rope(f: &Fields, head_dim: usize) -> Result<(Vec<f32>, f32)> {
+    let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
+    let pf = params.map(|v| Fields { v, file: f.file });
+    let theta = match pf.as_ref().map(|p| p.f64("rope_theta")).transpose()?.flatten() {
+        Some(t) => t,
+        None => f.f64("rope_theta")?.unwrap_or(10000.0),
+    };
+    let partial = f.f64("partial_rotary_factor")?.unwrap_or(1.0);
+    let rot_dim = ((head_dim as f64 * partial) as usize) & !1;
+    let base = crate::kernels::rope::default_inv_freq(theta as f32, rot_dim);
+    let Some(p) = pf else { return Ok((base, 1.0)) };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    match kind.as_str() {
+        "default" => Ok((base, 1.0)),
+        "linear" => {
+            let factor = p.f64("factor")?.ok_or_else(|| err(f.file, "linear rope scaling without `factor`"))? as f32;
+            Ok((base.iter().map(|x| x / factor).collect(), 1.0))
+        }
+        other => Err(err(
+            f.file,
+            format!("rope type `{other}` is not supported yet; supported: default, linear"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::parse(&v, Path::new("config.json"))
+    }
+
+    fn mixtral() -> Value {
+        json!({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "num_local_experts": 4,
+            "num_experts_per_tok": 2, "intermediate_size": 96, "vocab_size": 300,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "eos_token_id": 2, "bos_token_id": 1
+        })
+    }
+
+    #[test]
+    fn old_and_new_rope_forms_agree() {
+        let old = parse(mixtral()).unwrap();
+        let mut v = mixtral();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e6});
+        assert_eq!(parse(v).unwrap(), old);
+        assert_eq!(old.inv_freq.len(), 8);
+        assert_eq!(old.head_dim, 16);
+    }
+
+    #[test]
+    fn num_experts_or_num_local_experts() {
+        let mut v = mixtral();
+        v.as_object_mut().unwrap().remove("num_local_experts");
+        v["num_experts"] = json!(4);
+        assert_eq!(parse(v).unwrap().num_experts, 4);
+    }
+
+    #[test]
+    fn unknown_architecture_lists_the_supported_ones() {
+        let mut v = mixtral();
+        v["architectures"] = json!(["LlamaForCausalLM"]);
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("LlamaForCausalLM") && e.contains("Qwen3MoeForCausalLM") && e.contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut v = mixtral();
+        v["hidden_size"] = json!("big");
+        assert!(parse(v).unwrap_err().to_string().contains("hidden_size"));
+        let mut v = mixtral();
+        v.as_object_mut().unwrap().remove("vocab_size");
+        assert!(parse(v).unwrap_err().to_string().contains("vocab_size"));
+        let mut v = mixtral();
+        v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
+        assert!(parse(v).unwrap_err().to_string().contains("dynamic"));
+    }
+
+    #[test]
+    fn qwen_dense_layers_from_sparse_step_and_mlp_only() {
+        let v = json!({
+            "architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2,
+            "intermediate_size": 96, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+            "vocab_size": 300, "decoder_sparse_step": 2, "mlp_only_layers": [3]
+        });
+        let c = parse(v).unwrap();
+        assert_eq!(c.dense_layers, vec![0, 2, 3]);
+        assert_eq!(c.moe_intermediate_size, 32);
+        assert_eq!(c.shared_expert_intermediate_size, Some(48));
+        assert!(c.attention_bias && !c.norm_topk_prob);
+    }
+}

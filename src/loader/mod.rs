@@ -1,0 +1,5 @@
+//! Reading a Hugging Face model directory: config, safetensors weights, tokenizer.
+
+pub mod checkpoint;
+pub mod config;
+pub mod tokenizer;

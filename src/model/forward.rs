@@ -1,0 +1,188 @@
+//! One forward pass over a ragged set of tokens from many sequences, prefill and decode alike:
+//! every token carries its position, the cache row its key and value go to, and the cache rows it
+//! attends to.
+
+use crate::error::{ensure, Result};
+use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight};
+use crate::kernels::attention::{attention, AttentionShape};
+use crate::kernels::elementwise::{add_assign, add_gated, copy_rows, swiglu};
+use crate::kernels::embedding::embed;
+use crate::kernels::matmul::matmul;
+use crate::kernels::moe::expert_ffn;
+use crate::kernels::norm::rms_norm;
+use crate::kernels::rope::{rope, RopeLayout, RopeTable};
+use crate::kernels::router::{route, RouterConfig};
+use crate::loader::config::{ModelConfig, QkNorm};
+use crate::model::weights::{Ffn, Mlp, Weights};
+
+/// Keys and values of every layer for `rows` cache rows, on the GPU.
+pub struct KvCache {
+    pub k: Vec<GpuBuffer>,
+    pub v: Vec<GpuBuffer>,
+    pub rows: usize,
+}
+
+impl KvCache {
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+        let bytes = (rows * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for layer in 0..cfg.num_layers {
+            k.push(ctx.storage(&format!("key cache of layer {layer}"), bytes)?);
+            v.push(ctx.storage(&format!("value cache of layer {layer}"), bytes)?);
+        }
+        Ok(KvCache { k, v, rows })
+    }
+
+    /// The most cache rows one layer's buffer can hold on this device.
+    pub fn max_rows(ctx: &GpuContext, cfg: &ModelConfig) -> usize {
+        (ctx.binding_limit() / (cfg.num_kv_heads * cfg.head_dim * 4) as u64) as usize
+    }
+}
+
+/// The tokens of one forward pass, described on the host.
+#[derive(Clone, Debug, Default)]
+pub struct StepInput {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// The cache row each token's key and value are written to.
+    pub cache_rows: Vec<u32>,
+    /// (first cache row, count) each token attends to, its own row included.
+    pub ranges: Vec<u32>,
+    /// The tokens whose logits are wanted, in output order.
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepInput {
+    /// Appends the tokens of one sequence whose cache starts at `cache_start` and which already
+    /// holds `past` tokens; `want_logits` asks for the logits of every new token or the last.
+    pub fn push_sequence(&mut self, tokens: &[u32], past: usize, cache_start: usize, window: Option<usize>, all_logits: bool) {
+        for (j, &t) in tokens.iter().enumerate() {
+            let pos = past + j;
+            let seen = pos + 1;
+            let len = window.map_or(seen, |w| seen.min(w));
+            if all_logits || j + 1 == tokens.len() {
+                self.logit_rows.push(self.tokens.len() as u32);
+            }
+            self.tokens.push(t);
+            self.positions.push(pos as u32);
+            self.cache_rows.push((cache_start + pos) as u32);
+            self.ranges.extend([(cache_start + seen - len) as u32, len as u32]);
+        }
+    }
+}
+
+/// A model ready to run: its config, weights and rope table on one device.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub weights: Weights,
+    pub rope: RopeTable,
+    pub ctx: GpuContext,
+}
+
+fn linear(b: &mut Batch, x: &GpuBuffer, w: &GpuWeight, bias: Option<&GpuBuffer>, m: usize, what: &str) -> Result<GpuBuffer> {
+    let y = b.ctx().storage(what, (m * w.rows * 4) as u64)?;
+    matmul(b, x, w, bias, &y, m)?;
+    Ok(y)
+}
+
+impl Model {
+    /// Runs the tokens of `input` through the model, writing their keys and values into `cache`;
+    /// returns the logits `[input.logit_rows.len(), vocab]`, or None when none were asked for.
+    pub fn forward(&self, cache: &KvCache, input: &StepInput) -> Result<Option<GpuBuffer>> {
+        let ctx = &self.ctx;
+        let cfg = &self.cfg;
+        let n = input.tokens.len();
+        ensure!(n > 0, "forward pass", "no tokens");
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let ids = ctx.storage_from("token ids", &input.tokens)?;
+        let positions = ctx.storage_from("positions", &input.positions)?;
+        let cache_rows = ctx.storage_from("cache rows", &input.cache_rows)?;
+        let ranges = ctx.storage_from("attention ranges", &input.ranges)?;
+        let x = ctx.storage("hidden states", (n * h * 4) as u64)?;
+        let mut b = Batch::new(ctx);
+        embed(&mut b, &self.weights.embed, &ids, n, &x)?;
+        b.submit()?;
+        let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
+        let router_cfg = RouterConfig {
+            n_experts: cfg.num_experts,
+            top_k: cfg.experts_per_token,
+            sigmoid: false,
+            renormalize: cfg.norm_topk_prob,
+            scale: 1.0,
+        };
+        for (li, layer) in self.weights.layers.iter().enumerate() {
+            // One submission per layer, so its temporaries return to the pool for the next.
+            let mut b = Batch::new(ctx);
+            let hn = ctx.storage("normed hidden", (n * h * 4) as u64)?;
+            rms_norm(&mut b, &x, &layer.input_norm, &hn, n, h, cfg.rms_norm_eps)?;
+            let mut q = linear(&mut b, &hn, &layer.q, layer.q_bias.as_ref(), n, "queries")?;
+            let mut k = linear(&mut b, &hn, &layer.k, layer.k_bias.as_ref(), n, "keys")?;
+            let v = linear(&mut b, &hn, &layer.v, layer.v_bias.as_ref(), n, "values")?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                let (q_rows, q_width, k_rows, k_width) = match cfg.qk_norm {
+                    QkNorm::PerHead => (n * cfg.num_heads, hd, n * cfg.num_kv_heads, hd),
+                    _ => (n, q_dim, n, kv_dim),
+                };
+                let q2 = ctx.storage("normed queries", (n * q_dim * 4) as u64)?;
+                let k2 = ctx.storage("normed keys", (n * kv_dim * 4) as u64)?;
+                rms_norm(&mut b, &q, qn, &q2, q_rows, q_width, cfg.rms_norm_eps)?;
+                rms_norm(&mut b, &k, kn, &k2, k_rows, k_width, cfg.rms_norm_eps)?;
+                q = q2;
+                k = k2;
+            }
+            rope(&mut b, &q, &positions, &self.rope, n, cfg.num_heads, hd, RopeLayout::HalfSplit)?;
+            rope(&mut b, &k, &positions, &self.rope, n, cfg.num_kv_heads, hd, RopeLayout::HalfSplit)?;
+            copy_rows(&mut b, &k, None, &cache.k[li], Some(&cache_rows), n, kv_dim)?;
+            copy_rows(&mut b, &v, None, &cache.v[li], Some(&cache_rows), n, kv_dim)?;
+            let attn = ctx.storage("attention output", (n * q_dim * 4) as u64)?;
+            attention(&mut b, &shape, &q, &cache.k[li], &cache.v[li], &ranges, &attn, n, cache.rows)?;
+            let o = linear(&mut b, &attn, &layer.o, None, n, "attention projection")?;
+            add_assign(&mut b, &x, &o, n * h)?;
+            let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
+            rms_norm(&mut b, &x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
+            match &layer.ffn {
+                Ffn::Moe { router, experts, shared } => {
+                    let logits = linear(&mut b, &hn2, router, None, n, "router logits")?;
+                    let ids = ctx.storage("expert ids", (n * cfg.experts_per_token * 4) as u64)?;
+                    let weights = ctx.storage("expert weights", (n * cfg.experts_per_token * 4) as u64)?;
+                    route(&mut b, &router_cfg, &logits, None, &ids, &weights, n)?;
+                    expert_ffn(&mut b, &hn2, &ids, &weights, n, cfg.experts_per_token, experts, &x)?;
+                    if let Some(s) = shared {
+                        let y = mlp_out(&mut b, &hn2, &s.mlp, n)?;
+                        let g = linear(&mut b, &hn2, &s.gate, None, n, "shared expert gate")?;
+                        add_gated(&mut b, &x, &y, &g, n, h)?;
+                    }
+                }
+                Ffn::Dense(m) => {
+                    let y = mlp_out(&mut b, &hn2, m, n)?;
+                    add_assign(&mut b, &x, &y, n * h)?;
+                }
+            }
+            b.submit()?;
+        }
+        if input.logit_rows.is_empty() {
+            return Ok(None);
+        }
+        let mut b = Batch::new(ctx);
+        let r = input.logit_rows.len();
+        let picked = ctx.storage("rows for logits", (r * h * 4) as u64)?;
+        let rows = ctx.storage_from("logit rows", &input.logit_rows)?;
+        copy_rows(&mut b, &x, Some(&rows), &picked, None, r, h)?;
+        let normed = ctx.storage("final norm", (r * h * 4) as u64)?;
+        rms_norm(&mut b, &picked, &self.weights.final_norm, &normed, r, h, cfg.rms_norm_eps)?;
+        let logits = linear(&mut b, &normed, self.weights.lm_head(), None, r, "logits")?;
+        b.submit()?;
+        Ok(Some(logits))
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))`.
+fn mlp_out(b: &mut Batch, x: &GpuBuffer, m: &Mlp, n: usize) -> Result<GpuBuffer> {
+    let gate = linear(b, x, &m.gate, None, n, "mlp gate")?;
+    let up = linear(b, x, &m.up, None, n, "mlp up")?;
+    let act = b.ctx().storage("mlp activations", (n * m.gate.rows * 4) as u64)?;
+    swiglu(b, &gate, &up, &act, n * m.gate.rows)?;
+    linear(b, &act, &m.down, None, n, "mlp down")
+}

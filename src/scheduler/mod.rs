@@ -1,0 +1,268 @@
+//! Runs a job's sequences together: each step feeds every running sequence's pending tokens
+//! (a prompt, or a chunk of one, or the last sampled token) through one ragged forward pass,
+//! samples where a sequence's pending tokens ran out, and refills the KV cache with waiting
+//! prompts as sequences finish.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Batch, GpuContext};
+use crate::kernels::softmax::argmax;
+use crate::model::forward::{KvCache, Model, StepInput};
+use crate::output::FinishReason;
+use crate::sampler::{SamplingParams, SequenceSampler};
+
+/// One sequence to generate.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub id: Value,
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+}
+
+/// A finished sequence.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// Index into the job's requests.
+    pub index: usize,
+    pub output: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct GenerateOptions {
+    pub sampling: SamplingParams,
+    pub ignore_eos: bool,
+    /// Most tokens fed through one forward pass (prompts are chunked to fit).
+    pub max_step_tokens: usize,
+    /// Cache rows to allocate (0: as many as one binding holds, capped by what the job needs).
+    pub cache_rows: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { sampling: SamplingParams::default(), ignore_eos: false, max_step_tokens: 2048, cache_rows: 0 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GenerateStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub steps: usize,
+    /// Step time, split between prompt and generated tokens in proportion to their counts.
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+}
+
+struct Running {
+    index: usize,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens already in the cache.
+    cached: usize,
+    cache_start: usize,
+    cache_len: usize,
+    sampler: SequenceSampler,
+}
+
+/// First-fit allocation of contiguous cache rows per sequence.
+struct CacheRegions {
+    rows: usize,
+    used: Vec<(usize, usize)>,
+}
+
+impl CacheRegions {
+    fn alloc(&mut self, len: usize) -> Option<usize> {
+        self.used.sort_unstable();
+        let mut at = 0;
+        for &(start, n) in &self.used {
+            if start - at >= len {
+                break;
+            }
+            at = start + n;
+        }
+        if at + len > self.rows {
+            return None;
+        }
+        self.used.push((at, len));
+        Some(at)
+    }
+
+    fn free(&mut self, start: usize) {
+        self.used.retain(|&(s, _)| s != start);
+    }
+}
+
+/// Generates every request, calling `on_finish` as each sequence ends (in the order they end).
+pub fn generate(
+    model: &Model,
+    requests: &[Request],
+    opts: &GenerateOptions,
+    mut on_finish: impl FnMut(Finished) -> Result<()>,
+) -> Result<GenerateStats> {
+    let cfg = &model.cfg;
+    let ctx = &model.ctx;
+    let mut stats = GenerateStats::default();
+    let need = |r: &Request| (r.prompt.len() + r.max_new_tokens).max(1);
+    let longest = requests.iter().map(need).max().unwrap_or(0);
+    let device_rows = KvCache::max_rows(ctx, cfg);
+    let total: usize = requests.iter().map(need).sum();
+    let rows = if opts.cache_rows > 0 { opts.cache_rows } else { total.min(device_rows) }.max(longest);
+    if rows > device_rows {
+        return Err(Error::invalid(
+            "KV cache",
+            format!("a sequence of {longest} tokens needs more cache rows than one buffer of this GPU holds ({device_rows})"),
+        ));
+    }
+    let cache = KvCache::new(ctx, cfg, rows)?;
+    let mut regions = CacheRegions { rows, used: Vec::new() };
+    let mut waiting = 0usize;
+    let mut running: Vec<Running> = Vec::new();
+    for (index, r) in requests.iter().enumerate() {
+        if r.max_new_tokens == 0 {
+            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length })?;
+        }
+    }
+    loop {
+        // Admit waiting sequences, in order, while their whole length fits in the cache.
+        while waiting < requests.len() {
+            let r = &requests[waiting];
+            if r.max_new_tokens == 0 {
+                waiting += 1;
+                continue;
+            }
+            let Some(start) = regions.alloc(need(r)) else { break };
+            running.push(Running {
+                index: waiting,
+                tokens: r.prompt.clone(),
+                prompt_len: r.prompt.len(),
+                cached: 0,
+                cache_start: start,
+                cache_len: need(r),
+                sampler: SequenceSampler::new(opts.sampling.seed, &r.id.to_string()),
+            });
+            stats.prompt_tokens += r.prompt.len();
+            waiting += 1;
+        }
+        if running.is_empty() {
+            break;
+        }
+        // Decode tokens first (one each), then prompt chunks up to the step's token budget.
+        let mut input = StepInput::default();
+        let mut sampled_seqs = Vec::new();
+        let (mut prefill_tokens, mut decode_tokens) = (0usize, 0usize);
+        let mut order: Vec<usize> = (0..running.len()).collect();
+        order.sort_by_key(|&i| running[i].cached < running[i].prompt_len);
+        for i in order {
+            let s = &running[i];
+            let pending = s.tokens.len() - s.cached;
+            let room = opts.max_step_tokens.saturating_sub(input.tokens.len());
+            if room == 0 {
+                break;
+            }
+            let take = pending.min(room);
+            let completes = take == pending;
+            let before = input.logit_rows.len();
+            input.push_sequence(&s.tokens[s.cached..s.cached + take], s.cached, s.cache_start, cfg.sliding_window, false);
+            if !completes {
+                input.logit_rows.truncate(before);
+            } else {
+                sampled_seqs.push(i);
+            }
+            let in_prompt = s.prompt_len.saturating_sub(s.cached).min(take);
+            prefill_tokens += in_prompt;
+            decode_tokens += take - in_prompt;
+            running[i].cached += take;
+        }
+        let started = Instant::now();
+        let chosen = match model.forward(&cache, &input)? {
+            Some(logits) => pick_tokens(ctx, model, &logits, &sampled_seqs, &mut running, &opts.sampling)?,
+            None => {
+                // Only prompt chunks this step: the cache filled, nothing to sample.
+                ctx.wait_idle("a prefill step")?;
+                Vec::new()
+            }
+        };
+        let elapsed = started.elapsed();
+        let fed = (prefill_tokens + decode_tokens).max(1) as u32;
+        stats.prefill_time += elapsed * prefill_tokens as u32 / fed;
+        stats.decode_time += elapsed * decode_tokens as u32 / fed;
+        stats.steps += 1;
+
+        let mut done = Vec::new();
+        for (&i, &token) in sampled_seqs.iter().zip(&chosen) {
+            let s = &mut running[i];
+            s.tokens.push(token);
+            stats.generated_tokens += 1;
+            let generated = s.tokens.len() - s.prompt_len;
+            let r = &requests[s.index];
+            let finish = if !opts.ignore_eos && cfg.eos_token_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if generated >= r.max_new_tokens || s.tokens.len() >= s.cache_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(f) = finish {
+                done.push((i, f));
+            }
+        }
+        done.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, finish) in done {
+            let s = running.swap_remove(i);
+            regions.free(s.cache_start);
+            on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish })?;
+        }
+    }
+    Ok(stats)
+}
+
+/// The next token of each sampled sequence: argmax on the GPU for greedy decoding (a few bytes
+/// back per sequence), else the logits back to the host for that sequence's sampler.
+fn pick_tokens(
+    ctx: &GpuContext,
+    model: &Model,
+    logits: &crate::gpu::GpuBuffer,
+    seqs: &[usize],
+    running: &mut [Running],
+    sampling: &SamplingParams,
+) -> Result<Vec<u32>> {
+    let vocab = model.cfg.vocab_size;
+    let rows = seqs.len();
+    if sampling.greedy() {
+        let ids = ctx.storage("greedy tokens", (rows * 4) as u64)?;
+        let mut b = Batch::new(ctx);
+        argmax(&mut b, logits, &ids, rows, vocab)?;
+        b.submit()?;
+        return ctx.read_u32(&ids, rows);
+    }
+    let all = ctx.read_f32(logits, rows * vocab)?;
+    Ok(seqs.iter().enumerate().map(|(r, &i)| running[i].sampler.sample(&all[r * vocab..(r + 1) * vocab], sampling)).collect())
+}
+
+/// Logits for every position of each prompt, all prompts in one ragged forward pass (the
+/// correctness fixtures compare these with transformers).
+pub fn prompt_logits(model: &Model, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    let rows: usize = prompts.iter().map(Vec::len).sum();
+    let cache = KvCache::new(&model.ctx, &model.cfg, rows)?;
+    let mut input = StepInput::default();
+    let mut start = 0;
+    for p in prompts {
+        input.push_sequence(p, 0, start, model.cfg.sliding_window, true);
+        start += p.len();
+    }
+    let logits = model.forward(&cache, &input)?.expect("every position asked for logits");
+    let vocab = model.cfg.vocab_size;
+    let all = model.ctx.read_f32(&logits, rows * vocab)?;
+    let mut out = Vec::new();
+    let mut at = 0;
+    for p in prompts {
+        out.push(all[at * vocab..(at + p.len()) * vocab].to_vec());
+        at += p.len();
+    }
+    Ok(out)
+}

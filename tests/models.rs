@@ -1,0 +1,89 @@
+//! Whole models against transformers: the fixtures under tests/fixtures (built by
+//! scripts/make_fixtures.py) hold tiny random-weight checkpoints of every supported architecture,
+//! the logits transformers computed for every position of several prompts, and its greedy
+//! continuations. Prompts run together as one ragged batch here.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use moegen::gpu::{AdapterChoice, GpuContext};
+use moegen::model::Model;
+use moegen::scheduler::{generate, prompt_logits, GenerateOptions, Request};
+use serde_json::Value;
+
+fn gpu() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| GpuContext::new(&AdapterChoice::from_env(None)).expect("a GPU adapter (install mesa-vulkan-drivers)"))
+}
+
+fn fixture(name: &str) -> (PathBuf, Value) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (dir, expected)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Largest |ours - theirs| over the largest |theirs|, per prompt.
+fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
+    let scale = theirs.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
+    ours.iter().zip(theirs).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
+}
+
+fn check(name: &str) {
+    let (dir, expected) = fixture(name);
+    let model = Model::load(gpu(), &dir, 64).unwrap();
+    let prompts: Vec<Vec<u32>> = expected["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let logits = prompt_logits(&model, &prompts).unwrap();
+    let mut worst = 0f64;
+    for (i, want) in expected["logits"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(logits[i].len(), want.len(), "{name}: prompt {i} logit count");
+        worst = worst.max(relative_error(&logits[i], &want));
+    }
+    eprintln!("{name}: largest relative logit error {worst:.2e}");
+    assert!(worst < 1e-3, "{name}: relative logit error {worst:e} against transformers");
+
+    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request { id: Value::from(i), prompt: p.clone(), max_new_tokens: max_new })
+        .collect();
+    let mut outputs = vec![Vec::new(); requests.len()];
+    let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
+    generate(&model, &requests, &opts, |f| {
+        outputs[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    let want: Vec<Vec<u32>> = expected["greedy"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(outputs, want, "{name}: greedy tokens differ from transformers");
+}
+
+#[test]
+fn mixtral_f32() {
+    check("mixtral-f32");
+}
+
+#[test]
+fn mixtral_bf16_sharded() {
+    check("mixtral-bf16-sharded");
+}
+
+#[test]
+fn qwen2_moe_bf16_shared_expert_bias_dense_layer_old_config() {
+    check("qwen2-moe-bf16");
+}
+
+#[test]
+fn qwen3_moe_f16_per_head_qk_norm() {
+    check("qwen3-moe-f16");
+}
+
+#[test]
+fn olmoe_bf16_full_width_qk_norm() {
+    check("olmoe-bf16");
+}
