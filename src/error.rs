@@ -20,8 +20,9 @@ pub enum Error {
     BindingTooLarge { what: String, needed: u64, limit: u64 },
     #[error("invalid argument for {what}: {detail}")]
     InvalidArgument { what: String, detail: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is part of the message, not chained again as a cause.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

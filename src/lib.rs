@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod gpu;
+pub mod job;
 pub mod kernels;
 pub mod loader;
 pub mod model;

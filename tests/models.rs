@@ -61,6 +61,18 @@ fn check(name: &str) {
     .unwrap();
     let want: Vec<Vec<u32>> = expected["greedy"].as_array().unwrap().iter().map(ids).collect();
     assert_eq!(outputs, want, "{name}: greedy tokens differ from transformers");
+
+    // Prompts fed 3 tokens a step, and a cache that holds one sequence at a time (the others
+    // wait and join as it finishes): the same tokens.
+    let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap();
+    let tight = GenerateOptions { ignore_eos: true, max_step_tokens: 3, cache_rows: longest, ..Default::default() };
+    let mut chunked = vec![Vec::new(); requests.len()];
+    generate(&model, &requests, &tight, |f| {
+        chunked[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(chunked, want, "{name}: chunked prefill or cache refill changed the tokens");
 }
 
 #[test]

@@ -104,10 +104,10 @@ impl Checkpoint {
     }
 
     fn add_file(&mut self, path: PathBuf) -> Result<()> {
-        let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let file = File::open(&path).map_err(|error| Error::Io { path: path.clone(), error })?;
         // SAFETY: the mapping is read-only; a file changed underneath a running job is outside
         // what the engine can defend against, as for any memory-mapped reader.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|error| Error::Io { path: path.clone(), error })?;
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..])
             .map_err(|e| bad(&path, format!("not a readable safetensors file: {e}")))?;
         let data_start = 8 + header_len;

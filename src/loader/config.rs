@@ -127,7 +127,7 @@ impl Fields<'_> {
 }
 
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
     serde_json::from_str(&text).map_err(|e| err(path, format!("not valid JSON: {e}")))
 }
 

@@ -73,11 +73,11 @@ pub fn parse_prompt_line(text: &str, path: &Path, line: usize) -> Result<PromptL
 
 /// Reads every prompt of a JSONL file (blank lines skipped); ids must be unique.
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptLine>> {
-    let file = File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
-        let text = line.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let text = line.map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
         if text.trim().is_empty() {
             continue;
         }
@@ -127,7 +127,7 @@ impl ResultSink {
     /// already finished in it are returned and new lines are appended after the last whole line
     /// (a line cut off by an interruption is dropped).
     pub fn open(path: &Path, resume: bool) -> Result<(Self, HashSet<String>)> {
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let io = |error| Error::Io { path: path.to_path_buf(), error };
         let mut done = HashSet::new();
         if resume && path.exists() {
             let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
@@ -154,14 +154,14 @@ impl ResultSink {
     pub fn write_line(&mut self, line: &str) -> Result<()> {
         match self {
             ResultSink::File { file, path } => {
-                let io = |source| Error::Io { path: path.clone(), source };
+                let io = |error| Error::Io { path: path.clone(), error };
                 file.write_all(line.as_bytes()).map_err(io)?;
                 file.write_all(b"\n").map_err(io)?;
                 file.flush().map_err(io)
             }
             ResultSink::Stdout => {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|source| Error::Io { path: "<stdout>".into(), source })
+                writeln!(out, "{line}").and_then(|_| out.flush()).map_err(|error| Error::Io { path: "<stdout>".into(), error })
             }
         }
     }

@@ -1,0 +1,200 @@
+//! `moegen generate`: a JSONL job from prompts to results, with checks on every input before the
+//! GPU work starts, results written as sequences finish, and a closing summary.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::gpu::{AdapterChoice, GpuContext};
+use crate::loader::config::ModelConfig;
+use crate::loader::tokenizer::TextCodec;
+use crate::model::Model;
+use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
+use crate::sampler::SamplingParams;
+use crate::scheduler::{generate, GenerateOptions, Request};
+
+/// The embedded default model and its sample prompts, in the source tree's `assets/`.
+pub fn default_assets() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+#[derive(Clone, Debug)]
+pub struct JobArgs {
+    pub model: Option<PathBuf>,
+    pub input: Option<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub ignore_eos: bool,
+    pub resume: bool,
+    pub max_step_tokens: usize,
+    pub adapter: AdapterChoice,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct JobSummary {
+    pub prompts: usize,
+    pub skipped: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub wall: Duration,
+}
+
+impl JobSummary {
+    pub fn report(&self) -> String {
+        let rate = |n: usize, t: Duration| if t.is_zero() { 0.0 } else { n as f64 / t.as_secs_f64() };
+        format!(
+            "{} prompts ({} already done), {} prompt tokens, {} generated tokens; prefill {:.1} tokens/s, decode {:.1} tokens/s; wall time {:.2} s",
+            self.prompts,
+            self.skipped,
+            self.prompt_tokens,
+            self.generated_tokens,
+            rate(self.prompt_tokens, self.prefill_time),
+            rate(self.generated_tokens, self.decode_time),
+            self.wall.as_secs_f64()
+        )
+    }
+}
+
+fn check_flags(args: &JobArgs) -> anyhow::Result<()> {
+    let s = &args.sampling;
+    if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+        bail!("--temperature must be a finite number >= 0, got {}", s.temperature);
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", s.top_p);
+    }
+    if args.max_step_tokens == 0 {
+        bail!("--max-step-tokens must be at least 1");
+    }
+    if args.resume && args.output.is_none() {
+        bail!("--resume needs --output: the file whose finished ids are skipped");
+    }
+    Ok(())
+}
+
+/// Turns input lines into requests: tokenised, checked against the vocabulary and the context.
+fn requests(lines: &[PromptLine], input: &Path, codec: Option<&TextCodec>, cfg: &ModelConfig, default_new: usize) -> anyhow::Result<Vec<Request>> {
+    let context = cfg.max_position_embeddings;
+    let mut out = Vec::new();
+    for l in lines {
+        let at = format!("{}:{}", input.display(), l.line);
+        let prompt = match &l.prompt {
+            PromptText::Ids(ids) => ids.clone(),
+            PromptText::Text(text) => match codec {
+                Some(c) => c.encode(text).with_context(|| at.clone())?,
+                None => bail!("{at}: a text prompt needs the model's tokenizer.json, which is missing; give `prompt_ids` instead"),
+            },
+        };
+        if prompt.is_empty() {
+            bail!("{at}: the prompt is empty");
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!("{at}: token id {bad} is outside the model's vocabulary of {}", cfg.vocab_size);
+        }
+        if prompt.len() >= context {
+            bail!("{at}: the prompt has {} tokens, the model's context holds {context}", prompt.len());
+        }
+        let wanted = l.max_new_tokens.unwrap_or(default_new);
+        out.push(Request { id: l.id.clone(), prompt: prompt.clone(), max_new_tokens: wanted.min(context - prompt.len()) });
+    }
+    Ok(out)
+}
+
+/// Runs a whole job. `demo` prints readable completions to stdout instead of JSONL.
+pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
+    let started = Instant::now();
+    check_flags(args)?;
+    let model_dir = args.model.clone().unwrap_or_else(|| default_assets().join("default-model"));
+    if !model_dir.join("config.json").exists() {
+        bail!("{}: not a model directory (no config.json)", model_dir.display());
+    }
+    let input = match &args.input {
+        Some(p) => p.clone(),
+        None if args.model.is_none() => default_assets().join("prompts.jsonl"),
+        None => bail!("--input is required with --model (a JSONL file of prompts)"),
+    };
+    let cfg = ModelConfig::load(&model_dir)?;
+    let tokenizer_path = model_dir.join("tokenizer.json");
+    let codec = if tokenizer_path.exists() { Some(TextCodec::load(&tokenizer_path)?) } else { None };
+    let lines = read_prompts(&input)?;
+    let (mut sink, done) = match &args.output {
+        Some(p) => ResultSink::open(p, args.resume).with_context(|| format!("--output {}", p.display()))?,
+        None => (ResultSink::Stdout, Default::default()),
+    };
+    let todo: Vec<PromptLine> = lines.iter().filter(|l| !done.contains(&l.id_key())).cloned().collect();
+    let reqs = requests(&todo, &input, codec.as_ref(), &cfg, args.max_new_tokens)?;
+    let mut summary = JobSummary { prompts: lines.len(), skipped: lines.len() - todo.len(), ..Default::default() };
+    if reqs.is_empty() {
+        summary.wall = started.elapsed();
+        return Ok(summary);
+    }
+
+    let ctx = GpuContext::new(&args.adapter)?;
+    let longest = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(1);
+    let model = Model::load(&ctx, &model_dir, longest).with_context(|| format!("loading {}", model_dir.display()))?;
+    log::info!("model {} loaded on {}", model_dir.display(), ctx.info().name);
+
+    let bar = ProgressBar::with_draw_target(
+        Some(reqs.len() as u64),
+        if args.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} sequences, {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let opts = GenerateOptions {
+        sampling: args.sampling,
+        ignore_eos: args.ignore_eos,
+        max_step_tokens: args.max_step_tokens,
+        cache_rows: 0,
+    };
+    let mut written = 0usize;
+    let mut generated = 0usize;
+    let result = generate(&model, &reqs, &opts, |f| {
+        let r = &reqs[f.index];
+        let text = match &codec {
+            Some(c) => c.decode(&f.output)?,
+            None => String::new(),
+        };
+        if demo {
+            let prompt = match &codec {
+                Some(c) => c.decode(&r.prompt)?,
+                None => format!("{:?}", r.prompt),
+            };
+            bar.suspend(|| println!("--- {} ({})\n{prompt}\x1b[1m{text}\x1b[0m\n", r.id, f.finish.as_str()));
+        } else {
+            sink.write_line(&result_line(&r.id, r.prompt.len(), &f.output, &text, f.finish))?;
+        }
+        if demo && args.output.is_some() {
+            sink.write_line(&result_line(&r.id, r.prompt.len(), &f.output, &text, f.finish))?;
+        }
+        written += 1;
+        generated += f.output.len();
+        bar.inc(1);
+        bar.set_message(format!("{generated} tokens"));
+        Ok(())
+    });
+    bar.finish_and_clear();
+    let stats = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let whereto = args.output.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into());
+            let hint = if args.output.is_some() { "; rerun with --resume to finish the rest" } else { "" };
+            return Err(anyhow::Error::new(e)
+                .context(format!("the job stopped after {written} of {} results were written to {whereto}{hint}", reqs.len())));
+        }
+    };
+    summary.prompt_tokens = stats.prompt_tokens;
+    summary.generated_tokens = stats.generated_tokens;
+    summary.prefill_time = stats.prefill_time;
+    summary.decode_time = stats.decode_time;
+    summary.wall = started.elapsed();
+    Ok(summary)
+}

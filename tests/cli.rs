@@ -1,0 +1,217 @@
+//! The `moegen generate` contract, run as a user runs it: output lines, resume, sampling seeds,
+//! EOS stops, and clear errors with a non-zero exit for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A scratch directory for one test.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moegen-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn moegen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moegen")).args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir()).output().unwrap()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn lines(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn by_id(rows: &[Value], id: &Value) -> Value {
+    rows.iter().find(|r| &r["id"] == id).cloned().unwrap_or_else(|| panic!("no output for id {id}"))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[track_caller]
+fn fails_with(out: &Output, says: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "a panic instead of an error: {err}");
+    for s in says {
+        assert!(err.contains(s), "stderr should mention {s:?}: {err}");
+    }
+}
+
+const PROMPTS: &str = "{\"id\": 1, \"prompt_ids\": [5, 9, 100]}\n{\"id\": \"b\", \"prompt_ids\": [7], \"max_new_tokens\": 3}\n\n{\"id\": [2], \"prompt_ids\": [40, 41, 42, 43, 44, 45]}\n";
+
+#[test]
+fn writes_one_line_per_prompt_and_resumes() {
+    let dir = scratch("resume");
+    let input = write(&dir, "in.jsonl", PROMPTS);
+    let out = dir.join("out.jsonl");
+    let model = fixture("mixtral-f32");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "4", "--ignore-eos", "--quiet"];
+        args.extend_from_slice(extra);
+        moegen(&args)
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = lines(&out);
+    assert_eq!(first.len(), 3);
+    let b = by_id(&first, &Value::from("b"));
+    assert_eq!(b["output_ids"].as_array().unwrap().len(), 3, "the line's own max_new_tokens wins");
+    assert_eq!(b["prompt_tokens"], 1);
+    assert_eq!(b["finish_reason"], "length");
+    assert!(b["text"].is_string());
+    let summary = String::from_utf8_lossy(&o.stderr);
+    assert!(summary.contains("3 prompts") && summary.contains("tokens/s"), "{summary}");
+
+    // Keep the first line and half of the second, as an interrupted run would leave them.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let cut = text.find('\n').unwrap() + 1 + 10;
+    std::fs::write(&out, &text[..cut]).unwrap();
+    let o = run(&["--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let resumed = lines(&out);
+    assert_eq!(resumed.len(), 3, "each id exactly once after resuming");
+    for row in &first {
+        assert_eq!(&by_id(&resumed, &row["id"]), row, "greedy results are the same after resuming");
+    }
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 already done"));
+}
+
+#[test]
+fn same_seed_same_samples_whatever_the_batch() {
+    let dir = scratch("seed");
+    let model = fixture("qwen3-moe-f16");
+    let alone = write(&dir, "alone.jsonl", "{\"id\": \"x\", \"prompt_ids\": [11, 12, 13]}\n");
+    let crowd = write(
+        &dir,
+        "crowd.jsonl",
+        "{\"id\": \"y\", \"prompt_ids\": [90, 91, 92, 93, 94, 95, 96]}\n{\"id\": \"x\", \"prompt_ids\": [11, 12, 13]}\n{\"id\": \"z\", \"prompt_ids\": [200]}\n",
+    );
+    let sample = |input: &Path, seed: &str, name: &str| {
+        let out = dir.join(name);
+        let o = moegen(&[
+            "generate", "--model", path(&model), "--input", path(input), "--output", path(&out), "--max-new-tokens", "12",
+            "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", seed, "--ignore-eos", "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        by_id(&lines(&out), &Value::from("x"))["output_ids"].clone()
+    };
+    let a = sample(&alone, "7", "a.jsonl");
+    assert_eq!(a, sample(&alone, "7", "b.jsonl"), "same seed, same output");
+    assert_eq!(a, sample(&crowd, "7", "c.jsonl"), "same seed, same output in another batch");
+    assert_ne!(a, sample(&alone, "8", "d.jsonl"), "another seed, another output");
+}
+
+#[test]
+fn stops_at_eos_unless_told_not_to() {
+    // Make a greedy token of a fixture prompt (the first that did not come earlier) the EOS.
+    let dir = scratch("eos");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = fixture("olmoe-bf16");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    let (prompt, greedy, at) = (0..4)
+        .find_map(|p| {
+            let greedy = expected["greedy"][p].as_array().unwrap().clone();
+            let at = (1..greedy.len()).find(|&i| !greedy[..i].contains(&greedy[i]))?;
+            Some((expected["prompts"][p].clone(), greedy, at))
+        })
+        .expect("a continuation with a token that did not come earlier");
+    let eos = greedy[at].clone();
+    write(&model, "generation_config.json", &format!("{{\"eos_token_id\": [{eos}, 9999]}}"));
+    let input = write(&dir, "in.jsonl", &format!("{{\"id\": 0, \"prompt_ids\": {prompt}}}\n"));
+    let run = |extra: &[&str]| {
+        let out = dir.join("out.jsonl");
+        let mut args = vec!["generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "8", "--quiet"];
+        args.extend_from_slice(extra);
+        let o = moegen(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        lines(&out).remove(0)
+    };
+    let stopped = run(&[]);
+    assert_eq!(stopped["finish_reason"], "stop");
+    let ids = stopped["output_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), at + 1, "stops at the EOS, which is included: {ids:?}");
+    assert_eq!(ids[at], eos);
+    let ignored = run(&["--ignore-eos"]);
+    assert_eq!(ignored["finish_reason"], "length");
+    assert_eq!(ignored["output_ids"].as_array().unwrap().len(), 8);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = scratch("bad");
+    let model = fixture("mixtral-f32");
+    let m = path(&model);
+    let run = |input: &str, extra: &[&str]| {
+        let p = write(&dir, "in.jsonl", input);
+        let mut args = vec!["generate", "--model", m, "--input", path(&p), "--quiet"];
+        args.extend_from_slice(extra);
+        moegen(&args)
+    };
+    fails_with(&run("{\"id\": 1, \"prompt_ids\": [1]}\n{\"id\": 2, \"prompt_ids\": [1,\n", &[]), &["in.jsonl:2", "JSON"]);
+    fails_with(&run("{\"id\": 1, \"prompt_ids\": [1, 256]}\n", &[]), &["in.jsonl:1", "256", "vocabulary"]);
+    let long: Vec<String> = (0..600).map(|i| (i % 200 + 3).to_string()).collect();
+    fails_with(&run(&format!("{{\"id\": 1, \"prompt_ids\": [{}]}}\n", long.join(",")), &[]), &["in.jsonl:1", "600 tokens", "context"]);
+    fails_with(&run("{\"id\": 1, \"prompt\": \"text\"}\n", &[]), &["in.jsonl:1", "tokenizer.json"]);
+    fails_with(&run("{\"id\": 1, \"prompt_ids\": [3]}\n{\"id\": 1, \"prompt_ids\": [4]}\n", &[]), &["in.jsonl:2", "twice"]);
+    fails_with(&run("{\"id\": 1, \"prompt_ids\": [3]}\n", &["--top-p", "0"]), &["--top-p"]);
+    fails_with(&run("{\"id\": 1, \"prompt_ids\": [3]}\n", &["--temperature=-1"]), &["--temperature"]);
+    fails_with(&run("{\"id\": 1, \"prompt_ids\": [3]}\n", &["--output", "/nonexistent-dir/out.jsonl"]), &["/nonexistent-dir/out.jsonl"]);
+    let missing = dir.join("nope.jsonl");
+    fails_with(&moegen(&["generate", "--model", m, "--input", path(&missing)]), &["nope.jsonl"]);
+}
+
+#[test]
+fn broken_checkpoints_are_named() {
+    let dir = scratch("checkpoint");
+    let src = fixture("mixtral-f32");
+    let input = write(&dir, "in.jsonl", "{\"id\": 1, \"prompt_ids\": [3, 4]}\n");
+    let copy = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "generation_config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let run = |model: &Path| moegen(&["generate", "--model", path(model), "--input", path(&input), "--quiet"]);
+
+    let truncated = copy("truncated");
+    let bytes = std::fs::read(truncated.join("model.safetensors")).unwrap();
+    std::fs::write(truncated.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(&run(&truncated), &["model.safetensors", "truncated"]);
+
+    let wrong_shape = copy("shape");
+    let cfg = std::fs::read_to_string(wrong_shape.join("config.json")).unwrap();
+    std::fs::write(wrong_shape.join("config.json"), cfg.replace("\"intermediate_size\": 96", "\"intermediate_size\": 95")).unwrap();
+    fails_with(&run(&wrong_shape), &["experts.0.w1.weight", "shape"]);
+
+    let bad_config = copy("config");
+    std::fs::write(bad_config.join("config.json"), "{\"architectures\": [\"MixtralForCausalLM\"], ").unwrap();
+    fails_with(&run(&bad_config), &["config.json", "JSON"]);
+
+    let unknown = copy("arch");
+    let cfg = std::fs::read_to_string(unknown.join("config.json")).unwrap();
+    std::fs::write(unknown.join("config.json"), cfg.replace("MixtralForCausalLM", "GPT2LMHeadModel")).unwrap();
+    fails_with(&run(&unknown), &["GPT2LMHeadModel", "MixtralForCausalLM", "OlmoeForCausalLM"]);
+
+    let no_weights = copy("weights");
+    std::fs::remove_file(no_weights.join("model.safetensors")).unwrap();
+    fails_with(&run(&no_weights), &["model.safetensors"]);
+}

@@ -1,0 +1,53 @@
+//! The real Mixtral (SentencePiece BPE with byte fallback) and Qwen2 (byte-level BPE) vocabularies:
+//! BOS added where the tokenizer adds it, and text back without mangled multi-byte characters.
+
+use std::path::PathBuf;
+
+use moegen::loader::tokenizer::TextCodec;
+
+fn codec(name: &str) -> TextCodec {
+    TextCodec::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers").join(name)).unwrap()
+}
+
+const TEXTS: [&str; 4] = [
+    "Hello, world!",
+    "naïve café — déjà vu",
+    "日本語のテキストと中文",
+    "emoji 🎉🚀 and ünïcödé, tabs\tand\nnewlines",
+];
+
+#[test]
+fn mixtral_adds_bos_and_round_trips_multibyte_text() {
+    let c = codec("mixtral-v1.tokenizer.json");
+    assert_eq!(c.vocab_size(), 32000);
+    let ids = c.encode("Hello").unwrap();
+    assert_eq!(ids[0], 1, "Mixtral's tokenizer starts with <s> = 1");
+    for text in TEXTS {
+        let ids = c.encode(text).unwrap();
+        assert_eq!(c.decode(&ids).unwrap(), text, "{ids:?}");
+    }
+    // The emoji falls back to bytes: several tokens for one character, decoded whole.
+    let ids = c.encode("🎉").unwrap();
+    assert!(ids.len() >= 3, "{ids:?}");
+}
+
+#[test]
+fn qwen2_round_trips_multibyte_text() {
+    let c = codec("qwen2.tokenizer.json");
+    assert_eq!(c.vocab_size(), 151936);
+    for text in TEXTS {
+        let ids = c.encode(text).unwrap();
+        assert_eq!(c.decode(&ids).unwrap(), text, "{ids:?}");
+    }
+}
+
+#[test]
+fn a_broken_tokenizer_file_is_an_error_naming_it() {
+    let dir = std::env::temp_dir().join(format!("moegen-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, "{\"model\": 3").unwrap();
+    let e = TextCodec::load(&path).err().expect("a broken file is refused").to_string();
+    assert!(e.contains("tokenizer.json"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
