@@ -1,22 +1,5 @@
 // y[y_row0 + r, y_col0 + c] = sum_i x[x_row0 + r, i] * w[c, i] (+ bias[y_col0 + c]), for many rows:
 // tiles of BM rows x BN columns. w is one part of a [out, in] weight, its rows landing at y_col0.
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    x_row0: u32,
-    y_row0: u32,
-    y_stride: u32,
-    y_col0: u32,
-    has_bias: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<WStore>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
-
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n0 = wg.x * BN;

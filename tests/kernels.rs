@@ -200,6 +200,7 @@ fn rope_table_holds_cos_and_sin_of_position_times_frequency() {
     assert_eq!(table[0], [0.5, 0.0]);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_matmul(ctx: &GpuContext, rng: &mut StdRng, m: usize, n: usize, k: usize, dtype: WeightDtype, bias: bool, path: Option<matmul::MatmulPath>) {
     let x = random(rng, m * k, 1.0);
     let wv = random(rng, n * k, 0.5);

@@ -106,7 +106,7 @@ impl Batch {
 
     /// Records a copy of `bytes` (a multiple of 4) between buffers.
     pub fn copy(&mut self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, bytes: u64) -> Result<()> {
-        if src_offset + bytes > src.raw().size() || dst_offset + bytes > dst.raw().size() || bytes % 4 != 0 {
+        if src_offset + bytes > src.raw().size() || dst_offset + bytes > dst.raw().size() || !bytes.is_multiple_of(4) {
             return Err(Error::invalid("buffer copy", format!("{bytes} bytes from offset {src_offset} to {dst_offset}")));
         }
         self.ops.push(Op::Copy { src: src.clone(), src_offset, dst: dst.clone(), dst_offset, bytes });

@@ -175,7 +175,7 @@ impl GpuContext {
 
     /// Writes `data` at `offset`, in bounded chunks with periodic submits.
     pub fn upload(&self, buf: &GpuBuffer, offset: u64, data: &[u8]) -> Result<()> {
-        ensure!(offset % 4 == 0, "upload", "offset {offset} is not a multiple of 4");
+        ensure!(offset.is_multiple_of(4), "upload", "offset {offset} is not a multiple of 4");
         ensure!(
             offset + data.len() as u64 <= buf.raw().size(),
             "upload",
@@ -188,7 +188,7 @@ impl GpuContext {
         while at < data.len() {
             let end = (at + UPLOAD_CHUNK).min(data.len());
             let chunk = &data[at..end];
-            if chunk.len() % 4 == 0 {
+            if chunk.len().is_multiple_of(4) {
                 queue.write_buffer(buf.raw(), offset + at as u64, chunk);
             } else {
                 let mut padded = chunk.to_vec();
@@ -212,7 +212,7 @@ impl GpuContext {
     pub fn read_bytes(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
         let padded = len.next_multiple_of(4);
         ensure!(
-            offset % 4 == 0 && offset + padded <= buf.raw().size(),
+            offset.is_multiple_of(4) && offset + padded <= buf.raw().size(),
             "readback",
             "{len} bytes at offset {offset} of a {}-byte buffer",
             buf.raw().size()

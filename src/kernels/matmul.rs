@@ -51,10 +51,14 @@ pub fn shader(path: MatmulPath, dtype: WeightDtype, features: KernelFeatures) ->
             .constant("TOK", tok)
             .weights(dtype, features)
             .reductions(features)
-            .body(include_str!("../../shaders/matmul_vec.wgsl")),
+            .body(concat!(include_str!("../../shaders/lib/matmul_bindings.wgsl"), include_str!("../../shaders/matmul_vec.wgsl"))),
         MatmulPath::Tiled { bm } => tile_constants(ShaderBuilder::new("matmul_tiled"), bm)
             .weights(dtype, features)
-            .body(concat!(include_str!("../../shaders/lib/matmul_tile.wgsl"), include_str!("../../shaders/matmul_tiled.wgsl"))),
+            .body(concat!(
+                include_str!("../../shaders/lib/matmul_bindings.wgsl"),
+                include_str!("../../shaders/lib/matmul_tile.wgsl"),
+                include_str!("../../shaders/matmul_tiled.wgsl")
+            )),
     }
 }
 

@@ -109,7 +109,7 @@ pub fn plan(b: &mut Batch, expert_ids: &GpuBuffer, n_assign: usize, n_experts: u
 
 /// `xg[row, :] = x[token of row, :]`, `[n_assign, dim]`.
 pub fn gather(b: &mut Batch, x: &GpuBuffer, plan: &MoePlan, dim: usize, top_k: usize) -> Result<GpuBuffer> {
-    ensure!(top_k > 0 && plan.n_assign % top_k == 0, "moe gather", "{} assignments for top_k {top_k}", plan.n_assign);
+    ensure!(top_k > 0 && plan.n_assign.is_multiple_of(top_k), "moe gather", "{} assignments for top_k {top_k}", plan.n_assign);
     need(x, plan.n_assign / top_k * dim, "moe gather input")?;
     let ctx = b.ctx().clone();
     let xg = ctx.storage("moe gathered rows", plan.n_assign as u64 * dim as u64 * 4)?;
@@ -125,7 +125,7 @@ pub fn gather(b: &mut Batch, x: &GpuBuffer, plan: &MoePlan, dim: usize, top_k: u
 /// boundaries, see [`GpuWeight::stack`]). Returns `[n_assign, n]`.
 pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePlan) -> Result<GpuBuffer> {
     ensure!(
-        w.rows % plan.n_experts == 0,
+        w.rows.is_multiple_of(plan.n_experts),
         "grouped matmul",
         "{} weight rows do not split into {} experts",
         w.rows,
@@ -175,6 +175,7 @@ pub struct StackedExperts {
 
 /// `out[t] += sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))`, e = ids[t, j]:
 /// the whole routed-expert block of a layer, every expert in one grouped dispatch per matrix.
+#[allow(clippy::too_many_arguments)]
 pub fn expert_ffn(
     b: &mut Batch,
     x: &GpuBuffer,

@@ -19,7 +19,7 @@ pub struct SharedExpert {
 }
 
 pub enum Ffn {
-    Moe { router: GpuWeight, experts: StackedExperts, shared: Option<SharedExpert> },
+    Moe { router: GpuWeight, experts: Box<StackedExperts>, shared: Option<Box<SharedExpert>> },
     Dense(Mlp),
 }
 
@@ -152,15 +152,15 @@ impl Loader<'_> {
         };
         let ffn = if cfg.is_moe_layer(i) {
             let shared = match cfg.shared_expert_intermediate_size {
-                Some(inter) => Some(SharedExpert {
+                Some(inter) => Some(Box::new(SharedExpert {
                     mlp: self.mlp(&format!("{moe_prefix}.shared_expert"), inter)?,
                     gate: self.matrix(&format!("{moe_prefix}.shared_expert_gate.weight"), 1, h)?,
-                }),
+                })),
                 None => None,
             };
             Ffn::Moe {
                 router: self.matrix(&format!("{moe_prefix}.gate.weight"), cfg.num_experts, h)?,
-                experts: self.experts(&moe_prefix)?,
+                experts: Box::new(self.experts(&moe_prefix)?),
                 shared,
             }
         } else {
