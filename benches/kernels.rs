@@ -1,7 +1,8 @@
 //! Kernel benchmarks: `cargo bench`. Prints, for each shape, the median GPU time (timestamp
 //! queries where the adapter has them, else wall time to completion) and the rate it implies.
 //! Figures are side by side from one run; record them in BENCHMARKS.md with the adapter name.
-//! `MOEGEN_BENCH_QUICK=1` runs fewer repetitions.
+//! `MOEGEN_BENCH_QUICK=1` runs fewer repetitions; `MOEGEN_BENCH_TOKENS=1,16` picks the matmul
+//! token counts (default 1,16,256,2048).
 
 use std::time::Duration;
 
@@ -59,7 +60,11 @@ fn main() {
         for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
             let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
             let w = GpuWeight::from_f32(&ctx, "bench weight", &wv, dtype, n, k).expect("weight");
-            for m in [1usize, 16, 256, 2048] {
+            let counts: Vec<usize> = std::env::var("MOEGEN_BENCH_TOKENS")
+                .ok()
+                .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+                .unwrap_or_else(|| vec![1, 16, 256, 2048]);
+            for &m in &counts {
                 let x = filled(&ctx, m * k, 1);
                 let y = ctx.storage("bench out", (m * n * 4) as u64).expect("out");
                 let reps = if quick || m >= 256 { 3 } else { 10 };

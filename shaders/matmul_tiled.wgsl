@@ -5,16 +5,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let n0 = wg.x * BN;
     let m0 = p.x_row0 + wg.y * BM;
     let m_end = p.x_row0 + p.m;
-    let acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, 0u);
+    var acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, 0u);
     let tx = lid % TX;
     let ty = lid / TX;
-    for (var i = 0u; i < TM; i++) {
-        let row = m0 + ty * TM + i;
+    for (var i = 0u; i < 4u; i++) {
+        let row = m0 + ty * 4u + i;
         if row >= m_end {
             break;
         }
-        for (var j = 0u; j < TN; j++) {
-            let col = n0 + tx * TN + j;
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + tx * 4u + j;
             if col < p.n {
                 var v = acc[i][j];
                 if p.has_bias == 1u {

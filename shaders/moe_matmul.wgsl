@@ -38,16 +38,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let m0 = offsets[e] + (tile - tile_starts[e]) * BM;
     let m_end = offsets[e + 1u];
     let n0 = wg.x * BN;
-    let acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, (e - p.first) * p.n * p.k);
+    var acc = mm_tile(lid, m0, m_end, n0, p.n, p.k, (e - p.first) * p.n * p.k);
     let tx = lid % TX;
     let ty = lid / TX;
-    for (var i = 0u; i < TM; i++) {
-        let row = m0 + ty * TM + i;
+    for (var i = 0u; i < 4u; i++) {
+        let row = m0 + ty * 4u + i;
         if row >= m_end {
             break;
         }
-        for (var j = 0u; j < TN; j++) {
-            let col = n0 + tx * TN + j;
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + tx * 4u + j;
             if col < p.n {
                 y[row * p.n + col] = acc[i][j];
             }

@@ -26,31 +26,33 @@ impl MatmulPath {
         MatmulPath::Tiled { bm: 64 },
     ];
 
-    /// The path for `m` rows.
+    /// The path for `m` rows. Past four rows the tiles' reuse of each loaded weight wins (measured
+    /// on llvmpipe, see BENCHMARKS.md); the planner will choose from measurements per device.
     pub fn for_rows(m: usize) -> Self {
         match m {
-            0..=8 => MatmulPath::Vector { tok: (m.max(1) as u32).next_power_of_two() },
+            0..=4 => MatmulPath::Vector { tok: (m.max(1) as u32).next_power_of_two() },
             9..=32 => MatmulPath::Tiled { bm: 16 },
             _ => MatmulPath::Tiled { bm: 64 },
         }
     }
 }
 
-/// Tile shape constants shared with the grouped expert matmul: (BM, BN, TM, TN, BK).
+/// Tile shape constants shared with the grouped expert matmul (each thread computes 4 x 4).
 pub(crate) fn tile_constants(builder: ShaderBuilder, bm: u32) -> ShaderBuilder {
-    let tm = if bm >= 64 { 4 } else { 1 };
-    builder.constant("BM", bm).constant("BN", 64).constant("TM", tm).constant("TN", 4).constant("BK", 16)
+    builder.constant("BM", bm).constant("BN", 64).constant("BK", 32)
 }
 
 pub(crate) const TILE_BN: u32 = 64;
+/// Output columns per workgroup on the vector path.
+const VEC_ROWS: u32 = 8;
 
 pub fn shader(path: MatmulPath, dtype: WeightDtype, features: KernelFeatures) -> ShaderSource {
     match path {
         MatmulPath::Vector { tok } => ShaderBuilder::new("matmul_vec")
             .constant("WG", ROW_WG)
+            .constant("ROWS", VEC_ROWS)
             .constant("TOK", tok)
             .weights(dtype, features)
-            .reductions(features)
             .body(concat!(include_str!("../../shaders/lib/matmul_bindings.wgsl"), include_str!("../../shaders/matmul_vec.wgsl"))),
         MatmulPath::Tiled { bm } => tile_constants(ShaderBuilder::new("matmul_tiled"), bm)
             .weights(dtype, features)
@@ -139,7 +141,7 @@ pub fn matmul_rows(
         };
         let groups = match path {
             MatmulPath::Vector { tok } => {
-                let [gx, gy, _] = grid(&ctx, params.n);
+                let [gx, gy, _] = grid(&ctx, params.n.div_ceil(VEC_ROWS));
                 [gx, gy, params.m.div_ceil(tok)]
             }
             MatmulPath::Tiled { bm } => [params.n.div_ceil(TILE_BN), params.m.div_ceil(bm), 1],
