@@ -516,6 +516,19 @@ fn bad_arguments_are_errors_not_panics() {
 }
 
 #[test]
+fn a_shader_the_driver_rejects_is_an_error_naming_the_kernel() {
+    let ctx = gpu();
+    let broken = moegen::gpu::ShaderSource { key: "broken_kernel,WG=64".into(), code: "@compute @workgroup_size(64) fn main( {".into() };
+    let e = ctx.pipeline(&broken).unwrap_err();
+    assert!(matches!(e, Error::Validation { .. }), "{e}");
+    assert!(e.to_string().contains("broken_kernel"), "{e}");
+    // The device is still usable afterwards.
+    ctx.wait_idle("after a rejected shader").unwrap();
+    let buf = ctx.storage_from("after", &[1.0f32, 2.0]).unwrap();
+    assert_eq!(ctx.read_f32(&buf, 2).unwrap(), vec![1.0, 2.0]);
+}
+
+#[test]
 fn pool_reuses_buffers_and_uploads_are_chunked() {
     let ctx = gpu();
     // 20 MiB crosses several upload chunks; every byte must arrive.
