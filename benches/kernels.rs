@@ -87,7 +87,7 @@ fn main() {
         println!("\ndecode attention: 32 query heads, 8 kv heads, head dim 128");
         println!("{:>9} {:>8} {:>12} {:>10} {:>10}", "sequences", "context", "time", "KV GB/s", "GFLOP/s");
         let shape = attention::AttentionShape::new(32, 8, 128);
-        for (seqs, context) in [(1usize, 512usize), (16, 512), (64, 1024)] {
+        for (seqs, context) in [(1usize, 512usize), (16, 512), (32, 1024)] {
             let kv_rows = seqs * context;
             let q = filled(&ctx, seqs * 32 * 128, 2);
             let k = filled(&ctx, kv_rows * 8 * 128, 3);
