@@ -2,7 +2,7 @@
 // [kv_range[2q], kv_range[2q] + kv_range[2q+1]) of k and v. The host builds the ranges: causal
 // prefill gives query j of a prompt the prompt's first j+1 rows; decode gives a sequence its whole
 // cache. So ragged batches of either kind, or both, run in one dispatch. Grouped-query heads share
-// a kv head. Blocks of WG keys at a time with an online softmax.
+// a kv head. Blocks of keys at a time with an online softmax.
 struct Params {
     n_queries: u32,
     n_heads: u32,
@@ -22,7 +22,10 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 var<workgroup> q_sh: array<f32, HD_SLOTS * WG>;
-var<workgroup> p_sh: array<f32, WG>;
+// Scores, then probabilities, of one block of BLOCK = WG * KEYS_PER_THREAD keys: large blocks
+// keep the number of workgroup barriers per key low (they dominate on software adapters).
+const BLOCK: u32 = WG * KEYS_PER_THREAD;
+var<workgroup> p_sh: array<f32, BLOCK>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, lane: Lane) {
@@ -45,27 +48,29 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var m = -3.4028235e38;
     var l = 0.0;
     var acc: array<f32, HD_SLOTS>;
-    for (var kb = 0u; kb < len; kb += WG) {
-        let j = kb + lane.id;
-        var s = -3.4028235e38;
-        if j < len {
-            let k_base = (start + j) * p.kv_stride + kvh * hd;
+    for (var kb = 0u; kb < len; kb += BLOCK) {
+        let block = min(BLOCK, len - kb);
+        // Each thread scores keys lane.id, lane.id + WG, ... of the block.
+        var local_max = -3.4028235e38;
+        for (var jj = lane.id; jj < block; jj += WG) {
+            let k_base = (start + kb + jj) * p.kv_stride + kvh * hd;
             var dot = 0.0;
             for (var d = 0u; d < hd; d++) {
                 dot = fma(q_sh[d], k[k_base + d], dot);
             }
-            s = dot;
+            p_sh[jj] = dot;
+            local_max = max(local_max, dot);
         }
-        let new_m = max(m, wg_max(s, lane));
-        var pj = 0.0;
-        if j < len {
-            pj = exp(s - new_m);
+        let new_m = max(m, wg_max(local_max, lane));
+        var local_sum = 0.0;
+        for (var jj = lane.id; jj < block; jj += WG) {
+            let pj = exp(p_sh[jj] - new_m);
+            p_sh[jj] = pj;
+            local_sum += pj;
         }
-        p_sh[lane.id] = pj;
         let correction = exp(m - new_m);
-        l = l * correction + wg_sum(pj, lane);
+        l = l * correction + wg_sum(local_sum, lane);
         workgroupBarrier();
-        let block = min(WG, len - kb);
         for (var slot = 0u; slot < HD_SLOTS; slot++) {
             let d = lane.id + slot * WG;
             if d < hd {

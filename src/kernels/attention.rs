@@ -6,8 +6,9 @@ use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, KernelFeatures, ShaderBuilder, ShaderSource};
 use crate::kernels::{need, u32_of};
 
-/// Keys per block, and threads per workgroup.
+/// Threads per workgroup (one (query, head) each); each scores KEYS_PER_THREAD keys of a block.
 const WG: u32 = 64;
+const KEYS_PER_THREAD: u32 = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionShape {
@@ -61,6 +62,7 @@ pub fn shader(features: KernelFeatures, head_dim: usize) -> ShaderSource {
     ShaderBuilder::new("attention")
         .constant("WG", WG)
         .constant("HD_SLOTS", (head_dim as u32).div_ceil(WG))
+        .constant("KEYS_PER_THREAD", KEYS_PER_THREAD)
         .reductions(features)
         .body(include_str!("../../shaders/attention.wgsl"))
 }
