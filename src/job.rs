@@ -168,7 +168,9 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
                 Some(c) => c.decode(&r.prompt)?,
                 None => format!("{:?}", r.prompt),
             };
-            bar.suspend(|| println!("--- {} ({})\n{prompt}\x1b[1m{text}\x1b[0m\n", r.id, f.finish.as_str()));
+            // The completion in bold on a terminal, plain in a file or pipe.
+            let (on, off) = if std::io::IsTerminal::is_terminal(&std::io::stdout()) { ("\x1b[1m", "\x1b[0m") } else { ("", "") };
+            bar.suspend(|| println!("--- {} ({})\n{prompt}{on}{text}{off}\n", r.id, f.finish.as_str()));
         } else {
             sink.write_line(&result_line(&r.id, r.prompt.len(), &f.output, &text, f.finish))?;
         }

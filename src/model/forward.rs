@@ -55,7 +55,8 @@ pub struct StepInput {
 
 impl StepInput {
     /// Appends the tokens of one sequence whose cache starts at `cache_start` and which already
-    /// holds `past` tokens; `want_logits` asks for the logits of every new token or the last.
+    /// holds `past` tokens; logits are asked for every new token (`all_logits`) or the last only.
+    /// With a sliding `window`, a token sees at most the last `window` positions, itself included.
     pub fn push_sequence(&mut self, tokens: &[u32], past: usize, cache_start: usize, window: Option<usize>, all_logits: bool) {
         for (j, &t) in tokens.iter().enumerate() {
             let pos = past + j;
@@ -185,4 +186,20 @@ fn mlp_out(b: &mut Batch, x: &GpuBuffer, m: &Mlp, n: usize) -> Result<GpuBuffer>
     let act = b.ctx().storage("mlp activations", (n * m.gate.rows * 4) as u64)?;
     swiglu(b, &gate, &up, &act, n * m.gate.rows)?;
     linear(b, &act, &m.down, None, n, "mlp down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepInput;
+
+    #[test]
+    fn step_input_ranges_follow_the_cache_and_the_window() {
+        let mut s = StepInput::default();
+        s.push_sequence(&[7, 8, 9], 0, 10, None, false);
+        s.push_sequence(&[5], 4, 40, Some(3), true);
+        assert_eq!(s.positions, vec![0, 1, 2, 4]);
+        assert_eq!(s.cache_rows, vec![10, 11, 12, 44]);
+        assert_eq!(s.ranges, vec![10, 1, 10, 2, 10, 3, 42, 3]);
+        assert_eq!(s.logit_rows, vec![2, 3]);
+    }
 }

@@ -14,6 +14,9 @@ use crate::model::forward::{KvCache, Model, StepInput};
 use crate::output::FinishReason;
 use crate::sampler::{SamplingParams, SequenceSampler};
 
+/// GPU memory the KV cache may take when the caller sets no size (until memory budgets exist).
+const DEFAULT_KV_BYTES: u64 = 2 << 30;
+
 /// One sequence to generate.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -111,7 +114,9 @@ pub fn generate(
     let longest = requests.iter().map(need).max().unwrap_or(0);
     let device_rows = KvCache::max_rows(ctx, cfg);
     let total: usize = requests.iter().map(need).sum();
-    let rows = if opts.cache_rows > 0 { opts.cache_rows } else { total.min(device_rows) }.max(longest);
+    let row_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
+    let budget_rows = (DEFAULT_KV_BYTES / row_bytes) as usize;
+    let rows = if opts.cache_rows > 0 { opts.cache_rows } else { total.min(device_rows).min(budget_rows) }.max(longest);
     if rows > device_rows {
         return Err(Error::invalid(
             "KV cache",
