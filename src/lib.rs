@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod output;
+pub mod planner;
 pub mod sampler;
 pub mod scheduler;
 

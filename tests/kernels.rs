@@ -123,6 +123,16 @@ fn residual_add_and_swiglu() {
         b.submit().unwrap();
         assert_close("add", &ctx.read_f32(&acc, n).unwrap(), &elementwise::add_reference(&a, &x), 1e-14);
         assert_close("swiglu", &ctx.read_f32(&out, n).unwrap(), &elementwise::swiglu_reference(&gate, &up), 1e-12);
+        // A range touches only its own elements.
+        if n > 10 {
+            let part = poisoned(ctx, n);
+            let mut b = Batch::new(ctx);
+            elementwise::swiglu_range(&mut b, &upload(ctx, &gate), &upload(ctx, &up), &part, 3, n - 7).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&part, n).unwrap();
+            assert!(got[..3].iter().chain(&got[n - 4..]).all(|v| v.is_nan()));
+            assert_close("swiglu range", &got[3..n - 4], &elementwise::swiglu_reference(&gate, &up)[3..n - 4], 1e-12);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use moegen::gpu::{AdapterChoice, GpuContext};
 use moegen::model::Model;
+use moegen::planner::Placement;
 use moegen::scheduler::{generate, prompt_logits, GenerateOptions, Request};
 use serde_json::Value;
 
@@ -34,9 +35,22 @@ fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
 
 fn check(name: &str) {
     let (dir, expected) = fixture(name);
-    let model = Model::load(gpu(), &dir, 64).unwrap();
+    check_model(name, &Model::load(gpu(), &dir, 64).unwrap(), &expected);
+    // Streaming forced: every MoE layer's experts in host memory, two slots; then the first MoE
+    // layer resident and three slots.
+    let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();
+    let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+    for (resident, slots) in [(vec![], 2), (vec![moe_layers[0]], 3)] {
+        let placement = Placement { resident_layers: resident, slots, budget: None, resident_bytes: 0, reserved_bytes: 0 };
+        let model = Model::load_placed(gpu(), &dir, 64, &placement).unwrap();
+        assert_eq!(model.slots.len(), slots);
+        check_model(&format!("{name} streamed through {slots} slots"), &model, &expected);
+    }
+}
+
+fn check_model(name: &str, model: &Model, expected: &Value) {
     let prompts: Vec<Vec<u32>> = expected["prompts"].as_array().unwrap().iter().map(ids).collect();
-    let logits = prompt_logits(&model, &prompts).unwrap();
+    let logits = prompt_logits(model, &prompts).unwrap();
     let mut worst = 0f64;
     for (i, want) in expected["logits"].as_array().unwrap().iter().enumerate() {
         let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
@@ -54,7 +68,7 @@ fn check(name: &str) {
         .collect();
     let mut outputs = vec![Vec::new(); requests.len()];
     let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
-    generate(&model, &requests, &opts, |f| {
+    generate(model, &requests, &opts, |f| {
         outputs[f.index] = f.output;
         Ok(())
     })
@@ -67,7 +81,7 @@ fn check(name: &str) {
     let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap();
     let tight = GenerateOptions { ignore_eos: true, max_step_tokens: 3, cache_rows: longest, ..Default::default() };
     let mut chunked = vec![Vec::new(); requests.len()];
-    generate(&model, &requests, &tight, |f| {
+    generate(model, &requests, &tight, |f| {
         chunked[f.index] = f.output;
         Ok(())
     })

@@ -38,12 +38,17 @@ pub fn add_assign(b: &mut Batch, acc: &GpuBuffer, x: &GpuBuffer, n: usize) -> Re
 
 /// `out[i] = silu(gate[i]) * up[i]` for `n` elements.
 pub fn swiglu(b: &mut Batch, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBuffer, n: usize) -> Result<()> {
+    swiglu_range(b, gate, up, out, 0, n)
+}
+
+/// [`swiglu`] over elements `offset..offset + n`.
+pub fn swiglu_range(b: &mut Batch, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBuffer, offset: usize, n: usize) -> Result<()> {
     ensure!(n > 0, "swiglu", "no elements");
-    need(gate, n, "swiglu gate")?;
-    need(up, n, "swiglu up")?;
-    need(out, n, "swiglu output")?;
+    need(gate, offset + n, "swiglu gate")?;
+    need(up, offset + n, "swiglu up")?;
+    need(out, offset + n, "swiglu output")?;
     let pipeline = b.ctx().pipeline(&swiglu_shader())?;
-    let params = Dims4 { a: u32_of(n, "swiglu elements")?, b: 0, c: 0, d: 0 };
+    let params = Dims4 { a: u32_of(n, "swiglu elements")?, b: u32_of(offset, "swiglu offset")?, c: 0, d: 0 };
     let g = groups(b, n)?;
     b.dispatch("swiglu", &pipeline, &params, &[gate, up, out], g)
 }

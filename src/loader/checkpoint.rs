@@ -137,6 +137,11 @@ impl Checkpoint {
         self.tensors.contains_key(name)
     }
 
+    /// The stored size of a tensor (0 for a name not in the checkpoint).
+    pub fn bytes_of(&self, name: &str) -> u64 {
+        self.tensors.get(name).map_or(0, |e| (e.end - e.start) as u64)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

@@ -3,17 +3,17 @@
 //! attends to.
 
 use crate::error::{ensure, Result};
-use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight};
+use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight, WeightPart};
 use crate::kernels::attention::{attention, AttentionShape};
-use crate::kernels::elementwise::{add_assign, add_gated, copy_rows, swiglu};
+use crate::kernels::elementwise::{add_assign, add_gated, copy_rows, swiglu, swiglu_range};
 use crate::kernels::embedding::embed;
-use crate::kernels::matmul::matmul;
-use crate::kernels::moe::expert_ffn;
+use crate::kernels::matmul::{matmul, matmul_rows, Rows};
+use crate::kernels::moe::{combine, expert_ffn, gather, plan, GroupTile};
 use crate::kernels::norm::rms_norm;
 use crate::kernels::rope::{rope, RopeLayout, RopeTable};
 use crate::kernels::router::{route, RouterConfig};
 use crate::loader::config::{ModelConfig, QkNorm};
-use crate::model::weights::{Ffn, Mlp, Weights};
+use crate::model::weights::{Experts, Ffn, HostExperts, Mlp, Weights};
 
 /// Keys and values of every layer for `rows` cache rows, on the GPU.
 pub struct KvCache {
@@ -79,6 +79,31 @@ pub struct Model {
     pub weights: Weights,
     pub rope: RopeTable,
     pub ctx: GpuContext,
+    /// The GPU slots streamed experts rotate through (empty when every expert is resident).
+    pub slots: Vec<ExpertSlot>,
+}
+
+/// Room on the GPU for one streamed expert's three matrices.
+pub struct ExpertSlot {
+    pub gate: GpuBuffer,
+    pub up: GpuBuffer,
+    pub down: GpuBuffer,
+}
+
+impl ExpertSlot {
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: crate::gpu::WeightDtype) -> Result<Self> {
+        let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(4);
+        Ok(ExpertSlot {
+            gate: ctx.storage("expert slot (gate)", bytes)?,
+            up: ctx.storage("expert slot (up)", bytes)?,
+            down: ctx.storage("expert slot (down)", bytes)?,
+        })
+    }
+}
+
+/// A one-part weight over a slot buffer.
+fn slot_view(buffer: &GpuBuffer, rows: usize, cols: usize, dtype: crate::gpu::WeightDtype) -> GpuWeight {
+    GpuWeight { parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }], rows, cols, dtype }
 }
 
 fn linear(b: &mut Batch, x: &GpuBuffer, w: &GpuWeight, bias: Option<&GpuBuffer>, m: usize, what: &str) -> Result<GpuBuffer> {
@@ -149,7 +174,10 @@ impl Model {
                     let ids = ctx.storage("expert ids", (n * cfg.experts_per_token * 4) as u64)?;
                     let weights = ctx.storage("expert weights", (n * cfg.experts_per_token * 4) as u64)?;
                     route(&mut b, &router_cfg, &logits, None, &ids, &weights, n)?;
-                    expert_ffn(&mut b, &hn2, &ids, &weights, n, cfg.experts_per_token, experts, &x)?;
+                    match experts {
+                        Experts::Resident(stacked) => expert_ffn(&mut b, &hn2, &ids, &weights, n, cfg.experts_per_token, stacked, &x)?,
+                        Experts::Streamed(host) => b = self.streamed_experts(b, host, &hn2, &ids, &weights, n, &x)?,
+                    }
                     if let Some(s) = shared {
                         let y = mlp_out(&mut b, &hn2, &s.mlp, n)?;
                         let g = linear(&mut b, &hn2, &s.gate, None, n, "shared expert gate")?;
@@ -176,6 +204,69 @@ impl Model {
         let logits = linear(&mut b, &normed, self.weights.lm_head(), None, r, "logits")?;
         b.submit()?;
         Ok(Some(logits))
+    }
+}
+
+impl Model {
+    /// The routed experts of a layer whose weights live in host memory: the routing comes back to
+    /// the host, then only the experts that received tokens are uploaded, into the slots in turn,
+    /// each running over its rows. A group of as many experts as there are slots is one
+    /// submission; the next group's uploads are staged while the GPU computes this one, and the
+    /// queue orders them after it. Submits `b` and returns the batch to carry on with.
+    #[allow(clippy::too_many_arguments)]
+    fn streamed_experts(
+        &self,
+        b: Batch,
+        host: &HostExperts,
+        hn: &GpuBuffer,
+        ids: &GpuBuffer,
+        weights: &GpuBuffer,
+        n: usize,
+        x: &GpuBuffer,
+    ) -> Result<Batch> {
+        let ctx = &self.ctx;
+        let (top_k, n_experts) = (self.cfg.experts_per_token, self.cfg.num_experts);
+        let (h, inter) = (host.hidden, host.inter);
+        ensure!(self.slots.len() >= 2, "streamed experts", "{} expert slots; at least two are needed", self.slots.len());
+        let n_assign = n * top_k;
+        b.submit()?;
+        let chosen = ctx.read_u32(ids, n_assign)?;
+        let mut counts = vec![0usize; n_experts];
+        for &e in &chosen {
+            if let Some(c) = counts.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+        let mut b = Batch::new(ctx);
+        let moe_plan = plan(&mut b, ids, n_assign, n_experts, GroupTile::Small)?;
+        let xg = gather(&mut b, hn, &moe_plan, h, top_k)?;
+        b.submit()?;
+        let gate = ctx.storage("streamed gate", (n_assign * inter * 4) as u64)?;
+        let up = ctx.storage("streamed up", (n_assign * inter * 4) as u64)?;
+        let act = ctx.storage("streamed activations", (n_assign * inter * 4) as u64)?;
+        let y = ctx.storage("streamed expert outputs", (n_assign * h * 4) as u64)?;
+        // Rows of expert e start where the plan puts them: after every lower expert's rows.
+        let offsets: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+        let active: Vec<usize> = (0..n_experts).filter(|&e| counts[e] > 0).collect();
+        let [g_range, u_range, d_range] = host.sections();
+        for group in active.chunks(self.slots.len()) {
+            let mut b = Batch::new(ctx);
+            for (slot, &e) in self.slots.iter().zip(group) {
+                let pack = &host.packs[e];
+                ctx.upload(&slot.gate, 0, &pack[g_range.clone()])?;
+                ctx.upload(&slot.up, 0, &pack[u_range.clone()])?;
+                ctx.upload(&slot.down, 0, &pack[d_range.clone()])?;
+                let rows = Rows { m: counts[e], x_row0: offsets[e], y_row0: offsets[e], y_stride: None };
+                matmul_rows(&mut b, &xg, &slot_view(&slot.gate, inter, h, host.dtype), None, &gate, rows, None)?;
+                matmul_rows(&mut b, &xg, &slot_view(&slot.up, inter, h, host.dtype), None, &up, rows, None)?;
+                swiglu_range(&mut b, &gate, &up, &act, offsets[e] * inter, counts[e] * inter)?;
+                matmul_rows(&mut b, &act, &slot_view(&slot.down, h, inter, host.dtype), None, &y, rows, None)?;
+            }
+            b.submit()?;
+        }
+        let mut b = Batch::new(ctx);
+        combine(&mut b, &y, &moe_plan, weights, top_k, h, x)?;
+        Ok(b)
     }
 }
 

@@ -10,18 +10,34 @@ use crate::gpu::GpuContext;
 use crate::kernels::rope::RopeTable;
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
-pub use forward::{KvCache, Model, StepInput};
-use weights::Weights;
+use crate::planner::Placement;
+pub use forward::{ExpertSlot, KvCache, Model, StepInput};
+use weights::{Experts, Ffn, Weights};
 
 impl Model {
-    /// Loads the model in `dir` onto `ctx`, with rope positions for sequences up to `max_positions`
-    /// tokens (capped at the model's `max_position_embeddings`).
+    /// Loads the model in `dir` onto `ctx`, every weight resident, with rope positions for
+    /// sequences up to `max_positions` tokens (capped at the model's `max_position_embeddings`).
     pub fn load(ctx: &GpuContext, dir: &Path, max_positions: usize) -> Result<Self> {
         let cfg = ModelConfig::load(dir)?;
+        let placement = Placement::all_resident(&cfg);
+        Self::load_placed(ctx, dir, max_positions, &placement)
+    }
+
+    /// [`Model::load`] with the experts placed as `placement` says.
+    pub fn load_placed(ctx: &GpuContext, dir: &Path, max_positions: usize, placement: &Placement) -> Result<Self> {
+        let cfg = ModelConfig::load(dir)?;
         let checkpoint = Checkpoint::open(dir)?;
-        let weights = Weights::load(ctx, &checkpoint, &cfg)?;
+        let weights = Weights::load(ctx, &checkpoint, &cfg, placement)?;
         let positions = max_positions.clamp(1, cfg.max_position_embeddings.max(1));
         let rope = RopeTable::new(ctx, &cfg.inv_freq, cfg.rope_attention_scaling, positions)?;
-        Ok(Model { cfg, weights, rope, ctx: ctx.clone() })
+        let streamed_dtype = weights.layers.iter().find_map(|l| match &l.ffn {
+            Ffn::Moe { experts: Experts::Streamed(h), .. } => Some(h.dtype),
+            _ => None,
+        });
+        let slots = match streamed_dtype {
+            Some(dtype) => (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, &cfg, dtype)).collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots })
     }
 }

@@ -1,10 +1,11 @@
 //! The model's weights on the GPU, read by tensor name from the checkpoint per architecture.
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBuffer, GpuContext, GpuWeight};
+use crate::gpu::{GpuBuffer, GpuContext, GpuWeight, WeightDtype};
 use crate::kernels::moe::StackedExperts;
 use crate::loader::checkpoint::{Checkpoint, TensorRef};
 use crate::loader::config::{Arch, ModelConfig, QkNorm};
+use crate::planner::Placement;
 
 pub struct Mlp {
     pub gate: GpuWeight,
@@ -19,8 +20,38 @@ pub struct SharedExpert {
 }
 
 pub enum Ffn {
-    Moe { router: GpuWeight, experts: Box<StackedExperts>, shared: Option<Box<SharedExpert>> },
+    Moe { router: GpuWeight, experts: Experts, shared: Option<Box<SharedExpert>> },
     Dense(Mlp),
+}
+
+/// A layer's routed experts: on the GPU, or in host memory to be streamed through the slots.
+pub enum Experts {
+    Resident(Box<StackedExperts>),
+    Streamed(HostExperts),
+}
+
+/// Experts in host memory, each packed contiguously (gate rows, up rows, down rows) so that one
+/// expert is one contiguous read when it streams to a slot.
+pub struct HostExperts {
+    pub packs: Vec<Vec<u8>>,
+    pub dtype: WeightDtype,
+    pub inter: usize,
+    pub hidden: usize,
+}
+
+impl HostExperts {
+    /// Byte ranges of the gate, up and down matrices within a pack.
+    pub fn sections(&self) -> [std::ops::Range<usize>; 3] {
+        let m = self.inter * self.hidden * self.dtype.bytes();
+        [0..m, m..2 * m, 2 * m..3 * m]
+    }
+}
+
+/// The experts' matrices in place in the checkpoint, one slice per expert and kind.
+struct ExpertPieces<'a> {
+    kinds: [Vec<&'a [u8]>; 3],
+    dtypes: [WeightDtype; 3],
+    names: [String; 3],
 }
 
 pub struct Layer {
@@ -88,32 +119,32 @@ impl Loader<'_> {
         })
     }
 
-    /// The routed experts of a layer, stacked per matrix kind, from per-expert tensors (the Hub
-    /// format) or from transformers 5's fused `experts.gate_up_proj` / `experts.down_proj`.
-    fn experts(&self, prefix: &str) -> Result<StackedExperts> {
+    /// The routed experts of a layer, from per-expert tensors (the Hub format) or from
+    /// transformers 5's fused `experts.gate_up_proj` / `experts.down_proj`.
+    fn expert_pieces(&self, prefix: &str) -> Result<ExpertPieces<'_>> {
         let (h, inter, n) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts);
         let fused = format!("{prefix}.experts.gate_up_proj");
         if self.ck.contains(&fused) {
             let gate_up = self.ck.get(&fused, &[n, 2 * inter, h])?;
             let down = self.ck.get(&format!("{prefix}.experts.down_proj"), &[n, h, inter])?;
-            let dtype = gate_up.dtype.weight();
             let each = inter * h * gate_up.dtype.bytes();
             let halves: Vec<&[u8]> = gate_up.data.chunks(each).collect();
-            let gates: Vec<&[u8]> = halves.iter().step_by(2).copied().collect();
-            let ups: Vec<&[u8]> = halves.iter().skip(1).step_by(2).copied().collect();
-            let downs: Vec<&[u8]> = down.data.chunks(h * inter * down.dtype.bytes()).collect();
-            return Ok(StackedExperts {
-                gate: GpuWeight::stack(self.ctx, &fused, &gates, dtype, inter, h)?,
-                up: GpuWeight::stack(self.ctx, &fused, &ups, dtype, inter, h)?,
-                down: GpuWeight::stack(self.ctx, down.name, &downs, down.dtype.weight(), h, inter)?,
-                n_experts: n,
+            return Ok(ExpertPieces {
+                kinds: [
+                    halves.iter().step_by(2).copied().collect(),
+                    halves.iter().skip(1).step_by(2).copied().collect(),
+                    down.data.chunks(h * inter * down.dtype.bytes()).collect(),
+                ],
+                dtypes: [gate_up.dtype.weight(), gate_up.dtype.weight(), down.dtype.weight()],
+                names: [fused.clone(), fused, down.name.to_string()],
             });
         }
         let names: [&str; 3] = match self.cfg.arch {
             Arch::Mixtral => ["w1", "w3", "w2"],
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
-        let mut kinds = Vec::new();
+        let mut kinds: [Vec<&[u8]>; 3] = Default::default();
+        let mut dtypes = [WeightDtype::F32; 3];
         for (kind, name) in names.iter().enumerate() {
             let shape = if kind == 2 { [h, inter] } else { [inter, h] };
             let tensors = (0..n)
@@ -123,17 +154,32 @@ impl Loader<'_> {
             if let Some(t) = tensors.iter().find(|t| t.dtype != dtype) {
                 return Err(Error::invalid(t.name, format!("dtype {:?} differs from the layer's other experts ({dtype:?})", t.dtype)));
             }
-            let pieces: Vec<&[u8]> = tensors.iter().map(|t| t.data).collect();
-            let what = format!("{prefix}.experts.*.{name}.weight");
-            kinds.push(GpuWeight::stack(self.ctx, &what, &pieces, dtype.weight(), shape[0], shape[1])?);
+            kinds[kind] = tensors.iter().map(|t| t.data).collect();
+            dtypes[kind] = dtype.weight();
         }
-        let down = kinds.pop().expect("three kinds");
-        let up = kinds.pop().expect("three kinds");
-        let gate = kinds.pop().expect("three kinds");
-        Ok(StackedExperts { gate, up, down, n_experts: n })
+        Ok(ExpertPieces { kinds, dtypes, names: names.map(|n| format!("{prefix}.experts.*.{n}.weight")) })
     }
 
-    fn layer(&self, i: usize) -> Result<Layer> {
+    fn experts(&self, prefix: &str, stream: bool) -> Result<Experts> {
+        let (h, inter, n) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts);
+        let p = self.expert_pieces(prefix)?;
+        if !stream {
+            let stack = |k: usize, rows: usize, cols: usize| GpuWeight::stack(self.ctx, &p.names[k], &p.kinds[k], p.dtypes[k], rows, cols);
+            return Ok(Experts::Resident(Box::new(StackedExperts {
+                gate: stack(0, inter, h)?,
+                up: stack(1, inter, h)?,
+                down: stack(2, h, inter)?,
+                n_experts: n,
+            })));
+        }
+        if p.dtypes.iter().any(|&d| d != p.dtypes[0]) {
+            return Err(Error::invalid(&p.names[2], format!("streamed experts need one dtype for all three matrices, found {:?}", p.dtypes)));
+        }
+        let packs = (0..n).map(|e| [p.kinds[0][e], p.kinds[1][e], p.kinds[2][e]].concat()).collect();
+        Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], inter, hidden: h }))
+    }
+
+    fn layer(&self, i: usize, placement: &Placement) -> Result<Layer> {
         let cfg = self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -160,7 +206,7 @@ impl Loader<'_> {
             };
             Ffn::Moe {
                 router: self.matrix(&format!("{moe_prefix}.gate.weight"), cfg.num_experts, h)?,
-                experts: Box::new(self.experts(&moe_prefix)?),
+                experts: self.experts(&moe_prefix, placement.streams(i, cfg))?,
                 shared,
             }
         } else {
@@ -184,8 +230,9 @@ impl Loader<'_> {
 }
 
 impl Weights {
-    /// Uploads every weight the model needs, checking each tensor's presence, shape and dtype.
-    pub fn load(ctx: &GpuContext, ck: &Checkpoint, cfg: &ModelConfig) -> Result<Self> {
+    /// Uploads every weight the model needs (but the experts `placement` streams, which are
+    /// packed in host memory), checking each tensor's presence, shape and dtype.
+    pub fn load(ctx: &GpuContext, ck: &Checkpoint, cfg: &ModelConfig, placement: &Placement) -> Result<Self> {
         let l = Loader { ctx, ck, cfg };
         let embed = l.matrix("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
         let lm_head = if ck.contains("lm_head.weight") || !cfg.tie_word_embeddings {
@@ -193,7 +240,7 @@ impl Weights {
         } else {
             None
         };
-        let layers = (0..cfg.num_layers).map(|i| l.layer(i)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_layers).map(|i| l.layer(i, placement)).collect::<Result<Vec<_>>>()?;
         let final_norm = l.vector("model.norm.weight", cfg.hidden_size)?;
         ctx.wait_idle("uploading the weights")?;
         Ok(Weights { embed, layers, final_norm, lm_head })

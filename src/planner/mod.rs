@@ -1,0 +1,205 @@
+//! Where weights live under a GPU memory budget: what stays resident, and how many slots the
+//! streamed experts rotate through.
+//!
+//! This step places whole layers' experts: the non-expert weights (embeddings, attention, norms,
+//! routers, shared experts, dense MLPs), the KV cache and the activations of a step always stay
+//! on the GPU; the experts of the first layers stay resident while the budget allows, the rest
+//! live in host memory and stream through N expert slots (N >= 2).
+
+use crate::error::{Error, Result};
+use crate::loader::checkpoint::Checkpoint;
+use crate::loader::config::ModelConfig;
+
+/// Parses `512MiB`, `24GiB`, `1.5GB`, `4096` (bytes): binary (KiB, MiB, GiB, TiB) and decimal
+/// (KB, MB, GB, TB) units.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("`{text}` is not a size such as 512MiB or 24GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        other => return Err(format!("`{text}`: unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    Ok((value * scale) as u64)
+}
+
+pub fn format_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// The bytes the checkpoint's tensors take, split into routed experts and everything else.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WeightBytes {
+    pub resident: u64,
+    /// One routed expert's three matrices (every expert of the model is the same size).
+    pub per_expert: u64,
+    pub experts_per_layer: usize,
+    pub moe_layers: usize,
+}
+
+impl WeightBytes {
+    pub fn of(ck: &Checkpoint, cfg: &ModelConfig) -> Self {
+        let mut resident = 0u64;
+        let mut experts = 0u64;
+        for name in ck.names() {
+            let bytes = ck.bytes_of(name);
+            if is_routed_expert(name) {
+                experts += bytes;
+            } else {
+                resident += bytes;
+            }
+        }
+        let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
+        let count = (moe_layers * cfg.num_experts).max(1) as u64;
+        WeightBytes { resident, per_expert: experts / count, experts_per_layer: cfg.num_experts, moe_layers }
+    }
+
+    pub fn per_layer(&self) -> u64 {
+        self.per_expert * self.experts_per_layer as u64
+    }
+}
+
+/// A routed expert's tensor (not a shared expert's, not the router's).
+pub fn is_routed_expert(name: &str) -> bool {
+    name.contains(".experts.") && !name.contains("shared_expert")
+}
+
+/// The decision, printed for the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// MoE layers (by index among all layers) whose experts stay on the GPU.
+    pub resident_layers: Vec<usize>,
+    /// Expert slots for the streamed layers (0 when nothing streams).
+    pub slots: usize,
+    pub budget: Option<u64>,
+    pub resident_bytes: u64,
+    pub reserved_bytes: u64,
+}
+
+impl Placement {
+    /// Everything resident (no budget given).
+    pub fn all_resident(cfg: &ModelConfig) -> Self {
+        Placement {
+            resident_layers: (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect(),
+            slots: 0,
+            budget: None,
+            resident_bytes: 0,
+            reserved_bytes: 0,
+        }
+    }
+
+    /// Places the experts within `budget` bytes, after the non-expert weights and `reserved`
+    /// bytes (KV cache and activations). Streams as few layers as possible; `max_slots` caps the
+    /// slot pool (more slots than experts in a layer buy nothing).
+    pub fn plan(cfg: &ModelConfig, w: &WeightBytes, budget: u64, reserved: u64) -> Result<Self> {
+        let slot_bytes = w.per_expert;
+        let minimum = w.resident + reserved + 2 * slot_bytes;
+        if budget < minimum {
+            return Err(Error::invalid(
+                "--gpu-memory",
+                format!(
+                    "{} is below the minimum of {} for this model and job: non-expert weights {}, KV cache and activations {}, two expert slots {}",
+                    format_size(budget),
+                    format_size(minimum),
+                    format_size(w.resident),
+                    format_size(reserved),
+                    format_size(2 * slot_bytes)
+                ),
+            ));
+        }
+        let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+        let free = budget - w.resident - reserved;
+        if free >= w.per_layer() * moe_layers.len() as u64 {
+            return Ok(Placement { resident_layers: moe_layers, slots: 0, budget: Some(budget), resident_bytes: w.resident, reserved_bytes: reserved });
+        }
+        // Keep room for at least two slots, then as many whole layers resident as fit; the slots
+        // take what is left, up to one per expert of a layer.
+        let mut left = free - 2 * slot_bytes;
+        let mut resident_layers = Vec::new();
+        for &l in &moe_layers {
+            if left >= w.per_layer() && resident_layers.len() + 1 < moe_layers.len() {
+                left -= w.per_layer();
+                resident_layers.push(l);
+            }
+        }
+        let extra = if slot_bytes == 0 { 0 } else { (left / slot_bytes) as usize };
+        let slots = (2 + extra).min(cfg.num_experts.max(2));
+        Ok(Placement { resident_layers, slots, budget: Some(budget), resident_bytes: w.resident, reserved_bytes: reserved })
+    }
+
+    pub fn streams(&self, layer: usize, cfg: &ModelConfig) -> bool {
+        cfg.is_moe_layer(layer) && !self.resident_layers.contains(&layer)
+    }
+
+    pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
+        let streamed = (0..cfg.num_layers).filter(|&l| self.streams(l, cfg)).count();
+        let budget = self.budget.map(format_size).unwrap_or_else(|| "none set".into());
+        if streamed == 0 {
+            return format!("GPU budget {budget}: every weight resident ({} of experts)", format_size(w.per_layer() * w.moe_layers as u64));
+        }
+        format!(
+            "GPU budget {budget}: non-expert weights {} resident, experts of {} of {} MoE layers resident, {} streamed from host memory through {} slots of {}",
+            format_size(self.resident_bytes),
+            self.resident_layers.len(),
+            w.moe_layers,
+            streamed,
+            self.slots,
+            format_size(w.per_expert)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_binary_and_decimal_units() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").unwrap_err().contains("parsecs"));
+    }
+
+    fn cfg(layers: usize, experts: usize) -> ModelConfig {
+        let v = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": layers, "num_local_experts": experts, "num_experts_per_tok": 2,
+            "intermediate_size": 96, "vocab_size": 300
+        });
+        ModelConfig::parse(&v, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn streams_what_does_not_fit_and_refuses_below_the_minimum() {
+        let c = cfg(4, 8);
+        let w = WeightBytes { resident: 1000, per_expert: 100, experts_per_layer: 8, moe_layers: 4 };
+        let all = Placement::plan(&c, &w, 1000 + 50 + 3200, 50).unwrap();
+        assert_eq!((all.resident_layers.len(), all.slots), (4, 0));
+        // Room for two layers (1600) plus two slots (200) plus one more slot.
+        let some = Placement::plan(&c, &w, 1000 + 50 + 1900, 50).unwrap();
+        assert_eq!((some.resident_layers.clone(), some.slots), (vec![0, 1], 3));
+        let tight = Placement::plan(&c, &w, 1000 + 50 + 200, 50).unwrap();
+        assert_eq!((tight.resident_layers.len(), tight.slots), (0, 2));
+        let e = Placement::plan(&c, &w, 1000 + 50 + 199, 50).unwrap_err().to_string();
+        assert!(e.contains("--gpu-memory") && e.contains("minimum"), "{e}");
+    }
+}
