@@ -8,10 +8,12 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::gpu::{AdapterChoice, GpuContext};
+use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
 use crate::model::Model;
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
+use crate::planner::{activation_bytes, kv_row_bytes, Placement, WeightBytes};
 use crate::sampler::SamplingParams;
 use crate::scheduler::{generate, GenerateOptions, Request};
 
@@ -30,6 +32,8 @@ pub struct JobArgs {
     pub ignore_eos: bool,
     pub resume: bool,
     pub max_step_tokens: usize,
+    /// GPU memory the job may use; experts that do not fit stream from host memory.
+    pub gpu_memory: Option<u64>,
     pub adapter: AdapterChoice,
     pub progress: bool,
 }
@@ -135,9 +139,25 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         return Ok(summary);
     }
 
-    let ctx = GpuContext::new(&args.adapter)?;
     let longest = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(1);
-    let model = Model::load(&ctx, &model_dir, longest).with_context(|| format!("loading {}", model_dir.display()))?;
+    let (placement, cache_rows) = match args.gpu_memory {
+        None => (Placement::all_resident(&cfg), 0),
+        Some(budget) => {
+            let weights = WeightBytes::of(&Checkpoint::open(&model_dir)?, &cfg);
+            // The KV cache takes at most a quarter of the budget, unless one sequence needs more.
+            let total: usize = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).sum();
+            let quarter = (budget / 4 / kv_row_bytes(&cfg)) as usize;
+            let rows = total.min(quarter.max(longest));
+            let step_tokens = args.max_step_tokens.min(total);
+            let reserved = rows as u64 * kv_row_bytes(&cfg) + activation_bytes(&cfg, step_tokens);
+            let placement = Placement::plan(&cfg, &weights, budget, reserved)?;
+            eprintln!("{}", placement.describe(&cfg, &weights));
+            (placement, rows)
+        }
+    };
+    let ctx = GpuContext::new(&args.adapter)?;
+    let model = Model::load_placed(&ctx, &model_dir, longest, &placement)
+        .with_context(|| format!("loading {}", model_dir.display()))?;
     log::info!("model {} loaded on {}", model_dir.display(), ctx.info().name);
 
     let bar = ProgressBar::with_draw_target(
@@ -153,7 +173,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         sampling: args.sampling,
         ignore_eos: args.ignore_eos,
         max_step_tokens: args.max_step_tokens,
-        cache_rows: 0,
+        cache_rows,
     };
     let mut written = 0usize;
     let mut generated = 0usize;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use moegen::gpu::{describe_adapters, AdapterChoice, GpuContext};
 use moegen::job::{run_job, JobArgs};
+use moegen::planner::parse_size;
 use moegen::sampler::SamplingParams;
 
 #[derive(Parser)]
@@ -64,6 +65,10 @@ struct GenerateArgs {
     /// Most tokens in one forward pass; longer prompts are fed in chunks.
     #[arg(long, default_value_t = 2048)]
     max_step_tokens: usize,
+    /// GPU memory the job may use (e.g. 512MiB, 24GiB): the experts that do not fit live in host
+    /// memory and stream to the GPU when tokens are routed to them. Default: everything resident.
+    #[arg(long, value_parser = parse_size)]
+    gpu_memory: Option<u64>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -117,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ignore_eos: g.ignore_eos,
                 resume: g.resume,
                 max_step_tokens: g.max_step_tokens,
+                gpu_memory: g.gpu_memory,
                 adapter: AdapterChoice::from_env(cli.adapter),
                 progress: !g.quiet,
             };

@@ -215,3 +215,31 @@ fn broken_checkpoints_are_named() {
     std::fs::remove_file(no_weights.join("model.safetensors")).unwrap();
     fails_with(&run(&no_weights), &["model.safetensors"]);
 }
+
+#[test]
+fn a_gpu_budget_streams_experts_with_the_same_results() {
+    let dir = scratch("budget");
+    let model = fixture("mixtral-bf16-sharded");
+    let input = write(&dir, "in.jsonl", PROMPTS);
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.join(name);
+        let mut args = vec!["generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "6", "--ignore-eos", "--quiet"];
+        args.extend_from_slice(extra);
+        let o = moegen(&args);
+        (o, out)
+    };
+    let (o, resident) = run(&[], "resident.jsonl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, streamed) = run(&["--gpu-memory", "420KiB"], "streamed.jsonl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("3 streamed from host memory through"), "{err}");
+    let (a, b) = (lines(&resident), lines(&streamed));
+    for row in &a {
+        assert_eq!(&by_id(&b, &row["id"]), row, "streaming changed a result");
+    }
+    let (o, _) = run(&["--gpu-memory", "100KiB"], "small.jsonl");
+    fails_with(&o, &["--gpu-memory", "minimum"]);
+    let (o, _) = run(&["--gpu-memory", "lots"], "bad.jsonl");
+    fails_with(&o, &["--gpu-memory", "lots"]);
+}

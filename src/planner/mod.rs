@@ -75,6 +75,20 @@ impl WeightBytes {
     }
 }
 
+/// An estimate of the activations one forward pass of `step_tokens` tokens keeps on the GPU at
+/// once (hidden states, attention, the routed rows of a layer, the logits of up to 256 rows).
+pub fn activation_bytes(cfg: &ModelConfig, step_tokens: usize) -> u64 {
+    let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
+    let per_token = 6 * h + 3 * q + 2 * kv + cfg.experts_per_token * (2 * h + 3 * inter) + cfg.num_experts;
+    (4 * (step_tokens * per_token + step_tokens.min(256) * cfg.vocab_size)) as u64
+}
+
+/// Bytes of one KV-cache row (one token, every layer, keys and values, f32).
+pub fn kv_row_bytes(cfg: &ModelConfig) -> u64 {
+    (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64
+}
+
 /// A routed expert's tensor (not a shared expert's, not the router's).
 pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".experts.") && !name.contains("shared_expert")
