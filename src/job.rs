@@ -11,7 +11,7 @@ use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
-use crate::model::Model;
+use crate::model::{Model, UploadLimit};
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
 use crate::planner::{activation_bytes, kv_row_bytes, Placement, WeightBytes};
 use crate::sampler::SamplingParams;
@@ -34,6 +34,8 @@ pub struct JobArgs {
     pub max_step_tokens: usize,
     /// GPU memory the job may use; experts that do not fit stream from host memory.
     pub gpu_memory: Option<u64>,
+    /// Host-to-GPU bytes per second that streamed experts may use (to emulate a slower link).
+    pub upload_bandwidth: Option<u64>,
     pub adapter: AdapterChoice,
     pub progress: bool,
 }
@@ -156,8 +158,9 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         }
     };
     let ctx = GpuContext::new(&args.adapter)?;
-    let model = Model::load_placed(&ctx, &model_dir, longest, &placement)
+    let mut model = Model::load_placed(&ctx, &model_dir, longest, &placement)
         .with_context(|| format!("loading {}", model_dir.display()))?;
+    model.upload_limit = args.upload_bandwidth.map(UploadLimit::new);
     log::info!("model {} loaded on {}", model_dir.display(), ctx.info().name);
 
     let bar = ProgressBar::with_draw_target(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use moegen::gpu::{describe_adapters, AdapterChoice, GpuContext};
 use moegen::job::{run_job, JobArgs};
-use moegen::planner::parse_size;
+use moegen::planner::{parse_rate, parse_size};
 use moegen::sampler::SamplingParams;
 
 #[derive(Parser)]
@@ -69,6 +69,10 @@ struct GenerateArgs {
     /// memory and stream to the GPU when tokens are routed to them. Default: everything resident.
     #[arg(long, value_parser = parse_size)]
     gpu_memory: Option<u64>,
+    /// Cap the streaming of experts to this rate (e.g. 4MB/s, 2GB/s), to reproduce a slower
+    /// host-to-GPU link than the machine has.
+    #[arg(long, value_parser = parse_rate)]
+    upload_bandwidth: Option<u64>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -123,6 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 resume: g.resume,
                 max_step_tokens: g.max_step_tokens,
                 gpu_memory: g.gpu_memory,
+                upload_bandwidth: g.upload_bandwidth,
                 adapter: AdapterChoice::from_env(cli.adapter),
                 progress: !g.quiet,
             };

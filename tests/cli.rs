@@ -242,4 +242,6 @@ fn a_gpu_budget_streams_experts_with_the_same_results() {
     fails_with(&o, &["--gpu-memory", "minimum"]);
     let (o, _) = run(&["--gpu-memory", "lots"], "bad.jsonl");
     fails_with(&o, &["--gpu-memory", "lots"]);
+    let (o, _) = run(&["--upload-bandwidth", "4MB"], "rate.jsonl");
+    fails_with(&o, &["--upload-bandwidth", "4MB/s"]);
 }

@@ -81,6 +81,33 @@ pub struct Model {
     pub ctx: GpuContext,
     /// The GPU slots streamed experts rotate through (empty when every expert is resident).
     pub slots: Vec<ExpertSlot>,
+    /// Holds streamed uploads to a rate, to reproduce a slower host-to-GPU link.
+    pub upload_limit: Option<UploadLimit>,
+}
+
+/// A cap on host-to-GPU bytes per second: each upload waits until the bytes sent so far fit the
+/// rate since the first one.
+pub struct UploadLimit {
+    bytes_per_s: f64,
+    state: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl UploadLimit {
+    pub fn new(bytes_per_s: u64) -> Self {
+        UploadLimit { bytes_per_s: bytes_per_s as f64, state: std::sync::Mutex::new(None) }
+    }
+
+    /// Waits until `bytes` more may go.
+    pub fn admit(&self, bytes: usize) {
+        let mut state = self.state.lock().unwrap();
+        let (start, sent) = state.get_or_insert_with(|| (std::time::Instant::now(), 0));
+        *sent += bytes as u64;
+        let due = std::time::Duration::from_secs_f64(*sent as f64 / self.bytes_per_s);
+        let elapsed = start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
 }
 
 /// Room on the GPU for one streamed expert's three matrices.
@@ -253,6 +280,9 @@ impl Model {
             let mut b = Batch::new(ctx);
             for (slot, &e) in self.slots.iter().zip(group) {
                 let pack = &host.packs[e];
+                if let Some(limit) = &self.upload_limit {
+                    limit.admit(pack.len());
+                }
                 ctx.upload(&slot.gate, 0, &pack[g_range.clone()])?;
                 ctx.upload(&slot.up, 0, &pack[u_range.clone()])?;
                 ctx.upload(&slot.down, 0, &pack[d_range.clone()])?;

@@ -32,6 +32,15 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     Ok((value * scale) as u64)
 }
 
+/// Parses a transfer rate such as `4MB/s` or `2GiB/s` into bytes per second.
+pub fn parse_rate(text: &str) -> std::result::Result<u64, String> {
+    let size = text.trim().strip_suffix("/s").ok_or_else(|| format!("`{text}` is not a rate such as 4MB/s or 2GB/s"))?;
+    match parse_size(size)? {
+        0 => Err(format!("`{text}`: the rate must be above zero")),
+        n => Ok(n),
+    }
+}
+
 pub fn format_size(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= 1024.0 * 1024.0 * 1024.0 {
@@ -152,7 +161,7 @@ impl Placement {
                 resident_layers.push(l);
             }
         }
-        let extra = if slot_bytes == 0 { 0 } else { (left / slot_bytes) as usize };
+        let extra = left.checked_div(slot_bytes).unwrap_or(0) as usize;
         let slots = (2 + extra).min(cfg.num_experts.max(2));
         Ok(Placement { resident_layers, slots, budget: Some(budget), resident_bytes: w.resident, reserved_bytes: reserved })
     }
@@ -191,6 +200,9 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").unwrap_err().contains("parsecs"));
+        assert_eq!(parse_rate("4MB/s"), Ok(4_000_000));
+        assert_eq!(parse_rate("2GiB/s"), Ok(2 << 30));
+        assert!(parse_rate("4MB").is_err() && parse_rate("0MB/s").is_err());
     }
 
     fn cfg(layers: usize, experts: usize) -> ModelConfig {
