@@ -245,3 +245,25 @@ fn a_gpu_budget_streams_experts_with_the_same_results() {
     let (o, _) = run(&["--upload-bandwidth", "4MB"], "rate.jsonl");
     fails_with(&o, &["--upload-bandwidth", "4MB/s"]);
 }
+
+#[test]
+fn the_default_model_completes_the_sample_prompts_readably() {
+    let o = moegen(&["generate", "--max-new-tokens", "12", "--quiet"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let prompts = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/prompts.jsonl")).unwrap();
+    let n = prompts.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(out.matches("--- ").count(), n, "one completion per sample prompt:\n{out}");
+    // Each prompt comes back with its completion after it, in order.
+    let mut at = 0;
+    for line in prompts.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let prompt = v["prompt"].as_str().unwrap();
+        let found = out[at..].find(prompt).unwrap_or_else(|| panic!("prompt {prompt:?} not echoed in order:\n{out}"));
+        at += found + prompt.len();
+    }
+    // Readable text, not noise: mostly letters, spaces and punctuation, no replacement characters.
+    assert!(!out.contains('\u{fffd}'));
+    let letters = out.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').count();
+    assert!(letters * 2 > out.len(), "{out}");
+}

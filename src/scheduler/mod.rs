@@ -216,9 +216,11 @@ pub fn generate(
                 done.push((i, f));
             }
         }
+        // Remove from the back so positions stay valid; report in the job's order.
         done.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
-        for (i, finish) in done {
-            let s = running.swap_remove(i);
+        let mut finished: Vec<(Running, FinishReason)> = done.into_iter().map(|(i, f)| (running.swap_remove(i), f)).collect();
+        finished.sort_by_key(|(s, _)| s.index);
+        for (s, finish) in finished {
             regions.free(s.cache_start);
             on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish })?;
         }
