@@ -46,10 +46,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if row >= m_end {
             break;
         }
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + tx * 4u + j;
+        for (var j = 0u; j < 8u; j++) {
+            let col = n0 + tile_col(tx, j);
             if col < p.n {
-                y[row * p.n + col] = acc[i][j];
+                y[row * p.n + col] = acc[i + 4u * (j / 4u)][j % 4u];
             }
         }
     }

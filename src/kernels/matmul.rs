@@ -37,12 +37,12 @@ impl MatmulPath {
     }
 }
 
-/// Tile shape constants shared with the grouped expert matmul (each thread computes 4 x 4).
+/// Tile shape constants shared with the grouped expert matmul (each thread computes 4 x 8).
 pub(crate) fn tile_constants(builder: ShaderBuilder, bm: u32) -> ShaderBuilder {
-    builder.constant("BM", bm).constant("BN", 64).constant("BK", 32)
+    builder.constant("BM", bm).constant("BN", TILE_BN).constant("BK", 32)
 }
 
-pub(crate) const TILE_BN: u32 = 64;
+pub(crate) const TILE_BN: u32 = 128;
 /// Output columns per workgroup on the vector path.
 const VEC_ROWS: u32 = 8;
 
