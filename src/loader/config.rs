@@ -163,6 +163,16 @@ impl ModelConfig {
             err(file, format!("architecture {names:?} is not supported; supported: {supported}"))
         })?;
 
+        // Settings that would change the computation in ways the engine does not implement are
+        // refused rather than ignored.
+        if let Some(act) = f.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(err(file, format!("hidden_act `{act}` is not supported (only silu)")));
+            }
+        }
+        if let Some(clip) = f.f64("clip_qkv")? {
+            return Err(err(file, format!("clip_qkv {clip} is not supported")));
+        }
         let hidden_size = f.usize("hidden_size")?;
         let num_heads = f.usize("num_attention_heads")?;
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
@@ -340,6 +350,12 @@ mod tests {
         let mut v = mixtral();
         v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
         assert!(parse(v).unwrap_err().to_string().contains("dynamic"));
+        let mut v = mixtral();
+        v["hidden_act"] = json!("gelu");
+        assert!(parse(v).unwrap_err().to_string().contains("gelu"));
+        let mut v = mixtral();
+        v["clip_qkv"] = json!(8.0);
+        assert!(parse(v).unwrap_err().to_string().contains("clip_qkv"));
     }
 
     #[test]
