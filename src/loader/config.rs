@@ -224,7 +224,10 @@ impl ModelConfig {
         };
         let sliding_window = match arch {
             Arch::Mixtral => f.opt_usize("sliding_window")?,
-            Arch::Qwen2Moe | Arch::Qwen3Moe if f.bool("use_sliding_window")?.unwrap_or(false) => f.opt_usize("sliding_window")?,
+            // Qwen windows only the layers from max_window_layers on; not implemented yet.
+            Arch::Qwen2Moe | Arch::Qwen3Moe if f.bool("use_sliding_window")?.unwrap_or(false) => {
+                return Err(err(file, "use_sliding_window is not supported for Qwen models yet"));
+            }
             _ => None,
         };
         let (inv_freq, rope_attention_scaling) = rope(&f, head_dim)?;
