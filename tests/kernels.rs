@@ -240,6 +240,42 @@ fn matmul_every_path_and_weight_type() {
 }
 
 #[test]
+fn matmul_paths_give_every_row_the_same_bits() {
+    // A row's result must not depend on how many rows share the call, so that a sequence decodes
+    // identically alone or in any batch: every path multiply-adds along k in order.
+    let mut rng = StdRng::seed_from_u64(16);
+    let ctx = gpu();
+    let (m, n, k) = (7, 150, 333);
+    let x = random(&mut rng, m * k, 1.0);
+    let wv = random(&mut rng, n * k, 0.5);
+    let bv = random(&mut rng, n, 1.0);
+    for dtype in DTYPES {
+        let w = GpuWeight::from_f32(ctx, "w", &wv, dtype, n, k).unwrap();
+        let (xb, bb) = (upload(ctx, &x), upload(ctx, &bv));
+        let mut results = Vec::new();
+        for path in matmul::MatmulPath::ALL {
+            let y = poisoned(ctx, m * n);
+            let mut b = Batch::new(ctx);
+            matmul::matmul_rows(&mut b, &xb, &w, Some(&bb), &y, matmul::Rows::all(m), Some(path)).unwrap();
+            b.submit().unwrap();
+            results.push((path, ctx.read_f32(&y, m * n).unwrap()));
+        }
+        // And row 3 alone.
+        let y = poisoned(ctx, n);
+        let mut b = Batch::new(ctx);
+        let one = matmul::Rows { m: 1, x_row0: 3, y_row0: 0, y_stride: None };
+        matmul::matmul_rows(&mut b, &xb, &w, Some(&bb), &y, one, None).unwrap();
+        b.submit().unwrap();
+        let alone = ctx.read_f32(&y, n).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (path, r) in &results {
+            assert_eq!(bits(r), bits(&results[0].1), "{dtype:?}: {path:?} differs from {:?}", results[0].0);
+        }
+        assert_eq!(bits(&alone), bits(&results[0].1[3 * n..4 * n]), "{dtype:?}: a row alone differs from the same row in a batch");
+    }
+}
+
+#[test]
 fn matmul_awkward_token_counts_on_the_chosen_path() {
     let mut rng = StdRng::seed_from_u64(6);
     let ctx = gpu();

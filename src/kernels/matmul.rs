@@ -6,7 +6,7 @@
 
 use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, GpuWeight, KernelFeatures, ShaderBuilder, ShaderSource, WeightDtype};
-use crate::kernels::{need, u32_of, unused_binding, ROW_WG};
+use crate::kernels::{need, u32_of, unused_binding};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
@@ -43,14 +43,13 @@ pub(crate) fn tile_constants(builder: ShaderBuilder, bm: u32) -> ShaderBuilder {
 }
 
 pub(crate) const TILE_BN: u32 = 128;
-/// Output columns per workgroup on the vector path.
-const VEC_ROWS: u32 = 8;
+/// Output columns (one per thread) per workgroup on the vector path.
+const VEC_WG: u32 = 64;
 
 pub fn shader(path: MatmulPath, dtype: WeightDtype, features: KernelFeatures) -> ShaderSource {
     match path {
         MatmulPath::Vector { tok } => ShaderBuilder::new("matmul_vec")
-            .constant("WG", ROW_WG)
-            .constant("ROWS", VEC_ROWS)
+            .constant("WG", VEC_WG)
             .constant("TOK", tok)
             .weights(dtype, features)
             .body(concat!(include_str!("../../shaders/lib/matmul_bindings.wgsl"), include_str!("../../shaders/matmul_vec.wgsl"))),
@@ -141,7 +140,7 @@ pub fn matmul_rows(
         };
         let groups = match path {
             MatmulPath::Vector { tok } => {
-                let [gx, gy, _] = grid(&ctx, params.n.div_ceil(VEC_ROWS));
+                let [gx, gy, _] = grid(&ctx, params.n.div_ceil(VEC_WG));
                 [gx, gy, params.m.div_ceil(tok)]
             }
             MatmulPath::Tiled { bm } => [params.n.div_ceil(TILE_BN), params.m.div_ceil(bm), 1],
