@@ -35,7 +35,7 @@ fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
 
 fn check(name: &str) {
     let (dir, expected) = fixture(name);
-    check_model(name, &Model::load(gpu(), &dir, 64).unwrap(), &expected);
+    let resident_logits = check_model(name, &Model::load(gpu(), &dir, 64).unwrap(), &expected);
     // Streaming forced: every MoE layer's experts in host memory, two slots; then the first MoE
     // layer resident and three slots.
     let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();
@@ -44,11 +44,13 @@ fn check(name: &str) {
         let placement = Placement { resident_layers: resident, slots, budget: None, resident_bytes: 0, reserved_bytes: 0 };
         let model = Model::load_placed(gpu(), &dir, 64, &placement).unwrap();
         assert_eq!(model.slots.len(), slots);
-        check_model(&format!("{name} streamed through {slots} slots"), &model, &expected);
+        let streamed = check_model(&format!("{name} streamed through {slots} slots"), &model, &expected);
+        assert!(streamed == resident_logits, "{name}: streaming changed the logits' bits");
     }
 }
 
-fn check_model(name: &str, model: &Model, expected: &Value) {
+/// Checks one loaded model against the fixture; returns its logits.
+fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     let prompts: Vec<Vec<u32>> = expected["prompts"].as_array().unwrap().iter().map(ids).collect();
     let logits = prompt_logits(model, &prompts).unwrap();
     let mut worst = 0f64;
@@ -87,6 +89,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) {
     })
     .unwrap();
     assert_eq!(chunked, want, "{name}: chunked prefill or cache refill changed the tokens");
+    logits
 }
 
 #[test]
