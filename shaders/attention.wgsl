@@ -1,8 +1,9 @@
-// Attention for one (query row, head) per workgroup, over the key/value rows
-// [kv_range[2q], kv_range[2q] + kv_range[2q+1]) of k and v. The host builds the ranges: causal
-// prefill gives query j of a prompt the prompt's first j+1 rows; decode gives a sequence its whole
-// cache. So ragged batches of either kind, or both, run in one dispatch. Grouped-query heads share
-// a kv head. Blocks of keys at a time with an online softmax.
+// Attention over the key/value rows [kv_range[2q], kv_range[2q] + kv_range[2q+1]) of k and v for
+// each query row q. The host builds the ranges: causal prefill gives query j of a prompt the
+// prompt's first j+1 rows; decode gives a sequence its whole cache. So ragged batches of either
+// kind, or both, run in one dispatch. One workgroup serves GS query heads that share a kv head
+// (grouped-query attention), so each key and value row is read once for all of them. Keys go in
+// blocks of BLOCK with an online softmax; large blocks keep workgroup barriers per key few.
 struct Params {
     n_queries: u32,
     n_heads: u32,
@@ -21,75 +22,98 @@ struct Params {
 @group(0) @binding(4) var<storage, read> kv_range: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-var<workgroup> q_sh: array<f32, HD_SLOTS * WG>;
-// Scores, then probabilities, of one block of BLOCK = WG * KEYS_PER_THREAD keys: large blocks
-// keep the number of workgroup barriers per key low (they dominate on software adapters).
 const BLOCK: u32 = WG * KEYS_PER_THREAD;
-var<workgroup> p_sh: array<f32, BLOCK>;
+var<workgroup> q_sh: array<f32, GS * HD_SLOTS * WG>;
+var<workgroup> p_sh: array<f32, GS * BLOCK>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, lane: Lane) {
+    let group = p.n_heads / p.n_kv_heads;
+    let splits = group / GS;
     let item = flat_workgroup(wg, nwg);
-    if item >= p.n_queries * p.n_heads {
+    if item >= p.n_queries * p.n_kv_heads * splits {
         return;
     }
-    let qi = item / p.n_heads;
-    let h = item % p.n_heads;
-    let kvh = h / (p.n_heads / p.n_kv_heads);
+    let qi = item / (p.n_kv_heads * splits);
+    let kvh = (item / splits) % p.n_kv_heads;
+    let h0 = kvh * group + (item % splits) * GS;
     let start = kv_range[2u * qi];
     let len = kv_range[2u * qi + 1u];
     let hd = p.head_dim;
-    let q_base = qi * p.q_stride + h * hd;
-    for (var d = lane.id; d < hd; d += WG) {
-        q_sh[d] = q[q_base + d] * p.scale;
+    for (var i = lane.id; i < GS * hd; i += WG) {
+        q_sh[i] = q[qi * p.q_stride + h0 * hd + i] * p.scale;
     }
     workgroupBarrier();
 
-    var m = -3.4028235e38;
-    var l = 0.0;
-    var acc: array<f32, HD_SLOTS>;
+    var m: array<f32, GS>;
+    var l: array<f32, GS>;
+    var acc: array<f32, GS * HD_SLOTS>;
+    for (var g = 0u; g < GS; g++) {
+        m[g] = -3.4028235e38;
+    }
     for (var kb = 0u; kb < len; kb += BLOCK) {
         let block = min(BLOCK, len - kb);
-        // Each thread scores keys lane.id, lane.id + WG, ... of the block.
-        var local_max = -3.4028235e38;
+        var local_max: array<f32, GS>;
+        for (var g = 0u; g < GS; g++) {
+            local_max[g] = -3.4028235e38;
+        }
+        // Each thread scores keys lane.id, lane.id + WG, ... of the block, for every head.
         for (var jj = lane.id; jj < block; jj += WG) {
             let k_base = (start + kb + jj) * p.kv_stride + kvh * hd;
-            var dot = 0.0;
+            var dot: array<f32, GS>;
             for (var d = 0u; d < hd; d++) {
-                dot = fma(q_sh[d], k[k_base + d], dot);
+                let kv = k[k_base + d];
+                for (var g = 0u; g < GS; g++) {
+                    dot[g] = fma(q_sh[g * hd + d], kv, dot[g]);
+                }
             }
-            p_sh[jj] = dot;
-            local_max = max(local_max, dot);
+            for (var g = 0u; g < GS; g++) {
+                p_sh[g * BLOCK + jj] = dot[g];
+                local_max[g] = max(local_max[g], dot[g]);
+            }
         }
-        let new_m = max(m, wg_max(local_max, lane));
-        var local_sum = 0.0;
-        for (var jj = lane.id; jj < block; jj += WG) {
-            let pj = exp(p_sh[jj] - new_m);
-            p_sh[jj] = pj;
-            local_sum += pj;
+        var correction: array<f32, GS>;
+        for (var g = 0u; g < GS; g++) {
+            let new_m = max(m[g], wg_max(local_max[g], lane));
+            var local_sum = 0.0;
+            for (var jj = lane.id; jj < block; jj += WG) {
+                let pj = exp(p_sh[g * BLOCK + jj] - new_m);
+                p_sh[g * BLOCK + jj] = pj;
+                local_sum += pj;
+            }
+            correction[g] = exp(m[g] - new_m);
+            l[g] = l[g] * correction[g] + wg_sum(local_sum, lane);
+            m[g] = new_m;
         }
-        let correction = exp(m - new_m);
-        l = l * correction + wg_sum(local_sum, lane);
         workgroupBarrier();
         for (var slot = 0u; slot < HD_SLOTS; slot++) {
             let d = lane.id + slot * WG;
             if d < hd {
-                var a = acc[slot] * correction;
+                var a: array<f32, GS>;
+                for (var g = 0u; g < GS; g++) {
+                    a[g] = acc[g * HD_SLOTS + slot] * correction[g];
+                }
                 let v_base = (start + kb) * p.kv_stride + kvh * hd + d;
                 for (var jj = 0u; jj < block; jj++) {
-                    a = fma(p_sh[jj], v[v_base + jj * p.kv_stride], a);
+                    let vv = v[v_base + jj * p.kv_stride];
+                    for (var g = 0u; g < GS; g++) {
+                        a[g] = fma(p_sh[g * BLOCK + jj], vv, a[g]);
+                    }
                 }
-                acc[slot] = a;
+                for (var g = 0u; g < GS; g++) {
+                    acc[g * HD_SLOTS + slot] = a[g];
+                }
             }
         }
         workgroupBarrier();
-        m = new_m;
     }
-    let inv = select(0.0, 1.0 / l, len > 0u);
-    for (var slot = 0u; slot < HD_SLOTS; slot++) {
-        let d = lane.id + slot * WG;
-        if d < hd {
-            out[qi * p.q_stride + h * hd + d] = acc[slot] * inv;
+    for (var g = 0u; g < GS; g++) {
+        let inv = select(0.0, 1.0 / l[g], len > 0u);
+        for (var slot = 0u; slot < HD_SLOTS; slot++) {
+            let d = lane.id + slot * WG;
+            if d < hd {
+                out[qi * p.q_stride + (h0 + g) * hd + d] = acc[g * HD_SLOTS + slot] * inv;
+            }
         }
     }
 }

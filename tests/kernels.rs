@@ -416,6 +416,8 @@ fn attention_decode_over_a_ragged_cache() {
         let mut shape = attention::AttentionShape::new(2, 1, 40);
         shape.scale = 0.3;
         check_attention(&ctx, &mut rng, shape, &attention::decode_ranges(&[3], &[29]), 32);
+        // 24 query heads on 2 kv heads: groups of 12, served 6 heads to a workgroup.
+        check_attention(&ctx, &mut rng, attention::AttentionShape::new(24, 2, 32), &attention::decode_ranges(&[0, 300], &[300, 1]), 301);
     }
 }
 

@@ -6,9 +6,16 @@ use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, KernelFeatures, ShaderBuilder, ShaderSource};
 use crate::kernels::{need, u32_of};
 
-/// Threads per workgroup (one (query, head) each); each scores KEYS_PER_THREAD keys of a block.
+/// Threads per workgroup; each scores KEYS_PER_THREAD keys of a block, for every head it serves.
 const WG: u32 = 64;
-const KEYS_PER_THREAD: u32 = 16;
+const KEYS_PER_THREAD: u32 = 4;
+/// Most query heads one workgroup serves (workgroup memory holds their queries and scores).
+const MAX_HEADS_PER_WORKGROUP: usize = 8;
+
+/// Query heads per workgroup: the largest divisor of the group size within the maximum.
+fn heads_per_workgroup(group: usize) -> usize {
+    (1..=MAX_HEADS_PER_WORKGROUP.min(group)).rev().find(|d| group % d == 0).unwrap_or(1)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionShape {
@@ -58,11 +65,13 @@ struct Params {
     _pad: u32,
 }
 
-pub fn shader(features: KernelFeatures, head_dim: usize) -> ShaderSource {
+/// The kernel for `head_dim` with `group` query heads per kv head.
+pub fn shader(features: KernelFeatures, head_dim: usize, group: usize) -> ShaderSource {
     ShaderBuilder::new("attention")
         .constant("WG", WG)
         .constant("HD_SLOTS", (head_dim as u32).div_ceil(WG))
         .constant("KEYS_PER_THREAD", KEYS_PER_THREAD)
+        .constant("GS", heads_per_workgroup(group) as u32)
         .reductions(features)
         .body(include_str!("../../shaders/attention.wgsl"))
 }
@@ -89,7 +98,7 @@ pub fn attention(
         "attention",
         "{n_heads} query heads cannot share {n_kv_heads} kv heads evenly"
     );
-    ensure!(head_dim > 0 && head_dim <= 1024, "attention", "head dim {head_dim} outside 1..=1024");
+    ensure!(head_dim > 0 && head_dim <= 256, "attention", "head dim {head_dim} outside 1..=256");
     need(q, n_queries * n_heads * head_dim, "attention queries")?;
     need(out, n_queries * n_heads * head_dim, "attention output")?;
     need(k, kv_rows * n_kv_heads * head_dim, "attention keys")?;
@@ -105,8 +114,10 @@ pub fn attention(
         kv_stride: (n_kv_heads * head_dim) as u32,
         _pad: 0,
     };
-    let pipeline = b.ctx().pipeline(&shader(b.ctx().features(), head_dim))?;
-    let groups = grid(b.ctx(), u32_of(n_queries * n_heads, "attention grid")?);
+    let group = n_heads / n_kv_heads;
+    let pipeline = b.ctx().pipeline(&shader(b.ctx().features(), head_dim, group))?;
+    let workgroups = n_queries * n_kv_heads * (group / heads_per_workgroup(group));
+    let groups = grid(b.ctx(), u32_of(workgroups, "attention grid")?);
     b.dispatch("attention", &pipeline, &params, &[q, k, v, ranges, out], groups)
 }
 

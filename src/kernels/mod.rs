@@ -66,8 +66,8 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         moe::gather_shader(),
         moe::combine_shader(),
     ];
-    for hd in [64, 128, 192, 256] {
-        out.push(attention::shader(features, hd));
+    for (hd, group) in [(64, 1), (64, 4), (128, 2), (128, 8), (192, 1), (256, 16)] {
+        out.push(attention::shader(features, hd, group));
     }
     for dtype in dtypes {
         out.push(embedding::shader(dtype, features));
