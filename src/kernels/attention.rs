@@ -14,7 +14,7 @@ const MAX_HEADS_PER_WORKGROUP: usize = 8;
 
 /// Query heads per workgroup: the largest divisor of the group size within the maximum.
 fn heads_per_workgroup(group: usize) -> usize {
-    (1..=MAX_HEADS_PER_WORKGROUP.min(group)).rev().find(|d| group % d == 0).unwrap_or(1)
+    (1..=MAX_HEADS_PER_WORKGROUP.min(group)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
