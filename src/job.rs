@@ -11,7 +11,7 @@ use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
-use crate::model::{Model, UploadLimit};
+use crate::model::{Model, StreamStats, UploadLimit};
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
 use crate::planner::{activation_bytes, kv_row_bytes, Placement, WeightBytes};
 use crate::sampler::SamplingParams;
@@ -49,13 +49,24 @@ pub struct JobSummary {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub wall: Duration,
+    /// What streaming the experts cost, when any were streamed.
+    pub streaming: Option<StreamStats>,
 }
 
 impl JobSummary {
     pub fn report(&self) -> String {
         let rate = |n: usize, t: Duration| if t.is_zero() { 0.0 } else { n as f64 / t.as_secs_f64() };
+        let streaming = match self.streaming {
+            Some(s) => format!(
+                "; experts streamed: {} uploads ({}), {} found in a slot",
+                s.uploads,
+                crate::planner::format_size(s.bytes),
+                s.hits
+            ),
+            None => String::new(),
+        };
         format!(
-            "{} prompts ({} already done), {} prompt tokens, {} generated tokens; prefill {:.1} tokens/s, decode {:.1} tokens/s; wall time {:.2} s",
+            "{} prompts ({} already done), {} prompt tokens, {} generated tokens; prefill {:.1} tokens/s, decode {:.1} tokens/s; wall time {:.2} s{streaming}",
             self.prompts,
             self.skipped,
             self.prompt_tokens,
@@ -221,5 +232,8 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     summary.prefill_time = stats.prefill_time;
     summary.decode_time = stats.decode_time;
     summary.wall = started.elapsed();
+    if !model.slots.is_empty() {
+        summary.streaming = Some(model.slot_cache.lock().unwrap().stats);
+    }
     Ok(summary)
 }

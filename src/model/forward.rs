@@ -83,6 +83,64 @@ pub struct Model {
     pub slots: Vec<ExpertSlot>,
     /// Holds streamed uploads to a rate, to reproduce a slower host-to-GPU link.
     pub upload_limit: Option<UploadLimit>,
+    /// Which expert each slot holds, so an expert still in a slot is not uploaded again.
+    pub slot_cache: std::sync::Mutex<SlotCache>,
+}
+
+/// The experts the slots hold, least recently used first out, and what streaming has cost.
+#[derive(Debug, Default)]
+pub struct SlotCache {
+    /// (layer, expert) per slot.
+    held: Vec<Option<(usize, usize)>>,
+    last_used: Vec<u64>,
+    clock: u64,
+    pub stats: StreamStats,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Experts uploaded, and their bytes.
+    pub uploads: u64,
+    pub bytes: u64,
+    /// Experts found already in a slot.
+    pub hits: u64,
+}
+
+impl SlotCache {
+    pub fn new(slots: usize) -> Self {
+        SlotCache { held: vec![None; slots], last_used: vec![0; slots], ..Default::default() }
+    }
+
+    /// Slots for `wanted` (layer, expert) pairs, all different; for each, whether it must be
+    /// uploaded. A slot already holding its expert is reused; others take the least recently
+    /// used slots that no wanted expert occupies.
+    fn assign(&mut self, wanted: &[(usize, usize)]) -> Vec<(usize, bool)> {
+        self.clock += 1;
+        let mut taken = vec![false; self.held.len()];
+        let mut out = vec![(usize::MAX, true); wanted.len()];
+        for (i, w) in wanted.iter().enumerate() {
+            if let Some(s) = self.held.iter().position(|h| *h == Some(*w)) {
+                taken[s] = true;
+                out[i] = (s, false);
+            }
+        }
+        for (i, w) in wanted.iter().enumerate() {
+            if out[i].0 != usize::MAX {
+                continue;
+            }
+            let s = (0..self.held.len())
+                .filter(|&s| !taken[s])
+                .min_by_key(|&s| self.last_used[s])
+                .expect("no more experts wanted at once than there are slots");
+            taken[s] = true;
+            self.held[s] = Some(*w);
+            out[i] = (s, true);
+        }
+        for &(s, _) in &out {
+            self.last_used[s] = self.clock;
+        }
+        out
+    }
 }
 
 /// A cap on host-to-GPU bytes per second: each upload waits until the bytes sent so far fit the
@@ -203,7 +261,7 @@ impl Model {
                     route(&mut b, &router_cfg, &logits, None, &ids, &weights, n)?;
                     match experts {
                         Experts::Resident(stacked) => expert_ffn(&mut b, &hn2, &ids, &weights, n, cfg.experts_per_token, stacked, &x)?,
-                        Experts::Streamed(host) => b = self.streamed_experts(b, host, &hn2, &ids, &weights, n, &x)?,
+                        Experts::Streamed(host) => b = self.streamed_experts(b, li, host, &hn2, &ids, &weights, n, &x)?,
                     }
                     if let Some(s) = shared {
                         let y = mlp_out(&mut b, &hn2, &s.mlp, n)?;
@@ -236,14 +294,15 @@ impl Model {
 
 impl Model {
     /// The routed experts of a layer whose weights live in host memory: the routing comes back to
-    /// the host, then only the experts that received tokens are uploaded, into the slots in turn,
-    /// each running over its rows. A group of as many experts as there are slots is one
+    /// the host, then only the experts that received tokens and are not still in a slot are
+    /// uploaded, each running over its rows. A group of as many experts as there are slots is one
     /// submission; the next group's uploads are staged while the GPU computes this one, and the
     /// queue orders them after it. Submits `b` and returns the batch to carry on with.
     #[allow(clippy::too_many_arguments)]
     fn streamed_experts(
         &self,
         b: Batch,
+        layer: usize,
         host: &HostExperts,
         hn: &GpuBuffer,
         ids: &GpuBuffer,
@@ -277,15 +336,28 @@ impl Model {
         let active: Vec<usize> = (0..n_experts).filter(|&e| counts[e] > 0).collect();
         let [g_range, u_range, d_range] = host.sections();
         for group in active.chunks(self.slots.len()) {
+            let wanted: Vec<(usize, usize)> = group.iter().map(|&e| (layer, e)).collect();
+            let assigned = self.slot_cache.lock().unwrap().assign(&wanted);
             let mut b = Batch::new(ctx);
-            for (slot, &e) in self.slots.iter().zip(group) {
+            for (&e, &(s, upload)) in group.iter().zip(&assigned) {
+                let slot = &self.slots[s];
                 let pack = &host.packs[e];
-                if let Some(limit) = &self.upload_limit {
-                    limit.admit(pack.len());
+                if upload {
+                    if let Some(limit) = &self.upload_limit {
+                        limit.admit(pack.len());
+                    }
+                    ctx.upload(&slot.gate, 0, &pack[g_range.clone()])?;
+                    ctx.upload(&slot.up, 0, &pack[u_range.clone()])?;
+                    ctx.upload(&slot.down, 0, &pack[d_range.clone()])?;
                 }
-                ctx.upload(&slot.gate, 0, &pack[g_range.clone()])?;
-                ctx.upload(&slot.up, 0, &pack[u_range.clone()])?;
-                ctx.upload(&slot.down, 0, &pack[d_range.clone()])?;
+                let mut cache = self.slot_cache.lock().unwrap();
+                if upload {
+                    cache.stats.uploads += 1;
+                    cache.stats.bytes += pack.len() as u64;
+                } else {
+                    cache.stats.hits += 1;
+                }
+                drop(cache);
                 let rows = Rows { m: counts[e], x_row0: offsets[e], y_row0: offsets[e], y_stride: None };
                 matmul_rows(&mut b, &xg, &slot_view(&slot.gate, inter, h, host.dtype), None, &gate, rows, None)?;
                 matmul_rows(&mut b, &xg, &slot_view(&slot.up, inter, h, host.dtype), None, &up, rows, None)?;
@@ -322,5 +394,21 @@ mod tests {
         assert_eq!(s.cache_rows, vec![10, 11, 12, 44]);
         assert_eq!(s.ranges, vec![10, 1, 10, 2, 10, 3, 42, 3]);
         assert_eq!(s.logit_rows, vec![2, 3]);
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::SlotCache;
+
+    #[test]
+    fn slots_keep_what_is_reused_and_evict_the_least_recent() {
+        let mut c = SlotCache::new(3);
+        assert_eq!(c.assign(&[(0, 1), (0, 2)]), vec![(0, true), (1, true)]);
+        assert_eq!(c.assign(&[(1, 5)]), vec![(2, true)]);
+        // (0, 2) is still held; (0, 7) takes the least recently used slot, 0.
+        assert_eq!(c.assign(&[(0, 7), (0, 2)]), vec![(0, true), (1, false)]);
+        // Wanted together, two held experts and a new one never share a slot.
+        assert_eq!(c.assign(&[(1, 9), (0, 7), (0, 2)]), vec![(2, true), (0, false), (1, false)]);
     }
 }

@@ -11,7 +11,7 @@ use crate::kernels::rope::RopeTable;
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::planner::Placement;
-pub use forward::{ExpertSlot, KvCache, Model, StepInput, UploadLimit};
+pub use forward::{ExpertSlot, KvCache, Model, SlotCache, StepInput, StreamStats, UploadLimit};
 use weights::{Experts, Ffn, Weights};
 
 impl Model {
@@ -38,6 +38,7 @@ impl Model {
             Some(dtype) => (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, &cfg, dtype)).collect::<Result<_>>()?,
             None => Vec::new(),
         };
-        Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots, upload_limit: None })
+        let slot_cache = std::sync::Mutex::new(forward::SlotCache::new(slots.len()));
+        Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots, upload_limit: None, slot_cache })
     }
 }

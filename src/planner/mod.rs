@@ -4,7 +4,8 @@
 //! This step places whole layers' experts: the non-expert weights (embeddings, attention, norms,
 //! routers, shared experts, dense MLPs), the KV cache and the activations of a step always stay
 //! on the GPU; the experts of the first layers stay resident while the budget allows, the rest
-//! live in host memory and stream through N expert slots (N >= 2).
+//! live in host memory and stream through N expert slots (N >= 2), which keep what they hold
+//! until it is evicted (least recently used), so the experts in use stay on the GPU.
 
 use crate::error::{Error, Result};
 use crate::loader::checkpoint::Checkpoint;
@@ -161,8 +162,11 @@ impl Placement {
                 resident_layers.push(l);
             }
         }
+        // Slots keep the experts they hold until evicted, so slots beyond a layer's worth still
+        // save uploads: up to every streamed expert, and then nothing streams twice.
         let extra = left.checked_div(slot_bytes).unwrap_or(0) as usize;
-        let slots = (2 + extra).min(cfg.num_experts.max(2));
+        let streamed = moe_layers.len() - resident_layers.len();
+        let slots = (2 + extra).min((cfg.num_experts * streamed).max(2));
         Ok(Placement { resident_layers, slots, budget: Some(budget), resident_bytes: w.resident, reserved_bytes: reserved })
     }
 
