@@ -89,6 +89,20 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     })
     .unwrap();
     assert_eq!(chunked, want, "{name}: chunked prefill or cache refill changed the tokens");
+
+    // A device whose bindings hold 40 tokens' worth of the widest activation: steps shrink to fit.
+    let cfg = &model.cfg;
+    let widest = cfg.experts_per_token * cfg.moe_intermediate_size.max(cfg.intermediate_size);
+    let small = model.ctx.with_binding_limit((40 * 4 * widest.max(cfg.num_heads * cfg.head_dim)) as u64);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name.split(' ').next().unwrap());
+    let narrow = Model::load(&small, &dir, 64).unwrap();
+    let mut out = vec![Vec::new(); requests.len()];
+    generate(&narrow, &requests, &opts, |f| {
+        out[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(out, want, "{name}: steps sized to a small binding changed the tokens");
     logits
 }
 

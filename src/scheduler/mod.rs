@@ -124,6 +124,7 @@ pub fn generate(
         ));
     }
     let cache = KvCache::new(ctx, cfg, rows)?;
+    let (step_tokens, logit_rows) = step_limits(ctx, cfg, opts.max_step_tokens);
     let mut regions = CacheRegions { rows, used: Vec::new() };
     let mut waiting = 0usize;
     let mut running: Vec<Running> = Vec::new();
@@ -156,7 +157,8 @@ pub fn generate(
         if running.is_empty() {
             break;
         }
-        // Decode tokens first (one each), then prompt chunks up to the step's token budget.
+        // Decode tokens first (one each), then prompt chunks up to the step's token budget, and no
+        // more sampled sequences than one logits buffer holds.
         let mut input = StepInput::default();
         let mut sampled_seqs = Vec::new();
         let (mut prefill_tokens, mut decode_tokens) = (0usize, 0usize);
@@ -165,12 +167,15 @@ pub fn generate(
         for i in order {
             let s = &running[i];
             let pending = s.tokens.len() - s.cached;
-            let room = opts.max_step_tokens.saturating_sub(input.tokens.len());
+            let room = step_tokens.saturating_sub(input.tokens.len());
             if room == 0 {
                 break;
             }
             let take = pending.min(room);
             let completes = take == pending;
+            if completes && sampled_seqs.len() == logit_rows {
+                continue;
+            }
             let before = input.logit_rows.len();
             input.push_sequence(&s.tokens[s.cached..s.cached + take], s.cached, s.cache_start, cfg.sliding_window, false);
             if !completes {
@@ -226,6 +231,21 @@ pub fn generate(
         }
     }
     Ok(stats)
+}
+
+/// The most tokens one step may feed and the most sequences it may sample, so that every
+/// activation of a step (the widest being the routed experts' rows and the logits) fits one
+/// storage binding of this device.
+fn step_limits(ctx: &GpuContext, cfg: &crate::loader::config::ModelConfig, max_step_tokens: usize) -> (usize, usize) {
+    let limit = ctx.binding_limit() as usize;
+    let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
+    let widest = [cfg.experts_per_token * inter, cfg.experts_per_token * cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size]
+        .into_iter()
+        .max()
+        .unwrap_or(1);
+    let tokens = max_step_tokens.min(limit / (4 * widest)).max(1);
+    let rows = (limit / (4 * cfg.vocab_size)).max(1);
+    (tokens, rows)
 }
 
 /// The next token of each sampled sequence: argmax on the GPU for greedy decoding (a few bytes
