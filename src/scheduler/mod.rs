@@ -100,7 +100,8 @@ impl CacheRegions {
     }
 }
 
-/// Generates every request, calling `on_finish` as each sequence ends (in the order they end).
+/// Generates every request, calling `on_finish` as each sequence ends (sequences that end in the
+/// same step in the job's order).
 pub fn generate(
     model: &Model,
     requests: &[Request],
@@ -114,8 +115,7 @@ pub fn generate(
     let longest = requests.iter().map(need).max().unwrap_or(0);
     let device_rows = KvCache::max_rows(ctx, cfg);
     let total: usize = requests.iter().map(need).sum();
-    let row_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
-    let budget_rows = (DEFAULT_KV_BYTES / row_bytes) as usize;
+    let budget_rows = (DEFAULT_KV_BYTES / crate::planner::kv_row_bytes(cfg)) as usize;
     let rows = if opts.cache_rows > 0 { opts.cache_rows } else { total.min(device_rows).min(budget_rows) }.max(longest);
     if rows > device_rows {
         return Err(Error::invalid(
