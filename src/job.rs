@@ -157,12 +157,17 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         None => (Placement::all_resident(&cfg), 0),
         Some(budget) => {
             let weights = WeightBytes::of(&Checkpoint::open(&model_dir)?, &cfg);
-            // The KV cache takes at most a quarter of the budget, unless one sequence needs more.
+            // A step holds at most every prompt token plus one token per sequence.
+            let step_tokens = args.max_step_tokens.min(reqs.iter().map(|r| r.prompt.len() + 1).sum());
+            let activations = activation_bytes(&cfg, step_tokens);
+            // The KV cache holds at least the longest sequence, and takes up to a quarter of what
+            // the budget leaves after the weights that must stay and the activations.
+            let row = kv_row_bytes(&cfg);
             let total: usize = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).sum();
-            let quarter = (budget / 4 / kv_row_bytes(&cfg)) as usize;
-            let rows = total.min(quarter.max(longest));
-            let step_tokens = args.max_step_tokens.min(total);
-            let reserved = rows as u64 * kv_row_bytes(&cfg) + activation_bytes(&cfg, step_tokens);
+            let fixed = weights.resident + activations + 2 * weights.per_expert + longest as u64 * row;
+            let spare_rows = (budget.saturating_sub(fixed) / 4 / row) as usize;
+            let rows = total.min(longest + spare_rows);
+            let reserved = rows as u64 * row + activations;
             let placement = Placement::plan(&cfg, &weights, budget, reserved)?;
             eprintln!("{}", placement.describe(&cfg, &weights));
             (placement, rows)
