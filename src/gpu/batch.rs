@@ -45,11 +45,6 @@ impl Batch {
         self.ops.is_empty()
     }
 
-    /// Keeps a buffer alive until the batch is submitted.
-    pub fn keep(&mut self, buf: &GpuBuffer) {
-        self.keep.push(buf.clone());
-    }
-
     fn params_slot(&mut self, bytes: &[u8]) -> Result<(GpuBuffer, u64)> {
         debug_assert!(bytes.len() as u64 <= self.stride.max(256));
         let full = self.params.last().is_none_or(|(_, data)| data.len() as u64 >= PARAMS_PER_BUFFER * self.stride);

@@ -54,13 +54,6 @@ impl BufferPool {
         PoolStats { allocated_bytes: s.allocated_bytes, idle_bytes: s.idle_bytes, created: s.created, reused: s.reused }
     }
 
-    /// Frees every idle buffer.
-    pub fn trim(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.free.clear();
-        s.allocated_bytes -= s.idle_bytes;
-        s.idle_bytes = 0;
-    }
 }
 
 /// Rounds a request up to its size class (at most 12.5% larger), so nearby sizes share buffers.

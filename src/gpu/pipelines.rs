@@ -37,10 +37,6 @@ impl ShaderBuilder {
         self
     }
 
-    pub fn flag(self, name: &str, on: bool) -> Self {
-        self.constant(name, on as u32)
-    }
-
     /// `fn load_w(i: u32) -> f32` and the element type `WStore` of the weight binding `w`.
     pub fn weights(mut self, dtype: WeightDtype, features: KernelFeatures) -> Self {
         let (name, snippet) = match dtype {
