@@ -153,10 +153,11 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     }
 
     let longest = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(1);
+    let checkpoint = Checkpoint::open(&model_dir)?;
     let (placement, cache_rows) = match args.gpu_memory {
         None => (Placement::all_resident(&cfg), 0),
         Some(budget) => {
-            let weights = WeightBytes::of(&Checkpoint::open(&model_dir)?, &cfg);
+            let weights = WeightBytes::of(&checkpoint, &cfg);
             // A step holds at most every prompt token plus one token per sequence.
             let step_tokens = args.max_step_tokens.min(reqs.iter().map(|r| r.prompt.len() + 1).sum());
             let activations = activation_bytes(&cfg, step_tokens);
@@ -174,7 +175,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         }
     };
     let ctx = GpuContext::new(&args.adapter)?;
-    let mut model = Model::load_placed(&ctx, &model_dir, longest, &placement)
+    let mut model = Model::load_placed(&ctx, cfg, &checkpoint, longest, &placement)
         .with_context(|| format!("loading {}", model_dir.display()))?;
     model.upload_limit = args.upload_bandwidth.map(UploadLimit::new);
     log::info!("model {} loaded on {}", model_dir.display(), ctx.info().name);
@@ -210,10 +211,9 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
             // The completion in bold on a terminal, plain in a file or pipe.
             let (on, off) = if std::io::IsTerminal::is_terminal(&std::io::stdout()) { ("\x1b[1m", "\x1b[0m") } else { ("", "") };
             bar.suspend(|| println!("--- {} ({})\n{prompt}{on}{text}{off}\n", r.id, f.finish.as_str()));
-        } else {
-            sink.write_line(&result_line(&r.id, r.prompt.len(), &f.output, &text, f.finish))?;
         }
-        if demo && args.output.is_some() {
+        // JSONL goes to --output always, and to stdout unless the demo prints there.
+        if !demo || args.output.is_some() {
             sink.write_line(&result_line(&r.id, r.prompt.len(), &f.output, &text, f.finish))?;
         }
         written += 1;

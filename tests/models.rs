@@ -42,7 +42,8 @@ fn check(name: &str) {
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
     for (resident, slots) in [(vec![], 2), (vec![moe_layers[0]], 3)] {
         let placement = Placement { resident_layers: resident, slots, budget: None, resident_bytes: 0, reserved_bytes: 0 };
-        let model = Model::load_placed(gpu(), &dir, 64, &placement).unwrap();
+        let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
+        let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &placement).unwrap();
         assert_eq!(model.slots.len(), slots);
         let streamed = check_model(&format!("{name} streamed through {slots} slots"), &model, &expected);
         assert!(streamed == resident_logits, "{name}: streaming changed the logits' bits");

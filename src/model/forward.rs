@@ -335,6 +335,7 @@ impl Model {
         let offsets: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
         let active: Vec<usize> = (0..n_experts).filter(|&e| counts[e] > 0).collect();
         let [g_range, u_range, d_range] = host.sections();
+        let mut tally = StreamStats::default();
         for group in active.chunks(self.slots.len()) {
             let wanted: Vec<(usize, usize)> = group.iter().map(|&e| (layer, e)).collect();
             let assigned = self.slot_cache.lock().unwrap().assign(&wanted);
@@ -350,14 +351,12 @@ impl Model {
                     ctx.upload(&slot.up, 0, &pack[u_range.clone()])?;
                     ctx.upload(&slot.down, 0, &pack[d_range.clone()])?;
                 }
-                let mut cache = self.slot_cache.lock().unwrap();
                 if upload {
-                    cache.stats.uploads += 1;
-                    cache.stats.bytes += pack.len() as u64;
+                    tally.uploads += 1;
+                    tally.bytes += pack.len() as u64;
                 } else {
-                    cache.stats.hits += 1;
+                    tally.hits += 1;
                 }
-                drop(cache);
                 let rows = Rows { m: counts[e], x_row0: offsets[e], y_row0: offsets[e], y_stride: None };
                 matmul_rows(&mut b, &xg, &slot_view(&slot.gate, inter, h, host.dtype), None, &gate, rows, None)?;
                 matmul_rows(&mut b, &xg, &slot_view(&slot.up, inter, h, host.dtype), None, &up, rows, None)?;
@@ -366,6 +365,11 @@ impl Model {
             }
             b.submit()?;
         }
+        let mut cache = self.slot_cache.lock().unwrap();
+        cache.stats.uploads += tally.uploads;
+        cache.stats.bytes += tally.bytes;
+        cache.stats.hits += tally.hits;
+        drop(cache);
         let mut b = Batch::new(ctx);
         combine(&mut b, &y, &moe_plan, weights, top_k, h, x)?;
         Ok(b)

@@ -20,14 +20,19 @@ impl Model {
     pub fn load(ctx: &GpuContext, dir: &Path, max_positions: usize) -> Result<Self> {
         let cfg = ModelConfig::load(dir)?;
         let placement = Placement::all_resident(&cfg);
-        Self::load_placed(ctx, dir, max_positions, &placement)
+        Self::load_placed(ctx, cfg, &Checkpoint::open(dir)?, max_positions, &placement)
     }
 
-    /// [`Model::load`] with the experts placed as `placement` says.
-    pub fn load_placed(ctx: &GpuContext, dir: &Path, max_positions: usize, placement: &Placement) -> Result<Self> {
-        let cfg = ModelConfig::load(dir)?;
-        let checkpoint = Checkpoint::open(dir)?;
-        let weights = Weights::load(ctx, &checkpoint, &cfg, placement)?;
+    /// [`Model::load`] from a config and checkpoint already read, the experts placed as
+    /// `placement` says.
+    pub fn load_placed(
+        ctx: &GpuContext,
+        cfg: ModelConfig,
+        checkpoint: &Checkpoint,
+        max_positions: usize,
+        placement: &Placement,
+    ) -> Result<Self> {
+        let weights = Weights::load(ctx, checkpoint, &cfg, placement)?;
         let positions = max_positions.clamp(1, cfg.max_position_embeddings.max(1));
         let rope = RopeTable::new(ctx, &cfg.inv_freq, cfg.rope_attention_scaling, positions)?;
         let streamed_dtype = weights.layers.iter().find_map(|l| match &l.ffn {
