@@ -18,7 +18,8 @@ pub enum Error {
     Gpu(String),
     #[error("{what} needs {needed} bytes in one binding, but this adapter binds at most {limit}")]
     BindingTooLarge { what: String, needed: u64, limit: u64 },
-    #[error("invalid argument for {what}: {detail}")]
+    // `what` names the file (and line), tensor, flag or kernel argument at fault.
+    #[error("{what}: {detail}")]
     InvalidArgument { what: String, detail: String },
     /// The I/O error is part of the message, not chained again as a cause.
     #[error("{path}: {error}")]
