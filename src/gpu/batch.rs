@@ -25,12 +25,19 @@ pub struct Batch {
     params: Vec<(GpuBuffer, Vec<u8>)>,
     keep: Vec<GpuBuffer>,
     stride: u64,
+    /// What the trace calls this submission.
+    name: String,
 }
 
 impl Batch {
     pub fn new(ctx: &GpuContext) -> Self {
         let stride = (ctx.limits().min_uniform_buffer_offset_alignment as u64).max(16);
-        Batch { ctx: ctx.clone(), ops: Vec::new(), params: Vec::new(), keep: Vec::new(), stride }
+        Batch { ctx: ctx.clone(), ops: Vec::new(), params: Vec::new(), keep: Vec::new(), stride, name: "GPU work".into() }
+    }
+
+    /// A batch the trace shows as `name`.
+    pub fn named(ctx: &GpuContext, name: impl Into<String>) -> Self {
+        Batch { name: name.into(), ..Batch::new(ctx) }
     }
 
     pub fn ctx(&self) -> &GpuContext {
@@ -163,8 +170,37 @@ impl Batch {
     /// Submits the recorded work without waiting for it.
     pub fn submit(mut self) -> Result<wgpu::SubmissionIndex> {
         self.write_params();
-        let enc = self.encode(None);
-        let index = self.ctx.queue().submit([enc.finish()]);
+        let tracer = self.ctx.tracer();
+        let passes = self.passes();
+        let index = match tracer {
+            Some(t) if passes > 0 && self.ctx.features().timestamps => {
+                let count = 2 * passes;
+                let queries = self.ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("trace timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count,
+                });
+                let bytes = count as u64 * 8;
+                let resolved = self.ctx.buffer("trace timestamps", bytes, wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC)?;
+                let staging = self.ctx.buffer("trace timestamps readback", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+                let mut enc = self.encode(Some(&queries));
+                enc.resolve_query_set(&queries, 0..count, resolved.raw(), 0);
+                enc.copy_buffer_to_buffer(resolved.raw(), 0, staging.raw(), 0, bytes);
+                let index = self.ctx.queue().submit([enc.finish()]);
+                t.add_timestamps(&self.name, staging, passes);
+                index
+            }
+            Some(t) if passes > 0 => {
+                let enc = self.encode(None);
+                let index = self.ctx.queue().submit([enc.finish()]);
+                t.add_callback_timed(&self.ctx, &self.name);
+                index
+            }
+            _ => {
+                let enc = self.encode(None);
+                self.ctx.queue().submit([enc.finish()])
+            }
+        };
         self.ctx.check("submitting GPU work")?;
         Ok(index)
     }

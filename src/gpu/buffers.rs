@@ -240,6 +240,32 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// Starts copying `(buffer, bytes)` pieces back to the host in one submission, without
+    /// waiting: the GPU goes on with later work while the host does something else.
+    pub fn read_later(&self, pieces: &[(&GpuBuffer, u64)]) -> Result<PendingRead> {
+        let mut lens = Vec::new();
+        let mut total = 0u64;
+        for (buf, len) in pieces {
+            ensure!(*len <= buf.raw().size(), "readback", "{len} bytes of a {}-byte buffer", buf.raw().size());
+            let padded = len.next_multiple_of(4);
+            lens.push((total, *len));
+            total += padded;
+        }
+        let staging = self.buffer("readback staging", total.max(4), wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        let mut enc = self.device().create_command_encoder(&Default::default());
+        for ((buf, len), (at, _)) in pieces.iter().zip(&lens) {
+            if *len > 0 {
+                enc.copy_buffer_to_buffer(buf.raw(), 0, staging.raw(), *at, len.next_multiple_of(4));
+            }
+        }
+        let index = self.queue().submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.raw().map_async(wgpu::MapMode::Read, 0..total.max(4), move |r| {
+            let _ = tx.send(r);
+        });
+        Ok(PendingRead { staging, lens, total: total.max(4), index, rx })
+    }
+
     pub fn read_f32(&self, buf: &GpuBuffer, count: usize) -> Result<Vec<f32>> {
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(buf, 0, count as u64 * 4)?))
     }
@@ -250,6 +276,32 @@ impl GpuContext {
 
     pub fn pool_stats(&self) -> PoolStats {
         self.shared.pool.stats()
+    }
+}
+
+/// Buffers on their way back to the host: [`GpuContext::read_later`].
+pub struct PendingRead {
+    staging: GpuBuffer,
+    lens: Vec<(u64, u64)>,
+    total: u64,
+    index: wgpu::SubmissionIndex,
+    rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl PendingRead {
+    /// Waits for the copies (not for later submissions) and returns each piece's bytes.
+    pub fn wait(self, ctx: &GpuContext) -> Result<Vec<Vec<u8>>> {
+        ctx.wait_for(self.index, "reading back results")?;
+        self.rx
+            .recv()
+            .map_err(|_| Error::Gpu("readback: map callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("readback: {e}")))?;
+        let out = {
+            let view = self.staging.raw().get_mapped_range(0..self.total).map_err(|e| Error::Gpu(format!("readback: {e:?}")))?;
+            self.lens.iter().map(|&(at, len)| view[at as usize..(at + len) as usize].to_vec()).collect()
+        };
+        self.staging.raw().unmap();
+        Ok(out)
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::BufferPool;
 use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::trace::Tracer;
 
 /// Optional adapter features the kernels can use; each has a fallback path.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -122,6 +123,7 @@ pub(crate) struct Shared {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub pool: BufferPool,
+    pub tracer: Mutex<Option<Arc<Tracer>>>,
     pub pipelines: PipelineCache,
     /// Errors no error scope caught (reported at the next sync point instead of panicking).
     pub uncaptured: Arc<Mutex<Vec<String>>>,
@@ -176,6 +178,7 @@ impl GpuContext {
                 info,
                 limits,
                 pool: BufferPool::default(),
+                tracer: Mutex::new(None),
                 pipelines: PipelineCache::default(),
                 uncaptured,
                 lost,
@@ -226,6 +229,24 @@ impl GpuContext {
     /// The same device with a smaller binding limit, so that tests reach the split paths.
     pub fn with_binding_limit(&self, bytes: u64) -> Self {
         GpuContext { binding_limit: bytes.min(self.binding_limit) & !3, ..self.clone() }
+    }
+
+    /// Records uploads and GPU work on `tracer` from now on (None: stop).
+    pub fn set_tracer(&self, tracer: Option<Arc<Tracer>>) {
+        *self.shared.tracer.lock().unwrap() = tracer;
+    }
+
+    pub fn tracer(&self) -> Option<Arc<Tracer>> {
+        self.shared.tracer.lock().unwrap().clone()
+    }
+
+    /// Blocks until submission `index` has finished.
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex, what: &str) -> Result<()> {
+        self.shared
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map_err(|e| Error::Gpu(format!("{what}: {e}")))?;
+        self.check(what)
     }
 
     /// Turns errors reported asynchronously (uncaptured, device lost) into a Rust error.

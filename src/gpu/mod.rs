@@ -5,12 +5,14 @@ mod buffers;
 mod context;
 mod devices;
 mod pipelines;
+mod trace;
 
 pub use batch::{grid, Batch};
 pub use buffers::{
-    encode_weights, round_weights, BufferPool, GpuBuffer, GpuWeight, PoolStats, WeightDtype, WeightPart, STORAGE,
+    encode_weights, round_weights, BufferPool, PendingRead, GpuBuffer, GpuWeight, PoolStats, WeightDtype, WeightPart, STORAGE,
     UNIFORM,
 };
 pub use context::{instance, list_adapters, AdapterChoice, GpuContext, KernelFeatures, WANTED_FEATURES};
 pub use devices::describe_adapters;
 pub use pipelines::{ShaderBuilder, ShaderSource};
+pub use trace::{Event, Track, TraceSummary, Tracer};

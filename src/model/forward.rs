@@ -3,7 +3,7 @@
 //! attends to.
 
 use crate::error::{ensure, Result};
-use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight, WeightPart};
+use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_assign, add_gated, copy_rows, swiglu, swiglu_range};
 use crate::kernels::embedding::embed;
@@ -13,6 +13,7 @@ use crate::kernels::norm::rms_norm;
 use crate::kernels::rope::{rope, RopeLayout, RopeTable};
 use crate::kernels::router::{route, RouterConfig};
 use crate::loader::config::{ModelConfig, QkNorm};
+use crate::model::streamer::{ExpertSlot, SlotCache, UploadLimit};
 use crate::model::weights::{Experts, Ffn, HostExperts, Mlp, Weights};
 
 /// Keys and values of every layer for `rows` cache rows, on the GPU.
@@ -87,117 +88,148 @@ pub struct Model {
     pub slot_cache: std::sync::Mutex<SlotCache>,
 }
 
-/// The experts the slots hold, least recently used first out, and what streaming has cost.
-#[derive(Debug, Default)]
-pub struct SlotCache {
-    /// (layer, expert) per slot.
-    held: Vec<Option<(usize, usize)>>,
-    last_used: Vec<u64>,
-    clock: u64,
-    pub stats: StreamStats,
-}
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StreamStats {
-    /// Experts uploaded, and their bytes.
-    pub uploads: u64,
-    pub bytes: u64,
-    /// Experts found already in a slot.
-    pub hits: u64,
-}
-
-impl SlotCache {
-    pub fn new(slots: usize) -> Self {
-        SlotCache { held: vec![None; slots], last_used: vec![0; slots], ..Default::default() }
-    }
-
-    /// Slots for `wanted` (layer, expert) pairs, all different; for each, whether it must be
-    /// uploaded. A slot already holding its expert is reused; others take the least recently
-    /// used slots that no wanted expert occupies.
-    fn assign(&mut self, wanted: &[(usize, usize)]) -> Vec<(usize, bool)> {
-        self.clock += 1;
-        let mut taken = vec![false; self.held.len()];
-        let mut out = vec![(usize::MAX, true); wanted.len()];
-        for (i, w) in wanted.iter().enumerate() {
-            if let Some(s) = self.held.iter().position(|h| *h == Some(*w)) {
-                taken[s] = true;
-                out[i] = (s, false);
-            }
-        }
-        for (i, w) in wanted.iter().enumerate() {
-            if out[i].0 != usize::MAX {
-                continue;
-            }
-            let s = (0..self.held.len())
-                .filter(|&s| !taken[s])
-                .min_by_key(|&s| self.last_used[s])
-                .expect("no more experts wanted at once than there are slots");
-            taken[s] = true;
-            self.held[s] = Some(*w);
-            out[i] = (s, true);
-        }
-        for &(s, _) in &out {
-            self.last_used[s] = self.clock;
-        }
-        out
-    }
-}
-
-/// A cap on host-to-GPU bytes per second: each upload waits until the bytes sent so far fit the
-/// rate since the first one.
-pub struct UploadLimit {
-    bytes_per_s: f64,
-    state: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
-}
-
-impl UploadLimit {
-    pub fn new(bytes_per_s: u64) -> Self {
-        UploadLimit { bytes_per_s: bytes_per_s as f64, state: std::sync::Mutex::new(None) }
-    }
-
-    /// Waits until `bytes` more may go.
-    pub fn admit(&self, bytes: usize) {
-        let mut state = self.state.lock().unwrap();
-        let (start, sent) = state.get_or_insert_with(|| (std::time::Instant::now(), 0));
-        *sent += bytes as u64;
-        let due = std::time::Duration::from_secs_f64(*sent as f64 / self.bytes_per_s);
-        let elapsed = start.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
-        }
-    }
-}
-
-/// Room on the GPU for one streamed expert's three matrices.
-pub struct ExpertSlot {
-    pub gate: GpuBuffer,
-    pub up: GpuBuffer,
-    pub down: GpuBuffer,
-}
-
-impl ExpertSlot {
-    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: crate::gpu::WeightDtype) -> Result<Self> {
-        let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(4);
-        Ok(ExpertSlot {
-            gate: ctx.storage("expert slot (gate)", bytes)?,
-            up: ctx.storage("expert slot (up)", bytes)?,
-            down: ctx.storage("expert slot (down)", bytes)?,
-        })
-    }
-}
-
-/// A one-part weight over a slot buffer.
-fn slot_view(buffer: &GpuBuffer, rows: usize, cols: usize, dtype: crate::gpu::WeightDtype) -> GpuWeight {
-    GpuWeight { parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }], rows, cols, dtype }
-}
-
-fn linear(b: &mut Batch, x: &GpuBuffer, w: &GpuWeight, bias: Option<&GpuBuffer>, m: usize, what: &str) -> Result<GpuBuffer> {
+pub(crate) fn linear(b: &mut Batch, x: &GpuBuffer, w: &GpuWeight, bias: Option<&GpuBuffer>, m: usize, what: &str) -> Result<GpuBuffer> {
     let y = b.ctx().storage(what, (m * w.rows * 4) as u64)?;
     matmul(b, x, w, bias, &y, m)?;
     Ok(y)
 }
 
+/// Where one pass's tokens are and what they attend to, on the GPU.
+pub(crate) struct TokenPlaces {
+    pub n: usize,
+    pub positions: GpuBuffer,
+    /// The KV rows each token's key and value go to.
+    pub cache_rows: GpuBuffer,
+    /// (first row, count) of the KV rows each token attends to.
+    pub ranges: GpuBuffer,
+}
+
+impl TokenPlaces {
+    pub fn upload(ctx: &GpuContext, positions: &[u32], cache_rows: &[u32], ranges: &[u32]) -> Result<Self> {
+        Ok(TokenPlaces {
+            n: positions.len(),
+            positions: ctx.storage_from("positions", positions)?,
+            cache_rows: ctx.storage_from("cache rows", cache_rows)?,
+            ranges: ctx.storage_from("attention ranges", ranges)?,
+        })
+    }
+}
+
+/// One layer's keys and values for `rows` rows, f32.
+pub(crate) struct LayerKv<'a> {
+    pub k: &'a GpuBuffer,
+    pub v: &'a GpuBuffer,
+    pub rows: usize,
+}
+
+/// The new keys and values of a pass (`[n, kv_dim]`, after the norm and rope), which the host
+/// KV store keeps.
+pub(crate) struct NewKv {
+    pub k: GpuBuffer,
+    pub v: GpuBuffer,
+}
+
 impl Model {
+    /// The attention half of layer `li`: `x += o(attention(norm(x)))`, keys and values written to
+    /// `kv`. Returns the post-attention normed hidden states and the new keys and values.
+    pub(crate) fn attention_block(&self, b: &mut Batch, li: usize, x: &GpuBuffer, t: &TokenPlaces, kv: &LayerKv) -> Result<(GpuBuffer, NewKv)> {
+        let ctx = &self.ctx;
+        let cfg = &self.cfg;
+        let layer = &self.weights.layers[li];
+        let n = t.n;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let hn = ctx.storage("normed hidden", (n * h * 4) as u64)?;
+        rms_norm(b, x, &layer.input_norm, &hn, n, h, cfg.rms_norm_eps)?;
+        let mut q = linear(b, &hn, &layer.q, layer.q_bias.as_ref(), n, "queries")?;
+        let mut k = linear(b, &hn, &layer.k, layer.k_bias.as_ref(), n, "keys")?;
+        let v = linear(b, &hn, &layer.v, layer.v_bias.as_ref(), n, "values")?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let (q_rows, q_width, k_rows, k_width) = match cfg.qk_norm {
+                QkNorm::PerHead => (n * cfg.num_heads, hd, n * cfg.num_kv_heads, hd),
+                _ => (n, q_dim, n, kv_dim),
+            };
+            let q2 = ctx.storage("normed queries", (n * q_dim * 4) as u64)?;
+            let k2 = ctx.storage("normed keys", (n * kv_dim * 4) as u64)?;
+            rms_norm(b, &q, qn, &q2, q_rows, q_width, cfg.rms_norm_eps)?;
+            rms_norm(b, &k, kn, &k2, k_rows, k_width, cfg.rms_norm_eps)?;
+            q = q2;
+            k = k2;
+        }
+        rope(b, &q, &t.positions, &self.rope, n, cfg.num_heads, hd, RopeLayout::HalfSplit)?;
+        rope(b, &k, &t.positions, &self.rope, n, cfg.num_kv_heads, hd, RopeLayout::HalfSplit)?;
+        copy_rows(b, &k, None, kv.k, Some(&t.cache_rows), n, kv_dim)?;
+        copy_rows(b, &v, None, kv.v, Some(&t.cache_rows), n, kv_dim)?;
+        let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
+        let attn = ctx.storage("attention output", (n * q_dim * 4) as u64)?;
+        attention(b, &shape, &q, kv.k, kv.v, &t.ranges, &attn, n, kv.rows)?;
+        let o = linear(b, &attn, &layer.o, None, n, "attention projection")?;
+        add_assign(b, x, &o, n * h)?;
+        let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
+        rms_norm(b, x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
+        Ok((hn2, NewKv { k, v }))
+    }
+
+    pub(crate) fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            n_experts: self.cfg.num_experts,
+            top_k: self.cfg.experts_per_token,
+            sigmoid: false,
+            renormalize: self.cfg.norm_topk_prob,
+            scale: 1.0,
+        }
+    }
+
+    /// The router of MoE layer `li` over `hn`: each token's chosen experts and their weights,
+    /// `[n, top_k]` each.
+    pub(crate) fn route_block(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, n: usize) -> Result<(GpuBuffer, GpuBuffer)> {
+        let ctx = &self.ctx;
+        let Ffn::Moe { router, .. } = &self.weights.layers[li].ffn else {
+            return Err(crate::error::Error::invalid("router", format!("layer {li} has no experts")));
+        };
+        let k = self.cfg.experts_per_token;
+        let logits = linear(b, hn, router, None, n, "router logits")?;
+        let ids = ctx.storage("expert ids", (n * k * 4) as u64)?;
+        let weights = ctx.storage("expert weights", (n * k * 4) as u64)?;
+        route(b, &self.router_config(), &logits, None, &ids, &weights, n)?;
+        Ok((ids, weights))
+    }
+
+    /// What layer `li` adds besides its routed experts: the shared expert of a MoE layer, or the
+    /// whole MLP of a dense one, into `x`.
+    pub(crate) fn unrouted_ffn(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, n: usize, x: &GpuBuffer) -> Result<()> {
+        match &self.weights.layers[li].ffn {
+            Ffn::Moe { shared: Some(s), .. } => {
+                let y = mlp_out(b, hn, &s.mlp, n)?;
+                let g = linear(b, hn, &s.gate, None, n, "shared expert gate")?;
+                add_gated(b, x, &y, &g, n, self.cfg.hidden_size)
+            }
+            Ffn::Moe { shared: None, .. } => Ok(()),
+            Ffn::Dense(m) => {
+                let y = mlp_out(b, hn, m, n)?;
+                add_assign(b, x, &y, n * self.cfg.hidden_size)
+            }
+        }
+    }
+
+    /// Final norm and LM head over `rows` hidden states picked from `x` by `picks`.
+    pub(crate) fn logits_block(&self, b: &mut Batch, x: &GpuBuffer, picks: Option<&GpuBuffer>, rows: usize) -> Result<GpuBuffer> {
+        let ctx = &self.ctx;
+        let h = self.cfg.hidden_size;
+        let picked = match picks {
+            Some(p) => {
+                let picked = ctx.storage("rows for logits", (rows * h * 4) as u64)?;
+                copy_rows(b, x, Some(p), &picked, None, rows, h)?;
+                picked
+            }
+            None => x.clone(),
+        };
+        let normed = ctx.storage("final norm", (rows * h * 4) as u64)?;
+        rms_norm(b, &picked, &self.weights.final_norm, &normed, rows, h, self.cfg.rms_norm_eps)?;
+        linear(b, &normed, self.weights.lm_head(), None, rows, "logits")
+    }
+
     /// Runs the tokens of `input` through the model, writing their keys and values into `cache`;
     /// returns the logits `[input.logit_rows.len(), vocab]`, or None when none were asked for.
     pub fn forward(&self, cache: &KvCache, input: &StepInput) -> Result<Option<GpuBuffer>> {
@@ -205,99 +237,54 @@ impl Model {
         let cfg = &self.cfg;
         let n = input.tokens.len();
         ensure!(n > 0, "forward pass", "no tokens");
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let h = cfg.hidden_size;
         let ids = ctx.storage_from("token ids", &input.tokens)?;
-        let positions = ctx.storage_from("positions", &input.positions)?;
-        let cache_rows = ctx.storage_from("cache rows", &input.cache_rows)?;
-        let ranges = ctx.storage_from("attention ranges", &input.ranges)?;
+        let places = TokenPlaces::upload(ctx, &input.positions, &input.cache_rows, &input.ranges)?;
         let x = ctx.storage("hidden states", (n * h * 4) as u64)?;
-        let mut b = Batch::new(ctx);
+        let mut b = Batch::named(ctx, "embedding");
         embed(&mut b, &self.weights.embed, &ids, n, &x)?;
         b.submit()?;
-        let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
-        let router_cfg = RouterConfig {
-            n_experts: cfg.num_experts,
-            top_k: cfg.experts_per_token,
-            sigmoid: false,
-            renormalize: cfg.norm_topk_prob,
-            scale: 1.0,
-        };
-        for (li, layer) in self.weights.layers.iter().enumerate() {
+        for li in 0..cfg.num_layers {
             // One submission per layer, so its temporaries return to the pool for the next.
-            let mut b = Batch::new(ctx);
-            let hn = ctx.storage("normed hidden", (n * h * 4) as u64)?;
-            rms_norm(&mut b, &x, &layer.input_norm, &hn, n, h, cfg.rms_norm_eps)?;
-            let mut q = linear(&mut b, &hn, &layer.q, layer.q_bias.as_ref(), n, "queries")?;
-            let mut k = linear(&mut b, &hn, &layer.k, layer.k_bias.as_ref(), n, "keys")?;
-            let v = linear(&mut b, &hn, &layer.v, layer.v_bias.as_ref(), n, "values")?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                let (q_rows, q_width, k_rows, k_width) = match cfg.qk_norm {
-                    QkNorm::PerHead => (n * cfg.num_heads, hd, n * cfg.num_kv_heads, hd),
-                    _ => (n, q_dim, n, kv_dim),
-                };
-                let q2 = ctx.storage("normed queries", (n * q_dim * 4) as u64)?;
-                let k2 = ctx.storage("normed keys", (n * kv_dim * 4) as u64)?;
-                rms_norm(&mut b, &q, qn, &q2, q_rows, q_width, cfg.rms_norm_eps)?;
-                rms_norm(&mut b, &k, kn, &k2, k_rows, k_width, cfg.rms_norm_eps)?;
-                q = q2;
-                k = k2;
-            }
-            rope(&mut b, &q, &positions, &self.rope, n, cfg.num_heads, hd, RopeLayout::HalfSplit)?;
-            rope(&mut b, &k, &positions, &self.rope, n, cfg.num_kv_heads, hd, RopeLayout::HalfSplit)?;
-            copy_rows(&mut b, &k, None, &cache.k[li], Some(&cache_rows), n, kv_dim)?;
-            copy_rows(&mut b, &v, None, &cache.v[li], Some(&cache_rows), n, kv_dim)?;
-            let attn = ctx.storage("attention output", (n * q_dim * 4) as u64)?;
-            attention(&mut b, &shape, &q, &cache.k[li], &cache.v[li], &ranges, &attn, n, cache.rows)?;
-            let o = linear(&mut b, &attn, &layer.o, None, n, "attention projection")?;
-            add_assign(&mut b, &x, &o, n * h)?;
-            let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
-            rms_norm(&mut b, &x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
-            match &layer.ffn {
-                Ffn::Moe { router, experts, shared } => {
-                    let logits = linear(&mut b, &hn2, router, None, n, "router logits")?;
-                    let ids = ctx.storage("expert ids", (n * cfg.experts_per_token * 4) as u64)?;
-                    let weights = ctx.storage("expert weights", (n * cfg.experts_per_token * 4) as u64)?;
-                    route(&mut b, &router_cfg, &logits, None, &ids, &weights, n)?;
-                    match experts {
-                        Experts::Resident(stacked) => expert_ffn(&mut b, &hn2, &ids, &weights, n, cfg.experts_per_token, stacked, &x)?,
-                        Experts::Streamed(host) => b = self.streamed_experts(b, li, host, &hn2, &ids, &weights, n, &x)?,
-                    }
-                    if let Some(s) = shared {
-                        let y = mlp_out(&mut b, &hn2, &s.mlp, n)?;
-                        let g = linear(&mut b, &hn2, &s.gate, None, n, "shared expert gate")?;
-                        add_gated(&mut b, &x, &y, &g, n, h)?;
-                    }
-                }
-                Ffn::Dense(m) => {
-                    let y = mlp_out(&mut b, &hn2, m, n)?;
-                    add_assign(&mut b, &x, &y, n * h)?;
+            let mut b = Batch::named(ctx, format!("layer {li}"));
+            let kv = LayerKv { k: &cache.k[li], v: &cache.v[li], rows: cache.rows };
+            let (hn2, _) = self.attention_block(&mut b, li, &x, &places, &kv)?;
+            if let Ffn::Moe { experts, .. } = &self.weights.layers[li].ffn {
+                let (ids, weights) = self.route_block(&mut b, li, &hn2, n)?;
+                match experts {
+                    Experts::Resident(stacked) => expert_ffn(&mut b, &hn2, &ids, &weights, n, cfg.experts_per_token, stacked, &x)?,
+                    Experts::Streamed(host) => b = self.streamed_experts(b, li, host, &hn2, &ids, &weights, n, &x)?,
                 }
             }
+            self.unrouted_ffn(&mut b, li, &hn2, n, &x)?;
             b.submit()?;
         }
         if input.logit_rows.is_empty() {
             return Ok(None);
         }
-        let mut b = Batch::new(ctx);
-        let r = input.logit_rows.len();
-        let picked = ctx.storage("rows for logits", (r * h * 4) as u64)?;
+        let mut b = Batch::named(ctx, "logits");
         let rows = ctx.storage_from("logit rows", &input.logit_rows)?;
-        copy_rows(&mut b, &x, Some(&rows), &picked, None, r, h)?;
-        let normed = ctx.storage("final norm", (r * h * 4) as u64)?;
-        rms_norm(&mut b, &picked, &self.weights.final_norm, &normed, r, h, cfg.rms_norm_eps)?;
-        let logits = linear(&mut b, &normed, self.weights.lm_head(), None, r, "logits")?;
+        let logits = self.logits_block(&mut b, &x, Some(&rows), input.logit_rows.len())?;
         b.submit()?;
         Ok(Some(logits))
     }
-}
 
-impl Model {
+    /// Runs one streamed expert over rows `row0..row0 + m` of `xg` into the same rows of `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn slot_ffn(&self, b: &mut Batch, slot: &ExpertSlot, host: &HostExperts, xg: &GpuBuffer, row0: usize, m: usize, scratch: [&GpuBuffer; 3], y: &GpuBuffer) -> Result<()> {
+        let (h, inter) = (host.hidden, host.inter);
+        let [gate, up, act] = scratch;
+        let [wg, wu, wd] = slot.weights(inter, h, host.dtype);
+        let rows = Rows { m, x_row0: row0, y_row0: row0, y_stride: None };
+        matmul_rows(b, xg, &wg, None, gate, rows, None)?;
+        matmul_rows(b, xg, &wu, None, up, rows, None)?;
+        swiglu_range(b, gate, up, act, row0 * inter, m * inter)?;
+        matmul_rows(b, act, &wd, None, y, rows, None)
+    }
+
     /// The routed experts of a layer whose weights live in host memory: the routing comes back to
-    /// the host, then only the experts that received tokens and are not still in a slot are
-    /// uploaded, each running over its rows. A group of as many experts as there are slots is one
-    /// submission; the next group's uploads are staged while the GPU computes this one, and the
-    /// queue orders them after it. Submits `b` and returns the batch to carry on with.
+    /// the host, then only the experts that received tokens stream to the slots, each running
+    /// over its rows as soon as its upload is queued. Submits `b` and returns the batch to carry on with.
     #[allow(clippy::too_many_arguments)]
     fn streamed_experts(
         &self,
@@ -313,7 +300,6 @@ impl Model {
         let ctx = &self.ctx;
         let (top_k, n_experts) = (self.cfg.experts_per_token, self.cfg.num_experts);
         let (h, inter) = (host.hidden, host.inter);
-        ensure!(self.slots.len() >= 2, "streamed experts", "{} expert slots; at least two are needed", self.slots.len());
         let n_assign = n * top_k;
         b.submit()?;
         let chosen = ctx.read_u32(ids, n_assign)?;
@@ -323,7 +309,7 @@ impl Model {
                 *c += 1;
             }
         }
-        let mut b = Batch::new(ctx);
+        let mut b = Batch::named(ctx, format!("layer {layer} routing"));
         let moe_plan = plan(&mut b, ids, n_assign, n_experts, GroupTile::Small)?;
         let xg = gather(&mut b, hn, &moe_plan, h, top_k)?;
         b.submit()?;
@@ -334,50 +320,19 @@ impl Model {
         // Rows of expert e start where the plan puts them: after every lower expert's rows.
         let offsets: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
         let active: Vec<usize> = (0..n_experts).filter(|&e| counts[e] > 0).collect();
-        let [g_range, u_range, d_range] = host.sections();
-        let mut tally = StreamStats::default();
-        for group in active.chunks(self.slots.len()) {
-            let wanted: Vec<(usize, usize)> = group.iter().map(|&e| (layer, e)).collect();
-            let assigned = self.slot_cache.lock().unwrap().assign(&wanted);
-            let mut b = Batch::new(ctx);
-            for (&e, &(s, upload)) in group.iter().zip(&assigned) {
-                let slot = &self.slots[s];
-                let pack = &host.packs[e];
-                if upload {
-                    if let Some(limit) = &self.upload_limit {
-                        limit.admit(pack.len());
-                    }
-                    ctx.upload(&slot.gate, 0, &pack[g_range.clone()])?;
-                    ctx.upload(&slot.up, 0, &pack[u_range.clone()])?;
-                    ctx.upload(&slot.down, 0, &pack[d_range.clone()])?;
-                }
-                if upload {
-                    tally.uploads += 1;
-                    tally.bytes += pack.len() as u64;
-                } else {
-                    tally.hits += 1;
-                }
-                let rows = Rows { m: counts[e], x_row0: offsets[e], y_row0: offsets[e], y_stride: None };
-                matmul_rows(&mut b, &xg, &slot_view(&slot.gate, inter, h, host.dtype), None, &gate, rows, None)?;
-                matmul_rows(&mut b, &xg, &slot_view(&slot.up, inter, h, host.dtype), None, &up, rows, None)?;
-                swiglu_range(&mut b, &gate, &up, &act, offsets[e] * inter, counts[e] * inter)?;
-                matmul_rows(&mut b, &act, &slot_view(&slot.down, h, inter, host.dtype), None, &y, rows, None)?;
-            }
-            b.submit()?;
-        }
-        let mut cache = self.slot_cache.lock().unwrap();
-        cache.stats.uploads += tally.uploads;
-        cache.stats.bytes += tally.bytes;
-        cache.stats.hits += tally.hits;
-        drop(cache);
-        let mut b = Batch::new(ctx);
+        crate::model::streamer::stream_layer(ctx, &self.slots, &self.slot_cache, self.upload_limit.as_ref(), layer, host, &active, |u, slot| {
+            let mut b = Batch::named(ctx, format!("layer {layer} expert {}", u.expert));
+            self.slot_ffn(&mut b, slot, host, &xg, offsets[u.expert], counts[u.expert], [&gate, &up, &act], &y)?;
+            b.submit().map(|_| ())
+        })?;
+        let mut b = Batch::named(ctx, format!("layer {layer} combine"));
         combine(&mut b, &y, &moe_plan, weights, top_k, h, x)?;
         Ok(b)
     }
 }
 
 /// `down(silu(gate(x)) * up(x))`.
-fn mlp_out(b: &mut Batch, x: &GpuBuffer, m: &Mlp, n: usize) -> Result<GpuBuffer> {
+pub(crate) fn mlp_out(b: &mut Batch, x: &GpuBuffer, m: &Mlp, n: usize) -> Result<GpuBuffer> {
     let gate = linear(b, x, &m.gate, None, n, "mlp gate")?;
     let up = linear(b, x, &m.up, None, n, "mlp up")?;
     let act = b.ctx().storage("mlp activations", (n * m.gate.rows * 4) as u64)?;
@@ -401,18 +356,3 @@ mod tests {
     }
 }
 
-#[cfg(test)]
-mod slot_tests {
-    use super::SlotCache;
-
-    #[test]
-    fn slots_keep_what_is_reused_and_evict_the_least_recent() {
-        let mut c = SlotCache::new(3);
-        assert_eq!(c.assign(&[(0, 1), (0, 2)]), vec![(0, true), (1, true)]);
-        assert_eq!(c.assign(&[(1, 5)]), vec![(2, true)]);
-        // (0, 2) is still held; (0, 7) takes the least recently used slot, 0.
-        assert_eq!(c.assign(&[(0, 7), (0, 2)]), vec![(0, true), (1, false)]);
-        // Wanted together, two held experts and a new one never share a slot.
-        assert_eq!(c.assign(&[(1, 9), (0, 7), (0, 2)]), vec![(2, true), (0, false), (1, false)]);
-    }
-}

@@ -1,6 +1,7 @@
 //! The supported architectures as one forward pass over the kernels.
 
 pub mod forward;
+pub mod streamer;
 pub mod weights;
 
 use std::path::Path;
@@ -11,7 +12,8 @@ use crate::kernels::rope::RopeTable;
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::planner::Placement;
-pub use forward::{ExpertSlot, KvCache, Model, SlotCache, StepInput, StreamStats, UploadLimit};
+pub use forward::{KvCache, Model, StepInput};
+pub use streamer::{ExpertSlot, SlotCache, StreamStats, UploadLimit};
 use weights::{Experts, Ffn, Weights};
 
 impl Model {
@@ -43,7 +45,7 @@ impl Model {
             Some(dtype) => (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, &cfg, dtype)).collect::<Result<_>>()?,
             None => Vec::new(),
         };
-        let slot_cache = std::sync::Mutex::new(forward::SlotCache::new(slots.len()));
+        let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));
         Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots, upload_limit: None, slot_cache })
     }
 }

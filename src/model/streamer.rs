@@ -1,0 +1,297 @@
+//! Streams experts from host memory into a pool of N GPU slots while the GPU computes.
+//!
+//! A host thread uploads the experts of a layer in the order they will run; the GPU work of an
+//! expert is recorded once its upload is queued, and a slot is written again only after the
+//! work reading its previous expert was submitted (the queue orders the write after that work).
+//! So with N slots the uploads run up to N experts ahead of the compute. Experts still held in a
+//! slot from earlier (least recently used out) are not uploaded again.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuBuffer, GpuContext, GpuWeight, Track, WeightDtype, WeightPart};
+use crate::loader::config::ModelConfig;
+use crate::model::weights::HostExperts;
+
+/// A cap on host-to-GPU bytes per second, shared by everything that crosses the link: each
+/// transfer waits until the bytes sent so far fit the rate since the first one.
+pub struct UploadLimit {
+    bytes_per_s: f64,
+    state: Mutex<Option<(Instant, u64)>>,
+}
+
+impl UploadLimit {
+    pub fn new(bytes_per_s: u64) -> Self {
+        UploadLimit { bytes_per_s: bytes_per_s as f64, state: Mutex::new(None) }
+    }
+
+    pub fn bytes_per_s(&self) -> f64 {
+        self.bytes_per_s
+    }
+
+    /// Waits until `bytes` more may go. The link is busy while one transfer waits, as a real one is.
+    pub fn admit(&self, bytes: usize) {
+        let mut state = self.state.lock().unwrap();
+        let now = Instant::now();
+        let (start, sent) = state.get_or_insert((now, 0));
+        // An idle link does not bank credit for later bursts.
+        let due_before = Duration::from_secs_f64(*sent as f64 / self.bytes_per_s);
+        if now.duration_since(*start) > due_before {
+            *start = now;
+            *sent = 0;
+        }
+        *sent += bytes as u64;
+        let due = Duration::from_secs_f64(*sent as f64 / self.bytes_per_s);
+        let elapsed = start.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+}
+
+/// Room on the GPU for one streamed expert's three matrices.
+pub struct ExpertSlot {
+    pub gate: GpuBuffer,
+    pub up: GpuBuffer,
+    pub down: GpuBuffer,
+}
+
+impl ExpertSlot {
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: WeightDtype) -> Result<Self> {
+        let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(4);
+        Ok(ExpertSlot {
+            gate: ctx.storage("expert slot (gate)", bytes)?,
+            up: ctx.storage("expert slot (up)", bytes)?,
+            down: ctx.storage("expert slot (down)", bytes)?,
+        })
+    }
+
+    /// The slot's matrices as one-part weights of `inter x hidden` (gate, up) and `hidden x inter` (down).
+    pub fn weights(&self, inter: usize, hidden: usize, dtype: WeightDtype) -> [GpuWeight; 3] {
+        let view = |buffer: &GpuBuffer, rows: usize, cols: usize| GpuWeight {
+            parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }],
+            rows,
+            cols,
+            dtype,
+        };
+        [view(&self.gate, inter, hidden), view(&self.up, inter, hidden), view(&self.down, hidden, inter)]
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Experts uploaded, and their bytes.
+    pub uploads: u64,
+    pub bytes: u64,
+    /// Experts found already in a slot.
+    pub hits: u64,
+}
+
+impl StreamStats {
+    pub fn add(&mut self, o: StreamStats) {
+        self.uploads += o.uploads;
+        self.bytes += o.bytes;
+        self.hits += o.hits;
+    }
+}
+
+/// Which (layer, expert) each slot holds, and when it was last used.
+#[derive(Debug, Default)]
+pub struct SlotCache {
+    held: Vec<Option<(usize, usize)>>,
+    last_used: Vec<u64>,
+    clock: u64,
+    pub stats: StreamStats,
+}
+
+/// Where one expert of a streamed run goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotUse {
+    pub expert: usize,
+    pub slot: usize,
+    pub upload: bool,
+    /// Experts of this run (in run order) whose work must be submitted before the upload may
+    /// overwrite the slot.
+    pub after: usize,
+}
+
+impl SlotCache {
+    pub fn new(slots: usize) -> Self {
+        SlotCache { held: vec![None; slots], last_used: vec![0; slots], ..Default::default() }
+    }
+
+    /// The run order for `experts` of `layer` and the slot of each: experts still held run
+    /// first without an upload (as long as two slots stay free to rotate through), the others
+    /// rotate through the free slots, least recently used first.
+    pub fn plan(&mut self, layer: usize, experts: &[usize]) -> Vec<SlotUse> {
+        self.clock += 1;
+        let n = self.held.len();
+        let mut pinned = vec![false; n];
+        let mut hits = Vec::new();
+        let mut misses = Vec::new();
+        for &e in experts {
+            match self.held.iter().position(|h| *h == Some((layer, e))) {
+                Some(s) if n - hits.len() > 2 => {
+                    pinned[s] = true;
+                    hits.push(SlotUse { expert: e, slot: s, upload: false, after: 0 });
+                }
+                _ => misses.push(e),
+            }
+        }
+        let mut free: Vec<usize> = (0..n).filter(|&s| !pinned[s]).collect();
+        free.sort_by_key(|&s| self.last_used[s]);
+        let mut out = hits;
+        let mut last_user: Vec<Option<usize>> = vec![None; n];
+        for (j, e) in misses.into_iter().enumerate() {
+            let s = free[j % free.len()];
+            let after = last_user[s].map_or(0, |i| i + 1);
+            last_user[s] = Some(out.len());
+            self.held[s] = Some((layer, e));
+            out.push(SlotUse { expert: e, slot: s, upload: true, after });
+        }
+        for u in &out {
+            self.last_used[u.slot] = self.clock;
+        }
+        out
+    }
+}
+
+/// Progress shared by the upload thread and the compute loop.
+#[derive(Default)]
+struct Progress {
+    uploaded: usize,
+    submitted: usize,
+    failed: Option<Error>,
+    stop: bool,
+}
+
+/// Runs `compute(use, slot)` for each expert of `experts` (in the order [`SlotCache::plan`]
+/// chooses), its weights in `slot` by then; `compute` records and submits the expert's work.
+/// Uploads run on a host thread, capped by `limit`, recorded on the trace.
+pub fn stream_layer(
+    ctx: &GpuContext,
+    slots: &[ExpertSlot],
+    cache: &Mutex<SlotCache>,
+    limit: Option<&UploadLimit>,
+    layer: usize,
+    host: &HostExperts,
+    experts: &[usize],
+    mut compute: impl FnMut(&SlotUse, &ExpertSlot) -> Result<()>,
+) -> Result<StreamStats> {
+    if slots.len() < 2 {
+        return Err(Error::invalid("streamed experts", format!("{} expert slots; at least two are needed", slots.len())));
+    }
+    let uses = cache.lock().unwrap().plan(layer, experts);
+    let progress = Mutex::new(Progress::default());
+    let changed = Condvar::new();
+    let [g, u, d] = host.sections();
+    let mut stats = StreamStats::default();
+    for s in &uses {
+        if s.upload {
+            stats.uploads += 1;
+            stats.bytes += host.packs[s.expert].len() as u64;
+        } else {
+            stats.hits += 1;
+        }
+    }
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for (i, s) in uses.iter().enumerate() {
+                if s.upload {
+                    let mut p = progress.lock().unwrap();
+                    while p.submitted < s.after && !p.stop {
+                        p = changed.wait(p).unwrap();
+                    }
+                    if p.stop {
+                        return;
+                    }
+                    drop(p);
+                    let tracer = ctx.tracer();
+                    let start = tracer.as_ref().map(|t| t.now_ns());
+                    let pack = &host.packs[s.expert];
+                    if let Some(l) = limit {
+                        l.admit(pack.len());
+                    }
+                    let sent = ctx
+                        .upload(&slots[s.slot].gate, 0, &pack[g.clone()])
+                        .and_then(|_| ctx.upload(&slots[s.slot].up, 0, &pack[u.clone()]))
+                        .and_then(|_| ctx.upload(&slots[s.slot].down, 0, &pack[d.clone()]));
+                    if let (Some(t), Some(start)) = (tracer, start) {
+                        t.finish(Track::Upload, format!("layer {layer} expert {} ({} KiB)", s.expert, pack.len() >> 10), start);
+                    }
+                    if let Err(e) = sent {
+                        let mut p = progress.lock().unwrap();
+                        p.failed = Some(e);
+                        p.stop = true;
+                        changed.notify_all();
+                        return;
+                    }
+                }
+                progress.lock().unwrap().uploaded = i + 1;
+                changed.notify_all();
+            }
+        });
+        let run = (|| {
+            for (i, s) in uses.iter().enumerate() {
+                let mut p = progress.lock().unwrap();
+                while p.uploaded <= i && !p.stop {
+                    p = changed.wait(p).unwrap();
+                }
+                if let Some(e) = p.failed.take() {
+                    return Err(e);
+                }
+                drop(p);
+                compute(s, &slots[s.slot])?;
+                progress.lock().unwrap().submitted = i + 1;
+                changed.notify_all();
+            }
+            Ok(())
+        })();
+        if run.is_err() {
+            progress.lock().unwrap().stop = true;
+            changed.notify_all();
+        }
+        run
+    });
+    result?;
+    cache.lock().unwrap().stats.add(stats);
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_experts_run_first_and_the_rest_rotate_after_their_slot_is_released() {
+        let mut c = SlotCache::new(3);
+        let first = c.plan(0, &[1, 2, 3, 4]);
+        let slots: Vec<usize> = first.iter().map(|u| u.slot).collect();
+        assert_eq!(slots, vec![0, 1, 2, 0]);
+        assert!(first.iter().all(|u| u.upload));
+        // Expert 4 reuses slot 0 once expert 1's work (run position 0) is submitted.
+        assert_eq!(first.iter().map(|u| u.after).collect::<Vec<_>>(), vec![0, 0, 0, 1]);
+        // Layer 0 again: 4 (slot 0) and 3 (slot 2) are still held; with 3 slots only one hit may
+        // be pinned so that two slots rotate.
+        let again = c.plan(0, &[3, 4, 5]);
+        assert_eq!(again[0], SlotUse { expert: 3, slot: 2, upload: false, after: 0 });
+        assert!(again[1..].iter().all(|u| u.upload && u.slot != 2));
+        let mut big = SlotCache::new(6);
+        big.plan(1, &[0, 1]);
+        let hits = big.plan(1, &[1, 0, 7]);
+        assert_eq!(hits.iter().filter(|u| !u.upload).count(), 2);
+        assert_eq!(hits[2].expert, 7);
+    }
+
+    #[test]
+    fn the_cap_holds_transfers_to_the_rate() {
+        let l = UploadLimit::new(1_000_000);
+        let t = Instant::now();
+        for _ in 0..5 {
+            l.admit(10_000);
+        }
+        // 50 kB at 1 MB/s: 50 ms.
+        assert!(t.elapsed() >= Duration::from_millis(45), "{:?}", t.elapsed());
+    }
+}
