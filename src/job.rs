@@ -194,6 +194,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         ignore_eos: args.ignore_eos,
         max_step_tokens: args.max_step_tokens,
         cache_rows,
+        fixed_batch: false,
     };
     let mut written = 0usize;
     let mut generated = 0usize;

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use moegen::gpu::{AdapterChoice, GpuContext};
 use moegen::model::Model;
 use moegen::planner::Placement;
-use moegen::scheduler::{generate, prompt_logits, GenerateOptions, Request};
+use moegen::scheduler::{generate, generate_module, prompt_logits, GenerateOptions, ModuleSizes, Request};
 use serde_json::Value;
 
 fn gpu() -> &'static GpuContext {
@@ -90,6 +90,37 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     })
     .unwrap();
     assert_eq!(chunked, want, "{name}: chunked prefill or cache refill changed the tokens");
+
+    // Model-based batching: two sequences at a time, the next pair only when both finished.
+    let fixed = GenerateOptions { ignore_eos: true, cache_rows: 2 * longest, fixed_batch: true, ..Default::default() };
+    let mut batched = vec![Vec::new(); requests.len()];
+    generate(model, &requests, &fixed, |f| {
+        batched[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(batched, want, "{name}: model-based batching changed the tokens");
+
+    // Module-based batching, sizes that split everything: a population of three (others join as
+    // sequences finish), attention micro-batches of at most 5 tokens and 2 sequences' rows,
+    // expert chunks of 3 rows, 4-token KV pages, 6 prompt tokens a step.
+    let page_bytes = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg, 4);
+    let sizes = ModuleSizes {
+        population: 3,
+        step_tokens: 6,
+        attn_tokens: 5,
+        attn_kv_rows: 2 * longest,
+        expert_chunk: 3,
+        host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
+        page_tokens: 4,
+    };
+    let mut module = vec![Vec::new(); requests.len()];
+    generate_module(model, &requests, &opts, &sizes, |f| {
+        module[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(module, want, "{name}: module-based batching changed the tokens");
 
     // A device whose bindings hold 40 tokens' worth of the widest activation: steps shrink to fit.
     let cfg = &model.cfg;

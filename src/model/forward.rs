@@ -86,6 +86,8 @@ pub struct Model {
     pub upload_limit: Option<UploadLimit>,
     /// Which expert each slot holds, so an expert still in a slot is not uploaded again.
     pub slot_cache: std::sync::Mutex<SlotCache>,
+    /// Host-to-GPU bytes other than streamed experts: KV pages and hidden states (module-based).
+    pub other_uploads: std::sync::atomic::AtomicU64,
 }
 
 

@@ -46,6 +46,6 @@ impl Model {
             None => Vec::new(),
         };
         let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));
-        Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots, upload_limit: None, slot_cache })
+        Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots, upload_limit: None, slot_cache, other_uploads: Default::default() })
     }
 }

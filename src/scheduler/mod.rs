@@ -1,7 +1,16 @@
-//! Runs a job's sequences together: each step feeds every running sequence's pending tokens
-//! (a prompt, or a chunk of one, or the last sampled token) through one ragged forward pass,
-//! samples where a sequence's pending tokens ran out, and refills the KV cache with waiting
-//! prompts as sequences finish.
+//! Runs a job's sequences under one of three batching policies, on the same kernels and streamer:
+//!
+//! - `module` ([`module`]): module-based batching, the population's hidden states and KV in host
+//!   memory, each module at its own batch size;
+//! - `continuous` (here): a fixed set of running sequences with their KV on the GPU, each step one
+//!   ragged forward pass over their pending tokens, finished sequences replaced by waiting ones;
+//! - `model` (here): one fixed batch pushed through the whole model until all of it finishes,
+//!   then the next batch.
+
+pub mod host_kv;
+pub mod module;
+
+pub use module::{generate_module, ModuleSizes};
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +43,46 @@ pub struct Finished {
     pub finish: FinishReason,
 }
 
+/// How sequences are batched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Batching {
+    /// Module-based: population in host memory, each module at its own batch size.
+    Module,
+    /// Model-based (FlexGen, DeepSpeed): one fixed batch through the whole model per step.
+    Model,
+    /// Continuous (vLLM): a fixed set of running sequences, refilled as they finish.
+    Continuous,
+}
+
+impl Batching {
+    pub fn name(self) -> &'static str {
+        match self {
+            Batching::Module => "module",
+            Batching::Model => "model",
+            Batching::Continuous => "continuous",
+        }
+    }
+}
+
+/// Whether a sequence stops after sampling `token`.
+pub(crate) fn finish_reason(
+    cfg: &crate::loader::config::ModelConfig,
+    opts: &GenerateOptions,
+    token: u32,
+    generated: usize,
+    max_new: usize,
+    len: usize,
+    cap: usize,
+) -> Option<FinishReason> {
+    if !opts.ignore_eos && cfg.eos_token_ids.contains(&token) {
+        Some(FinishReason::Stop)
+    } else if generated >= max_new || len >= cap {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct GenerateOptions {
     pub sampling: SamplingParams,
@@ -42,11 +91,13 @@ pub struct GenerateOptions {
     pub max_step_tokens: usize,
     /// Cache rows to allocate (0: as many as one binding holds, capped by what the job needs).
     pub cache_rows: usize,
+    /// Model-based batching: admit a new batch only when the whole running one has finished.
+    pub fixed_batch: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { sampling: SamplingParams::default(), ignore_eos: false, max_step_tokens: 2048, cache_rows: 0 }
+        GenerateOptions { sampling: SamplingParams::default(), ignore_eos: false, max_step_tokens: 2048, cache_rows: 0, fixed_batch: false }
     }
 }
 
@@ -134,8 +185,10 @@ pub fn generate(
         }
     }
     loop {
-        // Admit waiting sequences, in order, while their whole length fits in the cache.
-        while waiting < requests.len() {
+        let admitting = running.is_empty();
+        // Admit waiting sequences, in order, while their whole length fits in the cache (under
+        // model-based batching, only once the running batch has finished).
+        while waiting < requests.len() && (!opts.fixed_batch || running.is_empty() || admitting) {
             let r = &requests[waiting];
             if r.max_new_tokens == 0 {
                 waiting += 1;
@@ -210,14 +263,7 @@ pub fn generate(
             stats.generated_tokens += 1;
             let generated = s.tokens.len() - s.prompt_len;
             let r = &requests[s.index];
-            let finish = if !opts.ignore_eos && cfg.eos_token_ids.contains(&token) {
-                Some(FinishReason::Stop)
-            } else if generated >= r.max_new_tokens || s.tokens.len() >= s.cache_len {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(f) = finish {
+            if let Some(f) = finish_reason(cfg, opts, token, generated, r.max_new_tokens, s.tokens.len(), s.cache_len) {
                 done.push((i, f));
             }
         }
@@ -236,7 +282,7 @@ pub fn generate(
 /// The most tokens one step may feed and the most sequences it may sample, so that every
 /// activation of a step (the widest being the routed experts' rows and the logits) fits one
 /// storage binding of this device.
-fn step_limits(ctx: &GpuContext, cfg: &crate::loader::config::ModelConfig, max_step_tokens: usize) -> (usize, usize) {
+pub(crate) fn step_limits(ctx: &GpuContext, cfg: &crate::loader::config::ModelConfig, max_step_tokens: usize) -> (usize, usize) {
     let limit = ctx.binding_limit() as usize;
     let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
     let widest = [cfg.experts_per_token * inter, cfg.experts_per_token * cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size]

@@ -1,0 +1,127 @@
+//! The KV cache in host memory, in fixed-size pages: a sequence takes the pages its length needs,
+//! nothing is padded to the longest, and finished sequences give their pages back.
+
+use crate::loader::config::ModelConfig;
+
+pub struct HostKv {
+    page_tokens: usize,
+    /// Floats of one token's key (or value) in one layer.
+    row: usize,
+    /// Per layer, every page's keys (values), page after page.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    free: Vec<u32>,
+    pages: usize,
+}
+
+impl HostKv {
+    /// A store of as many pages as `bytes` holds. The memory is reserved lazily by the OS, so an
+    /// unused store costs nothing.
+    pub fn new(cfg: &ModelConfig, bytes: u64, page_tokens: usize) -> Self {
+        let row = cfg.num_kv_heads * cfg.head_dim;
+        let pages = (bytes / Self::page_bytes(cfg, page_tokens)) as usize;
+        let floats = pages * page_tokens * row;
+        HostKv {
+            page_tokens,
+            row,
+            k: (0..cfg.num_layers).map(|_| vec![0.0; floats]).collect(),
+            v: (0..cfg.num_layers).map(|_| vec![0.0; floats]).collect(),
+            free: (0..pages as u32).rev().collect(),
+            pages,
+        }
+    }
+
+    /// Bytes of one page: keys and values of `page_tokens` tokens in every layer.
+    pub fn page_bytes(cfg: &ModelConfig, page_tokens: usize) -> u64 {
+        (2 * cfg.num_layers * page_tokens * cfg.num_kv_heads * cfg.head_dim * 4) as u64
+    }
+
+    pub fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_tokens)
+    }
+
+    pub fn total_pages(&self) -> usize {
+        self.pages
+    }
+
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Pages for a sequence of up to `tokens` tokens, or None when too few are free.
+    pub fn alloc(&mut self, tokens: usize) -> Option<Vec<u32>> {
+        let n = self.pages_for(tokens);
+        if n > self.free.len() {
+            return None;
+        }
+        Some(self.free.split_off(self.free.len() - n))
+    }
+
+    pub fn release(&mut self, pages: Vec<u32>) {
+        self.free.extend(pages);
+    }
+
+    fn at(&self, pages: &[u32], pos: usize) -> usize {
+        (pages[pos / self.page_tokens] as usize * self.page_tokens + pos % self.page_tokens) * self.row
+    }
+
+    /// Stores `count` consecutive tokens' keys and values from position `pos` on.
+    pub fn write(&mut self, layer: usize, pages: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+        let r = self.row;
+        for (j, (kr, vr)) in k.chunks_exact(r).zip(v.chunks_exact(r)).enumerate() {
+            let at = self.at(pages, pos + j);
+            self.k[layer][at..at + r].copy_from_slice(kr);
+            self.v[layer][at..at + r].copy_from_slice(vr);
+        }
+    }
+
+    /// Appends positions `from..to` of a sequence's keys and values to `k` and `v`, a page run
+    /// at a time.
+    pub fn gather(&self, layer: usize, pages: &[u32], from: usize, to: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
+        let mut pos = from;
+        while pos < to {
+            let run = (self.page_tokens - pos % self.page_tokens).min(to - pos);
+            let at = self.at(pages, pos);
+            k.extend_from_slice(&self.k[layer][at..at + run * self.row]);
+            v.extend_from_slice(&self.v[layer][at..at + run * self.row]);
+            pos += run;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        let v = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": 8, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 2, "num_local_experts": 4,
+            "num_experts_per_tok": 2, "intermediate_size": 16, "vocab_size": 50
+        });
+        ModelConfig::parse(&v, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn pages_hold_rows_across_boundaries_and_come_back() {
+        let c = cfg();
+        let row = c.num_kv_heads * c.head_dim;
+        let mut kv = HostKv::new(&c, HostKv::page_bytes(&c, 3) * 5, 3);
+        assert_eq!(kv.total_pages(), 5);
+        let a = kv.alloc(7).unwrap();
+        assert_eq!(a.len(), 3);
+        assert!(kv.alloc(7).is_none(), "two pages left, three needed");
+        let b = kv.alloc(4).unwrap();
+        let keys: Vec<f32> = (0..7 * row).map(|i| i as f32).collect();
+        let vals: Vec<f32> = keys.iter().map(|x| -x).collect();
+        kv.write(1, &a, 0, &keys[..2 * row], &vals[..2 * row]);
+        kv.write(1, &a, 2, &keys[2 * row..], &vals[2 * row..]);
+        kv.write(1, &b, 0, &vals[..4 * row], &keys[..4 * row]);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(1, &a, 1, 7, &mut k, &mut v);
+        assert_eq!(k, keys[row..].to_vec());
+        assert_eq!(v, vals[row..].to_vec());
+        kv.release(a);
+        assert_eq!(kv.free_pages(), 3);
+    }
+}

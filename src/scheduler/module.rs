@@ -1,0 +1,488 @@
+//! Module-based batching: the hidden states of every sequence in flight (the population) live in
+//! host memory between modules, and each module runs at the batch size that suits it. Attention
+//! runs layer by layer in micro-batches of sequences whose KV pages are staged from the host
+//! store; each routed expert runs once per layer per step over every token of the population
+//! routed to it, in chunks; finished sequences leave and waiting prompts join, their prefill
+//! tokens sharing the steps with decode tokens.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Batch, GpuBuffer, PendingRead, Track};
+use crate::kernels::embedding::embed;
+use crate::kernels::moe::expert_ffn;
+use crate::kernels::softmax::argmax;
+use crate::model::forward::{LayerKv, TokenPlaces};
+use crate::model::weights::{Experts, Ffn};
+use crate::model::Model;
+use crate::output::FinishReason;
+use crate::sampler::SequenceSampler;
+use crate::scheduler::host_kv::HostKv;
+use crate::scheduler::{finish_reason, step_limits, Finished, GenerateOptions, GenerateStats, Request};
+
+/// The batch sizes the planner chose for each module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleSizes {
+    /// Most sequences in flight.
+    pub population: usize,
+    /// Most tokens (prefill and decode) fed per step.
+    pub step_tokens: usize,
+    /// Most new tokens, and most KV rows (past and new), per attention micro-batch.
+    pub attn_tokens: usize,
+    pub attn_kv_rows: usize,
+    /// Most rows per expert dispatch (and tokens per chunk of resident and dense modules).
+    pub expert_chunk: usize,
+    /// Host memory for the KV store, and its page size in tokens.
+    pub host_kv_bytes: u64,
+    pub page_tokens: usize,
+}
+
+struct Seq {
+    index: usize,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cached: usize,
+    /// Tokens this sequence may reach (prompt and new), which its pages hold.
+    cap: usize,
+    pages: Vec<u32>,
+    sampler: SequenceSampler,
+}
+
+/// One sequence's tokens in a step.
+#[derive(Clone, Copy)]
+struct Part {
+    seq: usize,
+    past: usize,
+    count: usize,
+    /// First row of the step's arrays.
+    row0: usize,
+    completes: bool,
+}
+
+/// The step's hidden states, router choices and new tokens, on the host.
+struct StepState {
+    n: usize,
+    x: Vec<f32>,
+    hn: Vec<f32>,
+    expert_ids: Vec<u32>,
+    expert_weights: Vec<f32>,
+}
+
+/// Sends host data to the GPU as link traffic: held to the upload cap, counted, traced.
+fn send<T: bytemuck::Pod>(model: &Model, what: &str, data: &[T]) -> Result<GpuBuffer> {
+    let bytes = std::mem::size_of_val(data);
+    let tracer = model.ctx.tracer();
+    let start = tracer.as_ref().map(|t| t.now_ns());
+    if let Some(l) = &model.upload_limit {
+        l.admit(bytes);
+    }
+    let buf = model.ctx.storage_from(what, data)?;
+    model.other_uploads.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    if let (Some(t), Some(s)) = (tracer, start) {
+        t.finish(Track::Upload, format!("{what} ({} KiB)", bytes >> 10), s);
+    }
+    Ok(buf)
+}
+
+fn floats(bytes: &[u8]) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(bytes)
+}
+
+pub fn generate_module(
+    model: &Model,
+    requests: &[Request],
+    opts: &GenerateOptions,
+    sizes: &ModuleSizes,
+    mut on_finish: impl FnMut(Finished) -> Result<()>,
+) -> Result<GenerateStats> {
+    let cfg = &model.cfg;
+    let mut stats = GenerateStats::default();
+    let mut kv = HostKv::new(cfg, sizes.host_kv_bytes, sizes.page_tokens);
+    let need = |r: &Request| (r.prompt.len() + r.max_new_tokens).max(1);
+    if let Some(r) = requests.iter().max_by_key(|r| need(r)) {
+        if kv.pages_for(need(r)) > kv.total_pages() {
+            return Err(Error::invalid(
+                "--host-memory",
+                format!(
+                    "the host KV store ({} pages of {} tokens) cannot hold one sequence of {} tokens",
+                    kv.total_pages(),
+                    sizes.page_tokens,
+                    need(r)
+                ),
+            ));
+        }
+    }
+    let (_, logit_rows) = step_limits(&model.ctx, cfg, sizes.step_tokens);
+    let mut waiting = 0usize;
+    let mut pop: Vec<Seq> = Vec::new();
+    for (index, r) in requests.iter().enumerate() {
+        if r.max_new_tokens == 0 {
+            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length })?;
+        }
+    }
+    loop {
+        while waiting < requests.len() && pop.len() < sizes.population {
+            let r = &requests[waiting];
+            if r.max_new_tokens == 0 {
+                waiting += 1;
+                continue;
+            }
+            let Some(pages) = kv.alloc(need(r)) else { break };
+            pop.push(Seq {
+                index: waiting,
+                tokens: r.prompt.clone(),
+                prompt_len: r.prompt.len(),
+                cached: 0,
+                cap: need(r),
+                pages,
+                sampler: SequenceSampler::new(opts.sampling.seed, &r.id.to_string()),
+            });
+            stats.prompt_tokens += r.prompt.len();
+            waiting += 1;
+        }
+        if pop.is_empty() {
+            break;
+        }
+        // Decode tokens first, then prompt chunks up to the step's token budget.
+        let mut order: Vec<usize> = (0..pop.len()).collect();
+        order.sort_by_key(|&i| pop[i].cached < pop[i].prompt_len);
+        let mut parts = Vec::new();
+        let (mut n, mut prefill_tokens, mut decode_tokens) = (0usize, 0usize, 0usize);
+        for i in order {
+            let s = &pop[i];
+            let pending = s.tokens.len() - s.cached;
+            let count = pending.min(sizes.step_tokens.saturating_sub(n)).min(sizes.attn_tokens);
+            if count == 0 {
+                break;
+            }
+            parts.push(Part { seq: i, past: s.cached, count, row0: n, completes: count == pending });
+            let in_prompt = s.prompt_len.saturating_sub(s.cached).min(count);
+            prefill_tokens += in_prompt;
+            decode_tokens += count - in_prompt;
+            n += count;
+        }
+        let started = Instant::now();
+        let chosen = run_step(model, &mut kv, &pop, &parts, n, sizes, logit_rows, opts.sampling.greedy())?;
+        let elapsed = started.elapsed();
+        let fed = (prefill_tokens + decode_tokens).max(1) as u32;
+        stats.prefill_time += elapsed * prefill_tokens as u32 / fed;
+        stats.decode_time += elapsed * decode_tokens as u32 / fed;
+        stats.steps += 1;
+
+        let mut done = Vec::new();
+        for p in &parts {
+            pop[p.seq].cached += p.count;
+        }
+        for (p, token) in parts.iter().filter(|p| p.completes).zip(chosen) {
+            let token = match token {
+                Sampled::Token(t) => t,
+                Sampled::Logits(l) => pop[p.seq].sampler.sample(&l, &opts.sampling),
+            };
+            let s = &mut pop[p.seq];
+            s.tokens.push(token);
+            stats.generated_tokens += 1;
+            if let Some(f) = finish_reason(cfg, opts, token, s.tokens.len() - s.prompt_len, requests[s.index].max_new_tokens, s.tokens.len(), s.cap) {
+                done.push((p.seq, f));
+            }
+        }
+        done.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        let mut finished: Vec<(Seq, FinishReason)> = done.into_iter().map(|(i, f)| (pop.swap_remove(i), f)).collect();
+        finished.sort_by_key(|(s, _)| s.index);
+        for (s, finish) in finished {
+            kv.release(s.pages);
+            on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish })?;
+        }
+    }
+    Ok(stats)
+}
+
+/// A completed sequence's next token, or its logits for the host sampler.
+enum Sampled {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
+/// One step through every module: embeddings, then per layer attention micro-batches and the
+/// FFN modules, then the logits of the sequences that sample.
+#[allow(clippy::too_many_arguments)]
+fn run_step(
+    model: &Model,
+    kv: &mut HostKv,
+    pop: &[Seq],
+    parts: &[Part],
+    n: usize,
+    sizes: &ModuleSizes,
+    logit_rows: usize,
+    greedy: bool,
+) -> Result<Vec<Sampled>> {
+    let ctx = &model.ctx;
+    let cfg = &model.cfg;
+    let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
+    let mut ids = Vec::with_capacity(n);
+    for p in parts {
+        ids.extend_from_slice(&pop[p.seq].tokens[p.past..p.past + p.count]);
+    }
+    let mut st = StepState { n, x: vec![0.0; n * h], hn: vec![0.0; n * h], expert_ids: vec![0; n * k], expert_weights: vec![0.0; n * k] };
+    for (c, rows) in chunks(n, sizes.expert_chunk) {
+        let idb = ctx.storage_from("token ids", &ids[c..c + rows])?;
+        let xb = ctx.storage("hidden states", (rows * h * 4) as u64)?;
+        let mut b = Batch::named(ctx, "embedding");
+        embed(&mut b, &model.weights.embed, &idb, rows, &xb)?;
+        b.submit()?;
+        let out = ctx.read_later(&[(&xb, (rows * h * 4) as u64)])?.wait(ctx)?;
+        st.x[c * h..(c + rows) * h].copy_from_slice(&floats(&out[0]));
+    }
+    for li in 0..cfg.num_layers {
+        attention_layer(model, kv, pop, parts, sizes, li, &mut st)?;
+        match &model.weights.layers[li].ffn {
+            Ffn::Moe { experts: Experts::Streamed(_), .. } => {
+                streamed_layer(model, sizes, li, &mut st)?;
+                if matches!(&model.weights.layers[li].ffn, Ffn::Moe { shared: Some(_), .. }) {
+                    chunked_ffn(model, sizes, li, false, &mut st)?;
+                }
+            }
+            Ffn::Moe { experts: Experts::Resident(_), .. } => chunked_ffn(model, sizes, li, true, &mut st)?,
+            Ffn::Dense(_) => chunked_ffn(model, sizes, li, false, &mut st)?,
+        }
+    }
+    // Logits of the last token of each completing part.
+    let rows: Vec<usize> = parts.iter().filter(|p| p.completes).map(|p| p.row0 + p.count - 1).collect();
+    let vocab = cfg.vocab_size;
+    let mut out = Vec::with_capacity(rows.len());
+    for (c, m) in chunks(rows.len(), logit_rows) {
+        let mut xs = Vec::with_capacity(m * h);
+        for &r in &rows[c..c + m] {
+            xs.extend_from_slice(&st.x[r * h..(r + 1) * h]);
+        }
+        let xb = send(model, "hidden states for logits", &xs)?;
+        let mut b = Batch::named(ctx, "logits");
+        let logits = model.logits_block(&mut b, &xb, None, m)?;
+        if greedy {
+            let idb = ctx.storage("greedy tokens", (m * 4) as u64)?;
+            argmax(&mut b, &logits, &idb, m, vocab)?;
+            b.submit()?;
+            let got = ctx.read_u32(&idb, m)?;
+            out.extend(got.into_iter().map(Sampled::Token));
+        } else {
+            b.submit()?;
+            let all = ctx.read_f32(&logits, m * vocab)?;
+            out.extend(all.chunks_exact(vocab).map(|row| Sampled::Logits(row.to_vec())));
+        }
+    }
+    Ok(out)
+}
+
+/// `(first, count)` chunks of `n` items, `size` at most each.
+fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    let size = size.max(1);
+    (0..n.div_ceil(size)).map(move |i| (i * size, size.min(n - i * size)))
+}
+
+/// Micro-batches of parts, each within the attention sizes (a part too large alone runs alone).
+fn micro_batches(parts: &[Part], sizes: &ModuleSizes) -> Vec<Vec<Part>> {
+    let mut out: Vec<Vec<Part>> = Vec::new();
+    let (mut tokens, mut rows) = (0, 0);
+    for &p in parts {
+        let r = p.past + p.count;
+        let fits = tokens + p.count <= sizes.attn_tokens && rows + r <= sizes.attn_kv_rows;
+        match out.last_mut() {
+            Some(mb) if fits => mb.push(p),
+            _ => {
+                out.push(vec![p]);
+                (tokens, rows) = (0, 0);
+            }
+        }
+        tokens += p.count;
+        rows += r;
+    }
+    out
+}
+
+/// What one attention micro-batch sends back.
+struct AttnPending {
+    read: PendingRead,
+    parts: Vec<Part>,
+    routed: bool,
+}
+
+/// The attention half of layer `li` over the whole step, micro-batch by micro-batch: the next
+/// micro-batch is staged and submitted before the previous one's results are taken back.
+fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], sizes: &ModuleSizes, li: usize, st: &mut StepState) -> Result<()> {
+    let ctx = &model.ctx;
+    let cfg = &model.cfg;
+    let h = cfg.hidden_size;
+    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    let routed = matches!(model.weights.layers[li].ffn, Ffn::Moe { .. });
+    let mut pending: Option<AttnPending> = None;
+    for (mi, mb) in micro_batches(parts, sizes).into_iter().enumerate() {
+        let (mut positions, mut cache_rows, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut values, mut xs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row = 0usize;
+        for p in &mb {
+            let s = &pop[p.seq];
+            kv.gather(li, &s.pages, 0, p.past, &mut keys, &mut values);
+            // The new rows are written on the GPU.
+            keys.resize(keys.len() + p.count * kv_dim, 0.0);
+            values.resize(values.len() + p.count * kv_dim, 0.0);
+            for j in 0..p.count {
+                let pos = p.past + j;
+                let seen = pos + 1;
+                let len = cfg.sliding_window.map_or(seen, |w| seen.min(w));
+                positions.push(pos as u32);
+                cache_rows.push((row + pos) as u32);
+                ranges.extend([(row + seen - len) as u32, len as u32]);
+            }
+            row += p.past + p.count;
+            xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
+        }
+        let m = positions.len();
+        let kb = send(model, &format!("layer {li} keys, micro-batch {mi}"), &keys)?;
+        let vb = send(model, &format!("layer {li} values, micro-batch {mi}"), &values)?;
+        let xb = send(model, "hidden states", &xs)?;
+        let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
+        let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
+        let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: row })?;
+        let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64), (&new.k, (m * kv_dim * 4) as u64), (&new.v, (m * kv_dim * 4) as u64)];
+        let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
+        if let Some((ids, w)) = &routing {
+            let kk = (m * cfg.experts_per_token * 4) as u64;
+            back.push((ids, kk));
+            back.push((w, kk));
+        }
+        b.submit()?;
+        let read = ctx.read_later(&back)?;
+        if let Some(prev) = pending.replace(AttnPending { read, parts: mb, routed }) {
+            take_attention(model, kv, pop, li, prev, st)?;
+        }
+    }
+    if let Some(prev) = pending {
+        take_attention(model, kv, pop, li, prev, st)?;
+    }
+    Ok(())
+}
+
+fn take_attention(model: &Model, kv: &mut HostKv, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
+    let cfg = &model.cfg;
+    let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
+    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    let got = p.read.wait(&model.ctx)?;
+    let (x, hn, nk, nv) = (floats(&got[0]), floats(&got[1]), floats(&got[2]), floats(&got[3]));
+    let mut at = 0;
+    for part in &p.parts {
+        let (r0, c) = (part.row0, part.count);
+        st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
+        st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
+        kv.write(li, &pop[part.seq].pages, part.past, &nk[at * kv_dim..(at + c) * kv_dim], &nv[at * kv_dim..(at + c) * kv_dim]);
+        if p.routed {
+            let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&got[4]);
+            let w = floats(&got[5]);
+            st.expert_ids[r0 * k..(r0 + c) * k].copy_from_slice(&ids[at * k..(at + c) * k]);
+            st.expert_weights[r0 * k..(r0 + c) * k].copy_from_slice(&w[at * k..(at + c) * k]);
+        }
+        at += c;
+    }
+    Ok(())
+}
+
+/// The FFN modules whose weights are on the GPU, over the step in chunks: the resident routed
+/// experts (when `routed`) and the shared expert or dense MLP, added into the hidden states.
+fn chunked_ffn(model: &Model, sizes: &ModuleSizes, li: usize, routed: bool, st: &mut StepState) -> Result<()> {
+    let ctx = &model.ctx;
+    let (h, k) = (model.cfg.hidden_size, model.cfg.experts_per_token);
+    let mut pending: Option<(PendingRead, usize, usize)> = None;
+    let take = |p: (PendingRead, usize, usize), st: &mut StepState| -> Result<()> {
+        let (read, c, rows) = p;
+        let got = read.wait(ctx)?;
+        st.x[c * h..(c + rows) * h].copy_from_slice(&floats(&got[0]));
+        Ok(())
+    };
+    for (c, rows) in chunks(st.n, sizes.expert_chunk) {
+        let xb = send(model, "hidden states", &st.x[c * h..(c + rows) * h])?;
+        let hb = send(model, "normed hidden states", &st.hn[c * h..(c + rows) * h])?;
+        let mut b = Batch::named(ctx, format!("layer {li} ffn, rows {c}.."));
+        if routed {
+            let Ffn::Moe { experts: Experts::Resident(stacked), .. } = &model.weights.layers[li].ffn else { unreachable!() };
+            let ids = send(model, "expert ids", &st.expert_ids[c * k..(c + rows) * k])?;
+            let w = send(model, "expert weights", &st.expert_weights[c * k..(c + rows) * k])?;
+            expert_ffn(&mut b, &hb, &ids, &w, rows, k, stacked, &xb)?;
+        }
+        model.unrouted_ffn(&mut b, li, &hb, rows, &xb)?;
+        b.submit()?;
+        let read = ctx.read_later(&[(&xb, (rows * h * 4) as u64)])?;
+        if let Some(prev) = pending.replace((read, c, rows)) {
+            take(prev, st)?;
+        }
+    }
+    if let Some(prev) = pending {
+        take(prev, st)?;
+    }
+    Ok(())
+}
+
+/// The streamed routed experts of layer `li`: the step's assignments grouped by expert, each
+/// expert uploaded once and run over all of its rows in chunks, the outputs summed into the
+/// hidden states on the host in the same order as the GPU combine.
+fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepState) -> Result<()> {
+    let ctx = &model.ctx;
+    let cfg = &model.cfg;
+    let Ffn::Moe { experts: Experts::Streamed(host), .. } = &model.weights.layers[li].ffn else { unreachable!() };
+    let (h, k, inter) = (cfg.hidden_size, cfg.experts_per_token, host.inter);
+    let mut groups: Vec<Vec<u32>> = vec![Vec::new(); cfg.num_experts];
+    for (a, &e) in st.expert_ids.iter().enumerate() {
+        if let Some(g) = groups.get_mut(e as usize) {
+            g.push(a as u32);
+        }
+    }
+    let active: Vec<usize> = (0..cfg.num_experts).filter(|&e| !groups[e].is_empty()).collect();
+    let mut y = vec![0.0f32; st.n * k * h];
+    let mut pending: std::collections::VecDeque<(PendingRead, Vec<u32>)> = Default::default();
+    let take = |(read, rows): (PendingRead, Vec<u32>), y: &mut Vec<f32>| -> Result<()> {
+        let got = floats(&read.wait(ctx)?[0]);
+        for (j, &a) in rows.iter().enumerate() {
+            y[a as usize * h..(a as usize + 1) * h].copy_from_slice(&got[j * h..(j + 1) * h]);
+        }
+        Ok(())
+    };
+    let hn = &st.hn;
+    crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, model.upload_limit.as_ref(), li, host, &active, |u, slot| {
+        for rows in groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
+            let m = rows.len();
+            let mut xs = Vec::with_capacity(m * h);
+            for &a in rows {
+                let t = a as usize / k;
+                xs.extend_from_slice(&hn[t * h..(t + 1) * h]);
+            }
+            let xg = send(model, "expert rows", &xs)?;
+            let gate = ctx.storage("expert gate", (m * inter * 4) as u64)?;
+            let up = ctx.storage("expert up", (m * inter * 4) as u64)?;
+            let act = ctx.storage("expert activations", (m * inter * 4) as u64)?;
+            let out = ctx.storage("expert outputs", (m * h * 4) as u64)?;
+            let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
+            model.slot_ffn(&mut b, slot, host, &xg, 0, m, [&gate, &up, &act], &out)?;
+            b.submit()?;
+            pending.push_back((ctx.read_later(&[(&out, (m * h * 4) as u64)])?, rows.to_vec()));
+            // Keep one chunk in flight behind the one just submitted.
+            while pending.len() > 2 {
+                take(pending.pop_front().expect("non-empty"), &mut y)?;
+            }
+        }
+        Ok(())
+    })?;
+    while let Some(p) = pending.pop_front() {
+        take(p, &mut y)?;
+    }
+    // out[t] = fma(w_j, y_j, out[t]) in slot order, as the GPU combine sums.
+    for t in 0..st.n {
+        for j in 0..k {
+            let a = t * k + j;
+            if (st.expert_ids[a] as usize) < cfg.num_experts {
+                let w = st.expert_weights[a];
+                let (xr, yr) = (&mut st.x[t * h..(t + 1) * h], &y[a * h..(a + 1) * h]);
+                for (xv, yv) in xr.iter_mut().zip(yr) {
+                    *xv = w.mul_add(*yv, *xv);
+                }
+            }
+        }
+    }
+    Ok(())
+}
