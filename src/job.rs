@@ -11,11 +11,11 @@ use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
-use crate::model::{Model, StreamStats, UploadLimit};
+use crate::engine::{job_shape, run_policy, Budgets, RunSettings};
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
-use crate::planner::{activation_bytes, kv_row_bytes, Placement, WeightBytes};
+use crate::planner::{plan_job, HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{generate, GenerateOptions, Request};
+use crate::scheduler::{Batching, Request};
 
 /// The embedded default model and its sample prompts, in the source tree's `assets/`.
 pub fn default_assets() -> PathBuf {
@@ -34,8 +34,15 @@ pub struct JobArgs {
     pub max_step_tokens: usize,
     /// GPU memory the job may use; experts that do not fit stream from host memory.
     pub gpu_memory: Option<u64>,
+    /// Host memory the job may use (streamed experts, KV pages, the population's hidden states).
+    pub host_memory: Option<u64>,
     /// Host-to-GPU bytes per second that streamed experts may use (to emulate a slower link).
     pub upload_bandwidth: Option<u64>,
+    pub batching: Batching,
+    /// A hardware profile to plan with instead of this adapter's calibration.
+    pub hardware: Option<PathBuf>,
+    /// Where to write a Chrome trace of the run.
+    pub trace: Option<PathBuf>,
     pub adapter: AdapterChoice,
     pub progress: bool,
 }
@@ -49,20 +56,15 @@ pub struct JobSummary {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub wall: Duration,
-    /// What streaming the experts cost, when any were streamed.
-    pub streaming: Option<StreamStats>,
+    /// Measured against predicted throughput, uploads, GPU busy time.
+    pub policy: Option<String>,
 }
 
 impl JobSummary {
     pub fn report(&self) -> String {
         let rate = |n: usize, t: Duration| if t.is_zero() { 0.0 } else { n as f64 / t.as_secs_f64() };
-        let streaming = match self.streaming {
-            Some(s) => format!(
-                "; experts streamed: {} uploads ({}), {} found in a slot",
-                s.uploads,
-                crate::planner::format_size(s.bytes),
-                s.hits
-            ),
+        let streaming = match &self.policy {
+            Some(p) => format!("\n{p}"),
             None => String::new(),
         };
         format!(
@@ -152,33 +154,25 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         return Ok(summary);
     }
 
-    let longest = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(1);
     let checkpoint = Checkpoint::open(&model_dir)?;
-    let (placement, cache_rows) = match args.gpu_memory {
-        None => (Placement::all_resident(&cfg), 0),
-        Some(budget) => {
-            let weights = WeightBytes::of(&checkpoint, &cfg);
-            // A step holds at most every prompt token plus one token per sequence.
-            let step_tokens = args.max_step_tokens.min(reqs.iter().map(|r| r.prompt.len() + 1).sum());
-            let activations = activation_bytes(&cfg, step_tokens);
-            // The KV cache holds at least the longest sequence, and takes up to a quarter of what
-            // the budget leaves after the weights that must stay and the activations.
-            let row = kv_row_bytes(&cfg);
-            let total: usize = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).sum();
-            let fixed = weights.resident + activations + 2 * weights.per_expert + longest as u64 * row;
-            let spare_rows = (budget.saturating_sub(fixed) / 4 / row) as usize;
-            let rows = total.min(longest + spare_rows);
-            let reserved = rows as u64 * row + activations;
-            let placement = Placement::plan(&cfg, &weights, budget, reserved)?;
-            eprintln!("{}", placement.describe(&cfg, &weights));
-            (placement, rows)
-        }
-    };
     let ctx = GpuContext::new(&args.adapter)?;
-    let mut model = Model::load_placed(&ctx, cfg, &checkpoint, longest, &placement)
-        .with_context(|| format!("loading {}", model_dir.display()))?;
-    model.upload_limit = args.upload_bandwidth.map(UploadLimit::new);
-    log::info!("model {} loaded on {}", model_dir.display(), ctx.info().name);
+    let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, ctx.info().device_type);
+    eprintln!("{}: {}", ctx.info().name, budgets.describe());
+    let hw = match &args.hardware {
+        Some(path) => HardwareProfile::load(path)?,
+        None => HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?,
+    };
+    let settings = RunSettings {
+        budgets,
+        upload_bandwidth: args.upload_bandwidth,
+        max_step_tokens: args.max_step_tokens,
+        sampling: args.sampling,
+        ignore_eos: args.ignore_eos,
+        trace: args.trace.is_some(),
+    };
+    let weights = WeightBytes::of(&checkpoint, &cfg);
+    let plan = plan_job(&cfg, &weights, &job_shape(&reqs, args.max_step_tokens), args.batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)?;
+    eprintln!("{}", plan.describe(&cfg, &weights));
 
     let bar = ProgressBar::with_draw_target(
         Some(reqs.len() as u64),
@@ -189,16 +183,9 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let opts = GenerateOptions {
-        sampling: args.sampling,
-        ignore_eos: args.ignore_eos,
-        max_step_tokens: args.max_step_tokens,
-        cache_rows,
-        fixed_batch: false,
-    };
     let mut written = 0usize;
     let mut generated = 0usize;
-    let result = generate(&model, &reqs, &opts, |f| {
+    let result = run_policy(&ctx, &cfg, &checkpoint, &reqs, args.batching, &settings, &hw, |f| {
         let r = &reqs[f.index];
         let text = match &codec {
             Some(c) => c.decode(&f.output)?,
@@ -224,8 +211,8 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         Ok(())
     });
     bar.finish_and_clear();
-    let stats = match result {
-        Ok(s) => s,
+    let report = match result {
+        Ok(r) => r,
         Err(e) => {
             let whereto = args.output.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into());
             let hint = if args.output.is_some() { "; rerun with --resume to finish the rest" } else { "" };
@@ -233,13 +220,15 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
                 .context(format!("the job stopped after {written} of {} results were written to {whereto}{hint}", reqs.len())));
         }
     };
-    summary.prompt_tokens = stats.prompt_tokens;
-    summary.generated_tokens = stats.generated_tokens;
-    summary.prefill_time = stats.prefill_time;
-    summary.decode_time = stats.decode_time;
-    summary.wall = started.elapsed();
-    if !model.slots.is_empty() {
-        summary.streaming = Some(model.slot_cache.lock().unwrap().stats);
+    if let (Some(path), Some(json)) = (&args.trace, &report.trace_json) {
+        std::fs::write(path, json).with_context(|| format!("--trace {}", path.display()))?;
+        eprintln!("trace written to {} (open it in https://ui.perfetto.dev)", path.display());
     }
+    summary.prompt_tokens = report.stats.prompt_tokens;
+    summary.generated_tokens = report.stats.generated_tokens;
+    summary.prefill_time = report.stats.prefill_time;
+    summary.decode_time = report.stats.decode_time;
+    summary.wall = started.elapsed();
+    summary.policy = Some(report.describe());
     Ok(summary)
 }

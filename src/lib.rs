@@ -1,6 +1,8 @@
 //! moegen: high-throughput offline inference of Mixture-of-Experts language models on one GPU of
 //! any vendor, through wgpu.
 
+pub mod bench;
+pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod job;

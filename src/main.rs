@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use moegen::gpu::{describe_adapters, AdapterChoice, GpuContext};
+use moegen::bench::{run_bench, run_plan, BenchArgs, ModelSource, PlanArgs};
 use moegen::job::{run_job, JobArgs};
+use moegen::scheduler::Batching;
 use moegen::planner::{parse_rate, parse_size};
 use moegen::sampler::SamplingParams;
 
@@ -27,6 +29,98 @@ enum Command {
     /// Generate completions for a JSONL file of prompts. Without --model, runs the embedded
     /// default model on the sample prompts in assets/ and prints readable completions.
     Generate(GenerateArgs),
+    /// Run the batching policies side by side on a model (a checkpoint or a synthetic preset)
+    /// and a synthetic job; prints measured and predicted tokens/s.
+    Bench(BenchCli),
+    /// Print the plan of a job (what stays on the GPU, batch sizes, predicted tokens/s and the
+    /// limiting resource) for this adapter or a hardware file.
+    Plan(PlanCli),
+}
+
+/// The batching policy, or all three side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BatchingChoice {
+    Module,
+    Model,
+    Continuous,
+    All,
+}
+
+impl BatchingChoice {
+    fn policies(self) -> Vec<Batching> {
+        match self {
+            BatchingChoice::Module => vec![Batching::Module],
+            BatchingChoice::Model => vec![Batching::Model],
+            BatchingChoice::Continuous => vec![Batching::Continuous],
+            BatchingChoice::All => vec![Batching::Model, Batching::Continuous, Batching::Module],
+        }
+    }
+}
+
+#[derive(Args)]
+struct ModelFlags {
+    /// A Hugging Face model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A synthetic model with random weights (default ci-small): ci-small, small, mixtral-8x7b,
+    /// mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b.
+    #[arg(long, conflicts_with = "model")]
+    synthetic: Option<String>,
+}
+
+#[derive(Args)]
+struct JobFlags {
+    /// Sequences in the job.
+    #[arg(long, default_value_t = 64)]
+    sequences: usize,
+    /// Tokens of each (random) prompt.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 16)]
+    new_tokens: usize,
+    /// Most tokens in one forward pass of model-based and continuous batching (and the prompt
+    /// tokens a module-based step takes in).
+    #[arg(long, default_value_t = 2048)]
+    max_step_tokens: usize,
+    /// GPU memory the job may use (e.g. 512MiB, 24GiB).
+    #[arg(long, value_parser = parse_size)]
+    gpu_memory: Option<u64>,
+    /// Host memory the job may use (default: 80% of what is available).
+    #[arg(long, value_parser = parse_size)]
+    host_memory: Option<u64>,
+    /// A hardware profile (JSON) to plan with, e.g. assets/hardware/rtx-a5000-pcie4.json.
+    #[arg(long)]
+    hardware: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchCli {
+    #[command(flatten)]
+    model: ModelFlags,
+    #[command(flatten)]
+    job: JobFlags,
+    #[arg(long, value_enum, default_value = "all")]
+    batching: BatchingChoice,
+    /// Cap host-to-GPU traffic to this rate (e.g. 4MB/s, 2GB/s).
+    #[arg(long, value_parser = parse_rate)]
+    upload_bandwidth: Option<u64>,
+    /// One JSON object per policy per line instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write a Chrome trace per policy (FILE, or FILE's name with the policy's when several run).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PlanCli {
+    #[command(flatten)]
+    model: ModelFlags,
+    #[command(flatten)]
+    job: JobFlags,
+    #[arg(long, value_enum, default_value = "all")]
+    batching: BatchingChoice,
 }
 
 #[derive(Args)]
@@ -66,9 +160,25 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 2048)]
     max_step_tokens: usize,
     /// GPU memory the job may use (e.g. 512MiB, 24GiB): the experts that do not fit live in host
-    /// memory and stream to the GPU when tokens are routed to them. Default: everything resident.
+    /// memory and stream to the GPU when tokens are routed to them. Default: printed at start
+    /// (wgpu does not report an adapter's memory, so a conservative figure).
     #[arg(long, value_parser = parse_size)]
     gpu_memory: Option<u64>,
+    /// Host memory the job may use: streamed experts, the KV pages and hidden states of the
+    /// sequences in flight. Default: 80% of what the OS reports available.
+    #[arg(long, value_parser = parse_size)]
+    host_memory: Option<u64>,
+    /// module: sequences accumulate in host memory, each module at its own batch size; model: one
+    /// fixed batch through the whole model at a time; continuous: a fixed set of running
+    /// sequences refilled as they finish.
+    #[arg(long, value_enum, default_value = "module")]
+    batching: Batching,
+    /// A hardware profile (JSON) to plan with instead of calibrating this adapter.
+    #[arg(long)]
+    hardware: Option<PathBuf>,
+    /// Write a Chrome trace of uploads and GPU work (open it in https://ui.perfetto.dev).
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// Cap the streaming of experts to this rate (e.g. 4MB/s, 2GB/s), to reproduce a slower
     /// host-to-GPU link than the machine has.
     #[arg(long, value_parser = parse_rate)]
@@ -127,12 +237,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 resume: g.resume,
                 max_step_tokens: g.max_step_tokens,
                 gpu_memory: g.gpu_memory,
+                host_memory: g.host_memory,
                 upload_bandwidth: g.upload_bandwidth,
+                batching: g.batching,
+                hardware: g.hardware,
+                trace: g.trace,
                 adapter: AdapterChoice::from_env(cli.adapter),
                 progress: !g.quiet,
             };
             let summary = run_job(&args, demo)?;
             eprintln!("{}", summary.report());
+            Ok(())
+        }
+        Command::Bench(b) => {
+            let args = BenchArgs {
+                source: ModelSource::from_flags(b.model.model, b.model.synthetic)?,
+                batching: b.batching.policies(),
+                gpu_memory: b.job.gpu_memory,
+                host_memory: b.job.host_memory,
+                upload_bandwidth: b.upload_bandwidth,
+                sequences: b.job.sequences,
+                prompt_len: b.job.prompt_len,
+                new_tokens: b.job.new_tokens,
+                max_step_tokens: b.job.max_step_tokens,
+                json: b.json,
+                trace: b.trace,
+                hardware: b.job.hardware,
+                adapter: AdapterChoice::from_env(cli.adapter),
+            };
+            run_bench(&args)?;
+            Ok(())
+        }
+        Command::Plan(p) => {
+            let args = PlanArgs {
+                source: ModelSource::from_flags(p.model.model, p.model.synthetic)?,
+                batching: p.batching.policies(),
+                gpu_memory: p.job.gpu_memory,
+                host_memory: p.job.host_memory,
+                sequences: p.job.sequences,
+                prompt_len: p.job.prompt_len,
+                new_tokens: p.job.new_tokens,
+                max_step_tokens: p.job.max_step_tokens,
+                hardware: p.job.hardware,
+                adapter: AdapterChoice::from_env(cli.adapter),
+            };
+            print!("{}", run_plan(&args)?);
             Ok(())
         }
     }

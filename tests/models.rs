@@ -111,6 +111,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
         attn_tokens: 5,
         attn_kv_rows: 2 * longest,
         expert_chunk: 3,
+        logit_rows: 2,
         host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
         page_tokens: 4,
     };

@@ -43,8 +43,24 @@ struct Entry {
     end: usize,
 }
 
+/// A checkpoint file's bytes: mapped from disk, or built in memory (synthetic models).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 pub struct Checkpoint {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Bytes)>,
     tensors: HashMap<String, Entry>,
 }
 
@@ -129,8 +145,28 @@ impl Checkpoint {
             }
             self.tensors.insert(name.clone(), Entry { file: index, dtype, shape: info.shape.clone(), start, end });
         }
-        self.files.push((path, map));
+        self.files.push((path, Bytes::Mapped(map)));
         Ok(())
+    }
+
+    /// A checkpoint held in memory: `tensors` are (name, dtype, shape, index into `blobs`);
+    /// several tensors may share one blob (synthetic models reuse random bytes).
+    pub fn in_memory(label: &str, blobs: Vec<Vec<u8>>, tensors: Vec<(String, Dtype, Vec<usize>, usize)>) -> Result<Self> {
+        let mut data = Vec::new();
+        let mut starts = Vec::new();
+        for b in &blobs {
+            starts.push(data.len());
+            data.extend_from_slice(b);
+        }
+        let mut map = HashMap::new();
+        for (name, dtype, shape, blob) in tensors {
+            let len = shape.iter().product::<usize>() * dtype.bytes();
+            if blobs[blob].len() != len {
+                return Err(Error::invalid(label, format!("tensor `{name}` needs {len} bytes, its blob has {}", blobs[blob].len())));
+            }
+            map.insert(name, Entry { file: 0, dtype, shape, start: starts[blob], end: starts[blob] + len });
+        }
+        Ok(Checkpoint { files: vec![(PathBuf::from(label), Bytes::Owned(data))], tensors: map })
     }
 
     pub fn contains(&self, name: &str) -> bool {

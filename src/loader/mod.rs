@@ -2,4 +2,5 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod synthetic;
 pub mod tokenizer;

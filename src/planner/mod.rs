@@ -7,6 +7,12 @@
 //! live in host memory and stream through N expert slots (N >= 2), which keep what they hold
 //! until it is evicted (least recently used), so the experts in use stay on the GPU.
 
+pub mod hardware;
+pub mod policy;
+
+pub use hardware::HardwareProfile;
+pub use policy::{plan_job, Bound, JobPlan, JobShape, Prediction};
+
 use crate::error::{Error, Result};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
@@ -80,8 +86,65 @@ impl WeightBytes {
         WeightBytes { resident, per_expert: experts / count, experts_per_layer: cfg.num_experts, moe_layers }
     }
 
+    /// The bytes a checkpoint of `cfg` would take with weights of `dtype_bytes` each (for
+    /// synthetic models and plans without a checkpoint).
+    pub fn of_config(cfg: &ModelConfig, dtype_bytes: u64) -> Self {
+        let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
+        let attn = h * hd * (2 * cfg.num_heads as u64 + 2 * cfg.num_kv_heads as u64);
+        let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
+        let dense = (cfg.num_layers - moe_layers) as u64 * 3 * h * cfg.intermediate_size as u64;
+        let shared = cfg.shared_expert_intermediate_size.map_or(0, |s| 3 * h * s as u64 + h) * moe_layers as u64;
+        let router = moe_layers as u64 * cfg.num_experts as u64 * h;
+        let embed = cfg.vocab_size as u64 * h * if cfg.tie_word_embeddings { 1 } else { 2 };
+        let resident = (cfg.num_layers as u64 * attn + dense + shared + router + embed) * dtype_bytes + (cfg.num_layers as u64 * 2 + 1) * h * dtype_bytes;
+        WeightBytes {
+            resident,
+            per_expert: 3 * h * cfg.moe_intermediate_size as u64 * dtype_bytes,
+            experts_per_layer: cfg.num_experts,
+            moe_layers,
+        }
+    }
+
     pub fn per_layer(&self) -> u64 {
         self.per_expert * self.experts_per_layer as u64
+    }
+}
+
+/// Today's date (UTC), for the provenance of measured figures.
+pub fn today() -> String {
+    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0) as i64;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Host memory the job may use when `--host-memory` is not given: 80% of what the OS reports
+/// available, else 16 GiB.
+pub fn default_host_memory() -> (u64, &'static str) {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    });
+    match available {
+        Some(kib) => (kib * 1024 / 5 * 4, "80% of the available host memory"),
+        None => (16 << 30, "a default of 16 GiB (the OS did not report available memory)"),
+    }
+}
+
+/// GPU memory the job may use when `--gpu-memory` is not given. wgpu does not report an
+/// adapter's memory, so this is a stated conservative default: 4 GiB, or for adapters that share
+/// host memory (integrated, software) a quarter of the host budget up to 4 GiB.
+pub fn default_gpu_memory(kind: wgpu::DeviceType, host_budget: u64) -> (u64, &'static str) {
+    match kind {
+        wgpu::DeviceType::DiscreteGpu => (4 << 30, "a conservative default of 4 GiB (wgpu does not report the adapter's memory)"),
+        _ => ((host_budget / 4).min(4 << 30), "a quarter of the host budget up to 4 GiB (this adapter shares host memory)"),
     }
 }
 

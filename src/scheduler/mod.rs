@@ -283,7 +283,12 @@ pub fn generate(
 /// activation of a step (the widest being the routed experts' rows and the logits) fits one
 /// storage binding of this device.
 pub(crate) fn step_limits(ctx: &GpuContext, cfg: &crate::loader::config::ModelConfig, max_step_tokens: usize) -> (usize, usize) {
-    let limit = ctx.binding_limit() as usize;
+    step_limits_for(cfg, ctx.binding_limit(), max_step_tokens)
+}
+
+/// [`step_limits`] for a binding limit of `limit` bytes.
+pub fn step_limits_for(cfg: &crate::loader::config::ModelConfig, limit: u64, max_step_tokens: usize) -> (usize, usize) {
+    let limit = limit as usize;
     let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
     let widest = [cfg.experts_per_token * inter, cfg.experts_per_token * cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size]
         .into_iter()

@@ -32,6 +32,8 @@ pub struct ModuleSizes {
     pub attn_kv_rows: usize,
     /// Most rows per expert dispatch (and tokens per chunk of resident and dense modules).
     pub expert_chunk: usize,
+    /// Most sequences whose logits are computed at once.
+    pub logit_rows: usize,
     /// Host memory for the KV store, and its page size in tokens.
     pub host_kv_bytes: u64,
     pub page_tokens: usize,
@@ -112,7 +114,7 @@ pub fn generate_module(
             ));
         }
     }
-    let (_, logit_rows) = step_limits(&model.ctx, cfg, sizes.step_tokens);
+    let logit_rows = sizes.logit_rows.min(step_limits(&model.ctx, cfg, sizes.step_tokens).1).max(1);
     let mut waiting = 0usize;
     let mut pop: Vec<Seq> = Vec::new();
     for (index, r) in requests.iter().enumerate() {

@@ -1,0 +1,274 @@
+//! `moegen bench` and `moegen plan`: the batching policies side by side on one model (a
+//! checkpoint or a synthetic preset) and one synthetic job, with measured and predicted figures.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::engine::{job_shape, run_policy, Budgets, PolicyReport, RunSettings};
+use crate::gpu::{AdapterChoice, GpuContext};
+use crate::loader::checkpoint::Checkpoint;
+use crate::loader::config::ModelConfig;
+use crate::loader::synthetic::{preset_config, synthetic_checkpoint};
+use crate::planner::{plan_job, HardwareProfile, WeightBytes};
+use crate::sampler::SamplingParams;
+use crate::scheduler::{Batching, Request};
+
+/// Which model: a checkpoint directory or a synthetic preset.
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    Dir(PathBuf),
+    Synthetic(String),
+}
+
+impl ModelSource {
+    pub fn from_flags(model: Option<PathBuf>, synthetic: Option<String>) -> anyhow::Result<Self> {
+        match (model, synthetic) {
+            (Some(d), None) => Ok(ModelSource::Dir(d)),
+            (None, Some(s)) => Ok(ModelSource::Synthetic(s)),
+            (None, None) => Ok(ModelSource::Synthetic("ci-small".into())),
+            (Some(_), Some(_)) => bail!("give --model or --synthetic, not both"),
+        }
+    }
+
+    pub fn config(&self) -> anyhow::Result<ModelConfig> {
+        Ok(match self {
+            ModelSource::Dir(d) => ModelConfig::load(d)?,
+            ModelSource::Synthetic(s) => preset_config(s)?,
+        })
+    }
+
+    /// The weights' sizes, without building a synthetic model's values.
+    pub fn weight_bytes(&self, cfg: &ModelConfig) -> anyhow::Result<WeightBytes> {
+        Ok(match self {
+            ModelSource::Dir(d) => WeightBytes::of(&Checkpoint::open(d)?, cfg),
+            ModelSource::Synthetic(_) => WeightBytes::of_config(cfg, 2),
+        })
+    }
+
+    pub fn checkpoint(&self, cfg: &ModelConfig) -> anyhow::Result<Checkpoint> {
+        Ok(match self {
+            ModelSource::Dir(d) => Checkpoint::open(d)?,
+            ModelSource::Synthetic(s) => synthetic_checkpoint(s, cfg)?,
+        })
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            ModelSource::Dir(d) => d.display().to_string(),
+            ModelSource::Synthetic(s) => format!("synthetic {s}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    pub source: ModelSource,
+    pub batching: Vec<Batching>,
+    pub gpu_memory: Option<u64>,
+    pub host_memory: Option<u64>,
+    pub upload_bandwidth: Option<u64>,
+    pub sequences: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub max_step_tokens: usize,
+    pub json: bool,
+    pub trace: Option<PathBuf>,
+    pub hardware: Option<PathBuf>,
+    pub adapter: AdapterChoice,
+}
+
+/// Random prompts of `len` tokens (seeded, so every policy and run gets the same job).
+pub fn synthetic_requests(cfg: &ModelConfig, sequences: usize, len: usize, new_tokens: usize) -> Vec<Request> {
+    let mut s = 0x2545F4914F6CDD1Du64;
+    (0..sequences)
+        .map(|i| {
+            let prompt = (0..len.max(1))
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % cfg.vocab_size as u64) as u32
+                })
+                .collect();
+            Request { id: serde_json::Value::from(i), prompt, max_new_tokens: new_tokens }
+        })
+        .collect()
+}
+
+fn check_job(cfg: &ModelConfig, sequences: usize, prompt_len: usize, new_tokens: usize) -> anyhow::Result<()> {
+    if sequences == 0 || prompt_len == 0 {
+        bail!("--sequences and --prompt-len must be at least 1");
+    }
+    if prompt_len + new_tokens > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-len {prompt_len} plus --new-tokens {new_tokens} exceed the model's context of {}",
+            cfg.max_position_embeddings
+        );
+    }
+    Ok(())
+}
+
+pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
+    let cfg = args.source.config()?;
+    check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
+    let ctx = GpuContext::new(&args.adapter)?;
+    let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, ctx.info().device_type);
+    eprintln!("{} on {}: {}", args.source.name(), ctx.info().name, budgets.describe());
+    let hw = match &args.hardware {
+        Some(p) => HardwareProfile::load(p)?,
+        None => HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?,
+    };
+    let checkpoint = args.source.checkpoint(&cfg)?;
+    let requests = synthetic_requests(&cfg, args.sequences, args.prompt_len, args.new_tokens);
+    let settings = RunSettings {
+        budgets,
+        upload_bandwidth: args.upload_bandwidth,
+        max_step_tokens: args.max_step_tokens,
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        trace: true,
+    };
+    let mut reports = Vec::new();
+    let mut traces = Vec::new();
+    for &b in &args.batching {
+        eprintln!("running batching {}...", b.name());
+        let report = run_policy(&ctx, &cfg, &checkpoint, &requests, b, &settings, &hw, |_| Ok(()))
+            .with_context(|| format!("batching {}", b.name()))?;
+        eprintln!("{}", report.plan.describe(&cfg, &WeightBytes::of(&checkpoint, &cfg)));
+        eprintln!("{}", report.describe());
+        if args.json {
+            println!("{}", report_json(&report));
+        }
+        if let Some(t) = &report.trace_json {
+            traces.push((b, t.clone()));
+        }
+        reports.push(report);
+    }
+    if !args.json {
+        print!("{}", table(&reports));
+    }
+    if let Some(path) = &args.trace {
+        write_traces(path, &traces).with_context(|| format!("--trace {}", path.display()))?;
+    }
+    Ok(reports)
+}
+
+/// One policy's figures as the bench contract's JSON object.
+pub fn report_json(r: &PolicyReport) -> serde_json::Value {
+    json!({
+        "batching": r.batching.name(),
+        "tokens_per_s": r.tokens_per_s(),
+        "prefill_tokens_per_s": r.prefill_tokens_per_s(),
+        "decode_tokens_per_s": r.decode_tokens_per_s(),
+        "bytes_uploaded": r.bytes_uploaded(),
+        "gpu_busy_fraction": r.trace.map(|t| t.gpu_busy),
+        "gpu_busy_while_uploading": r.trace.map(|t| t.gpu_busy_while_uploading),
+        "predicted_tokens_per_s": r.plan.prediction.tokens_per_s,
+        "sequences_in_flight": r.plan.sequences_in_flight,
+        "seconds": r.elapsed.as_secs_f64(),
+    })
+}
+
+pub fn table(reports: &[PolicyReport]) -> String {
+    let mut s = format!(
+        "{:<11} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9} {:>8}\n",
+        "batching", "tokens/s", "predicted", "prefill", "decode", "uploaded", "GPU busy", "in flight", "ratio"
+    );
+    let base = reports.iter().find(|r| r.batching == Batching::Model).map(|r| r.tokens_per_s());
+    for r in reports {
+        let ratio = base.map(|b| format!("{:.1}x", r.tokens_per_s() / b.max(1e-12))).unwrap_or_default();
+        s += &format!(
+            "{:<11} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>8.0}% {:>9} {:>8}\n",
+            r.batching.name(),
+            r.tokens_per_s(),
+            r.plan.prediction.tokens_per_s,
+            r.prefill_tokens_per_s(),
+            r.decode_tokens_per_s(),
+            crate::planner::format_size(r.bytes_uploaded()),
+            100.0 * r.trace.map_or(0.0, |t| t.gpu_busy),
+            r.plan.sequences_in_flight,
+            ratio
+        );
+    }
+    s
+}
+
+/// One trace file per policy when several ran (`FILE` gets the policy's name before its extension).
+fn write_traces(path: &std::path::Path, traces: &[(Batching, String)]) -> anyhow::Result<()> {
+    for (b, json) in traces {
+        let p = if traces.len() == 1 {
+            path.to_path_buf()
+        } else {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "trace".into());
+            let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+            path.with_file_name(format!("{stem}.{}{ext}", b.name()))
+        };
+        std::fs::write(&p, json).with_context(|| p.display().to_string())?;
+        eprintln!("trace of batching {} written to {} (open it in https://ui.perfetto.dev)", b.name(), p.display());
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanArgs {
+    pub source: ModelSource,
+    pub batching: Vec<Batching>,
+    pub gpu_memory: Option<u64>,
+    pub host_memory: Option<u64>,
+    pub sequences: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub max_step_tokens: usize,
+    pub hardware: Option<PathBuf>,
+    pub adapter: AdapterChoice,
+}
+
+/// Prints each policy's plan and predicted throughput. With `--hardware` no GPU is needed; the
+/// budgets default to the profile's memories.
+pub fn run_plan(args: &PlanArgs) -> anyhow::Result<String> {
+    let cfg = args.source.config()?;
+    check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
+    let weights = args.source.weight_bytes(&cfg)?;
+    let (hw, budgets) = match &args.hardware {
+        Some(p) => {
+            let hw = HardwareProfile::load(p)?;
+            let budgets = Budgets {
+                gpu: args.gpu_memory.unwrap_or(hw.gpu_memory),
+                gpu_source: if args.gpu_memory.is_some() { "--gpu-memory".into() } else { "the hardware file".into() },
+                host: args.host_memory.unwrap_or(hw.host_memory),
+                host_source: if args.host_memory.is_some() { "--host-memory".into() } else { "the hardware file".into() },
+            };
+            (hw, budgets)
+        }
+        None => {
+            let ctx = GpuContext::new(&args.adapter)?;
+            let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, ctx.info().device_type);
+            (HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?, budgets)
+        }
+    };
+    let requests = synthetic_requests(&cfg, args.sequences, args.prompt_len, args.new_tokens);
+    let shape = job_shape(&requests, args.max_step_tokens);
+    let mut out = format!(
+        "{}: {} of weights ({} non-expert, {} experts of {} each)\nhardware: {} [{}]\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
+        args.source.name(),
+        crate::planner::format_size(weights.resident + weights.per_layer() * weights.moe_layers as u64),
+        crate::planner::format_size(weights.resident),
+        weights.experts_per_layer * weights.moe_layers,
+        crate::planner::format_size(weights.per_expert),
+        hw.name,
+        hw.source,
+        budgets.describe(),
+        args.sequences,
+        args.prompt_len,
+        args.new_tokens
+    );
+    for &b in &args.batching {
+        match plan_job(&cfg, &weights, &shape, b, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
+            Ok(plan) => out += &format!("{}\n", plan.describe(&cfg, &weights)),
+            Err(e) => out += &format!("batching {}: {e}\n", b.name()),
+        }
+    }
+    Ok(out)
+}

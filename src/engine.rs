@@ -1,0 +1,183 @@
+//! One policy's run of a set of requests, shared by `generate` and `bench`: budgets resolved,
+//! the job planned, the model placed and loaded, the sequences generated, the figures taken.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::error::Result;
+use crate::gpu::{GpuContext, TraceSummary, Tracer};
+use crate::loader::checkpoint::Checkpoint;
+use crate::loader::config::ModelConfig;
+use crate::model::{Model, StreamStats, UploadLimit};
+use crate::planner::{format_size, plan_job, HardwareProfile, JobPlan, JobShape, WeightBytes};
+use crate::sampler::SamplingParams;
+use crate::scheduler::{generate, generate_module, Batching, Finished, GenerateOptions, GenerateStats, Request};
+
+/// The memory a job may use, and where each figure came from.
+#[derive(Clone, Debug)]
+pub struct Budgets {
+    pub gpu: u64,
+    pub gpu_source: String,
+    pub host: u64,
+    pub host_source: String,
+}
+
+impl Budgets {
+    pub fn resolve(gpu: Option<u64>, host: Option<u64>, kind: wgpu::DeviceType) -> Self {
+        let (host, host_source) = match host {
+            Some(h) => (h, "--host-memory".to_string()),
+            None => {
+                let (h, why) = crate::planner::default_host_memory();
+                (h, why.to_string())
+            }
+        };
+        let (gpu, gpu_source) = match gpu {
+            Some(g) => (g, "--gpu-memory".to_string()),
+            None => {
+                let (g, why) = crate::planner::default_gpu_memory(kind, host);
+                (g, why.to_string())
+            }
+        };
+        Budgets { gpu, gpu_source, host, host_source }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "GPU memory {} ({}), host memory {} ({})",
+            format_size(self.gpu),
+            self.gpu_source,
+            format_size(self.host),
+            self.host_source
+        )
+    }
+}
+
+/// What every policy of a run shares.
+pub struct RunSettings {
+    pub budgets: Budgets,
+    pub upload_bandwidth: Option<u64>,
+    pub max_step_tokens: usize,
+    pub sampling: SamplingParams,
+    pub ignore_eos: bool,
+    /// Record a timeline (needed for the GPU-busy figure and --trace).
+    pub trace: bool,
+}
+
+/// The figures of one policy's run.
+#[derive(Clone, Debug)]
+pub struct PolicyReport {
+    pub batching: Batching,
+    pub plan: JobPlan,
+    pub stats: GenerateStats,
+    /// Generation time, model load excluded.
+    pub elapsed: Duration,
+    pub streaming: StreamStats,
+    /// KV and hidden-state bytes sent to the GPU (module-based).
+    pub other_uploads: u64,
+    pub trace: Option<TraceSummary>,
+    pub trace_json: Option<String>,
+}
+
+impl PolicyReport {
+    pub fn tokens_per_s(&self) -> f64 {
+        (self.stats.prompt_tokens + self.stats.generated_tokens) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.stats.prompt_tokens as f64 / self.stats.prefill_time.as_secs_f64().max(1e-9)
+    }
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.stats.generated_tokens as f64 / self.stats.decode_time.as_secs_f64().max(1e-9)
+    }
+    pub fn bytes_uploaded(&self) -> u64 {
+        self.streaming.bytes + self.other_uploads
+    }
+
+    /// A line for the summary: measured against predicted, and what moved over the link.
+    pub fn describe(&self) -> String {
+        let p = &self.plan.prediction;
+        let mut s = format!(
+            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot)",
+            self.batching.name(),
+            self.tokens_per_s(),
+            p.tokens_per_s,
+            100.0 * (p.tokens_per_s / self.tokens_per_s().max(1e-9) - 1.0),
+            self.prefill_tokens_per_s(),
+            p.prefill_tokens_per_s,
+            self.decode_tokens_per_s(),
+            p.decode_tokens_per_s,
+            format_size(self.bytes_uploaded()),
+            format_size(self.streaming.bytes),
+            self.streaming.uploads,
+            self.streaming.hits,
+        );
+        if let Some(t) = &self.trace {
+            s += &format!(
+                "; GPU busy {:.0}% of the time, {:.0}% while uploads were in flight",
+                100.0 * t.gpu_busy,
+                100.0 * t.gpu_busy_while_uploading
+            );
+        }
+        s
+    }
+}
+
+/// The job's shape for the planner.
+pub fn job_shape(requests: &[Request], max_step_tokens: usize) -> JobShape {
+    let n = requests.len().max(1) as f64;
+    JobShape {
+        sequences: requests.len(),
+        prompt_len: requests.iter().map(|r| r.prompt.len()).sum::<usize>() as f64 / n,
+        new_tokens: requests.iter().map(|r| r.max_new_tokens).sum::<usize>() as f64 / n,
+        longest: requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(1).max(1),
+        max_step_tokens,
+    }
+}
+
+/// Plans, loads and runs `requests` under `batching`, calling `on_finish` per finished sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn run_policy(
+    ctx: &GpuContext,
+    cfg: &ModelConfig,
+    checkpoint: &Checkpoint,
+    requests: &[Request],
+    batching: Batching,
+    settings: &RunSettings,
+    hw: &HardwareProfile,
+    on_finish: impl FnMut(Finished) -> Result<()>,
+) -> Result<PolicyReport> {
+    let weights = WeightBytes::of(checkpoint, cfg);
+    let shape = job_shape(requests, settings.max_step_tokens);
+    let plan = plan_job(cfg, &weights, &shape, batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), hw)?;
+    log::info!("{}", plan.describe(cfg, &weights));
+    let mut model = Model::load_placed(ctx, cfg.clone(), checkpoint, shape.longest, &plan.placement)?;
+    model.upload_limit = settings.upload_bandwidth.map(UploadLimit::new);
+    let tracer = if settings.trace { Some(Tracer::new(ctx)?) } else { None };
+    ctx.set_tracer(tracer.clone());
+    let started = Instant::now();
+    let opts = GenerateOptions {
+        sampling: settings.sampling,
+        ignore_eos: settings.ignore_eos,
+        max_step_tokens: settings.max_step_tokens,
+        cache_rows: plan.cache_rows,
+        fixed_batch: batching == Batching::Model,
+    };
+    let result = match &plan.sizes {
+        Some(sizes) => generate_module(&model, requests, &opts, sizes, on_finish),
+        None => generate(&model, requests, &opts, on_finish),
+    };
+    ctx.set_tracer(None);
+    let stats = result?;
+    ctx.wait_idle("finishing the run")?;
+    let elapsed = started.elapsed();
+    let streaming = model.slot_cache.lock().unwrap().stats;
+    Ok(PolicyReport {
+        batching,
+        plan,
+        stats,
+        elapsed,
+        streaming,
+        other_uploads: model.other_uploads.load(Ordering::Relaxed),
+        trace: tracer.as_ref().map(|t| t.summary()),
+        trace_json: tracer.as_ref().map(|t| t.chrome_json()),
+    })
+}

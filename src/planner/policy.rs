@@ -1,0 +1,362 @@
+//! The plan of a job under each batching policy: what stays on the GPU, the batch size of each
+//! module, and the predicted throughput with the resource that limits it (DESIGN.md, "The
+//! throughput model": a step takes the longer of its link time and its GPU time, plus the host
+//! work that does not overlap).
+
+use crate::error::{Error, Result};
+use crate::loader::config::ModelConfig;
+use crate::planner::hardware::HardwareProfile;
+use crate::planner::{activation_bytes, format_size, kv_row_bytes, Placement, WeightBytes};
+use crate::scheduler::host_kv::HostKv;
+use crate::scheduler::{Batching, ModuleSizes};
+
+/// KV page size of the host store, in tokens.
+pub const PAGE_TOKENS: usize = 16;
+/// Rows per expert dispatch at most in module-based batching.
+const MAX_EXPERT_CHUNK: usize = 4096;
+
+/// The job as the planner sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JobShape {
+    pub sequences: usize,
+    pub prompt_len: f64,
+    pub new_tokens: f64,
+    /// Longest prompt plus its new tokens.
+    pub longest: usize,
+    pub max_step_tokens: usize,
+}
+
+impl JobShape {
+    pub fn tokens(&self) -> f64 {
+        self.sequences as f64 * (self.prompt_len + self.new_tokens)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// Host-to-GPU traffic (streamed weights, KV, hidden states).
+    Link,
+    /// GPU compute (kernels and their dispatch).
+    Gpu,
+    /// Host-side copies and readbacks that do not overlap the GPU.
+    Host,
+}
+
+impl Bound {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bound::Link => "host-to-GPU link",
+            Bound::Gpu => "GPU compute",
+            Bound::Host => "host work",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    pub tokens_per_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    /// What limits the decode steps, which dominate long jobs.
+    pub bound: Bound,
+    /// What limits the batch: the memory that caps the sequences in flight.
+    pub batch_limit: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobPlan {
+    pub batching: Batching,
+    pub placement: Placement,
+    /// Sequences in flight at once.
+    pub sequences_in_flight: usize,
+    /// GPU KV rows (model-based and continuous).
+    pub cache_rows: usize,
+    pub sizes: Option<ModuleSizes>,
+    pub prediction: Prediction,
+}
+
+/// Memory the streamed experts' packs take in host memory under `placement`.
+fn streamed_host_bytes(cfg: &ModelConfig, w: &WeightBytes, placement: &Placement) -> u64 {
+    let streamed = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as u64;
+    streamed * w.per_layer()
+}
+
+/// Plans `batching` for the job under the budgets.
+pub fn plan_job(
+    cfg: &ModelConfig,
+    w: &WeightBytes,
+    job: &JobShape,
+    batching: Batching,
+    gpu_budget: u64,
+    host_budget: u64,
+    binding_limit: u64,
+    hw: &HardwareProfile,
+) -> Result<JobPlan> {
+    let row = kv_row_bytes(cfg);
+    let layer_row = row / cfg.num_layers.max(1) as u64;
+    match batching {
+        Batching::Continuous | Batching::Model => {
+            // KV on the GPU: as many sequences as the budget holds after what must stay, capped by
+            // the job; what is left keeps experts resident.
+            let step_tokens = job.max_step_tokens.min((job.sequences as f64 * (job.prompt_len + 1.0)) as usize).max(1);
+            let activations = activation_bytes(cfg, step_tokens);
+            let fixed = w.resident + activations + 2 * w.per_expert;
+            let device_rows = (binding_limit / layer_row.max(1) / 2) as usize;
+            let need = job.longest as u64 * row;
+            if gpu_budget < fixed + need {
+                return Err(too_small(gpu_budget, fixed + need, w, activations + need));
+            }
+            let total = (job.tokens().ceil() as usize).max(job.longest);
+            let rows = (((gpu_budget - fixed) / row) as usize).min(total).min(device_rows.max(job.longest));
+            let placement = Placement::plan(cfg, w, gpu_budget, rows as u64 * row + activations)?;
+            let per_seq = (job.prompt_len + job.new_tokens).max(1.0);
+            let in_flight = ((rows as f64 / per_seq).floor() as usize).clamp(1, job.sequences.max(1));
+            let prediction = predict(cfg, w, job, &placement, hw, in_flight, None);
+            let batch_limit = if in_flight >= job.sequences { "the job's size" } else { "GPU memory for the KV cache" };
+            Ok(JobPlan {
+                batching,
+                placement,
+                sequences_in_flight: in_flight,
+                cache_rows: rows,
+                sizes: None,
+                prediction: Prediction { batch_limit, ..prediction },
+            })
+        }
+        Batching::Module => {
+            let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+            let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
+            // The widest activation of a chunk must fit one binding.
+            let widest = (cfg.hidden_size.max(inter).max(cfg.num_heads * cfg.head_dim) * 4) as u64;
+            let expert_chunk = ((binding_limit / widest) as usize).clamp(1, MAX_EXPERT_CHUNK);
+            // In flight at once: three expert chunks, two attention micro-batches, one logits chunk.
+            let chunk_bytes = |rows: usize| 3 * (rows * (3 * cfg.hidden_size + 3 * inter) * 4) as u64;
+            // An attention micro-batch holds its KV rows and per token: hidden states in and out,
+            // two norms, queries, keys, values, attention output, router logits and choices.
+            let q_dim = cfg.num_heads * cfg.head_dim;
+            let per_token = ((5 * cfg.hidden_size + 2 * q_dim + 4 * kv_dim + cfg.num_experts + 2 * cfg.experts_per_token) * 4) as u64;
+            let attn_bytes = |rows: usize, tokens: usize| 2 * (2 * rows as u64 * kv_dim as u64 * 4 + tokens as u64 * per_token);
+            let logit_bytes = |rows: usize| (rows * (cfg.vocab_size + 2 * cfg.hidden_size) * 4) as u64;
+            let longest = job.longest;
+            let floor = 16usize;
+            let min_reserved = attn_bytes(longest, floor.min(longest)) + chunk_bytes(floor) + logit_bytes(floor);
+            let minimum = w.resident + 2 * w.per_expert + min_reserved;
+            if gpu_budget < minimum {
+                return Err(too_small(gpu_budget, minimum, w, min_reserved));
+            }
+            // An eighth of what is spare to each of: attention rows, attention tokens, expert
+            // chunks, logits; the rest keeps experts resident.
+            let share = (gpu_budget - minimum) / 8;
+            let binding_rows = (binding_limit / (kv_dim as u64 * 4)) as usize;
+            let job_tokens = (job.tokens().ceil() as usize).max(longest);
+            let attn_kv_rows = (longest + (share / (4 * kv_dim as u64 * 4)) as usize).min(binding_rows.max(longest)).min(job_tokens);
+            let (step_cap, logit_cap) = crate::scheduler::step_limits_for(cfg, binding_limit, usize::MAX);
+            let attn_tokens = (floor + (share / (2 * per_token)) as usize).min(step_cap).min(attn_kv_rows).max(1);
+            let chunk = (floor + (share / chunk_bytes(1)) as usize).min(expert_chunk);
+            let logit_rows = (floor + (share / logit_bytes(1)) as usize).min(logit_cap).max(1);
+            let reserved = attn_bytes(attn_kv_rows, attn_tokens) + chunk_bytes(chunk) + logit_bytes(logit_rows);
+            let placement = Placement::plan(cfg, w, gpu_budget, reserved)?;
+            // Host memory: the streamed packs and the step's hidden states first, the rest is KV.
+            let page = HostKv::page_bytes(cfg, PAGE_TOKENS);
+            let per_seq_pages = ((job.prompt_len + job.new_tokens) / PAGE_TOKENS as f64).ceil().max(1.0) + 1.0;
+            let packs = streamed_host_bytes(cfg, w, &placement);
+            let per_token_state = ((2 + cfg.experts_per_token) * cfg.hidden_size * 4) as u64;
+            let fixed_host = packs + w.resident + (job.max_step_tokens as u64) * per_token_state;
+            let longest_pages = longest.div_ceil(PAGE_TOKENS) as u64 * page;
+            if host_budget < fixed_host + longest_pages {
+                return Err(Error::invalid(
+                    "--host-memory",
+                    format!(
+                        "{} is below the minimum of {} for this model and job: streamed experts {}, weights staged at load {}, KV pages of the longest sequence {}",
+                        format_size(host_budget),
+                        format_size(fixed_host + longest_pages),
+                        format_size(packs),
+                        format_size(w.resident),
+                        format_size(longest_pages)
+                    ),
+                ));
+            }
+            let kv_bytes_cap = host_budget - fixed_host;
+            let by_memory = (kv_bytes_cap as f64 / (per_seq_pages * page as f64 + per_token_state as f64)).floor() as usize;
+            let population = by_memory.clamp(1, job.sequences.max(1));
+            let host_kv_bytes = ((population as f64 * per_seq_pages) as u64 + longest.div_ceil(PAGE_TOKENS) as u64) * page;
+            let sizes = ModuleSizes {
+                population,
+                // Prompt tokens join a step up to the step budget, and at least a prompt's worth.
+                step_tokens: population + job.max_step_tokens.max(longest),
+                attn_tokens,
+                attn_kv_rows,
+                expert_chunk: chunk,
+                logit_rows,
+                host_kv_bytes: host_kv_bytes.min(kv_bytes_cap),
+                page_tokens: PAGE_TOKENS,
+            };
+            let prediction = predict(cfg, w, job, &placement, hw, population, Some(&sizes));
+            let batch_limit = if population >= job.sequences { "the job's size" } else { "host memory for the KV pages" };
+            Ok(JobPlan {
+                batching,
+                placement,
+                sequences_in_flight: population,
+                cache_rows: 0,
+                sizes: Some(sizes),
+                prediction: Prediction { batch_limit, ..prediction },
+            })
+        }
+    }
+}
+
+fn too_small(budget: u64, minimum: u64, w: &WeightBytes, reserved: u64) -> Error {
+    Error::invalid(
+        "--gpu-memory",
+        format!(
+            "{} is below the minimum of {} for this model and job: non-expert weights {}, KV cache and activations {}, two expert slots {}",
+            format_size(budget),
+            format_size(minimum),
+            format_size(w.resident),
+            format_size(reserved),
+            format_size(2 * w.per_expert)
+        ),
+    )
+}
+
+/// Time of one step of `t` tokens that read `kv_rows` KV rows in all (the sequences' past
+/// holding `kv_past`), and its bound.
+struct StepCost {
+    io: f64,
+    gpu: f64,
+    host: f64,
+}
+
+impl StepCost {
+    fn time(&self) -> f64 {
+        self.io.max(self.gpu) + self.host
+    }
+    fn bound(&self) -> Bound {
+        if self.host > self.io.max(self.gpu) {
+            Bound::Host
+        } else if self.io > self.gpu {
+            Bound::Link
+        } else {
+            Bound::Gpu
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_cost(
+    cfg: &ModelConfig,
+    w: &WeightBytes,
+    placement: &Placement,
+    hw: &HardwareProfile,
+    t: f64,
+    kv_rows: f64,
+    kv_past: f64,
+    logits: f64,
+    module: Option<&ModuleSizes>,
+) -> StepCost {
+    let h = cfg.hidden_size as f64;
+    let (q_dim, kv_dim) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
+    let (e, k) = (cfg.num_experts as f64, cfg.experts_per_token as f64);
+    let inter = cfg.moe_intermediate_size as f64;
+    let mut io_bytes = 0.0;
+    let mut gpu = 0.0;
+    let mut host = 0.0;
+    // Experts a layer's tokens reach, expected for uniform routing.
+    let active = e * (1.0 - (1.0 - k / e).powf(t));
+    let per_expert_rows = t * k / active.max(1.0);
+    let streamed_layers = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as f64;
+    for l in 0..cfg.num_layers {
+        gpu += hw.matmul_s(t, q_dim + 2.0 * kv_dim, h) + hw.matmul_s(t, h, q_dim);
+        gpu += kv_rows * kv_dim * 8.0 / hw.attention_bytes_per_s + 12.0 * hw.dispatch_s;
+        if cfg.is_moe_layer(l) {
+            gpu += hw.matmul_s(t, e, h);
+            // Each active expert runs its three matrices over its rows (per chunk in module-based).
+            let chunks = module.map_or(1.0, |s| (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0));
+            gpu += active * chunks * (2.0 * hw.matmul_s(per_expert_rows / chunks, inter, h) + hw.matmul_s(per_expert_rows / chunks, h, inter));
+            if let Some(si) = cfg.shared_expert_intermediate_size {
+                gpu += 3.0 * hw.matmul_s(t, si as f64, h);
+            }
+        } else {
+            gpu += 3.0 * hw.matmul_s(t, cfg.intermediate_size as f64, h);
+        }
+    }
+    let streamed_bytes = streamed_layers * active * w.per_expert as f64;
+    io_bytes += streamed_bytes;
+    gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
+    let layers = cfg.num_layers as f64;
+    if let Some(s) = module {
+        // KV pages of every sequence, staged up once per layer; hidden states up and down.
+        let kv_up = kv_past * kv_dim * 8.0;
+        let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
+        let state_down = t * 4.0 * (2.0 * h + 2.0 * kv_dim + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
+        io_bytes += kv_up + state_up;
+        // Host copies: KV gathered from pages and written back, rows gathered for the experts;
+        // readbacks wait for the GPU once per micro-batch and chunk.
+        let micro_batches = (kv_past / s.attn_kv_rows as f64).ceil().max(t / s.attn_tokens as f64).max(1.0);
+        host += (kv_up + 2.0 * state_up) / hw.host_copy_bytes_per_s + state_down / hw.readback_bytes_per_s;
+        host += layers * micro_batches * 4.0 * hw.dispatch_s;
+    } else if streamed_layers > 0.0 {
+        // The routing comes back once per streamed layer: the GPU waits for the host.
+        host += streamed_layers * (t * k * 4.0 / hw.readback_bytes_per_s + 4.0 * hw.dispatch_s);
+    }
+    StepCost { io: io_bytes / hw.upload_bytes_per_s, gpu, host }
+}
+
+/// Predicts the job's throughput with `in_flight` sequences at once.
+fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Placement, hw: &HardwareProfile, in_flight: usize, module: Option<&ModuleSizes>) -> Prediction {
+    let b = in_flight.max(1) as f64;
+    let (p, d) = (job.prompt_len.max(1.0), job.new_tokens.max(0.0));
+    let waves = (job.sequences as f64 / b).ceil().max(1.0);
+    // Prefill: the wave's prompt tokens in steps of the step budget.
+    let step = job.max_step_tokens.max(1) as f64;
+    let prompt_tokens = b * p;
+    let steps = (prompt_tokens / step).ceil().max(1.0);
+    let t = prompt_tokens / steps;
+    // Each prompt token reads half its prompt on average; a step holds (t / p) sequences' prompts.
+    let prefill = steps * step_cost(cfg, w, placement, hw, t, t * p / 2.0, 0.0, (t / p).max(1.0), module).time();
+    // Decode: one token per sequence per step, attending to its prompt and half the new tokens.
+    let past = b * (p + d / 2.0);
+    let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module);
+    let decode = d * decode_step.time();
+    let wave_tokens = b * (p + d);
+    let tokens = job.tokens();
+    let total_time = waves * (prefill + decode) * (tokens / (waves * wave_tokens)).min(1.0);
+    Prediction {
+        tokens_per_s: tokens / total_time.max(1e-12),
+        prefill_tokens_per_s: prompt_tokens / prefill.max(1e-12),
+        decode_tokens_per_s: if d > 0.0 { b * d / decode.max(1e-12) } else { 0.0 },
+        bound: decode_step.bound(),
+        batch_limit: "",
+    }
+}
+
+impl JobPlan {
+    pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
+        let mut s = format!("batching {}: {}\n", self.batching.name(), self.placement.describe(cfg, w));
+        match &self.sizes {
+            Some(z) => s += &format!(
+                "  population {} sequences (limited by {}), {} tokens a step; attention micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens\n",
+                z.population,
+                self.prediction.batch_limit,
+                z.step_tokens,
+                z.attn_tokens,
+                z.attn_kv_rows,
+                z.expert_chunk,
+                format_size(z.host_kv_bytes),
+                z.page_tokens
+            ),
+            None => s += &format!(
+                "  {} sequences at once (limited by {}), GPU KV cache of {} rows\n",
+                self.sequences_in_flight, self.prediction.batch_limit, self.cache_rows
+            ),
+        }
+        let p = &self.prediction;
+        s += &format!(
+            "  predicted {:.1} tokens/s over the job (prefill {:.1}, decode {:.1}); decode limited by {}",
+            p.tokens_per_s,
+            p.prefill_tokens_per_s,
+            p.decode_tokens_per_s,
+            p.bound.name()
+        );
+        s
+    }
+}
