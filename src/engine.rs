@@ -157,7 +157,7 @@ pub fn run_policy(
     let opts = GenerateOptions {
         sampling: settings.sampling,
         ignore_eos: settings.ignore_eos,
-        max_step_tokens: settings.max_step_tokens,
+        max_step_tokens: plan.step_tokens,
         cache_rows: plan.cache_rows,
         fixed_batch: batching == Batching::Model,
     };

@@ -13,7 +13,7 @@ use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::matmul::matmul;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 1;
+const CALIBRATION_VERSION: u32 = 7;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -23,16 +23,33 @@ pub struct HardwareProfile {
     /// Host-to-GPU and GPU-to-host bytes per second.
     pub upload_bytes_per_s: f64,
     pub readback_bytes_per_s: f64,
-    /// (rows, FLOP/s) of a matmul with 16-bit weights, rows ascending; interpolated between.
-    pub matmul_flops: Vec<(f64, f64)>,
+    /// A matmul with 16-bit weights over `rows` rows takes `fixed_s + FLOPs / flops`; rows
+    /// ascending, interpolated between.
+    pub matmul: Vec<MatmulPoint>,
     /// KV bytes per second that decode attention reads.
     pub attention_bytes_per_s: f64,
-    /// Fixed cost of one kernel dispatch, seconds.
+    /// Fixed cost of one small elementwise dispatch (norms, rope, copies), seconds.
     pub dispatch_s: f64,
+    /// Host time to record and submit one dispatch, seconds.
+    #[serde(default)]
+    pub record_s: f64,
+    /// GPU time a submission costs beyond its kernels (pass setup, first use of each pipeline).
+    #[serde(default)]
+    pub pass_s: f64,
+    /// Host cost of one submission whose results come back while the next one runs, seconds.
+    #[serde(default)]
+    pub submit_s: f64,
+    /// A full round trip: submit, wait for the GPU to finish, read a result back, seconds.
+    #[serde(default)]
+    pub sync_s: f64,
     /// Host memory copies, bytes per second (gathering KV pages and token rows).
     pub host_copy_bytes_per_s: f64,
     pub gpu_memory: u64,
     pub host_memory: u64,
+    /// The "GPU" runs on the host's cores (a software adapter): host work and kernels do not
+    /// overlap, they take turns.
+    #[serde(default)]
+    pub shares_cpu: bool,
     /// Largest storage binding, bytes (planning without the adapter at hand).
     #[serde(default = "default_binding")]
     pub binding_limit: u64,
@@ -40,23 +57,36 @@ pub struct HardwareProfile {
     pub calibration_version: u32,
 }
 
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MatmulPoint {
+    pub rows: f64,
+    pub fixed_s: f64,
+    pub flops: f64,
+}
+
 impl HardwareProfile {
-    /// FLOP/s of a matmul over `rows` rows (log-linear between measured points, flat outside).
-    pub fn matmul_rate(&self, rows: f64) -> f64 {
-        let pts = &self.matmul_flops;
-        let Some(first) = pts.first() else { return 1e9 };
-        if rows <= first.0 {
-            // Below the smallest measurement the weights' bytes bound the time: rate grows with rows.
-            return first.1 * (rows / first.0).max(1e-9);
+    /// The matmul cost at `rows` rows: log-linear between measured points, flat outside.
+    fn matmul_point(&self, rows: f64) -> (f64, f64) {
+        let pts = &self.matmul;
+        let Some(first) = pts.first() else { return (self.dispatch_s, 1e9) };
+        if rows <= first.rows {
+            return (first.fixed_s, first.flops);
         }
         for w in pts.windows(2) {
-            let ((r0, f0), (r1, f1)) = (w[0], w[1]);
-            if rows <= r1 {
-                let t = (rows.ln() - r0.ln()) / (r1.ln() - r0.ln());
-                return (f0.ln() + t * (f1.ln() - f0.ln())).exp();
+            let (a, b) = (w[0], w[1]);
+            if rows <= b.rows {
+                let t = (rows.ln() - a.rows.ln()) / (b.rows.ln() - a.rows.ln());
+                let lerp = |x: f64, y: f64| (x.max(1e-12).ln() + t * (y.max(1e-12).ln() - x.max(1e-12).ln())).exp();
+                return (lerp(a.fixed_s, b.fixed_s), lerp(a.flops, b.flops));
             }
         }
-        pts.last().unwrap().1
+        let last = pts.last().unwrap();
+        (last.fixed_s, last.flops)
+    }
+
+    /// The largest measured matmul rate, FLOP/s.
+    pub fn peak_flops(&self) -> f64 {
+        self.matmul.iter().map(|p| p.flops).fold(0.0, f64::max)
     }
 
     /// Seconds for a `[rows, k] x [k, n]` matmul.
@@ -64,7 +94,8 @@ impl HardwareProfile {
         if rows <= 0.0 {
             return 0.0;
         }
-        2.0 * rows * n * k / self.matmul_rate(rows) + self.dispatch_s
+        let (fixed, flops) = self.matmul_point(rows);
+        fixed + 2.0 * rows * n * k / flops
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -122,9 +153,9 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 
 /// Measures the profile on `ctx` (a few seconds even on a software adapter).
 pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<HardwareProfile> {
-    let big = (32u64 << 20).min(ctx.binding_limit());
-    let data = vec![7u8; big as usize];
-    let buf = ctx.storage("calibration", big)?;
+    let bulk = (32u64 << 20).min(ctx.binding_limit());
+    let data = vec![7u8; bulk as usize];
+    let buf = ctx.storage("calibration", bulk)?;
     ctx.upload(&buf, 0, &data)?;
     ctx.wait_idle("calibration")?;
     let upload = best_of(3, || {
@@ -135,10 +166,10 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     })?;
     let readback = best_of(3, || {
         let t = Instant::now();
-        ctx.read_bytes(&buf, 0, big)?;
+        ctx.read_bytes(&buf, 0, bulk)?;
         Ok(t.elapsed())
     })?;
-    let mut copy_to = vec![0u8; big as usize];
+    let mut copy_to = vec![0u8; bulk as usize];
     let copy = best_of(3, || {
         let t = Instant::now();
         copy_to.copy_from_slice(&data);
@@ -146,24 +177,32 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         Ok(t.elapsed())
     })?;
 
-    // Matmul with bf16 weights, 1024 x 1024, at rows from 1 to 512.
-    let (n, k) = (1024usize, 1024usize);
-    let w = GpuWeight::from_f32(ctx, "calibration weights", &values(n * k, 1), WeightDtype::Bf16, n, k)?;
-    let mut matmul_flops = Vec::new();
+    // Matmul with bf16 weights at rows from 1 to 512: a large weight (1024 x 1024) gives the
+    // rate, a small one (128 x 64) the fixed cost of a dispatch on each path.
+    let big = (1024usize, 1024usize);
+    let small = (128usize, 64usize);
+    let wb = GpuWeight::from_f32(ctx, "calibration weights", &values(big.0 * big.1, 1), WeightDtype::Bf16, big.0, big.1)?;
+    let ws = GpuWeight::from_f32(ctx, "calibration small weights", &values(small.0 * small.1, 9), WeightDtype::Bf16, small.0, small.1)?;
+    let mut matmul_points = Vec::new();
     for rows in [1usize, 4, 16, 64, 256, 512] {
-        let x = ctx.storage_from("calibration rows", &values(rows * k, 2))?;
-        let y = ctx.storage("calibration output", (rows * n * 4) as u64)?;
-        let reps = 3;
-        let run = || {
-            let mut b = Batch::new(ctx);
-            for _ in 0..reps {
-                matmul(&mut b, &x, &w, None, &y, rows)?;
-            }
-            b.submit_timed()
+        let time = |w: &GpuWeight, reps: usize| -> Result<f64> {
+            let x = ctx.storage_from("calibration rows", &values(rows * w.cols, 2))?;
+            let y = ctx.storage("calibration output", (rows * w.rows * 4) as u64)?;
+            let run = || {
+                let mut b = Batch::new(ctx);
+                for _ in 0..reps {
+                    matmul(&mut b, &x, w, None, &y, rows)?;
+                }
+                b.submit_timed()
+            };
+            run()?;
+            Ok(best_of(2, run)?.as_secs_f64() / reps as f64)
         };
-        run()?;
-        let t = best_of(2, run)?;
-        matmul_flops.push((rows as f64, (2 * rows * n * k * reps) as f64 / t.as_secs_f64()));
+        let (tb, ts) = (time(&wb, 3)?, time(&ws, 16)?);
+        let work = |(n, k): (usize, usize)| (2 * rows * n * k) as f64;
+        let flops = (work(big) - work(small)) / (tb - ts).max(1e-9);
+        let fixed_s = (ts - work(small) / flops).max(0.0);
+        matmul_points.push(MatmulPoint { rows: rows as f64, fixed_s, flops });
     }
 
     // Decode attention: 16 sequences of 256 keys, 8 kv heads of 64.
@@ -185,14 +224,14 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     run()?;
     let attn = best_of(3, run)?;
 
-    // Dispatch cost: many tiny kernels in one submission.
-    let tiny = ctx.storage_from("calibration tiny", &values(64, 6))?;
-    let tiny2 = ctx.storage_from("calibration tiny", &values(64, 7))?;
+    // Dispatch cost: many small elementwise kernels in one submission.
+    let tiny = ctx.storage_from("calibration tiny", &values(4096, 6))?;
+    let tiny2 = ctx.storage_from("calibration tiny", &values(4096, 7))?;
     let count = 64;
     let run = || {
         let mut b = Batch::new(ctx);
         for _ in 0..count {
-            crate::kernels::elementwise::add_assign(&mut b, &tiny, &tiny2, 64)?;
+            crate::kernels::elementwise::add_assign(&mut b, &tiny, &tiny2, 4096)?;
         }
         let t = Instant::now();
         b.submit()?;
@@ -201,19 +240,93 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     };
     run()?;
     let dispatch = best_of(3, run)?;
+    // Host time to record and submit a dispatch (bind groups, parameters, encoding).
+    let recording = best_of(3, || {
+        let t = Instant::now();
+        let mut b = Batch::new(ctx);
+        for _ in 0..count {
+            crate::kernels::elementwise::add_assign(&mut b, &tiny, &tiny2, 4096)?;
+        }
+        b.submit()?;
+        let spent = t.elapsed();
+        ctx.wait_idle("calibration recording")?;
+        Ok(spent)
+    })?;
+
+    // A submission shaped like one small expert (three one-row matmuls and an activation), GPU
+    // time, less its kernels' modelled cost: what a submission adds.
+    let (inter, hidden) = small;
+    let xs = ctx.storage_from("calibration rows", &values(hidden, 10))?;
+    let ws_down = GpuWeight::from_f32(ctx, "calibration small weights", &values(hidden * inter, 11), WeightDtype::Bf16, hidden, inter)?;
+    let g = ctx.storage("calibration gate", (inter * 4) as u64)?;
+    let u = ctx.storage("calibration up", (inter * 4) as u64)?;
+    let a = ctx.storage("calibration act", (inter * 4) as u64)?;
+    let yd = ctx.storage("calibration down", (hidden * 4) as u64)?;
+    let expert_like = || {
+        let mut b = Batch::new(ctx);
+        matmul(&mut b, &xs, &ws, None, &g, 1)?;
+        matmul(&mut b, &xs, &ws, None, &u, 1)?;
+        crate::kernels::elementwise::swiglu(&mut b, &g, &u, &a, inter)?;
+        matmul(&mut b, &a, &ws_down, None, &yd, 1)?;
+        b.submit_timed()
+    };
+    expert_like()?;
+    let mut times: Vec<f64> = (0..9).map(|_| expert_like().map(|d| d.as_secs_f64())).collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    let first = matmul_points[0];
+    let kernels = 3.0 * (first.fixed_s + (2 * inter * hidden) as f64 / first.flops) + dispatch.as_secs_f64() / count as f64;
+    let pass = (times[times.len() / 2] - kernels).max(0.0);
+
+    // Submissions: pipelined (each result taken back while the next runs), and full round trips.
+    let rounds = 32;
+    let pipelined = || {
+        let t = Instant::now();
+        let mut pending = None;
+        for _ in 0..rounds {
+            let mut b = Batch::new(ctx);
+            crate::kernels::elementwise::add_assign(&mut b, &tiny, &tiny2, 64)?;
+            b.submit()?;
+            let read = ctx.read_later(&[(&tiny, 256)])?;
+            if let Some(p) = pending.replace(read) {
+                crate::gpu::PendingRead::wait(p, ctx)?;
+            }
+        }
+        if let Some(p) = pending {
+            p.wait(ctx)?;
+        }
+        Ok(t.elapsed())
+    };
+    pipelined()?;
+    let submit = best_of(3, pipelined)?;
+    let round_trip = || {
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let mut b = Batch::new(ctx);
+            crate::kernels::elementwise::add_assign(&mut b, &tiny, &tiny2, 64)?;
+            b.submit()?;
+            ctx.read_bytes(&tiny, 0, 256)?;
+        }
+        Ok(t.elapsed())
+    };
+    let sync = best_of(3, round_trip)?;
 
     let i = ctx.info();
     Ok(HardwareProfile {
         name: format!("{} ({:?}, {} {})", i.name, i.backend, i.driver, i.driver_info),
         source: format!("measured by moegen's calibration, {}", crate::planner::today()),
-        upload_bytes_per_s: big as f64 / upload.as_secs_f64(),
-        readback_bytes_per_s: big as f64 / readback.as_secs_f64(),
-        matmul_flops,
+        upload_bytes_per_s: bulk as f64 / upload.as_secs_f64(),
+        readback_bytes_per_s: bulk as f64 / readback.as_secs_f64(),
+        matmul: matmul_points,
         attention_bytes_per_s: (2 * rows * kv_dim * 4) as f64 / attn.as_secs_f64(),
         dispatch_s: dispatch.as_secs_f64() / count as f64,
-        host_copy_bytes_per_s: big as f64 / copy.as_secs_f64(),
+        pass_s: pass,
+        record_s: recording.as_secs_f64() / count as f64,
+        submit_s: submit.as_secs_f64() / rounds as f64,
+        sync_s: sync.as_secs_f64() / rounds as f64,
+        host_copy_bytes_per_s: bulk as f64 / copy.as_secs_f64(),
         gpu_memory,
         host_memory,
+        shares_cpu: i.device_type == wgpu::DeviceType::Cpu,
         binding_limit: ctx.binding_limit(),
         calibration_version: CALIBRATION_VERSION,
     })

@@ -71,6 +71,8 @@ pub struct JobPlan {
     pub sequences_in_flight: usize,
     /// GPU KV rows (model-based and continuous).
     pub cache_rows: usize,
+    /// Most tokens a step feeds.
+    pub step_tokens: usize,
     pub sizes: Option<ModuleSizes>,
     pub prediction: Prediction,
 }
@@ -97,20 +99,28 @@ pub fn plan_job(
     match batching {
         Batching::Continuous | Batching::Model => {
             // KV on the GPU: as many sequences as the budget holds after what must stay, capped by
-            // the job; what is left keeps experts resident.
-            let step_tokens = job.max_step_tokens.min((job.sequences as f64 * (job.prompt_len + 1.0)) as usize).max(1);
-            let activations = activation_bytes(cfg, step_tokens);
-            let fixed = w.resident + activations + 2 * w.per_expert;
+            // the job; steps as long as half of what is left allows; the rest keeps experts resident.
             let device_rows = (binding_limit / layer_row.max(1) / 2) as usize;
             let need = job.longest as u64 * row;
-            if gpu_budget < fixed + need {
-                return Err(too_small(gpu_budget, fixed + need, w, activations + need));
+            let base = w.resident + 2 * w.per_expert + need;
+            let step_tokens_min = activation_bytes(cfg, 1);
+            if gpu_budget < base + step_tokens_min {
+                return Err(too_small(gpu_budget, base + step_tokens_min, w, need + step_tokens_min));
             }
+            let half = (gpu_budget - base) / 2;
+            let wanted = job.max_step_tokens.min((job.sequences as f64 * (job.prompt_len + 1.0)) as usize).max(1);
+            let mut step_tokens = wanted;
+            while step_tokens > 1 && activation_bytes(cfg, step_tokens) > half {
+                step_tokens = (step_tokens * 3 / 4).max(1);
+            }
+            let activations = activation_bytes(cfg, step_tokens);
+            let fixed = w.resident + activations + 2 * w.per_expert;
             let total = (job.tokens().ceil() as usize).max(job.longest);
             let rows = (((gpu_budget - fixed) / row) as usize).min(total).min(device_rows.max(job.longest));
             let placement = Placement::plan(cfg, w, gpu_budget, rows as u64 * row + activations)?;
             let per_seq = (job.prompt_len + job.new_tokens).max(1.0);
             let in_flight = ((rows as f64 / per_seq).floor() as usize).clamp(1, job.sequences.max(1));
+            let job = &JobShape { max_step_tokens: step_tokens, ..*job };
             let prediction = predict(cfg, w, job, &placement, hw, in_flight, None);
             let batch_limit = if in_flight >= job.sequences { "the job's size" } else { "GPU memory for the KV cache" };
             Ok(JobPlan {
@@ -118,6 +128,7 @@ pub fn plan_job(
                 placement,
                 sequences_in_flight: in_flight,
                 cache_rows: rows,
+                step_tokens,
                 sizes: None,
                 prediction: Prediction { batch_limit, ..prediction },
             })
@@ -197,6 +208,7 @@ pub fn plan_job(
                 placement,
                 sequences_in_flight: population,
                 cache_rows: 0,
+                step_tokens: sizes.step_tokens,
                 sizes: Some(sizes),
                 prediction: Prediction { batch_limit, ..prediction },
             })
@@ -224,17 +236,24 @@ struct StepCost {
     io: f64,
     gpu: f64,
     host: f64,
+    /// Kernels and host work share the CPU (software adapter): they add up.
+    shared: bool,
 }
 
 impl StepCost {
     fn time(&self) -> f64 {
-        self.io.max(self.gpu) + self.host
+        if self.shared {
+            self.io.max(self.gpu + self.host)
+        } else {
+            self.io.max(self.gpu) + self.host
+        }
     }
     fn bound(&self) -> Bound {
-        if self.host > self.io.max(self.gpu) {
-            Bound::Host
-        } else if self.io > self.gpu {
+        let compute = if self.shared { self.gpu + self.host } else { self.gpu };
+        if self.io > compute {
             Bound::Link
+        } else if self.host > self.gpu {
+            Bound::Host
         } else {
             Bound::Gpu
         }
@@ -264,14 +283,18 @@ fn step_cost(
     let active = e * (1.0 - (1.0 - k / e).powf(t));
     let per_expert_rows = t * k / active.max(1.0);
     let streamed_layers = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as f64;
+    // Attention runs in micro-batches under module-based batching, once per step otherwise.
+    let micro_batches = module.map_or(1.0, |s| (kv_past / s.attn_kv_rows as f64).max(t / s.attn_tokens as f64).ceil().max(1.0));
+    let tm = t / micro_batches;
     for l in 0..cfg.num_layers {
-        gpu += hw.matmul_s(t, q_dim + 2.0 * kv_dim, h) + hw.matmul_s(t, h, q_dim);
-        gpu += kv_rows * kv_dim * 8.0 / hw.attention_bytes_per_s + 12.0 * hw.dispatch_s;
+        gpu += micro_batches * (hw.matmul_s(tm, q_dim, h) + 2.0 * hw.matmul_s(tm, kv_dim, h) + hw.matmul_s(tm, h, q_dim));
+        gpu += kv_rows * kv_dim * 8.0 / hw.attention_bytes_per_s + micro_batches * 10.0 * hw.dispatch_s;
         if cfg.is_moe_layer(l) {
-            gpu += hw.matmul_s(t, e, h);
+            gpu += micro_batches * (hw.matmul_s(tm, e, h) + hw.dispatch_s);
             // Each active expert runs its three matrices over its rows (per chunk in module-based).
             let chunks = module.map_or(1.0, |s| (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0));
-            gpu += active * chunks * (2.0 * hw.matmul_s(per_expert_rows / chunks, inter, h) + hw.matmul_s(per_expert_rows / chunks, h, inter));
+            let rows = per_expert_rows / chunks;
+            gpu += active * chunks * (2.0 * hw.matmul_s(rows, inter, h) + hw.matmul_s(rows, h, inter) + hw.dispatch_s);
             if let Some(si) = cfg.shared_expert_intermediate_size {
                 gpu += 3.0 * hw.matmul_s(t, si as f64, h);
             }
@@ -290,15 +313,29 @@ fn step_cost(
         let state_down = t * 4.0 * (2.0 * h + 2.0 * kv_dim + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
         io_bytes += kv_up + state_up;
         // Host copies: KV gathered from pages and written back, rows gathered for the experts;
-        // readbacks wait for the GPU once per micro-batch and chunk.
-        let micro_batches = (kv_past / s.attn_kv_rows as f64).ceil().max(t / s.attn_tokens as f64).max(1.0);
+        // every micro-batch and chunk is a submission whose results come back pipelined.
+        let expert_chunks = active * (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0);
+        let resident_chunks = (t / s.expert_chunk as f64).ceil().max(1.0);
+        let submits = layers * micro_batches
+            + streamed_layers * expert_chunks
+            + (layers - streamed_layers) * resident_chunks
+            + 2.0 * (logits / s.logit_rows as f64).ceil().max(1.0);
         host += (kv_up + 2.0 * state_up) / hw.host_copy_bytes_per_s + state_down / hw.readback_bytes_per_s;
-        host += layers * micro_batches * 4.0 * hw.dispatch_s;
-    } else if streamed_layers > 0.0 {
-        // The routing comes back once per streamed layer: the GPU waits for the host.
-        host += streamed_layers * (t * k * 4.0 / hw.readback_bytes_per_s + 4.0 * hw.dispatch_s);
+        host += submits * hw.submit_s;
+        gpu += submits * hw.pass_s;
+        let dispatches = layers * micro_batches * 18.0 + streamed_layers * expert_chunks * 4.0 + (layers - streamed_layers) * resident_chunks * 10.0;
+        host += dispatches * hw.record_s;
+    } else {
+        // One submission per layer and per streamed expert; the routing of a streamed layer
+        // comes back to the host while the GPU waits, as does the step's result.
+        let submits = 2.0 + layers + streamed_layers * (1.0 + active);
+        let syncs = 1.0 + streamed_layers;
+        host += submits * hw.submit_s + syncs * hw.sync_s + streamed_layers * t * k * 4.0 / hw.readback_bytes_per_s;
+        gpu += submits * hw.pass_s;
+        let dispatches = layers * 20.0 + streamed_layers * (3.0 + 4.0 * active);
+        host += dispatches * hw.record_s;
     }
-    StepCost { io: io_bytes / hw.upload_bytes_per_s, gpu, host }
+    StepCost { io: io_bytes / hw.upload_bytes_per_s, gpu, host, shared: hw.shares_cpu }
 }
 
 /// Predicts the job's throughput with `in_flight` sequences at once.
@@ -345,8 +382,8 @@ impl JobPlan {
                 z.page_tokens
             ),
             None => s += &format!(
-                "  {} sequences at once (limited by {}), GPU KV cache of {} rows\n",
-                self.sequences_in_flight, self.prediction.batch_limit, self.cache_rows
+                "  {} sequences at once (limited by {}), GPU KV cache of {} rows, steps of up to {} tokens\n",
+                self.sequences_in_flight, self.prediction.batch_limit, self.cache_rows, self.step_tokens
             ),
         }
         let p = &self.prediction;
