@@ -221,6 +221,7 @@ pub struct PlanArgs {
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub max_step_tokens: usize,
+    pub upload_bandwidth: Option<u64>,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
 }
@@ -248,6 +249,7 @@ pub fn run_plan(args: &PlanArgs) -> anyhow::Result<String> {
             (HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?, budgets)
         }
     };
+    let hw = hw.with_upload_cap(args.upload_bandwidth);
     let requests = synthetic_requests(&cfg, args.sequences, args.prompt_len, args.new_tokens);
     let shape = job_shape(&requests, args.max_step_tokens);
     let mut out = format!(

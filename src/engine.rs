@@ -147,6 +147,7 @@ pub fn run_policy(
 ) -> Result<PolicyReport> {
     let weights = WeightBytes::of(checkpoint, cfg);
     let shape = job_shape(requests, settings.max_step_tokens);
+    let hw = &hw.with_upload_cap(settings.upload_bandwidth);
     let plan = plan_job(cfg, &weights, &shape, batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), hw)?;
     log::info!("{}", plan.describe(cfg, &weights));
     let mut model = Model::load_placed(ctx, cfg.clone(), checkpoint, shape.longest, &plan.placement)?;

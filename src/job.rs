@@ -171,7 +171,8 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         trace: args.trace.is_some(),
     };
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    let plan = plan_job(&cfg, &weights, &job_shape(&reqs, args.max_step_tokens), args.batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)?;
+    let capped = hw.with_upload_cap(args.upload_bandwidth);
+    let plan = plan_job(&cfg, &weights, &job_shape(&reqs, args.max_step_tokens), args.batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &capped)?;
     eprintln!("{}", plan.describe(&cfg, &weights));
 
     let bar = ProgressBar::with_draw_target(

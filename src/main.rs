@@ -92,6 +92,9 @@ struct JobFlags {
     /// A hardware profile (JSON) to plan with, e.g. assets/hardware/rtx-a5000-pcie4.json.
     #[arg(long)]
     hardware: Option<PathBuf>,
+    /// Cap host-to-GPU traffic to this rate (e.g. 4MB/s, 2GB/s); the plan assumes it too.
+    #[arg(long, value_parser = parse_rate)]
+    upload_bandwidth: Option<u64>,
 }
 
 #[derive(Args)]
@@ -102,9 +105,6 @@ struct BenchCli {
     job: JobFlags,
     #[arg(long, value_enum, default_value = "all")]
     batching: BatchingChoice,
-    /// Cap host-to-GPU traffic to this rate (e.g. 4MB/s, 2GB/s).
-    #[arg(long, value_parser = parse_rate)]
-    upload_bandwidth: Option<u64>,
     /// One JSON object per policy per line instead of the table.
     #[arg(long)]
     json: bool,
@@ -255,7 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batching: b.batching.policies(),
                 gpu_memory: b.job.gpu_memory,
                 host_memory: b.job.host_memory,
-                upload_bandwidth: b.upload_bandwidth,
+                upload_bandwidth: b.job.upload_bandwidth,
                 sequences: b.job.sequences,
                 prompt_len: b.job.prompt_len,
                 new_tokens: b.job.new_tokens,
@@ -278,6 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 prompt_len: p.job.prompt_len,
                 new_tokens: p.job.new_tokens,
                 max_step_tokens: p.job.max_step_tokens,
+                upload_bandwidth: p.job.upload_bandwidth,
                 hardware: p.job.hardware,
                 adapter: AdapterChoice::from_env(cli.adapter),
             };

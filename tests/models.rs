@@ -40,8 +40,10 @@ fn check(name: &str) {
     // layer resident and three slots.
     let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();
     let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
-    for (resident, slots) in [(vec![], 2), (vec![moe_layers[0]], 3)] {
-        let placement = Placement { resident_layers: resident, slots, budget: None, resident_bytes: 0, reserved_bytes: 0 };
+    // The first also streams every layer's attention through its slot.
+    let all_layers: Vec<usize> = (0..cfg.num_layers).collect();
+    for (resident, slots, streamed_attention) in [(vec![], 2, all_layers), (vec![moe_layers[0]], 3, vec![])] {
+        let placement = Placement { resident_layers: resident, slots, streamed_attention, budget: None, resident_bytes: 0, reserved_bytes: 0 };
         let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
         let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &placement).unwrap();
         assert_eq!(model.slots.len(), slots);

@@ -330,7 +330,7 @@ impl WeightDtype {
 }
 
 /// A contiguous run of rows of a weight matrix, in its own buffer.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct WeightPart {
     pub buffer: GpuBuffer,
     pub first_row: usize,
@@ -339,7 +339,7 @@ pub struct WeightPart {
 
 /// A `[rows, cols]` row-major matrix (Hugging Face `[out, in]`), split by rows into parts that
 /// each fit one storage binding.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct GpuWeight {
     pub parts: Vec<WeightPart>,
     pub rows: usize,

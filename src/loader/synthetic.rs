@@ -60,6 +60,9 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
     ModelConfig::parse(&v, std::path::Path::new(&format!("synthetic {name}")))
 }
 
+/// Scale of the layers' outputs relative to the embeddings.
+const RESIDUAL_GAIN: f32 = 0.05;
+
 /// Random bf16 values, uniform in +-`scale`, from a small fast generator.
 fn random_bf16(n: usize, scale: f32, seed: u64) -> Vec<u8> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -105,7 +108,9 @@ pub fn synthetic_checkpoint(name: &str, cfg: &ModelConfig) -> Result<Checkpoint>
         t.matrix(format!("{p}.self_attn.q_proj.weight"), q_dim, h, None);
         t.matrix(format!("{p}.self_attn.k_proj.weight"), kv_dim, h, None);
         t.matrix(format!("{p}.self_attn.v_proj.weight"), kv_dim, h, None);
-        t.matrix(format!("{p}.self_attn.o_proj.weight"), h, q_dim, None);
+        // Outputs into the residual stream are damped, so that each token's embedding keeps
+        // steering its routing and the experts stay about as evenly loaded as a trained model's.
+        t.scaled_matrix(format!("{p}.self_attn.o_proj.weight"), h, q_dim, None, RESIDUAL_GAIN);
         if let Some((qn, kn)) = qk_norm {
             let (qw, kw) = if cfg.qk_norm == QkNorm::PerHead { (hd, hd) } else { (q_dim, kv_dim) };
             t.alias(format!("{p}.self_attn.q_norm.weight"), vec![qw], qn);
@@ -118,7 +123,7 @@ pub fn synthetic_checkpoint(name: &str, cfg: &ModelConfig) -> Result<Checkpoint>
         for e in 0..cfg.num_experts {
             t.matrix(format!("{p}.{moe}.experts.{e}.{gate}.weight"), inter, h, None);
             t.matrix(format!("{p}.{moe}.experts.{e}.{up}.weight"), inter, h, None);
-            t.matrix(format!("{p}.{moe}.experts.{e}.{down}.weight"), h, inter, None);
+            t.scaled_matrix(format!("{p}.{moe}.experts.{e}.{down}.weight"), h, inter, None, RESIDUAL_GAIN);
         }
     }
     Checkpoint::in_memory(&format!("synthetic {name}"), t.blobs, t.tensors)
@@ -129,7 +134,7 @@ struct Builder {
     blobs: Vec<Vec<u8>>,
     tensors: Vec<(String, Dtype, Vec<usize>, usize)>,
     /// The blob of random values each shape shares.
-    by_shape: std::collections::HashMap<(usize, usize), usize>,
+    by_shape: std::collections::HashMap<(usize, usize, u32), usize>,
 }
 
 impl Builder {
@@ -141,14 +146,19 @@ impl Builder {
     /// A `[rows, cols]` matrix, values uniform in +-sqrt(3 / cols): its own (with a seed) or the
     /// blob its shape shares.
     fn matrix(&mut self, name: String, rows: usize, cols: usize, own: Option<u64>) {
-        let scale = (3.0 / cols as f32).sqrt();
+        self.scaled_matrix(name, rows, cols, own, 1.0)
+    }
+
+    /// [`Builder::matrix`] with the values scaled by `gain`.
+    fn scaled_matrix(&mut self, name: String, rows: usize, cols: usize, own: Option<u64>, gain: f32) {
+        let scale = gain * (3.0 / cols as f32).sqrt();
         let blob = match own {
             Some(seed) => self.push(random_bf16(rows * cols, scale, seed)),
-            None => match self.by_shape.get(&(rows, cols)) {
+            None => match self.by_shape.get(&(rows, cols, gain.to_bits())) {
                 Some(&b) => b,
                 None => {
                     let b = self.push(random_bf16(rows * cols, scale, (rows * 31 + cols) as u64));
-                    self.by_shape.insert((rows, cols), b);
+                    self.by_shape.insert((rows, cols, gain.to_bits()), b);
                     b
                 }
             },

@@ -3,7 +3,7 @@
 //! attends to.
 
 use crate::error::{ensure, Result};
-use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight};
+use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight, Track, WeightPart};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_assign, add_gated, copy_rows, swiglu, swiglu_range};
 use crate::kernels::embedding::embed;
@@ -14,7 +14,7 @@ use crate::kernels::rope::{rope, RopeLayout, RopeTable};
 use crate::kernels::router::{route, RouterConfig};
 use crate::loader::config::{ModelConfig, QkNorm};
 use crate::model::streamer::{ExpertSlot, SlotCache, UploadLimit};
-use crate::model::weights::{Experts, Ffn, HostExperts, Mlp, Weights};
+use crate::model::weights::{Experts, Ffn, HostExperts, Mlp, Projections, Weights};
 
 /// Keys and values of every layer for `rows` cache rows, on the GPU.
 pub struct KvCache {
@@ -86,8 +86,12 @@ pub struct Model {
     pub upload_limit: Option<UploadLimit>,
     /// Which expert each slot holds, so an expert still in a slot is not uploaded again.
     pub slot_cache: std::sync::Mutex<SlotCache>,
-    /// Host-to-GPU bytes other than streamed experts: KV pages and hidden states (module-based).
+    /// Host-to-GPU bytes other than streamed experts: attention projections, KV pages and
+    /// hidden states (module-based).
     pub other_uploads: std::sync::atomic::AtomicU64,
+    /// Room for one layer's streamed attention projections, and the layer it holds.
+    pub attn_slot: Option<[GpuBuffer; 4]>,
+    pub attn_held: std::sync::Mutex<Option<usize>>,
 }
 
 
@@ -144,9 +148,10 @@ impl Model {
         let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let hn = ctx.storage("normed hidden", (n * h * 4) as u64)?;
         rms_norm(b, x, &layer.input_norm, &hn, n, h, cfg.rms_norm_eps)?;
-        let mut q = linear(b, &hn, &layer.q, layer.q_bias.as_ref(), n, "queries")?;
-        let mut k = linear(b, &hn, &layer.k, layer.k_bias.as_ref(), n, "keys")?;
-        let v = linear(b, &hn, &layer.v, layer.v_bias.as_ref(), n, "values")?;
+        let [wq, wk, wv, wo] = self.projections(li)?;
+        let mut q = linear(b, &hn, &wq, layer.q_bias.as_ref(), n, "queries")?;
+        let mut k = linear(b, &hn, &wk, layer.k_bias.as_ref(), n, "keys")?;
+        let v = linear(b, &hn, &wv, layer.v_bias.as_ref(), n, "values")?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let (q_rows, q_width, k_rows, k_width) = match cfg.qk_norm {
                 QkNorm::PerHead => (n * cfg.num_heads, hd, n * cfg.num_kv_heads, hd),
@@ -166,11 +171,42 @@ impl Model {
         let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
         let attn = ctx.storage("attention output", (n * q_dim * 4) as u64)?;
         attention(b, &shape, &q, kv.k, kv.v, &t.ranges, &attn, n, kv.rows)?;
-        let o = linear(b, &attn, &layer.o, None, n, "attention projection")?;
+        let o = linear(b, &attn, &wo, None, n, "attention projection")?;
         add_assign(b, x, &o, n * h)?;
         let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
         rms_norm(b, x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
         Ok((hn2, NewKv { k, v }))
+    }
+
+    /// Layer `li`'s attention projections; streamed ones are uploaded into the attention slot
+    /// unless it holds them already (the work reading the slot's previous layer was submitted
+    /// before, and the queue orders the writes after it).
+    fn projections(&self, li: usize) -> Result<[GpuWeight; 4]> {
+        let host = match &self.weights.layers[li].attn {
+            Projections::Resident(w) => return Ok((**w).clone()),
+            Projections::Streamed(h) => h,
+        };
+        let slot = self.attn_slot.as_ref().ok_or_else(|| crate::error::Error::invalid("attention", "streamed attention without a slot"))?;
+        let mut held = self.attn_held.lock().unwrap();
+        if *held != Some(li) {
+            let tracer = self.ctx.tracer();
+            let start = tracer.as_ref().map(|t| t.now_ns());
+            if let Some(l) = &self.upload_limit {
+                l.admit(host.bytes());
+            }
+            for (buf, data) in slot.iter().zip(&host.data) {
+                self.ctx.upload(buf, 0, data)?;
+            }
+            self.other_uploads.fetch_add(host.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+            if let (Some(t), Some(s)) = (tracer, start) {
+                t.finish(Track::Upload, format!("layer {li} attention ({} KiB)", host.bytes() >> 10), s);
+            }
+            *held = Some(li);
+        }
+        Ok([0, 1, 2, 3].map(|i| {
+            let (rows, cols) = host.shapes[i];
+            GpuWeight { parts: vec![WeightPart { buffer: slot[i].clone(), first_row: 0, rows }], rows, cols, dtype: host.dtype }
+        }))
     }
 
     pub(crate) fn router_config(&self) -> RouterConfig {

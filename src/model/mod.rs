@@ -14,7 +14,7 @@ use crate::loader::config::ModelConfig;
 use crate::planner::Placement;
 pub use forward::{KvCache, Model, StepInput};
 pub use streamer::{ExpertSlot, SlotCache, StreamStats, UploadLimit};
-use weights::{Experts, Ffn, Weights};
+use weights::{Experts, Ffn, Projections, Weights};
 
 impl Model {
     /// Loads the model in `dir` onto `ctx`, every weight resident, with rope positions for
@@ -46,6 +46,32 @@ impl Model {
             None => Vec::new(),
         };
         let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));
-        Ok(Model { cfg, weights, rope, ctx: ctx.clone(), slots, upload_limit: None, slot_cache, other_uploads: Default::default() })
+        // One slot as large as the largest streamed layer's projections, each matrix its own buffer.
+        let mut widest = [0u64; 4];
+        for l in &weights.layers {
+            if let Projections::Streamed(h) = &l.attn {
+                for (w, d) in widest.iter_mut().zip(&h.data) {
+                    *w = (*w).max((d.len() as u64).next_multiple_of(4));
+                }
+            }
+        }
+        let attn_slot = if widest[0] > 0 {
+            let [q, k, v, o] = widest.map(|b| ctx.storage("attention slot", b));
+            Some([q?, k?, v?, o?])
+        } else {
+            None
+        };
+        Ok(Model {
+            cfg,
+            weights,
+            rope,
+            ctx: ctx.clone(),
+            slots,
+            upload_limit: None,
+            slot_cache,
+            other_uploads: Default::default(),
+            attn_slot,
+            attn_held: Default::default(),
+        })
     }
 }

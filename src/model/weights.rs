@@ -54,13 +54,30 @@ struct ExpertPieces<'a> {
     names: [String; 3],
 }
 
+/// A layer's attention projections (q, k, v, o): on the GPU, or in host memory to be streamed
+/// through the attention slot.
+pub enum Projections {
+    Resident(Box<[GpuWeight; 4]>),
+    Streamed(HostProjections),
+}
+
+pub struct HostProjections {
+    pub data: [Vec<u8>; 4],
+    pub dtype: WeightDtype,
+    /// (rows, cols) of each.
+    pub shapes: [(usize, usize); 4],
+}
+
+impl HostProjections {
+    pub fn bytes(&self) -> usize {
+        self.data.iter().map(Vec::len).sum()
+    }
+}
+
 pub struct Layer {
     pub input_norm: GpuBuffer,
     pub post_attention_norm: GpuBuffer,
-    pub q: GpuWeight,
-    pub k: GpuWeight,
-    pub v: GpuWeight,
-    pub o: GpuWeight,
+    pub attn: Projections,
     pub q_bias: Option<GpuBuffer>,
     pub k_bias: Option<GpuBuffer>,
     pub v_bias: Option<GpuBuffer>,
@@ -179,6 +196,24 @@ impl Loader<'_> {
         Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], inter, hidden: h }))
     }
 
+    fn projections(&self, prefix: &str, shapes: [(usize, usize); 4], stream: bool) -> Result<Projections> {
+        let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|n| format!("{prefix}.{n}.weight"));
+        if !stream {
+            let [q, k, v, o] = [0, 1, 2, 3].map(|i| self.matrix(&names[i], shapes[i].0, shapes[i].1));
+            return Ok(Projections::Resident(Box::new([q?, k?, v?, o?])));
+        }
+        let tensors = (0..4).map(|i| self.ck.get(&names[i], &[shapes[i].0, shapes[i].1])).collect::<Result<Vec<_>>>()?;
+        let dtype = tensors[0].dtype;
+        if let Some(t) = tensors.iter().find(|t| t.dtype != dtype) {
+            return Err(Error::invalid(t.name, format!("streamed attention needs one dtype for q, k, v and o; found {:?} and {dtype:?}", t.dtype)));
+        }
+        Ok(Projections::Streamed(HostProjections {
+            data: [0, 1, 2, 3].map(|i| tensors[i].data.to_vec()),
+            dtype: dtype.weight(),
+            shapes,
+        }))
+    }
+
     fn layer(&self, i: usize, placement: &Placement) -> Result<Layer> {
         let cfg = self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -215,10 +250,7 @@ impl Loader<'_> {
         Ok(Layer {
             input_norm: self.vector(&format!("{p}.input_layernorm.weight"), h)?,
             post_attention_norm: self.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            q: self.matrix(&format!("{a}.q_proj.weight"), q_dim, h)?,
-            k: self.matrix(&format!("{a}.k_proj.weight"), kv_dim, h)?,
-            v: self.matrix(&format!("{a}.v_proj.weight"), kv_dim, h)?,
-            o: self.matrix(&format!("{a}.o_proj.weight"), h, q_dim)?,
+            attn: self.projections(&a, [(q_dim, h), (kv_dim, h), (kv_dim, h), (h, q_dim)], placement.streamed_attention.contains(&i))?,
             q_bias: self.opt_vector(&format!("{a}.q_proj.bias"), q_dim)?,
             k_bias: self.opt_vector(&format!("{a}.k_proj.bias"), kv_dim)?,
             v_bias: self.opt_vector(&format!("{a}.v_proj.bias"), kv_dim)?,

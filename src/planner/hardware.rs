@@ -84,6 +84,15 @@ impl HardwareProfile {
         (last.fixed_s, last.flops)
     }
 
+    /// The profile with uploads held to `cap` bytes per second, if given.
+    pub fn with_upload_cap(&self, cap: Option<u64>) -> Self {
+        let mut p = self.clone();
+        if let Some(c) = cap {
+            p.upload_bytes_per_s = p.upload_bytes_per_s.min(c as f64);
+        }
+        p
+    }
+
     /// The largest measured matmul rate, FLOP/s.
     pub fn peak_flops(&self) -> f64 {
         self.matmul.iter().map(|p| p.flops).fold(0.0, f64::max)

@@ -62,7 +62,11 @@ pub fn format_size(bytes: u64) -> String {
 /// The bytes the checkpoint's tensors take, split into routed experts and everything else.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WeightBytes {
+    /// Weights that always stay on the GPU: embeddings, norms, routers, LM head, shared experts
+    /// and dense MLPs.
     pub resident: u64,
+    /// One layer's attention projections (streamed when the budget is short).
+    pub attention_per_layer: u64,
     /// One routed expert's three matrices (every expert of the model is the same size).
     pub per_expert: u64,
     pub experts_per_layer: usize,
@@ -73,17 +77,26 @@ impl WeightBytes {
     pub fn of(ck: &Checkpoint, cfg: &ModelConfig) -> Self {
         let mut resident = 0u64;
         let mut experts = 0u64;
+        let mut attention = 0u64;
         for name in ck.names() {
             let bytes = ck.bytes_of(name);
             if is_routed_expert(name) {
                 experts += bytes;
+            } else if is_attention_projection(name) {
+                attention += bytes;
             } else {
                 resident += bytes;
             }
         }
         let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
         let count = (moe_layers * cfg.num_experts).max(1) as u64;
-        WeightBytes { resident, per_expert: experts / count, experts_per_layer: cfg.num_experts, moe_layers }
+        WeightBytes {
+            resident,
+            attention_per_layer: attention / cfg.num_layers.max(1) as u64,
+            per_expert: experts / count,
+            experts_per_layer: cfg.num_experts,
+            moe_layers,
+        }
     }
 
     /// The bytes a checkpoint of `cfg` would take with weights of `dtype_bytes` each (for
@@ -96,9 +109,10 @@ impl WeightBytes {
         let shared = cfg.shared_expert_intermediate_size.map_or(0, |s| 3 * h * s as u64 + h) * moe_layers as u64;
         let router = moe_layers as u64 * cfg.num_experts as u64 * h;
         let embed = cfg.vocab_size as u64 * h * if cfg.tie_word_embeddings { 1 } else { 2 };
-        let resident = (cfg.num_layers as u64 * attn + dense + shared + router + embed) * dtype_bytes + (cfg.num_layers as u64 * 2 + 1) * h * dtype_bytes;
+        let resident = (dense + shared + router + embed) * dtype_bytes + (cfg.num_layers as u64 * 2 + 1) * h * dtype_bytes;
         WeightBytes {
             resident,
+            attention_per_layer: attn * dtype_bytes,
             per_expert: 3 * h * cfg.moe_intermediate_size as u64 * dtype_bytes,
             experts_per_layer: cfg.num_experts,
             moe_layers,
@@ -162,6 +176,11 @@ pub fn kv_row_bytes(cfg: &ModelConfig) -> u64 {
     (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64
 }
 
+/// The weight of an attention projection (q, k, v, o; biases stay resident).
+pub fn is_attention_projection(name: &str) -> bool {
+    name.contains(".self_attn.") && ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"].iter().any(|p| name.ends_with(p))
+}
+
 /// A routed expert's tensor (not a shared expert's, not the router's).
 pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".experts.") && !name.contains("shared_expert")
@@ -174,6 +193,8 @@ pub struct Placement {
     pub resident_layers: Vec<usize>,
     /// Expert slots for the streamed layers (0 when nothing streams).
     pub slots: usize,
+    /// Layers whose attention projections live in host memory and stream to one GPU slot.
+    pub streamed_attention: Vec<usize>,
     pub budget: Option<u64>,
     pub resident_bytes: u64,
     pub reserved_bytes: u64,
@@ -185,39 +206,60 @@ impl Placement {
         Placement {
             resident_layers: (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect(),
             slots: 0,
+            streamed_attention: Vec::new(),
             budget: None,
             resident_bytes: 0,
             reserved_bytes: 0,
         }
     }
 
-    /// Places the experts within `budget` bytes, after the non-expert weights and `reserved`
-    /// bytes (KV cache and activations). Streams as few layers as possible; `max_slots` caps the
-    /// slot pool (more slots than experts in a layer buy nothing).
+    /// Places the weights within `budget` bytes, after the weights that always stay and
+    /// `reserved` bytes (KV cache and activations): attention projections first, then whole
+    /// layers of experts, while they fit; what does not fit streams from host memory (attention
+    /// through one slot, experts through N >= 2 slots).
     pub fn plan(cfg: &ModelConfig, w: &WeightBytes, budget: u64, reserved: u64) -> Result<Self> {
         let slot_bytes = w.per_expert;
-        let minimum = w.resident + reserved + 2 * slot_bytes;
+        let minimum = w.resident + w.attention_per_layer + reserved + 2 * slot_bytes;
         if budget < minimum {
             return Err(Error::invalid(
                 "--gpu-memory",
                 format!(
-                    "{} is below the minimum of {} for this model and job: non-expert weights {}, KV cache and activations {}, two expert slots {}",
+                    "{} is below the minimum of {} for this model and job: weights that stay (embeddings, norms, routers, LM head) {}, one layer's attention {}, KV cache and activations {}, two expert slots {}",
                     format_size(budget),
                     format_size(minimum),
                     format_size(w.resident),
+                    format_size(w.attention_per_layer),
                     format_size(reserved),
                     format_size(2 * slot_bytes)
                 ),
             ));
         }
-        let moe_layers: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
+        let layers = cfg.num_layers;
+        let all_attention = w.attention_per_layer * layers as u64;
+        let moe_layers: Vec<usize> = (0..layers).filter(|&l| cfg.is_moe_layer(l)).collect();
         let free = budget - w.resident - reserved;
-        if free >= w.per_layer() * moe_layers.len() as u64 {
-            return Ok(Placement { resident_layers: moe_layers, slots: 0, budget: Some(budget), resident_bytes: w.resident, reserved_bytes: reserved });
+        let placed = |resident_layers: Vec<usize>, slots: usize, streamed_attention: Vec<usize>, weights: u64| Placement {
+            resident_layers,
+            slots,
+            streamed_attention,
+            budget: Some(budget),
+            resident_bytes: weights,
+            reserved_bytes: reserved,
+        };
+        if free >= all_attention + w.per_layer() * moe_layers.len() as u64 {
+            return Ok(placed(moe_layers, 0, Vec::new(), w.resident + all_attention));
+        }
+        if free < all_attention + 2 * slot_bytes {
+            // Attention of the first layers stays; the rest streams through one slot.
+            let keep = ((free - 2 * slot_bytes - w.attention_per_layer) / w.attention_per_layer.max(1)) as usize;
+            let keep = keep.min(layers.saturating_sub(1));
+            let left = free - 2 * slot_bytes - w.attention_per_layer * (keep as u64 + 1);
+            let slots = (2 + left.checked_div(slot_bytes).unwrap_or(0) as usize).min((cfg.num_experts * moe_layers.len()).max(2));
+            return Ok(placed(Vec::new(), slots, (keep..layers).collect(), w.resident + w.attention_per_layer * keep as u64));
         }
         // Keep room for at least two slots, then as many whole layers resident as fit; the slots
         // take what is left, up to one per expert of a layer.
-        let mut left = free - 2 * slot_bytes;
+        let mut left = free - all_attention - 2 * slot_bytes;
         let mut resident_layers = Vec::new();
         for &l in &moe_layers {
             if left >= w.per_layer() && resident_layers.len() + 1 < moe_layers.len() {
@@ -230,7 +272,8 @@ impl Placement {
         let extra = left.checked_div(slot_bytes).unwrap_or(0) as usize;
         let streamed = moe_layers.len() - resident_layers.len();
         let slots = (2 + extra).min((cfg.num_experts * streamed).max(2));
-        Ok(Placement { resident_layers, slots, budget: Some(budget), resident_bytes: w.resident, reserved_bytes: reserved })
+        let weights = w.resident + all_attention + w.per_layer() * resident_layers.len() as u64;
+        Ok(placed(resident_layers, slots, Vec::new(), weights))
     }
 
     pub fn streams(&self, layer: usize, cfg: &ModelConfig) -> bool {
@@ -240,11 +283,21 @@ impl Placement {
     pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
         let streamed = (0..cfg.num_layers).filter(|&l| self.streams(l, cfg)).count();
         let budget = self.budget.map(format_size).unwrap_or_else(|| "none set".into());
-        if streamed == 0 {
+        if streamed == 0 && self.streamed_attention.is_empty() {
             return format!("GPU budget {budget}: every weight resident ({} of experts)", format_size(w.per_layer() * w.moe_layers as u64));
         }
+        let attention = if self.streamed_attention.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; attention of {} of {} layers streamed through one slot of {}",
+                self.streamed_attention.len(),
+                cfg.num_layers,
+                format_size(w.attention_per_layer)
+            )
+        };
         format!(
-            "GPU budget {budget}: non-expert weights {} resident, experts of {} of {} MoE layers resident, {} streamed from host memory through {} slots of {}",
+            "GPU budget {budget}: {} of weights resident, experts of {} of {} MoE layers resident, {} streamed from host memory through {} slots of {}{attention}",
             format_size(self.resident_bytes),
             self.resident_layers.len(),
             w.moe_layers,
@@ -284,15 +337,20 @@ mod tests {
     #[test]
     fn streams_what_does_not_fit_and_refuses_below_the_minimum() {
         let c = cfg(4, 8);
-        let w = WeightBytes { resident: 1000, per_expert: 100, experts_per_layer: 8, moe_layers: 4 };
-        let all = Placement::plan(&c, &w, 1000 + 50 + 3200, 50).unwrap();
-        assert_eq!((all.resident_layers.len(), all.slots), (4, 0));
-        // Room for two layers (1600) plus two slots (200) plus one more slot.
-        let some = Placement::plan(&c, &w, 1000 + 50 + 1900, 50).unwrap();
+        let w = WeightBytes { resident: 1000, attention_per_layer: 40, per_expert: 100, experts_per_layer: 8, moe_layers: 4 };
+        let all = Placement::plan(&c, &w, 1000 + 160 + 50 + 3200, 50).unwrap();
+        assert_eq!((all.resident_layers.len(), all.slots, all.streamed_attention.len()), (4, 0, 0));
+        // Room for every layer's attention, two layers of experts (1600), two slots (200) and one more.
+        let some = Placement::plan(&c, &w, 1000 + 160 + 50 + 1900, 50).unwrap();
         assert_eq!((some.resident_layers.clone(), some.slots), (vec![0, 1], 3));
-        let tight = Placement::plan(&c, &w, 1000 + 50 + 200, 50).unwrap();
-        assert_eq!((tight.resident_layers.len(), tight.slots), (0, 2));
-        let e = Placement::plan(&c, &w, 1000 + 50 + 199, 50).unwrap_err().to_string();
-        assert!(e.contains("--gpu-memory") && e.contains("minimum"), "{e}");
+        let tight = Placement::plan(&c, &w, 1000 + 160 + 50 + 200, 50).unwrap();
+        assert_eq!((tight.resident_layers.len(), tight.slots, tight.streamed_attention.len()), (0, 2, 0));
+        // Attention of one layer in its slot plus one more resident: layers 1..4 stream.
+        let thin = Placement::plan(&c, &w, 1000 + 80 + 50 + 200, 50).unwrap();
+        assert_eq!((thin.slots, thin.streamed_attention.clone()), (2, vec![1, 2, 3]));
+        let least = Placement::plan(&c, &w, 1000 + 40 + 50 + 200, 50).unwrap();
+        assert_eq!(least.streamed_attention, vec![0, 1, 2, 3]);
+        let e = Placement::plan(&c, &w, 1000 + 40 + 50 + 199, 50).unwrap_err().to_string();
+        assert!(e.contains("--gpu-memory") && e.contains("minimum") && e.contains("one layer's attention"), "{e}");
     }
 }

@@ -80,7 +80,7 @@ pub struct JobPlan {
 /// Memory the streamed experts' packs take in host memory under `placement`.
 fn streamed_host_bytes(cfg: &ModelConfig, w: &WeightBytes, placement: &Placement) -> u64 {
     let streamed = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as u64;
-    streamed * w.per_layer()
+    streamed * w.per_layer() + placement.streamed_attention.len() as u64 * w.attention_per_layer
 }
 
 /// Plans `batching` for the job under the budgets.
@@ -102,7 +102,7 @@ pub fn plan_job(
             // the job; steps as long as half of what is left allows; the rest keeps experts resident.
             let device_rows = (binding_limit / layer_row.max(1) / 2) as usize;
             let need = job.longest as u64 * row;
-            let base = w.resident + 2 * w.per_expert + need;
+            let base = w.resident + w.attention_per_layer + 2 * w.per_expert + need;
             let step_tokens_min = activation_bytes(cfg, 1);
             if gpu_budget < base + step_tokens_min {
                 return Err(too_small(gpu_budget, base + step_tokens_min, w, need + step_tokens_min));
@@ -114,7 +114,14 @@ pub fn plan_job(
                 step_tokens = (step_tokens * 3 / 4).max(1);
             }
             let activations = activation_bytes(cfg, step_tokens);
-            let fixed = w.resident + activations + 2 * w.per_expert;
+            // Attention stays resident when that leaves room for the longest sequence's KV.
+            let all_attention = w.attention_per_layer * cfg.num_layers as u64;
+            let attention = if gpu_budget >= w.resident + all_attention + 2 * w.per_expert + activations + need {
+                all_attention
+            } else {
+                w.attention_per_layer
+            };
+            let fixed = w.resident + attention + activations + 2 * w.per_expert;
             let total = (job.tokens().ceil() as usize).max(job.longest);
             let rows = (((gpu_budget - fixed) / row) as usize).min(total).min(device_rows.max(job.longest));
             let placement = Placement::plan(cfg, w, gpu_budget, rows as u64 * row + activations)?;
@@ -150,7 +157,7 @@ pub fn plan_job(
             let longest = job.longest;
             let floor = 16usize;
             let min_reserved = attn_bytes(longest, floor.min(longest)) + chunk_bytes(floor) + logit_bytes(floor);
-            let minimum = w.resident + 2 * w.per_expert + min_reserved;
+            let minimum = w.resident + w.attention_per_layer + 2 * w.per_expert + min_reserved;
             if gpu_budget < minimum {
                 return Err(too_small(gpu_budget, minimum, w, min_reserved));
             }
@@ -220,10 +227,11 @@ fn too_small(budget: u64, minimum: u64, w: &WeightBytes, reserved: u64) -> Error
     Error::invalid(
         "--gpu-memory",
         format!(
-            "{} is below the minimum of {} for this model and job: non-expert weights {}, KV cache and activations {}, two expert slots {}",
+            "{} is below the minimum of {} for this model and job: weights that stay (embeddings, norms, routers, LM head) {}, one layer's attention {}, KV cache and activations {}, two expert slots {}",
             format_size(budget),
             format_size(minimum),
             format_size(w.resident),
+            format_size(w.attention_per_layer),
             format_size(reserved),
             format_size(2 * w.per_expert)
         ),
@@ -302,7 +310,7 @@ fn step_cost(
             gpu += 3.0 * hw.matmul_s(t, cfg.intermediate_size as f64, h);
         }
     }
-    let streamed_bytes = streamed_layers * active * w.per_expert as f64;
+    let streamed_bytes = streamed_layers * active * w.per_expert as f64 + placement.streamed_attention.len() as f64 * w.attention_per_layer as f64;
     io_bytes += streamed_bytes;
     gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
     let layers = cfg.num_layers as f64;

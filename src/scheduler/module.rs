@@ -436,6 +436,7 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         }
     }
     let active: Vec<usize> = (0..cfg.num_experts).filter(|&e| !groups[e].is_empty()).collect();
+    log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
     let mut y = vec![0.0f32; st.n * k * h];
     let mut pending: std::collections::VecDeque<(PendingRead, Vec<u32>)> = Default::default();
     let take = |(read, rows): (PendingRead, Vec<u32>), y: &mut Vec<f32>| -> Result<()> {
