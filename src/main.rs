@@ -62,7 +62,7 @@ struct ModelFlags {
     /// A Hugging Face model directory.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A synthetic model with random weights (default ci-small): ci-small, small, mixtral-8x7b,
+    /// A synthetic model with random weights (default ci-small): ci-small, mixtral-small, mixtral-8x7b,
     /// mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b.
     #[arg(long, conflicts_with = "model")]
     synthetic: Option<String>,

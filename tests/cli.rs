@@ -267,3 +267,74 @@ fn the_default_model_completes_the_sample_prompts_readably() {
     let letters = out.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').count();
     assert!(letters * 2 > out.len(), "{out}");
 }
+
+#[test]
+fn the_three_batching_policies_give_the_same_results() {
+    let dir = scratch("policies");
+    let model = fixture("qwen2-moe-bf16");
+    let input = write(&dir, "in.jsonl", PROMPTS);
+    let mut outputs = Vec::new();
+    for (policy, budget) in [("module", "600KiB"), ("model", "600KiB"), ("continuous", "600KiB"), ("module", "64MiB")] {
+        let out = dir.join(format!("{policy}-{budget}.jsonl"));
+        let o = moegen(&[
+            "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "5",
+            "--ignore-eos", "--quiet", "--batching", policy, "--gpu-memory", budget,
+        ]);
+        assert!(o.status.success(), "{policy}: {}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("batching {policy}")) && err.contains("predicted"), "{err}");
+        let mut rows = lines(&out);
+        rows.sort_by_key(|r| r["id"].to_string());
+        outputs.push(rows);
+    }
+    for o in &outputs[1..] {
+        assert_eq!(o, &outputs[0], "a batching policy or budget changed the results");
+    }
+    let o = moegen(&["generate", "--model", path(&model), "--input", path(&input), "--quiet", "--host-memory", "1KiB"]);
+    fails_with(&o, &["--host-memory", "minimum"]);
+    let o = moegen(&["generate", "--model", path(&model), "--input", path(&input), "--quiet", "--batching", "fifo"]);
+    fails_with(&o, &["--batching", "fifo"]);
+}
+
+#[test]
+fn bench_reports_each_policy_as_json_and_writes_traces() {
+    let dir = scratch("bench");
+    let trace = dir.join("t.json");
+    let o = moegen(&[
+        "bench", "--synthetic", "ci-small", "--batching", "all", "--gpu-memory", "1MiB", "--sequences", "6", "--prompt-len", "5",
+        "--new-tokens", "3", "--json", "--trace", path(&trace),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let names: Vec<&str> = rows.iter().map(|r| r["batching"].as_str().unwrap()).collect();
+    assert_eq!(names, ["model", "continuous", "module"]);
+    for r in &rows {
+        for key in ["tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "gpu_busy_fraction", "predicted_tokens_per_s"] {
+            assert!(r[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key} in {r}");
+        }
+        assert!(r["bytes_uploaded"].as_u64().unwrap() > 0, "experts stream under a 1 MiB budget: {r}");
+        let t: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("t.{}.json", r["batching"].as_str().unwrap()))).unwrap()).unwrap();
+        let events = t["traceEvents"].as_array().unwrap();
+        let on = |tid: u64| events.iter().filter(|e| e["ph"] == "X" && e["tid"] == tid).count();
+        assert!(on(0) > 0 && on(1) > 0, "upload and compute tracks both have events");
+    }
+    let o = moegen(&["bench", "--synthetic", "nope"]);
+    fails_with(&o, &["--synthetic", "nope", "ci-small", "mixtral-8x7b"]);
+}
+
+#[test]
+fn plan_predicts_real_shapes_from_a_hardware_file() {
+    let hw = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/hardware/rtx-a5000-pcie4.json");
+    let o = moegen(&["plan", "--synthetic", "mixtral-8x7b", "--hardware", path(&hw), "--sequences", "4096", "--prompt-len", "512", "--new-tokens", "256"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("predicted").count(), 3, "{text}");
+    assert!(text.contains("limited by host-to-GPU link") || text.contains("limited by GPU compute"), "{text}");
+    assert!(text.contains("population") && text.contains("RTX A5000"), "{text}");
+    let o = moegen(&["plan", "--synthetic", "mixtral-8x7b", "--hardware", path(&hw), "--gpu-memory", "1GiB"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("below the minimum"), "a budget under one layer's attention and two experts is refused: {text}");
+    let bad = scratch("plan").join("hw.json");
+    std::fs::write(&bad, "{\"name\": 1}").unwrap();
+    fails_with(&moegen(&["plan", "--synthetic", "ci-small", "--hardware", path(&bad)]), &["hw.json", "hardware profile"]);
+}

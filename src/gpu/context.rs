@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::buffers::BufferPool;
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::trace::Tracer;
+use crate::gpu::GpuBuffer;
 
 /// Optional adapter features the kernels can use; each has a fallback path.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -146,7 +147,13 @@ impl GpuContext {
 
     pub fn from_adapter(adapter: wgpu::Adapter, disabled: wgpu::Features) -> Result<Self> {
         let info = adapter.get_info();
-        let features = adapter.features() & WANTED_FEATURES & !disabled;
+        // On adapters that share host memory, the GPU may bind buffers the host maps, which lets
+        // streamed weights be written in place instead of through a staging copy.
+        let mut wanted = WANTED_FEATURES;
+        if matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu) {
+            wanted |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        }
+        let features = adapter.features() & wanted & !disabled;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moegen"),
@@ -210,6 +217,42 @@ impl GpuContext {
     /// The largest buffer one binding may cover (bytes); larger tensors are split.
     pub fn binding_limit(&self) -> u64 {
         self.binding_limit
+    }
+
+    /// Whether storage buffers can also be mapped for writing (unified memory): streamed weights
+    /// then go straight into their slot, without a staging copy.
+    pub fn unified_memory(&self) -> bool {
+        self.device().features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
+    }
+
+    /// Writes `data` at the start of `buf`, a buffer created with MAP_WRITE: waits until the GPU
+    /// no longer uses it (without waiting for later work), maps it and copies in place.
+    pub fn write_mapped(&self, buf: &GpuBuffer, data: &[u8]) -> Result<()> {
+        let padded;
+        let data = if data.len().is_multiple_of(wgpu::MAP_ALIGNMENT as usize) {
+            data
+        } else {
+            padded = [data, &vec![0u8; (wgpu::MAP_ALIGNMENT as usize) - data.len() % wgpu::MAP_ALIGNMENT as usize]].concat();
+            &padded[..]
+        };
+        let len = data.len() as u64;
+        let state = Arc::new(Mutex::new(None));
+        let sink = state.clone();
+        buf.raw().map_async(wgpu::MapMode::Write, 0..len, move |r| *sink.lock().unwrap() = Some(r));
+        loop {
+            self.device().poll(wgpu::PollType::Poll).map_err(|e| Error::Gpu(format!("mapping a weight slot: {e}")))?;
+            if let Some(r) = state.lock().unwrap().take() {
+                r.map_err(|e| Error::Gpu(format!("mapping a weight slot: {e}")))?;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        {
+            let mut view = buf.raw().get_mapped_range_mut(0..len).map_err(|e| Error::Gpu(format!("mapping a weight slot: {e:?}")))?;
+            view.copy_from_slice(data);
+        }
+        buf.raw().unmap();
+        Ok(())
     }
 
     /// The same device with some optional features switched off, to run the fallback paths.

@@ -55,16 +55,38 @@ pub struct ExpertSlot {
     pub gate: GpuBuffer,
     pub up: GpuBuffer,
     pub down: GpuBuffer,
+    /// Written by mapping (unified memory) rather than through the queue's staging copy.
+    pub mapped: bool,
 }
 
 impl ExpertSlot {
     pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: WeightDtype) -> Result<Self> {
-        let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(4);
-        Ok(ExpertSlot {
-            gate: ctx.storage("expert slot (gate)", bytes)?,
-            up: ctx.storage("expert slot (up)", bytes)?,
-            down: ctx.storage("expert slot (down)", bytes)?,
-        })
+        let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(8);
+        let mapped = ctx.unified_memory() && std::env::var_os("MOEGEN_NO_MAPPED_SLOTS").is_none();
+        log::debug!("expert slot of 3 x {bytes} bytes, {}", if mapped { "written in place (unified memory)" } else { "written through staging" });
+        let make = |what: &str| -> Result<GpuBuffer> {
+            if bytes > ctx.binding_limit() {
+                return Err(crate::error::Error::BindingTooLarge { what: what.to_string(), needed: bytes, limit: ctx.binding_limit() });
+            }
+            if mapped {
+                ctx.buffer(what, bytes, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::MAP_WRITE)
+            } else {
+                ctx.storage(what, bytes)
+            }
+        };
+        Ok(ExpertSlot { gate: make("expert slot (gate)")?, up: make("expert slot (up)")?, down: make("expert slot (down)")?, mapped })
+    }
+
+    /// Writes an expert's three matrices into the slot.
+    fn fill(&self, ctx: &GpuContext, parts: [&[u8]; 3]) -> Result<()> {
+        for (buf, data) in [&self.gate, &self.up, &self.down].into_iter().zip(parts) {
+            if self.mapped {
+                ctx.write_mapped(buf, data)?;
+            } else {
+                ctx.upload(buf, 0, data)?;
+            }
+        }
+        Ok(())
     }
 
     /// The slot's matrices as one-part weights of `inter x hidden` (gate, up) and `hidden x inter` (down).
@@ -213,10 +235,7 @@ pub fn stream_layer(
                     if let Some(l) = limit {
                         l.admit(pack.len());
                     }
-                    let sent = ctx
-                        .upload(&slots[s.slot].gate, 0, &pack[g.clone()])
-                        .and_then(|_| ctx.upload(&slots[s.slot].up, 0, &pack[u.clone()]))
-                        .and_then(|_| ctx.upload(&slots[s.slot].down, 0, &pack[d.clone()]));
+                    let sent = slots[s.slot].fill(ctx, [&pack[g.clone()], &pack[u.clone()], &pack[d.clone()]]);
                     if let (Some(t), Some(start)) = (tracer, start) {
                         t.finish(Track::Upload, format!("layer {layer} expert {} ({} KiB)", s.expert, pack.len() >> 10), start);
                     }

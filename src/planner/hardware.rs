@@ -125,7 +125,10 @@ impl HardwareProfile {
         let p = calibrate(ctx, gpu_memory, host_memory)?;
         if let Some(path) = path {
             let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")));
-            if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&p).unwrap_or_default()) {
+            // Written aside and renamed, so that concurrent runs never read half a file.
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let written = std::fs::write(&tmp, serde_json::to_string_pretty(&p).unwrap_or_default()).and_then(|_| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
                 log::warn!("could not cache the hardware profile at {}: {e}", path.display());
             }
         }
