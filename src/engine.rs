@@ -83,10 +83,12 @@ impl PolicyReport {
         (self.stats.prompt_tokens + self.stats.generated_tokens) as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        self.stats.prompt_tokens as f64 / self.stats.prefill_time.as_secs_f64().max(1e-9)
+        rate(self.stats.prompt_tokens, self.stats.prefill_time)
     }
+    /// Tokens fed by decode steps over their time (0 when no step decoded: a sequence's first
+    /// new token comes with its prefill).
     pub fn decode_tokens_per_s(&self) -> f64 {
-        self.stats.generated_tokens as f64 / self.stats.decode_time.as_secs_f64().max(1e-9)
+        rate(self.stats.decode_tokens, self.stats.decode_time)
     }
     pub fn bytes_uploaded(&self) -> u64 {
         self.streaming.bytes + self.other_uploads
@@ -118,6 +120,14 @@ impl PolicyReport {
             );
         }
         s
+    }
+}
+
+fn rate(n: usize, t: Duration) -> f64 {
+    if t.is_zero() {
+        0.0
+    } else {
+        n as f64 / t.as_secs_f64()
     }
 }
 

@@ -53,6 +53,8 @@ pub struct JobSummary {
     pub skipped: usize,
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Tokens fed by decode steps.
+    pub decode_tokens: usize,
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub wall: Duration,
@@ -74,7 +76,7 @@ impl JobSummary {
             self.prompt_tokens,
             self.generated_tokens,
             rate(self.prompt_tokens, self.prefill_time),
-            rate(self.generated_tokens, self.decode_time),
+            rate(self.decode_tokens, self.decode_time),
             self.wall.as_secs_f64()
         )
     }
@@ -227,6 +229,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     }
     summary.prompt_tokens = report.stats.prompt_tokens;
     summary.generated_tokens = report.stats.generated_tokens;
+    summary.decode_tokens = report.stats.decode_tokens;
     summary.prefill_time = report.stats.prefill_time;
     summary.decode_time = report.stats.decode_time;
     summary.wall = started.elapsed();

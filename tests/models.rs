@@ -125,6 +125,17 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     .unwrap();
     assert_eq!(module, want, "{name}: module-based batching changed the tokens");
 
+    // Every prompt in one step: enough tokens that streamed experts upload during attention.
+    let wide = ModuleSizes { population: 8, step_tokens: 256, attn_tokens: 256, attn_kv_rows: 8 * longest, expert_chunk: 64, logit_rows: 8, ..sizes };
+    let wide = ModuleSizes { host_kv_bytes: page_bytes * (8 * longest.div_ceil(4)) as u64, ..wide };
+    let mut module = vec![Vec::new(); requests.len()];
+    generate_module(model, &requests, &opts, &wide, |f| {
+        module[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(module, want, "{name}: module-based batching with whole-job steps changed the tokens");
+
     // A device whose bindings hold 40 tokens' worth of the widest activation: steps shrink to fit.
     let cfg = &model.cfg;
     let widest = cfg.experts_per_token * cfg.moe_intermediate_size.max(cfg.intermediate_size);

@@ -358,7 +358,8 @@ impl Model {
         // Rows of expert e start where the plan puts them: after every lower expert's rows.
         let offsets: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
         let active: Vec<usize> = (0..n_experts).filter(|&e| counts[e] > 0).collect();
-        crate::model::streamer::stream_layer(ctx, &self.slots, &self.slot_cache, self.upload_limit.as_ref(), layer, host, &active, |u, slot| {
+        let limit = self.upload_limit.as_ref();
+        crate::model::streamer::stream_layer(ctx, &self.slots, &self.slot_cache, limit, layer, host, &active, || Ok(()), |_, u, slot| {
             let mut b = Batch::named(ctx, format!("layer {layer} expert {}", u.expert));
             self.slot_ffn(&mut b, slot, host, &xg, offsets[u.expert], counts[u.expert], [&gate, &up, &act], &y)?;
             b.submit().map(|_| ())

@@ -188,10 +188,13 @@ struct Progress {
     stop: bool,
 }
 
-/// Runs `compute(use, slot)` for each expert of `experts` (in the order [`SlotCache::plan`]
-/// chooses), its weights in `slot` by then; `compute` records and submits the expert's work.
-/// Uploads run on a host thread, capped by `limit`, recorded on the trace.
-pub fn stream_layer(
+/// Runs `compute(state, use, slot)` for each expert of `experts` (in the order
+/// [`SlotCache::plan`] chooses), its weights in `slot` by then; `compute` records and submits the
+/// expert's work. Uploads run on a host thread, capped by `limit`, recorded on the trace, and
+/// start at once: `before` runs on this thread meanwhile and makes the state `compute` works on
+/// (so a layer's experts can upload while its attention computes).
+#[allow(clippy::too_many_arguments)]
+pub fn stream_layer<T>(
     ctx: &GpuContext,
     slots: &[ExpertSlot],
     cache: &Mutex<SlotCache>,
@@ -199,8 +202,9 @@ pub fn stream_layer(
     layer: usize,
     host: &HostExperts,
     experts: &[usize],
-    mut compute: impl FnMut(&SlotUse, &ExpertSlot) -> Result<()>,
-) -> Result<StreamStats> {
+    before: impl FnOnce() -> Result<T>,
+    mut compute: impl FnMut(&mut T, &SlotUse, &ExpertSlot) -> Result<()>,
+) -> Result<(StreamStats, T)> {
     if slots.len() < 2 {
         return Err(Error::invalid("streamed experts", format!("{} expert slots; at least two are needed", slots.len())));
     }
@@ -252,6 +256,7 @@ pub fn stream_layer(
             }
         });
         let run = (|| {
+            let mut state = before()?;
             for (i, s) in uses.iter().enumerate() {
                 let mut p = progress.lock().unwrap();
                 while p.uploaded <= i && !p.stop {
@@ -261,11 +266,11 @@ pub fn stream_layer(
                     return Err(e);
                 }
                 drop(p);
-                compute(s, &slots[s.slot])?;
+                compute(&mut state, s, &slots[s.slot])?;
                 progress.lock().unwrap().submitted = i + 1;
                 changed.notify_all();
             }
-            Ok(())
+            Ok(state)
         })();
         if run.is_err() {
             progress.lock().unwrap().stop = true;
@@ -273,9 +278,9 @@ pub fn stream_layer(
         }
         run
     });
-    result?;
+    let state = result?;
     cache.lock().unwrap().stats.add(stats);
-    Ok(stats)
+    Ok((stats, state))
 }
 
 #[cfg(test)]

@@ -319,7 +319,9 @@ fn step_cost(
         let kv_up = kv_past * kv_dim * 8.0;
         let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
         let state_down = t * 4.0 * (2.0 * h + 2.0 * kv_dim + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
-        io_bytes += kv_up + state_up;
+        // Hidden states cross the link too but are not held to a cap (README): counted as host work.
+        io_bytes += kv_up;
+        host += state_up / hw.upload_bytes_per_s.max(hw.host_copy_bytes_per_s);
         // Host copies: KV gathered from pages and written back, rows gathered for the experts;
         // every micro-batch and chunk is a submission whose results come back pipelined.
         let expert_chunks = active * (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0);
@@ -358,17 +360,19 @@ fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Place
     let t = prompt_tokens / steps;
     // Each prompt token reads half its prompt on average; a step holds (t / p) sequences' prompts.
     let prefill = steps * step_cost(cfg, w, placement, hw, t, t * p / 2.0, 0.0, (t / p).max(1.0), module).time();
-    // Decode: one token per sequence per step, attending to its prompt and half the new tokens.
+    // Decode: one token per sequence per step (the first new token comes with the prefill),
+    // attending to its prompt and half the new tokens.
     let past = b * (p + d / 2.0);
     let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module);
-    let decode = d * decode_step.time();
+    let decode_steps = (d - 1.0).max(0.0);
+    let decode = decode_steps * decode_step.time();
     let wave_tokens = b * (p + d);
     let tokens = job.tokens();
     let total_time = waves * (prefill + decode) * (tokens / (waves * wave_tokens)).min(1.0);
     Prediction {
         tokens_per_s: tokens / total_time.max(1e-12),
         prefill_tokens_per_s: prompt_tokens / prefill.max(1e-12),
-        decode_tokens_per_s: if d > 0.0 { b * d / decode.max(1e-12) } else { 0.0 },
+        decode_tokens_per_s: if decode_steps > 0.0 { b * decode_steps / decode.max(1e-12) } else { 0.0 },
         bound: decode_step.bound(),
         batch_limit: "",
     }

@@ -105,6 +105,8 @@ impl Default for GenerateOptions {
 pub struct GenerateStats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Tokens fed by decode steps (a sequence's first new token comes with its prefill).
+    pub decode_tokens: usize,
     pub steps: usize,
     /// Step time, split between prompt and generated tokens in proportion to their counts.
     pub prefill_time: Duration,
@@ -254,6 +256,7 @@ pub fn generate(
         let fed = (prefill_tokens + decode_tokens).max(1) as u32;
         stats.prefill_time += elapsed * prefill_tokens as u32 / fed;
         stats.decode_time += elapsed * decode_tokens as u32 / fed;
+        stats.decode_tokens += decode_tokens;
         stats.steps += 1;
 
         let mut done = Vec::new();

@@ -70,20 +70,47 @@ struct StepState {
     expert_weights: Vec<f32>,
 }
 
-/// Sends host data to the GPU as link traffic: held to the upload cap, counted, traced.
+/// Sends hidden states (or routing) to the GPU: counted and traced. The throughput model counts
+/// streamed weights and KV as the link's load (DESIGN.md: T_io = (W_s + KV_up) / BW), and only
+/// those are held to the upload cap (see README).
 fn send<T: bytemuck::Pod>(model: &Model, what: &str, data: &[T]) -> Result<GpuBuffer> {
     let bytes = std::mem::size_of_val(data);
     let tracer = model.ctx.tracer();
     let start = tracer.as_ref().map(|t| t.now_ns());
-    if let Some(l) = &model.upload_limit {
-        l.admit(bytes);
-    }
     let buf = model.ctx.storage_from(what, data)?;
     model.other_uploads.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     if let (Some(t), Some(s)) = (tracer, start) {
         t.finish(Track::Upload, format!("{what} ({} KiB)", bytes >> 10), s);
     }
     Ok(buf)
+}
+
+/// Uploads the past KV rows of a micro-batch (`keys` and `values` hold them back to back) to
+/// their runs of rows in the GPU buffers; the rows between runs are the new tokens', written on
+/// the GPU. Held to the upload cap, counted and traced as link traffic.
+fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[f32]; 2], runs: &[(usize, usize)], kv_dim: usize) -> Result<()> {
+    let bytes = std::mem::size_of_val(data[0]) + std::mem::size_of_val(data[1]);
+    if bytes == 0 {
+        return Ok(());
+    }
+    let tracer = model.ctx.tracer();
+    let start = tracer.as_ref().map(|t| t.now_ns());
+    if let Some(l) = &model.upload_limit {
+        l.admit(bytes);
+    }
+    for (buf, values) in bufs.into_iter().zip(data) {
+        let mut at = 0;
+        for &(row, count) in runs.iter().filter(|r| r.1 > 0) {
+            let run = &values[at * kv_dim..(at + count) * kv_dim];
+            model.ctx.upload(buf, (row * kv_dim * 4) as u64, bytemuck::cast_slice(run))?;
+            at += count;
+        }
+    }
+    model.other_uploads.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    if let (Some(t), Some(s)) = (tracer, start) {
+        t.finish(Track::Upload, format!("{what} ({} KiB)", bytes >> 10), s);
+    }
+    Ok(())
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
@@ -169,6 +196,7 @@ pub fn generate_module(
         let fed = (prefill_tokens + decode_tokens).max(1) as u32;
         stats.prefill_time += elapsed * prefill_tokens as u32 / fed;
         stats.decode_time += elapsed * decode_tokens as u32 / fed;
+        stats.decode_tokens += decode_tokens;
         stats.steps += 1;
 
         let mut done = Vec::new();
@@ -235,10 +263,14 @@ fn run_step(
         st.x[c * h..(c + rows) * h].copy_from_slice(&floats(&out[0]));
     }
     for li in 0..cfg.num_layers {
-        attention_layer(model, kv, pop, parts, sizes, li, &mut st)?;
+        let mut attention = |st: &mut StepState| attention_layer(model, kv, pop, parts, sizes, li, st);
+        if let Ffn::Moe { experts: Experts::Streamed(_), .. } = &model.weights.layers[li].ffn {
+            streamed_layer(model, sizes, li, &mut st, attention)?;
+        } else {
+            attention(&mut st)?;
+        }
         match &model.weights.layers[li].ffn {
             Ffn::Moe { experts: Experts::Streamed(_), .. } => {
-                streamed_layer(model, sizes, li, &mut st)?;
                 if matches!(&model.weights.layers[li].ffn, Ffn::Moe { shared: Some(_), .. }) {
                     chunked_ffn(model, sizes, li, false, &mut st)?;
                 }
@@ -319,13 +351,13 @@ fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], 
     for (mi, mb) in micro_batches(parts, sizes).into_iter().enumerate() {
         let (mut positions, mut cache_rows, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
         let (mut keys, mut values, mut xs) = (Vec::new(), Vec::new(), Vec::new());
+        // Each sequence's past rows, followed on the GPU by its new ones: (first row, rows).
+        let mut past_runs = Vec::new();
         let mut row = 0usize;
         for p in &mb {
             let s = &pop[p.seq];
             kv.gather(li, &s.pages, 0, p.past, &mut keys, &mut values);
-            // The new rows are written on the GPU.
-            keys.resize(keys.len() + p.count * kv_dim, 0.0);
-            values.resize(values.len() + p.count * kv_dim, 0.0);
+            past_runs.push((row, p.past));
             for j in 0..p.count {
                 let pos = p.past + j;
                 let seen = pos + 1;
@@ -338,8 +370,9 @@ fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], 
             xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
         }
         let m = positions.len();
-        let kb = send(model, &format!("layer {li} keys, micro-batch {mi}"), &keys)?;
-        let vb = send(model, &format!("layer {li} values, micro-batch {mi}"), &values)?;
+        let kb = ctx.storage("micro-batch keys", (row * kv_dim * 4) as u64)?;
+        let vb = ctx.storage("micro-batch values", (row * kv_dim * 4) as u64)?;
+        send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, kv_dim)?;
         let xb = send(model, "hidden states", &xs)?;
         let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
         let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
@@ -421,24 +454,41 @@ fn chunked_ffn(model: &Model, sizes: &ModuleSizes, li: usize, routed: bool, st: 
     Ok(())
 }
 
-/// The streamed routed experts of layer `li`: the step's assignments grouped by expert, each
-/// expert uploaded once and run over all of its rows in chunks, the outputs summed into the
-/// hidden states on the host in the same order as the GPU combine.
-fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepState) -> Result<()> {
-    let ctx = &model.ctx;
-    let cfg = &model.cfg;
-    let Ffn::Moe { experts: Experts::Streamed(host), .. } = &model.weights.layers[li].ffn else { unreachable!() };
-    let (h, k, inter) = (cfg.hidden_size, cfg.experts_per_token, host.inter);
-    let mut groups: Vec<Vec<u32>> = vec![Vec::new(); cfg.num_experts];
+/// The step's assignments of layer `li` grouped by expert: assignment indices `t * top_k + j`.
+fn group_by_expert(st: &StepState, n_experts: usize) -> Vec<Vec<u32>> {
+    let mut groups: Vec<Vec<u32>> = vec![Vec::new(); n_experts];
     for (a, &e) in st.expert_ids.iter().enumerate() {
         if let Some(g) = groups.get_mut(e as usize) {
             g.push(a as u32);
         }
     }
-    let active: Vec<usize> = (0..cfg.num_experts).filter(|&e| !groups[e].is_empty()).collect();
-    log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
-    let mut y = vec![0.0f32; st.n * k * h];
-    let mut pending: std::collections::VecDeque<(PendingRead, Vec<u32>)> = Default::default();
+    groups
+}
+
+/// Layer `li` with streamed experts: `attention`, then each expert uploaded once and run over all
+/// of its rows in chunks, the outputs summed into the hidden states on the host in the same order
+/// as the GPU combine. When the step has so many tokens that every expert is all but sure to be
+/// chosen, the experts start uploading before the attention runs, so the link works meanwhile.
+fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepState, attention: impl FnOnce(&mut StepState) -> Result<()>) -> Result<()> {
+    let ctx = &model.ctx;
+    let cfg = &model.cfg;
+    let Ffn::Moe { experts: Experts::Streamed(host), .. } = &model.weights.layers[li].ffn else { unreachable!() };
+    let (h, k, inter, e) = (cfg.hidden_size, cfg.experts_per_token, host.inter, cfg.num_experts);
+    let unused = e as f64 * (1.0 - k as f64 / e as f64).powf(st.n as f64);
+    let mut attention = Some(attention);
+    let experts: Vec<usize> = if unused < 0.01 {
+        (0..e).collect()
+    } else {
+        attention.take().expect("not run yet")(st)?;
+        let groups = group_by_expert(st, e);
+        (0..e).filter(|&x| !groups[x].is_empty()).collect()
+    };
+    struct Work<'s> {
+        st: &'s mut StepState,
+        groups: Vec<Vec<u32>>,
+        y: Vec<f32>,
+        pending: std::collections::VecDeque<(PendingRead, Vec<u32>)>,
+    }
     let take = |(read, rows): (PendingRead, Vec<u32>), y: &mut Vec<f32>| -> Result<()> {
         let got = floats(&read.wait(ctx)?[0]);
         for (j, &a) in rows.iter().enumerate() {
@@ -446,14 +496,23 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         }
         Ok(())
     };
-    let hn = &st.hn;
-    crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, model.upload_limit.as_ref(), li, host, &active, |u, slot| {
-        for rows in groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
+    let n = st.n;
+    let limit = model.upload_limit.as_ref();
+    let before = move || -> Result<Work<'_>> {
+        if let Some(a) = attention {
+            a(st)?;
+        }
+        let groups = group_by_expert(st, e);
+        log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
+        Ok(Work { st, groups, y: vec![0.0f32; n * k * h], pending: Default::default() })
+    };
+    let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, limit, li, host, &experts, before, |w, u, slot| {
+        for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
             let m = rows.len();
             let mut xs = Vec::with_capacity(m * h);
             for &a in rows {
                 let t = a as usize / k;
-                xs.extend_from_slice(&hn[t * h..(t + 1) * h]);
+                xs.extend_from_slice(&w.st.hn[t * h..(t + 1) * h]);
             }
             let xg = send(model, "expert rows", &xs)?;
             let gate = ctx.storage("expert gate", (m * inter * 4) as u64)?;
@@ -463,17 +522,18 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
             let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
             model.slot_ffn(&mut b, slot, host, &xg, 0, m, [&gate, &up, &act], &out)?;
             b.submit()?;
-            pending.push_back((ctx.read_later(&[(&out, (m * h * 4) as u64)])?, rows.to_vec()));
+            w.pending.push_back((ctx.read_later(&[(&out, (m * h * 4) as u64)])?, rows.to_vec()));
             // Keep one chunk in flight behind the one just submitted.
-            while pending.len() > 2 {
-                take(pending.pop_front().expect("non-empty"), &mut y)?;
+            while w.pending.len() > 2 {
+                take(w.pending.pop_front().expect("non-empty"), &mut w.y)?;
             }
         }
         Ok(())
     })?;
-    while let Some(p) = pending.pop_front() {
-        take(p, &mut y)?;
+    while let Some(p) = w.pending.pop_front() {
+        take(p, &mut w.y)?;
     }
+    let (st, y) = (w.st, w.y);
     // out[t] = fma(w_j, y_j, out[t]) in slot order, as the GPU combine sums.
     for t in 0..st.n {
         for j in 0..k {
