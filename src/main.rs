@@ -79,8 +79,8 @@ struct JobFlags {
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 16)]
     new_tokens: usize,
-    /// Most tokens in one forward pass of model-based and continuous batching (and the prompt
-    /// tokens a module-based step takes in).
+    /// Most tokens in one forward pass of model-based and continuous batching; under
+    /// module-based batching the fewest prompt tokens a step takes in (the planner may take more).
     #[arg(long, default_value_t = 2048)]
     max_step_tokens: usize,
     /// GPU memory the job may use (e.g. 512MiB, 24GiB).
@@ -156,7 +156,8 @@ struct GenerateArgs {
     /// Skip the ids already in --output and append the rest.
     #[arg(long)]
     resume: bool,
-    /// Most tokens in one forward pass; longer prompts are fed in chunks.
+    /// Most tokens in one forward pass of model-based and continuous batching (longer prompts are
+    /// fed in chunks); under module-based batching the fewest prompt tokens a step takes in.
     #[arg(long, default_value_t = 2048)]
     max_step_tokens: usize,
     /// GPU memory the job may use (e.g. 512MiB, 24GiB): the experts that do not fit live in host

@@ -84,6 +84,7 @@ fn streamed_host_bytes(cfg: &ModelConfig, w: &WeightBytes, placement: &Placement
 }
 
 /// Plans `batching` for the job under the budgets.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_job(
     cfg: &ModelConfig,
     w: &WeightBytes,
@@ -197,18 +198,37 @@ pub fn plan_job(
             let by_memory = (kv_bytes_cap as f64 / (per_seq_pages * page as f64 + per_token_state as f64)).floor() as usize;
             let population = by_memory.clamp(1, job.sequences.max(1));
             let host_kv_bytes = ((population as f64 * per_seq_pages) as u64 + longest.div_ceil(PAGE_TOKENS) as u64) * page;
-            let sizes = ModuleSizes {
-                population,
-                // Prompt tokens join a step up to the step budget, and at least a prompt's worth.
-                step_tokens: population + job.max_step_tokens.max(longest),
-                attn_tokens,
-                attn_kv_rows,
-                expert_chunk: chunk,
-                logit_rows,
-                host_kv_bytes: host_kv_bytes.min(kv_bytes_cap),
-                page_tokens: PAGE_TOKENS,
-            };
-            let prediction = predict(cfg, w, job, &placement, hw, population, Some(&sizes));
+            let host_left = kv_bytes_cap.saturating_sub(host_kv_bytes);
+            // Prompt tokens a step takes in: at least --max-step-tokens (and a prompt's worth);
+            // more where the prediction says larger expert batches pay and host memory holds
+            // their hidden states.
+            let prompt_tokens = (job.sequences as f64 * job.prompt_len).ceil() as usize;
+            let mut best: Option<(ModuleSizes, Prediction)> = None;
+            for doubling in 0..6 {
+                let prefill = (job.max_step_tokens.max(longest) << doubling).min(prompt_tokens.max(longest));
+                if doubling > 0 && (prefill as u64) * per_token_state > host_left {
+                    break;
+                }
+                let sizes = ModuleSizes {
+                    population,
+                    step_tokens: population + prefill,
+                    attn_tokens,
+                    attn_kv_rows,
+                    expert_chunk: chunk,
+                    logit_rows,
+                    host_kv_bytes: host_kv_bytes.min(kv_bytes_cap),
+                    page_tokens: PAGE_TOKENS,
+                };
+                let shaped = JobShape { max_step_tokens: prefill, ..*job };
+                let p = predict(cfg, w, &shaped, &placement, hw, population, Some(&sizes));
+                if best.as_ref().is_none_or(|(_, b)| p.tokens_per_s > b.tokens_per_s * 1.01) {
+                    best = Some((sizes, p));
+                }
+                if prefill >= prompt_tokens {
+                    break;
+                }
+            }
+            let (sizes, prediction) = best.expect("the first candidate is always tried");
             let batch_limit = if population >= job.sequences { "the job's size" } else { "host memory for the KV pages" };
             Ok(JobPlan {
                 batching,
@@ -242,6 +262,9 @@ fn too_small(budget: u64, minimum: u64, w: &WeightBytes, reserved: u64) -> Error
 /// holding `kv_past`), and its bound.
 struct StepCost {
     io: f64,
+    /// Link time that nothing overlaps (module-based: a layer's KV pages go up before its
+    /// attention can run, after the previous layer's experts).
+    io_serial: f64,
     gpu: f64,
     host: f64,
     /// Kernels and host work share the CPU (software adapter): they add up.
@@ -250,15 +273,16 @@ struct StepCost {
 
 impl StepCost {
     fn time(&self) -> f64 {
-        if self.shared {
-            self.io.max(self.gpu + self.host)
-        } else {
-            self.io.max(self.gpu) + self.host
-        }
+        self.io_serial
+            + if self.shared {
+                self.io.max(self.gpu + self.host)
+            } else {
+                self.io.max(self.gpu) + self.host
+            }
     }
     fn bound(&self) -> Bound {
         let compute = if self.shared { self.gpu + self.host } else { self.gpu };
-        if self.io > compute {
+        if self.io + self.io_serial > compute {
             Bound::Link
         } else if self.host > self.gpu {
             Bound::Host
@@ -279,12 +303,14 @@ fn step_cost(
     kv_past: f64,
     logits: f64,
     module: Option<&ModuleSizes>,
+    tokens_per_seq: f64,
 ) -> StepCost {
     let h = cfg.hidden_size as f64;
     let (q_dim, kv_dim) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
     let (e, k) = (cfg.num_experts as f64, cfg.experts_per_token as f64);
     let inter = cfg.moe_intermediate_size as f64;
     let mut io_bytes = 0.0;
+    let mut io_serial_bytes = 0.0;
     let mut gpu = 0.0;
     let mut host = 0.0;
     // Experts a layer's tokens reach, expected for uniform routing.
@@ -292,7 +318,13 @@ fn step_cost(
     let per_expert_rows = t * k / active.max(1.0);
     let streamed_layers = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as f64;
     // Attention runs in micro-batches under module-based batching, once per step otherwise.
-    let micro_batches = module.map_or(1.0, |s| (kv_past / s.attn_kv_rows as f64).max(t / s.attn_tokens as f64).ceil().max(1.0));
+    // Micro-batches hold whole sequences: as many as fit the tokens and KV rows of one.
+    let micro_batches = module.map_or(1.0, |s| {
+        let seqs = (t / tokens_per_seq).max(1.0);
+        let rows_per_seq = (kv_past / seqs + tokens_per_seq).max(1.0);
+        let per_batch = (s.attn_tokens as f64 / tokens_per_seq).min(s.attn_kv_rows as f64 / rows_per_seq).floor().max(1.0);
+        (seqs / per_batch).ceil()
+    });
     let tm = t / micro_batches;
     for l in 0..cfg.num_layers {
         gpu += micro_batches * (hw.matmul_s(tm, q_dim, h) + 2.0 * hw.matmul_s(tm, kv_dim, h) + hw.matmul_s(tm, h, q_dim));
@@ -316,11 +348,11 @@ fn step_cost(
     let layers = cfg.num_layers as f64;
     if let Some(s) = module {
         // KV pages of every sequence, staged up once per layer; hidden states up and down.
-        let kv_up = kv_past * kv_dim * 8.0;
+        let kv_up = kv_past * kv_dim * 8.0 * layers;
         let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
         let state_down = t * 4.0 * (2.0 * h + 2.0 * kv_dim + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
         // Hidden states cross the link too but are not held to a cap (README): counted as host work.
-        io_bytes += kv_up;
+        io_serial_bytes += kv_up;
         host += state_up / hw.upload_bytes_per_s.max(hw.host_copy_bytes_per_s);
         // Host copies: KV gathered from pages and written back, rows gathered for the experts;
         // every micro-batch and chunk is a submission whose results come back pipelined.
@@ -345,7 +377,15 @@ fn step_cost(
         let dispatches = layers * 20.0 + streamed_layers * (3.0 + 4.0 * active);
         host += dispatches * hw.record_s;
     }
-    StepCost { io: io_bytes / hw.upload_bytes_per_s, gpu, host, shared: hw.shares_cpu }
+    log::debug!(
+        "step of {t} tokens ({} in module chunks): link {:.3} s + {:.3} s serial, GPU {:.3} s, host {:.3} s",
+        module.is_some(),
+        io_bytes / hw.upload_bytes_per_s,
+        io_serial_bytes / hw.upload_bytes_per_s,
+        gpu,
+        host
+    );
+    StepCost { io: io_bytes / hw.upload_bytes_per_s, io_serial: io_serial_bytes / hw.upload_bytes_per_s, gpu, host, shared: hw.shares_cpu }
 }
 
 /// Predicts the job's throughput with `in_flight` sequences at once.
@@ -359,11 +399,11 @@ fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Place
     let steps = (prompt_tokens / step).ceil().max(1.0);
     let t = prompt_tokens / steps;
     // Each prompt token reads half its prompt on average; a step holds (t / p) sequences' prompts.
-    let prefill = steps * step_cost(cfg, w, placement, hw, t, t * p / 2.0, 0.0, (t / p).max(1.0), module).time();
+    let prefill = steps * step_cost(cfg, w, placement, hw, t, t * p / 2.0, 0.0, (t / p).max(1.0), module, p.min(t)).time();
     // Decode: one token per sequence per step (the first new token comes with the prefill),
     // attending to its prompt and half the new tokens.
     let past = b * (p + d / 2.0);
-    let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module);
+    let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module, 1.0);
     let decode_steps = (d - 1.0).max(0.0);
     let decode = decode_steps * decode_step.time();
     let wave_tokens = b * (p + d);
