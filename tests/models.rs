@@ -116,6 +116,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
         logit_rows: 2,
         host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
         page_tokens: 4,
+        gpu_kv_rows: 0,
     };
     let mut module = vec![Vec::new(); requests.len()];
     generate_module(model, &requests, &opts, &sizes, |f| {
@@ -135,6 +136,16 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     })
     .unwrap();
     assert_eq!(module, want, "{name}: module-based batching with whole-job steps changed the tokens");
+
+    // The same with the population's KV kept on the GPU: three sequences' rows at a time.
+    let on_gpu = ModuleSizes { gpu_kv_rows: 3 * longest, ..sizes };
+    let mut module = vec![Vec::new(); requests.len()];
+    generate_module(model, &requests, &opts, &on_gpu, |f| {
+        module[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(module, want, "{name}: module-based batching with KV on the GPU changed the tokens");
 
     // A device whose bindings hold 40 tokens' worth of the widest activation: steps shrink to fit.
     let cfg = &model.cfg;

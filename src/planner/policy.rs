@@ -218,6 +218,7 @@ pub fn plan_job(
                     logit_rows,
                     host_kv_bytes: host_kv_bytes.min(kv_bytes_cap),
                     page_tokens: PAGE_TOKENS,
+                    gpu_kv_rows: 0,
                 };
                 let shaped = JobShape { max_step_tokens: prefill, ..*job };
                 let p = predict(cfg, w, &shaped, &placement, hw, population, Some(&sizes));
@@ -230,6 +231,36 @@ pub fn plan_job(
             }
             let (sizes, prediction) = best.expect("the first candidate is always tried");
             let batch_limit = if population >= job.sequences { "the job's size" } else { "host memory for the KV pages" };
+            // The same with the KV kept on the GPU, where the budget holds at least the longest
+            // sequence's rows beside what must stay: no KV crosses the link, fewer sequences fly.
+            let row = kv_row_bytes(cfg);
+            let layer_rows = (binding_limit / (kv_dim as u64 * 4)) as usize;
+            let all_attention = w.attention_per_layer * cfg.num_layers as u64;
+            let base = w.resident + all_attention + 2 * w.per_expert + attn_bytes(0, attn_tokens) + chunk_bytes(chunk) + logit_bytes(logit_rows);
+            let per_seq = (job.prompt_len + job.new_tokens).ceil().max(1.0) as usize;
+            let rows = (gpu_budget.saturating_sub(base) / row) as usize;
+            let rows = rows.min(layer_rows).min(job_tokens.max(longest) + per_seq);
+            if rows >= longest {
+                let in_flight = (rows / per_seq).clamp(1, job.sequences.max(1));
+                let reserved = attn_bytes(0, attn_tokens) + chunk_bytes(chunk) + logit_bytes(logit_rows) + rows as u64 * row;
+                if let Ok(on_gpu) = Placement::plan(cfg, w, gpu_budget, reserved) {
+                    let gpu_sizes = ModuleSizes { population: in_flight, step_tokens: in_flight + (sizes.step_tokens - sizes.population), host_kv_bytes: 0, gpu_kv_rows: rows, ..sizes };
+                    let shaped = JobShape { max_step_tokens: sizes.step_tokens - sizes.population, ..*job };
+                    let p = predict(cfg, w, &shaped, &on_gpu, hw, in_flight, Some(&gpu_sizes));
+                    if p.tokens_per_s > prediction.tokens_per_s {
+                        let batch_limit = if in_flight >= job.sequences { "the job's size" } else { "GPU memory for the KV cache" };
+                        return Ok(JobPlan {
+                            batching,
+                            placement: on_gpu,
+                            sequences_in_flight: in_flight,
+                            cache_rows: rows,
+                            step_tokens: gpu_sizes.step_tokens,
+                            sizes: Some(gpu_sizes),
+                            prediction: Prediction { batch_limit, ..p },
+                        });
+                    }
+                }
+            }
             Ok(JobPlan {
                 batching,
                 placement,
@@ -321,7 +352,9 @@ fn step_cost(
     // Micro-batches hold whole sequences: as many as fit the tokens and KV rows of one.
     let micro_batches = module.map_or(1.0, |s| {
         let seqs = (t / tokens_per_seq).max(1.0);
-        let rows_per_seq = (kv_past / seqs + tokens_per_seq).max(1.0);
+        // KV rows bound a micro-batch only when they are staged from host pages.
+        let staged = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past / seqs };
+        let rows_per_seq = (staged + tokens_per_seq).max(1.0);
         let per_batch = (s.attn_tokens as f64 / tokens_per_seq).min(s.attn_kv_rows as f64 / rows_per_seq).floor().max(1.0);
         (seqs / per_batch).ceil()
     });
@@ -347,8 +380,9 @@ fn step_cost(
     gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
     let layers = cfg.num_layers as f64;
     if let Some(s) = module {
-        // KV pages of every sequence, staged up once per layer; hidden states up and down.
-        let kv_up = kv_past * kv_dim * 8.0 * layers;
+        // KV pages of every sequence, staged up once per layer (none when the KV stays on the
+        // GPU); hidden states up and down.
+        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past * kv_dim * 8.0 * layers };
         let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
         let state_down = t * 4.0 * (2.0 * h + 2.0 * kv_dim + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
         // Hidden states cross the link too but are not held to a cap (README): counted as host work.
@@ -422,6 +456,15 @@ impl JobPlan {
     pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
         let mut s = format!("batching {}: {}\n", self.batching.name(), self.placement.describe(cfg, w));
         match &self.sizes {
+            Some(z) if z.gpu_kv_rows > 0 => s += &format!(
+                "  population {} sequences (limited by {}), {} tokens a step; KV kept on the GPU ({} rows); attention micro-batches of up to {} tokens; expert chunks of up to {} rows\n",
+                z.population,
+                self.prediction.batch_limit,
+                z.step_tokens,
+                z.gpu_kv_rows,
+                z.attn_tokens,
+                z.expert_chunk
+            ),
             Some(z) => s += &format!(
                 "  population {} sequences (limited by {}), {} tokens a step; attention micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens\n",
                 z.population,

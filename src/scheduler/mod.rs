@@ -126,13 +126,13 @@ struct Running {
 }
 
 /// First-fit allocation of contiguous cache rows per sequence.
-struct CacheRegions {
-    rows: usize,
-    used: Vec<(usize, usize)>,
+pub(crate) struct CacheRegions {
+    pub rows: usize,
+    pub used: Vec<(usize, usize)>,
 }
 
 impl CacheRegions {
-    fn alloc(&mut self, len: usize) -> Option<usize> {
+    pub(crate) fn alloc(&mut self, len: usize) -> Option<usize> {
         self.used.sort_unstable();
         let mut at = 0;
         for &(start, n) in &self.used {
@@ -148,7 +148,7 @@ impl CacheRegions {
         Some(at)
     }
 
-    fn free(&mut self, start: usize) {
+    pub(crate) fn free(&mut self, start: usize) {
         self.used.retain(|&(s, _)| s != start);
     }
 }

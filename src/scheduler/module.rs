@@ -12,13 +12,13 @@ use crate::gpu::{Batch, GpuBuffer, PendingRead, Track};
 use crate::kernels::embedding::embed;
 use crate::kernels::moe::expert_ffn;
 use crate::kernels::softmax::argmax;
-use crate::model::forward::{LayerKv, TokenPlaces};
+use crate::model::forward::{KvCache, LayerKv, TokenPlaces};
 use crate::model::weights::{Experts, Ffn};
 use crate::model::Model;
 use crate::output::FinishReason;
 use crate::sampler::SequenceSampler;
 use crate::scheduler::host_kv::HostKv;
-use crate::scheduler::{finish_reason, step_limits, Finished, GenerateOptions, GenerateStats, Request};
+use crate::scheduler::{finish_reason, step_limits, CacheRegions, Finished, GenerateOptions, GenerateStats, Request};
 
 /// The batch sizes the planner chose for each module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +37,62 @@ pub struct ModuleSizes {
     /// Host memory for the KV store, and its page size in tokens.
     pub host_kv_bytes: u64,
     pub page_tokens: usize,
+    /// When above zero, the population's KV stays on the GPU in a cache of this many rows
+    /// instead of host pages (the planner's choice when the budget holds it and that is faster).
+    pub gpu_kv_rows: usize,
+}
+
+/// Where the population's KV lives.
+enum KvStore {
+    Host(HostKv),
+    Gpu { cache: KvCache, regions: CacheRegions },
+}
+
+/// A sequence's share of the KV store.
+enum SeqKv {
+    Pages(Vec<u32>),
+    /// First row of its region in the GPU cache.
+    Rows(usize),
+}
+
+impl KvStore {
+    fn new(model: &Model, sizes: &ModuleSizes) -> Result<Self> {
+        Ok(if sizes.gpu_kv_rows > 0 {
+            let cache = KvCache::new(&model.ctx, &model.cfg, sizes.gpu_kv_rows)?;
+            KvStore::Gpu { regions: CacheRegions { rows: sizes.gpu_kv_rows, used: Vec::new() }, cache }
+        } else {
+            KvStore::Host(HostKv::new(&model.cfg, sizes.host_kv_bytes, sizes.page_tokens))
+        })
+    }
+
+    /// Whether a sequence of `tokens` could ever be admitted, and if not, what holds too little.
+    fn holds(&self, tokens: usize) -> std::result::Result<(), String> {
+        match self {
+            KvStore::Host(kv) if kv.pages_for(tokens) > kv.total_pages() => Err(format!(
+                "the host KV store ({} pages) cannot hold one sequence of {tokens} tokens",
+                kv.total_pages()
+            )),
+            KvStore::Gpu { regions, .. } if tokens > regions.rows => {
+                Err(format!("the GPU KV cache ({} rows) cannot hold one sequence of {tokens} tokens", regions.rows))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn admit(&mut self, tokens: usize) -> Option<SeqKv> {
+        match self {
+            KvStore::Host(kv) => kv.alloc(tokens).map(SeqKv::Pages),
+            KvStore::Gpu { regions, .. } => regions.alloc(tokens).map(SeqKv::Rows),
+        }
+    }
+
+    fn release(&mut self, s: SeqKv) {
+        match (self, s) {
+            (KvStore::Host(kv), SeqKv::Pages(p)) => kv.release(p),
+            (KvStore::Gpu { regions, .. }, SeqKv::Rows(start)) => regions.free(start),
+            _ => unreachable!("a sequence's KV comes from the store it returns to"),
+        }
+    }
 }
 
 struct Seq {
@@ -44,9 +100,9 @@ struct Seq {
     tokens: Vec<u32>,
     prompt_len: usize,
     cached: usize,
-    /// Tokens this sequence may reach (prompt and new), which its pages hold.
+    /// Tokens this sequence may reach (prompt and new), which its KV share holds.
     cap: usize,
-    pages: Vec<u32>,
+    kv: SeqKv,
     sampler: SequenceSampler,
 }
 
@@ -126,20 +182,11 @@ pub fn generate_module(
 ) -> Result<GenerateStats> {
     let cfg = &model.cfg;
     let mut stats = GenerateStats::default();
-    let mut kv = HostKv::new(cfg, sizes.host_kv_bytes, sizes.page_tokens);
+    let mut kv = KvStore::new(model, sizes)?;
     let need = |r: &Request| (r.prompt.len() + r.max_new_tokens).max(1);
     if let Some(r) = requests.iter().max_by_key(|r| need(r)) {
-        if kv.pages_for(need(r)) > kv.total_pages() {
-            return Err(Error::invalid(
-                "--host-memory",
-                format!(
-                    "the host KV store ({} pages of {} tokens) cannot hold one sequence of {} tokens",
-                    kv.total_pages(),
-                    sizes.page_tokens,
-                    need(r)
-                ),
-            ));
-        }
+        let flag = if sizes.gpu_kv_rows > 0 { "--gpu-memory" } else { "--host-memory" };
+        kv.holds(need(r)).map_err(|e| Error::invalid(flag, e))?;
     }
     let logit_rows = sizes.logit_rows.min(step_limits(&model.ctx, cfg, sizes.step_tokens).1).max(1);
     let mut waiting = 0usize;
@@ -156,14 +203,14 @@ pub fn generate_module(
                 waiting += 1;
                 continue;
             }
-            let Some(pages) = kv.alloc(need(r)) else { break };
+            let Some(share) = kv.admit(need(r)) else { break };
             pop.push(Seq {
                 index: waiting,
                 tokens: r.prompt.clone(),
                 prompt_len: r.prompt.len(),
                 cached: 0,
                 cap: need(r),
-                pages,
+                kv: share,
                 sampler: SequenceSampler::new(opts.sampling.seed, &r.id.to_string()),
             });
             stats.prompt_tokens += r.prompt.len();
@@ -219,7 +266,7 @@ pub fn generate_module(
         let mut finished: Vec<(Seq, FinishReason)> = done.into_iter().map(|(i, f)| (pop.swap_remove(i), f)).collect();
         finished.sort_by_key(|(s, _)| s.index);
         for (s, finish) in finished {
-            kv.release(s.pages);
+            kv.release(s.kv);
             on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish })?;
         }
     }
@@ -237,7 +284,7 @@ enum Sampled {
 #[allow(clippy::too_many_arguments)]
 fn run_step(
     model: &Model,
-    kv: &mut HostKv,
+    kv: &mut KvStore,
     pop: &[Seq],
     parts: &[Part],
     n: usize,
@@ -312,12 +359,13 @@ fn chunks(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n.div_ceil(size)).map(move |i| (i * size, size.min(n - i * size)))
 }
 
-/// Micro-batches of parts, each within the attention sizes (a part too large alone runs alone).
-fn micro_batches(parts: &[Part], sizes: &ModuleSizes) -> Vec<Vec<Part>> {
+/// Micro-batches of parts, each within the attention sizes (a part too large alone runs alone);
+/// KV rows count only when they are staged from host pages.
+fn micro_batches(parts: &[Part], sizes: &ModuleSizes, staged_kv: bool) -> Vec<Vec<Part>> {
     let mut out: Vec<Vec<Part>> = Vec::new();
     let (mut tokens, mut rows) = (0, 0);
     for &p in parts {
-        let r = p.past + p.count;
+        let r = if staged_kv { p.past + p.count } else { 0 };
         let fits = tokens + p.count <= sizes.attn_tokens && rows + r <= sizes.attn_kv_rows;
         match out.last_mut() {
             Some(mb) if fits => mb.push(p),
@@ -337,18 +385,20 @@ struct AttnPending {
     read: PendingRead,
     parts: Vec<Part>,
     routed: bool,
+    /// The new keys and values come back for the host pages.
+    host_kv: bool,
 }
 
 /// The attention half of layer `li` over the whole step, micro-batch by micro-batch: the next
 /// micro-batch is staged and submitted before the previous one's results are taken back.
-fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], sizes: &ModuleSizes, li: usize, st: &mut StepState) -> Result<()> {
+fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part], sizes: &ModuleSizes, li: usize, st: &mut StepState) -> Result<()> {
     let ctx = &model.ctx;
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
     let kv_dim = cfg.num_kv_heads * cfg.head_dim;
     let routed = matches!(model.weights.layers[li].ffn, Ffn::Moe { .. });
     let mut pending: Option<AttnPending> = None;
-    for (mi, mb) in micro_batches(parts, sizes).into_iter().enumerate() {
+    for (mi, mb) in micro_batches(parts, sizes, matches!(kv, KvStore::Host(_))).into_iter().enumerate() {
         let (mut positions, mut cache_rows, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
         let (mut keys, mut values, mut xs) = (Vec::new(), Vec::new(), Vec::new());
         // Each sequence's past rows, followed on the GPU by its new ones: (first row, rows).
@@ -356,28 +406,49 @@ fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], 
         let mut row = 0usize;
         for p in &mb {
             let s = &pop[p.seq];
-            kv.gather(li, &s.pages, 0, p.past, &mut keys, &mut values);
-            past_runs.push((row, p.past));
+            // Host pages: the past is staged into the micro-batch's rows. GPU cache: the
+            // sequence's own region holds it already.
+            let start = match (&*kv, &s.kv) {
+                (KvStore::Host(store), SeqKv::Pages(pages)) => {
+                    store.gather(li, pages, 0, p.past, &mut keys, &mut values);
+                    past_runs.push((row, p.past));
+                    row
+                }
+                (_, SeqKv::Rows(start)) => *start,
+                _ => unreachable!("a sequence's KV comes from the job's store"),
+            };
             for j in 0..p.count {
                 let pos = p.past + j;
                 let seen = pos + 1;
                 let len = cfg.sliding_window.map_or(seen, |w| seen.min(w));
                 positions.push(pos as u32);
-                cache_rows.push((row + pos) as u32);
-                ranges.extend([(row + seen - len) as u32, len as u32]);
+                cache_rows.push((start + pos) as u32);
+                ranges.extend([(start + seen - len) as u32, len as u32]);
             }
             row += p.past + p.count;
             xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
         }
         let m = positions.len();
-        let kb = ctx.storage("micro-batch keys", (row * kv_dim * 4) as u64)?;
-        let vb = ctx.storage("micro-batch values", (row * kv_dim * 4) as u64)?;
-        send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, kv_dim)?;
+        let (kb, vb, kv_rows) = match &*kv {
+            KvStore::Host(_) => {
+                let kb = ctx.storage("micro-batch keys", (row * kv_dim * 4) as u64)?;
+                let vb = ctx.storage("micro-batch values", (row * kv_dim * 4) as u64)?;
+                send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, kv_dim)?;
+                (kb, vb, row)
+            }
+            KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows),
+        };
+        let host_kv = matches!(kv, KvStore::Host(_));
         let xb = send(model, "hidden states", &xs)?;
         let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
         let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
-        let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: row })?;
-        let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64), (&new.k, (m * kv_dim * 4) as u64), (&new.v, (m * kv_dim * 4) as u64)];
+        let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
+        let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
+        // New keys and values go back to the host pages; a GPU cache has them in place.
+        if host_kv {
+            back.push((&new.k, (m * kv_dim * 4) as u64));
+            back.push((&new.v, (m * kv_dim * 4) as u64));
+        }
         let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
         if let Some((ids, w)) = &routing {
             let kk = (m * cfg.experts_per_token * 4) as u64;
@@ -386,7 +457,7 @@ fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], 
         }
         b.submit()?;
         let read = ctx.read_later(&back)?;
-        if let Some(prev) = pending.replace(AttnPending { read, parts: mb, routed }) {
+        if let Some(prev) = pending.replace(AttnPending { read, parts: mb, routed, host_kv }) {
             take_attention(model, kv, pop, li, prev, st)?;
         }
     }
@@ -396,21 +467,25 @@ fn attention_layer(model: &Model, kv: &mut HostKv, pop: &[Seq], parts: &[Part], 
     Ok(())
 }
 
-fn take_attention(model: &Model, kv: &mut HostKv, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
+fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
     let cfg = &model.cfg;
     let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
     let kv_dim = cfg.num_kv_heads * cfg.head_dim;
     let got = p.read.wait(&model.ctx)?;
-    let (x, hn, nk, nv) = (floats(&got[0]), floats(&got[1]), floats(&got[2]), floats(&got[3]));
+    let (x, hn) = (floats(&got[0]), floats(&got[1]));
+    let (new_k, new_v) = if p.host_kv { (floats(&got[2]), floats(&got[3])) } else { (Vec::new(), Vec::new()) };
+    let routing_at = if p.host_kv { 4 } else { 2 };
     let mut at = 0;
     for part in &p.parts {
         let (r0, c) = (part.row0, part.count);
         st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
         st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
-        kv.write(li, &pop[part.seq].pages, part.past, &nk[at * kv_dim..(at + c) * kv_dim], &nv[at * kv_dim..(at + c) * kv_dim]);
+        if let (KvStore::Host(store), SeqKv::Pages(pages)) = (&mut *kv, &pop[part.seq].kv) {
+            store.write(li, pages, part.past, &new_k[at * kv_dim..(at + c) * kv_dim], &new_v[at * kv_dim..(at + c) * kv_dim]);
+        }
         if p.routed {
-            let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&got[4]);
-            let w = floats(&got[5]);
+            let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&got[routing_at]);
+            let w = floats(&got[routing_at + 1]);
             st.expert_ids[r0 * k..(r0 + c) * k].copy_from_slice(&ids[at * k..(at + c) * k]);
             st.expert_weights[r0 * k..(r0 + c) * k].copy_from_slice(&w[at * k..(at + c) * k]);
         }
