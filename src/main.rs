@@ -68,6 +68,7 @@ struct ModelFlags {
     synthetic: Option<String>,
 }
 
+/// The synthetic job of `bench` and `plan`.
 #[derive(Args)]
 struct JobFlags {
     /// Sequences in the job.
@@ -79,20 +80,32 @@ struct JobFlags {
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 16)]
     new_tokens: usize,
-    /// Most tokens in one forward pass of model-based and continuous batching; under
-    /// module-based batching the fewest prompt tokens a step takes in (the planner may take more).
+    #[command(flatten)]
+    limits: LimitFlags,
+}
+
+/// Memory, link and step limits, and the hardware to plan for: the same on every command.
+#[derive(Args)]
+struct LimitFlags {
+    /// Most tokens in one forward pass of model-based and continuous batching (longer prompts are
+    /// fed in chunks); under module-based batching the fewest prompt tokens a step takes in.
     #[arg(long, default_value_t = 2048)]
     max_step_tokens: usize,
-    /// GPU memory the job may use (e.g. 512MiB, 24GiB).
+    /// GPU memory the job may use (e.g. 512MiB, 24GiB): the weights that do not fit live in host
+    /// memory and stream to the GPU. Default: printed at start (wgpu does not report an adapter's
+    /// memory, so a conservative figure).
     #[arg(long, value_parser = parse_size)]
     gpu_memory: Option<u64>,
-    /// Host memory the job may use (default: 80% of what is available).
+    /// Host memory the job may use: streamed weights, the KV pages and hidden states of the
+    /// sequences in flight. Default: 80% of what the OS reports available.
     #[arg(long, value_parser = parse_size)]
     host_memory: Option<u64>,
-    /// A hardware profile (JSON) to plan with, e.g. assets/hardware/rtx-a5000-pcie4.json.
+    /// A hardware profile (JSON) to plan with instead of calibrating this adapter, e.g.
+    /// assets/hardware/rtx-a5000-pcie4.json.
     #[arg(long)]
     hardware: Option<PathBuf>,
-    /// Cap host-to-GPU traffic to this rate (e.g. 4MB/s, 2GB/s); the plan assumes it too.
+    /// Hold streamed weights and KV pages to this rate (e.g. 4MB/s, 2GB/s), to reproduce a slower
+    /// host-to-GPU link than the machine has; the plan assumes it too.
     #[arg(long, value_parser = parse_rate)]
     upload_bandwidth: Option<u64>,
 }
@@ -156,34 +169,16 @@ struct GenerateArgs {
     /// Skip the ids already in --output and append the rest.
     #[arg(long)]
     resume: bool,
-    /// Most tokens in one forward pass of model-based and continuous batching (longer prompts are
-    /// fed in chunks); under module-based batching the fewest prompt tokens a step takes in.
-    #[arg(long, default_value_t = 2048)]
-    max_step_tokens: usize,
-    /// GPU memory the job may use (e.g. 512MiB, 24GiB): the experts that do not fit live in host
-    /// memory and stream to the GPU when tokens are routed to them. Default: printed at start
-    /// (wgpu does not report an adapter's memory, so a conservative figure).
-    #[arg(long, value_parser = parse_size)]
-    gpu_memory: Option<u64>,
-    /// Host memory the job may use: streamed experts, the KV pages and hidden states of the
-    /// sequences in flight. Default: 80% of what the OS reports available.
-    #[arg(long, value_parser = parse_size)]
-    host_memory: Option<u64>,
+    #[command(flatten)]
+    limits: LimitFlags,
     /// module: sequences accumulate in host memory, each module at its own batch size; model: one
     /// fixed batch through the whole model at a time; continuous: a fixed set of running
     /// sequences refilled as they finish.
     #[arg(long, value_enum, default_value = "module")]
     batching: Batching,
-    /// A hardware profile (JSON) to plan with instead of calibrating this adapter.
-    #[arg(long)]
-    hardware: Option<PathBuf>,
     /// Write a Chrome trace of uploads and GPU work (open it in https://ui.perfetto.dev).
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Cap the streaming of experts to this rate (e.g. 4MB/s, 2GB/s), to reproduce a slower
-    /// host-to-GPU link than the machine has.
-    #[arg(long, value_parser = parse_rate)]
-    upload_bandwidth: Option<u64>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -236,12 +231,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sampling: SamplingParams { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
                 ignore_eos: g.ignore_eos,
                 resume: g.resume,
-                max_step_tokens: g.max_step_tokens,
-                gpu_memory: g.gpu_memory,
-                host_memory: g.host_memory,
-                upload_bandwidth: g.upload_bandwidth,
+                max_step_tokens: g.limits.max_step_tokens,
+                gpu_memory: g.limits.gpu_memory,
+                host_memory: g.limits.host_memory,
+                upload_bandwidth: g.limits.upload_bandwidth,
                 batching: g.batching,
-                hardware: g.hardware,
+                hardware: g.limits.hardware,
                 trace: g.trace,
                 adapter: AdapterChoice::from_env(cli.adapter),
                 progress: !g.quiet,
@@ -254,16 +249,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = BenchArgs {
                 source: ModelSource::from_flags(b.model.model, b.model.synthetic)?,
                 batching: b.batching.policies(),
-                gpu_memory: b.job.gpu_memory,
-                host_memory: b.job.host_memory,
-                upload_bandwidth: b.job.upload_bandwidth,
+                gpu_memory: b.job.limits.gpu_memory,
+                host_memory: b.job.limits.host_memory,
+                upload_bandwidth: b.job.limits.upload_bandwidth,
                 sequences: b.job.sequences,
                 prompt_len: b.job.prompt_len,
                 new_tokens: b.job.new_tokens,
-                max_step_tokens: b.job.max_step_tokens,
+                max_step_tokens: b.job.limits.max_step_tokens,
                 json: b.json,
                 trace: b.trace,
-                hardware: b.job.hardware,
+                hardware: b.job.limits.hardware,
                 adapter: AdapterChoice::from_env(cli.adapter),
             };
             run_bench(&args)?;
@@ -273,14 +268,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let args = PlanArgs {
                 source: ModelSource::from_flags(p.model.model, p.model.synthetic)?,
                 batching: p.batching.policies(),
-                gpu_memory: p.job.gpu_memory,
-                host_memory: p.job.host_memory,
+                gpu_memory: p.job.limits.gpu_memory,
+                host_memory: p.job.limits.host_memory,
                 sequences: p.job.sequences,
                 prompt_len: p.job.prompt_len,
                 new_tokens: p.job.new_tokens,
-                max_step_tokens: p.job.max_step_tokens,
-                upload_bandwidth: p.job.upload_bandwidth,
-                hardware: p.job.hardware,
+                max_step_tokens: p.job.limits.max_step_tokens,
+                upload_bandwidth: p.job.limits.upload_bandwidth,
+                hardware: p.job.limits.hardware,
                 adapter: AdapterChoice::from_env(cli.adapter),
             };
             print!("{}", run_plan(&args)?);

@@ -186,6 +186,22 @@ pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".experts.") && !name.contains("shared_expert")
 }
 
+/// The error for a GPU budget under `minimum`, with what the minimum is made of.
+pub fn budget_too_small(budget: u64, minimum: u64, w: &WeightBytes, reserved: u64) -> Error {
+    Error::invalid(
+        "--gpu-memory",
+        format!(
+            "{} is below the minimum of {} for this model and job: weights that stay (embeddings, norms, routers, LM head) {}, one layer's attention {}, KV cache and activations {}, two expert slots {}",
+            format_size(budget),
+            format_size(minimum),
+            format_size(w.resident),
+            format_size(w.attention_per_layer),
+            format_size(reserved),
+            format_size(2 * w.per_expert)
+        ),
+    )
+}
+
 /// The decision, printed for the user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -221,18 +237,7 @@ impl Placement {
         let slot_bytes = w.per_expert;
         let minimum = w.resident + w.attention_per_layer + reserved + 2 * slot_bytes;
         if budget < minimum {
-            return Err(Error::invalid(
-                "--gpu-memory",
-                format!(
-                    "{} is below the minimum of {} for this model and job: weights that stay (embeddings, norms, routers, LM head) {}, one layer's attention {}, KV cache and activations {}, two expert slots {}",
-                    format_size(budget),
-                    format_size(minimum),
-                    format_size(w.resident),
-                    format_size(w.attention_per_layer),
-                    format_size(reserved),
-                    format_size(2 * slot_bytes)
-                ),
-            ));
+            return Err(budget_too_small(budget, minimum, w, reserved));
         }
         let layers = cfg.num_layers;
         let all_attention = w.attention_per_layer * layers as u64;

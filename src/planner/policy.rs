@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::loader::config::ModelConfig;
 use crate::planner::hardware::HardwareProfile;
-use crate::planner::{activation_bytes, format_size, kv_row_bytes, Placement, WeightBytes};
+use crate::planner::{activation_bytes, budget_too_small, format_size, kv_row_bytes, Placement, WeightBytes};
 use crate::scheduler::host_kv::HostKv;
 use crate::scheduler::{Batching, ModuleSizes};
 
@@ -106,7 +106,7 @@ pub fn plan_job(
             let base = w.resident + w.attention_per_layer + 2 * w.per_expert + need;
             let step_tokens_min = activation_bytes(cfg, 1);
             if gpu_budget < base + step_tokens_min {
-                return Err(too_small(gpu_budget, base + step_tokens_min, w, need + step_tokens_min));
+                return Err(budget_too_small(gpu_budget, base + step_tokens_min, w, need + step_tokens_min));
             }
             let half = (gpu_budget - base) / 2;
             let wanted = job.max_step_tokens.min((job.sequences as f64 * (job.prompt_len + 1.0)) as usize).max(1);
@@ -160,7 +160,7 @@ pub fn plan_job(
             let min_reserved = attn_bytes(longest, floor.min(longest)) + chunk_bytes(floor) + logit_bytes(floor);
             let minimum = w.resident + w.attention_per_layer + 2 * w.per_expert + min_reserved;
             if gpu_budget < minimum {
-                return Err(too_small(gpu_budget, minimum, w, min_reserved));
+                return Err(budget_too_small(gpu_budget, minimum, w, min_reserved));
             }
             // An eighth of what is spare to each of: attention rows, attention tokens, expert
             // chunks, logits; the rest keeps experts resident.
@@ -274,20 +274,6 @@ pub fn plan_job(
     }
 }
 
-fn too_small(budget: u64, minimum: u64, w: &WeightBytes, reserved: u64) -> Error {
-    Error::invalid(
-        "--gpu-memory",
-        format!(
-            "{} is below the minimum of {} for this model and job: weights that stay (embeddings, norms, routers, LM head) {}, one layer's attention {}, KV cache and activations {}, two expert slots {}",
-            format_size(budget),
-            format_size(minimum),
-            format_size(w.resident),
-            format_size(w.attention_per_layer),
-            format_size(reserved),
-            format_size(2 * w.per_expert)
-        ),
-    )
-}
 
 /// Time of one step of `t` tokens that read `kv_rows` KV rows in all (the sequences' past
 /// holding `kv_past`), and its bound.
