@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::engine::{job_shape, run_policy, Budgets, PolicyReport, RunSettings};
+use crate::engine::{job_shape, plan_policy, run_policy, Budgets, PolicyReport, RunSettings};
 use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
@@ -132,11 +132,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     };
     let mut reports = Vec::new();
     let mut traces = Vec::new();
+    let weights = WeightBytes::of(&checkpoint, &cfg);
     for &b in &args.batching {
-        eprintln!("running batching {}...", b.name());
-        let report = run_policy(&ctx, &cfg, &checkpoint, &requests, b, &settings, &hw, |_| Ok(()))
-            .with_context(|| format!("batching {}", b.name()))?;
-        eprintln!("{}", report.plan.describe(&cfg, &WeightBytes::of(&checkpoint, &cfg)));
+        let plan = plan_policy(&ctx, &cfg, &weights, &requests, b, &settings, &hw).with_context(|| format!("batching {}", b.name()))?;
+        eprintln!("{}", plan.describe(&cfg, &weights));
+        let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {}", b.name()))?;
         eprintln!("{}", report.describe());
         if args.json {
             println!("{}", report_json(&report));

@@ -143,24 +143,35 @@ pub fn job_shape(requests: &[Request], max_step_tokens: usize) -> JobShape {
     }
 }
 
-/// Plans, loads and runs `requests` under `batching`, calling `on_finish` per finished sequence.
-#[allow(clippy::too_many_arguments)]
+/// The plan of `requests` under `batching` with these settings on this device.
+pub fn plan_policy(
+    ctx: &GpuContext,
+    cfg: &ModelConfig,
+    weights: &WeightBytes,
+    requests: &[Request],
+    batching: Batching,
+    settings: &RunSettings,
+    hw: &HardwareProfile,
+) -> Result<JobPlan> {
+    let shape = job_shape(requests, settings.max_step_tokens);
+    let hw = hw.with_upload_cap(settings.upload_bandwidth);
+    plan_job(cfg, weights, &shape, batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)
+}
+
+/// Loads the model as `plan` places it and runs `requests`, calling `on_finish` per finished
+/// sequence.
 pub fn run_policy(
     ctx: &GpuContext,
     cfg: &ModelConfig,
     checkpoint: &Checkpoint,
     requests: &[Request],
-    batching: Batching,
+    plan: JobPlan,
     settings: &RunSettings,
-    hw: &HardwareProfile,
     on_finish: impl FnMut(Finished) -> Result<()>,
 ) -> Result<PolicyReport> {
-    let weights = WeightBytes::of(checkpoint, cfg);
-    let shape = job_shape(requests, settings.max_step_tokens);
-    let hw = &hw.with_upload_cap(settings.upload_bandwidth);
-    let plan = plan_job(cfg, &weights, &shape, batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), hw)?;
-    log::info!("{}", plan.describe(cfg, &weights));
-    let mut model = Model::load_placed(ctx, cfg.clone(), checkpoint, shape.longest, &plan.placement)?;
+    let batching = plan.batching;
+    let longest = job_shape(requests, settings.max_step_tokens).longest;
+    let mut model = Model::load_placed(ctx, cfg.clone(), checkpoint, longest, &plan.placement)?;
     model.upload_limit = settings.upload_bandwidth.map(UploadLimit::new);
     let tracer = if settings.trace { Some(Tracer::new(ctx)?) } else { None };
     ctx.set_tracer(tracer.clone());

@@ -11,9 +11,9 @@ use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
-use crate::engine::{job_shape, run_policy, Budgets, RunSettings};
+use crate::engine::{plan_policy, run_policy, Budgets, RunSettings};
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
-use crate::planner::{plan_job, HardwareProfile, WeightBytes};
+use crate::planner::{HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
 use crate::scheduler::{Batching, Request};
 
@@ -173,8 +173,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         trace: args.trace.is_some(),
     };
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    let capped = hw.with_upload_cap(args.upload_bandwidth);
-    let plan = plan_job(&cfg, &weights, &job_shape(&reqs, args.max_step_tokens), args.batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &capped)?;
+    let plan = plan_policy(&ctx, &cfg, &weights, &reqs, args.batching, &settings, &hw)?;
     eprintln!("{}", plan.describe(&cfg, &weights));
 
     let bar = ProgressBar::with_draw_target(
@@ -188,7 +187,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     );
     let mut written = 0usize;
     let mut generated = 0usize;
-    let result = run_policy(&ctx, &cfg, &checkpoint, &reqs, args.batching, &settings, &hw, |f| {
+    let result = run_policy(&ctx, &cfg, &checkpoint, &reqs, plan, &settings, |f| {
         let r = &reqs[f.index];
         let text = match &codec {
             Some(c) => c.decode(&f.output)?,
