@@ -290,17 +290,94 @@ fn rope(f: &Fields, head_dim: usize) -> Result<(Vec<f32>, f32)> {
             let factor = p.f64("factor")?.ok_or_else(|| err(f.file, "linear rope scaling without `factor`"))? as f32;
             Ok((base.iter().map(|x| x / factor).collect(), 1.0))
         }
+        "yarn" => yarn(f, &p, theta as f32, rot_dim),
         other => Err(err(
             f.file,
-            format!("rope type `{other}` is not supported yet; supported: default, linear"),
+            format!("rope type `{other}` is not supported yet; supported: default, linear, yarn"),
         )),
     }
+}
+
+/// YaRN (arXiv 2309.00071) as transformers computes it: frequencies blended between the
+/// original and the `factor`-interpolated ones across a ramp of dimensions set by `beta_fast` and
+/// `beta_slow`, and cos/sin scaled by the attention factor (given, or from `mscale` and
+/// `mscale_all_dim`, or from `factor` alone).
+fn yarn(f: &Fields, p: &Fields, theta: f32, dim: usize) -> Result<(Vec<f32>, f32)> {
+    let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(2048) as f64;
+    let original = p.opt_usize("original_max_position_embeddings")?.map_or(max_pos, |v| v as f64);
+    let factor = p.f64("factor")?.unwrap_or(max_pos / original);
+    let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+    let attention = match (p.f64("attention_factor")?, p.f64("mscale")?, p.f64("mscale_all_dim")?) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+        _ => mscale(factor, 1.0),
+    };
+    // `or` rather than a default: transformers treats 0 like a missing value here.
+    let beta_fast = p.f64("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
+    let beta_slow = p.f64("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
+    let truncate = p.bool("truncate")?.unwrap_or(true);
+    let (d, base) = (dim as f64, theta as f64);
+    let correction_dim = |rotations: f64| d * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+    let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0) as f32, high.min(d - 1.0) as f32);
+    if low == high {
+        high += 0.001;
+    }
+    let inv = (0..dim / 2)
+        .map(|i| {
+            let pos_freq = theta.powf((2 * i) as f32 / dim as f32);
+            let (extrapolated, interpolated) = (1.0 / pos_freq, 1.0 / (factor as f32 * pos_freq));
+            let keep = 1.0 - ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+            interpolated * (1.0 - keep) + extrapolated * keep
+        })
+        .collect();
+    Ok((inv, attention as f32))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Frequencies and attention factors transformers 5.23.0 computes for these YaRN settings
+    /// (`ROPE_INIT_FUNCTIONS["yarn"]` on a Qwen3MoeConfig with head_dim 16, max positions 512),
+    /// as it printed them.
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn yarn_matches_transformers() {
+        let cases: [(Value, [f32; 8], f32); 3] = [
+            (
+                json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}),
+                [1.0, 0.23717081546783447, 0.04999999701976776, 0.007905694656074047, 0.0024999999441206455, 0.0007905694656074047, 0.0002500000118743628, 7.905694656074047e-05],
+                1.138629436111989,
+            ),
+            (
+                json!({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 40.0, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+                [1.0, 0.09938541054725647, 0.0009401507559232414, 0.00018231662397738546, 3.535533687681891e-05, 6.856204436189728e-06, 1.3295739336172119e-06, 2.578346141035581e-07],
+                1.0,
+            ),
+            (
+                json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.5}),
+                [1.0, 0.03952847048640251, 0.012500000186264515, 0.0039528473280370235, 0.0012499999720603228, 0.00039528473280370235, 0.0001250000059371814, 3.9528473280370235e-05],
+                1.094179988101349,
+            ),
+        ];
+        for (rope, want, attention) in cases {
+            let v = json!({
+                "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
+                "num_hidden_layers": 1, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 512, "rope_parameters": rope.clone()
+            });
+            let cfg = ModelConfig::parse(&v, Path::new("config.json")).unwrap();
+            for (got, want) in cfg.inv_freq.iter().zip(want) {
+                assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-30) + 1e-12, "{rope}: {:?} vs {want:?}", cfg.inv_freq);
+            }
+            assert!((cfg.rope_attention_scaling - attention).abs() < 1e-6, "{rope}: {}", cfg.rope_attention_scaling);
+        }
+    }
 
     fn parse(v: Value) -> Result<ModelConfig> {
         ModelConfig::parse(&v, Path::new("config.json"))
