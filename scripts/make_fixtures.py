@@ -5,7 +5,7 @@ prompts and its greedy continuations. The Rust tests compare against these; they
 
 Pinned:  torch==2.15.0  transformers==5.23.0  safetensors  numpy
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0
-    /tmp/venv/bin/python scripts/make_fixtures.py
+    /tmp/venv/bin/python scripts/make_fixtures.py [NAME ...]   (all fixtures, or the ones named)
 
 Weights are non-flat (initializer_range 0.1, random norm weights and biases), saved in f32, f16 or
 bf16, one checkpoint sharded into several files. The reference runs in float32 on the saved
@@ -43,6 +43,10 @@ FIXTURES = [
     ("qwen3-moe-f16", Qwen3MoeConfig, Qwen3MoeForCausalLM,
      dict(intermediate_size=72, moe_intermediate_size=48, num_experts=8, head_dim=24, norm_topk_prob=True,
           rope_theta=1e6), torch.float16, None),
+    ("qwen3-moe-yarn-f32", Qwen3MoeConfig, Qwen3MoeForCausalLM,
+     dict(intermediate_size=64, moe_intermediate_size=40, num_experts=6, head_dim=16, norm_topk_prob=True,
+          rope_parameters=dict(rope_type="yarn", rope_theta=1e5, factor=4.0, original_max_position_embeddings=128,
+                               beta_fast=16.0, beta_slow=1.0)), torch.float32, None),
     ("olmoe-bf16", OlmoeConfig, OlmoeForCausalLM,
      dict(intermediate_size=56, num_experts=8, norm_topk_prob=False, eos_token_id=2, pad_token_id=0), torch.bfloat16, None),
 ]
@@ -97,7 +101,12 @@ def old_style_config(name):
 
 
 if __name__ == "__main__":
+    import sys
+    # With names given, only those fixtures are rebuilt.
+    wanted = set(sys.argv[1:])
     os.makedirs(OUT, exist_ok=True)
     for fixture in FIXTURES:
-        build(*fixture)
-    old_style_config("qwen2-moe-bf16")
+        if not wanted or fixture[0] in wanted:
+            build(*fixture)
+    if not wanted or "qwen2-moe-bf16" in wanted:
+        old_style_config("qwen2-moe-bf16")

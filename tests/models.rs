@@ -187,3 +187,8 @@ fn qwen3_moe_f16_per_head_qk_norm() {
 fn olmoe_bf16_full_width_qk_norm() {
     check("olmoe-bf16");
 }
+
+#[test]
+fn qwen3_moe_f32_yarn_rope_scaling() {
+    check("qwen3-moe-yarn-f32");
+}
