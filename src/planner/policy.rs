@@ -83,6 +83,26 @@ fn streamed_host_bytes(cfg: &ModelConfig, w: &WeightBytes, placement: &Placement
     streamed * w.per_layer() + placement.streamed_attention.len() as u64 * w.attention_per_layer
 }
 
+/// Checks that host memory holds the streamed weights, what the load stages there, and `kv` bytes
+/// of KV pages.
+fn host_holds(budget: u64, streamed: u64, staged: u64, kv: u64) -> Result<()> {
+    let minimum = streamed + staged + kv;
+    if budget >= minimum {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "--host-memory",
+        format!(
+            "{} is below the minimum of {} for this model and job: streamed weights {}, weights and hidden states staged on the host {}, KV pages of the longest sequence {}",
+            format_size(budget),
+            format_size(minimum),
+            format_size(streamed),
+            format_size(staged),
+            format_size(kv)
+        ),
+    ))
+}
+
 /// Plans `batching` for the job under the budgets.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_job(
@@ -126,6 +146,7 @@ pub fn plan_job(
             let total = (job.tokens().ceil() as usize).max(job.longest);
             let rows = (((gpu_budget - fixed) / row) as usize).min(total).min(device_rows.max(job.longest));
             let placement = Placement::plan(cfg, w, gpu_budget, rows as u64 * row + activations)?;
+            host_holds(host_budget, streamed_host_bytes(cfg, w, &placement), w.resident, 0)?;
             let per_seq = (job.prompt_len + job.new_tokens).max(1.0);
             let in_flight = ((rows as f64 / per_seq).floor() as usize).clamp(1, job.sequences.max(1));
             let job = &JobShape { max_step_tokens: step_tokens, ..*job };
@@ -181,19 +202,7 @@ pub fn plan_job(
             let per_token_state = ((2 + cfg.experts_per_token) * cfg.hidden_size * 4) as u64;
             let fixed_host = packs + w.resident + (job.max_step_tokens as u64) * per_token_state;
             let longest_pages = longest.div_ceil(PAGE_TOKENS) as u64 * page;
-            if host_budget < fixed_host + longest_pages {
-                return Err(Error::invalid(
-                    "--host-memory",
-                    format!(
-                        "{} is below the minimum of {} for this model and job: streamed experts {}, weights staged at load {}, KV pages of the longest sequence {}",
-                        format_size(host_budget),
-                        format_size(fixed_host + longest_pages),
-                        format_size(packs),
-                        format_size(w.resident),
-                        format_size(longest_pages)
-                    ),
-                ));
-            }
+            host_holds(host_budget, packs, fixed_host - packs, longest_pages)?;
             let kv_bytes_cap = host_budget - fixed_host;
             let by_memory = (kv_bytes_cap as f64 / (per_seq_pages * page as f64 + per_token_state as f64)).floor() as usize;
             let population = by_memory.clamp(1, job.sequences.max(1));
