@@ -62,21 +62,27 @@ impl ModelSource {
     }
 }
 
+/// The model, synthetic job, policies, limits and hardware of a `bench` or `plan`.
 #[derive(Clone, Debug)]
-pub struct BenchArgs {
+pub struct JobSpec {
     pub source: ModelSource,
     pub batching: Vec<Batching>,
     pub gpu_memory: Option<u64>,
     pub host_memory: Option<u64>,
-    pub upload_bandwidth: Option<u64>,
     pub sequences: usize,
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub max_step_tokens: usize,
-    pub json: bool,
-    pub trace: Option<PathBuf>,
+    pub upload_bandwidth: Option<u64>,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    pub spec: JobSpec,
+    pub json: bool,
+    pub trace: Option<PathBuf>,
 }
 
 /// Random prompts of `len` tokens (seeded, so every policy and run gets the same job).
@@ -111,21 +117,22 @@ fn check_job(cfg: &ModelConfig, sequences: usize, prompt_len: usize, new_tokens:
 }
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
-    let cfg = args.source.config()?;
-    check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
-    let ctx = GpuContext::new(&args.adapter)?;
-    let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, ctx.info().device_type);
-    eprintln!("{} on {}: {}", args.source.name(), ctx.info().name, budgets.describe());
-    let hw = match &args.hardware {
+    let spec = &args.spec;
+    let cfg = spec.source.config()?;
+    check_job(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens)?;
+    let ctx = GpuContext::new(&spec.adapter)?;
+    let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, ctx.info().device_type);
+    eprintln!("{} on {}: {}", spec.source.name(), ctx.info().name, budgets.describe());
+    let hw = match &spec.hardware {
         Some(p) => HardwareProfile::load(p)?,
         None => HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?,
     };
-    let checkpoint = args.source.checkpoint(&cfg)?;
-    let requests = synthetic_requests(&cfg, args.sequences, args.prompt_len, args.new_tokens);
+    let checkpoint = spec.source.checkpoint(&cfg)?;
+    let requests = synthetic_requests(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens);
     let settings = RunSettings {
         budgets,
-        upload_bandwidth: args.upload_bandwidth,
-        max_step_tokens: args.max_step_tokens,
+        upload_bandwidth: spec.upload_bandwidth,
+        max_step_tokens: spec.max_step_tokens,
         sampling: SamplingParams::default(),
         ignore_eos: true,
         trace: true,
@@ -133,7 +140,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let mut reports = Vec::new();
     let mut traces = Vec::new();
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    for &b in &args.batching {
+    for &b in &spec.batching {
         let plan = plan_policy(&ctx, &cfg, &weights, &requests, b, &settings, &hw).with_context(|| format!("batching {}", b.name()))?;
         eprintln!("{}", plan.describe(&cfg, &weights));
         let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {}", b.name()))?;
@@ -211,24 +218,9 @@ fn write_traces(path: &std::path::Path, traces: &[(Batching, String)]) -> anyhow
     Ok(())
 }
 
-#[derive(Clone, Debug)]
-pub struct PlanArgs {
-    pub source: ModelSource,
-    pub batching: Vec<Batching>,
-    pub gpu_memory: Option<u64>,
-    pub host_memory: Option<u64>,
-    pub sequences: usize,
-    pub prompt_len: usize,
-    pub new_tokens: usize,
-    pub max_step_tokens: usize,
-    pub upload_bandwidth: Option<u64>,
-    pub hardware: Option<PathBuf>,
-    pub adapter: AdapterChoice,
-}
-
 /// Prints each policy's plan and predicted throughput. With `--hardware` no GPU is needed; the
 /// budgets default to the profile's memories.
-pub fn run_plan(args: &PlanArgs) -> anyhow::Result<String> {
+pub fn run_plan(args: &JobSpec) -> anyhow::Result<String> {
     let cfg = args.source.config()?;
     check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
     let weights = args.source.weight_bytes(&cfg)?;

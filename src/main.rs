@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use moegen::gpu::{describe_adapters, AdapterChoice, GpuContext};
-use moegen::bench::{run_bench, run_plan, BenchArgs, ModelSource, PlanArgs};
+use moegen::bench::{run_bench, run_plan, BenchArgs, JobSpec, ModelSource};
 use moegen::job::{run_job, JobArgs};
 use moegen::scheduler::Batching;
 use moegen::planner::{parse_rate, parse_size};
@@ -184,6 +184,23 @@ struct GenerateArgs {
     quiet: bool,
 }
 
+fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>) -> anyhow::Result<JobSpec> {
+    let l = job.limits;
+    Ok(JobSpec {
+        source: ModelSource::from_flags(model.model, model.synthetic)?,
+        batching: batching.policies(),
+        gpu_memory: l.gpu_memory,
+        host_memory: l.host_memory,
+        sequences: job.sequences,
+        prompt_len: job.prompt_len,
+        new_tokens: job.new_tokens,
+        max_step_tokens: l.max_step_tokens,
+        upload_bandwidth: l.upload_bandwidth,
+        hardware: l.hardware,
+        adapter: AdapterChoice::from_env(adapter),
+    })
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -246,39 +263,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(b) => {
-            let args = BenchArgs {
-                source: ModelSource::from_flags(b.model.model, b.model.synthetic)?,
-                batching: b.batching.policies(),
-                gpu_memory: b.job.limits.gpu_memory,
-                host_memory: b.job.limits.host_memory,
-                upload_bandwidth: b.job.limits.upload_bandwidth,
-                sequences: b.job.sequences,
-                prompt_len: b.job.prompt_len,
-                new_tokens: b.job.new_tokens,
-                max_step_tokens: b.job.limits.max_step_tokens,
-                json: b.json,
-                trace: b.trace,
-                hardware: b.job.limits.hardware,
-                adapter: AdapterChoice::from_env(cli.adapter),
-            };
-            run_bench(&args)?;
+            let spec = job_spec(b.model, b.job, b.batching, cli.adapter)?;
+            run_bench(&BenchArgs { spec, json: b.json, trace: b.trace })?;
             Ok(())
         }
         Command::Plan(p) => {
-            let args = PlanArgs {
-                source: ModelSource::from_flags(p.model.model, p.model.synthetic)?,
-                batching: p.batching.policies(),
-                gpu_memory: p.job.limits.gpu_memory,
-                host_memory: p.job.limits.host_memory,
-                sequences: p.job.sequences,
-                prompt_len: p.job.prompt_len,
-                new_tokens: p.job.new_tokens,
-                max_step_tokens: p.job.limits.max_step_tokens,
-                upload_bandwidth: p.job.limits.upload_bandwidth,
-                hardware: p.job.limits.hardware,
-                adapter: AdapterChoice::from_env(cli.adapter),
-            };
-            print!("{}", run_plan(&args)?);
+            print!("{}", run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter)?)?);
             Ok(())
         }
     }

@@ -101,6 +101,16 @@ impl Default for GenerateOptions {
     }
 }
 
+/// Finishes the requests that ask for no new tokens at once (both schedulers skip them).
+pub(crate) fn finish_empty(requests: &[Request], on_finish: &mut impl FnMut(Finished) -> Result<()>) -> Result<()> {
+    for (index, r) in requests.iter().enumerate() {
+        if r.max_new_tokens == 0 {
+            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length })?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GenerateStats {
     pub prompt_tokens: usize,
@@ -111,6 +121,18 @@ pub struct GenerateStats {
     /// Step time, split between prompt and generated tokens in proportion to their counts.
     pub prefill_time: Duration,
     pub decode_time: Duration,
+}
+
+impl GenerateStats {
+    /// Counts a step that took `elapsed` for its prompt and decode tokens, splitting the time
+    /// between them in proportion to their counts.
+    pub(crate) fn add_step(&mut self, elapsed: Duration, prefill_tokens: usize, decode_tokens: usize) {
+        let fed = (prefill_tokens + decode_tokens).max(1) as u32;
+        self.prefill_time += elapsed * prefill_tokens as u32 / fed;
+        self.decode_time += elapsed * decode_tokens as u32 / fed;
+        self.decode_tokens += decode_tokens;
+        self.steps += 1;
+    }
 }
 
 struct Running {
@@ -181,16 +203,12 @@ pub fn generate(
     let mut regions = CacheRegions { rows, used: Vec::new() };
     let mut waiting = 0usize;
     let mut running: Vec<Running> = Vec::new();
-    for (index, r) in requests.iter().enumerate() {
-        if r.max_new_tokens == 0 {
-            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length })?;
-        }
-    }
+    finish_empty(requests, &mut on_finish)?;
     loop {
-        let admitting = running.is_empty();
         // Admit waiting sequences, in order, while their whole length fits in the cache (under
         // model-based batching, only once the running batch has finished).
-        while waiting < requests.len() && (!opts.fixed_batch || running.is_empty() || admitting) {
+        let admitting = !opts.fixed_batch || running.is_empty();
+        while waiting < requests.len() && admitting {
             let r = &requests[waiting];
             if r.max_new_tokens == 0 {
                 waiting += 1;
@@ -252,12 +270,7 @@ pub fn generate(
                 Vec::new()
             }
         };
-        let elapsed = started.elapsed();
-        let fed = (prefill_tokens + decode_tokens).max(1) as u32;
-        stats.prefill_time += elapsed * prefill_tokens as u32 / fed;
-        stats.decode_time += elapsed * decode_tokens as u32 / fed;
-        stats.decode_tokens += decode_tokens;
-        stats.steps += 1;
+        stats.add_step(started.elapsed(), prefill_tokens, decode_tokens);
 
         let mut done = Vec::new();
         for (&i, &token) in sampled_seqs.iter().zip(&chosen) {

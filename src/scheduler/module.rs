@@ -18,7 +18,7 @@ use crate::model::Model;
 use crate::output::FinishReason;
 use crate::sampler::SequenceSampler;
 use crate::scheduler::host_kv::HostKv;
-use crate::scheduler::{finish_reason, step_limits, CacheRegions, Finished, GenerateOptions, GenerateStats, Request};
+use crate::scheduler::{finish_empty, finish_reason, step_limits, CacheRegions, Finished, GenerateOptions, GenerateStats, Request};
 
 /// The batch sizes the planner chose for each module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,11 +191,7 @@ pub fn generate_module(
     let logit_rows = sizes.logit_rows.min(step_limits(&model.ctx, cfg, sizes.step_tokens).1).max(1);
     let mut waiting = 0usize;
     let mut pop: Vec<Seq> = Vec::new();
-    for (index, r) in requests.iter().enumerate() {
-        if r.max_new_tokens == 0 {
-            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length })?;
-        }
-    }
+    finish_empty(requests, &mut on_finish)?;
     loop {
         while waiting < requests.len() && pop.len() < sizes.population {
             let r = &requests[waiting];
@@ -239,12 +235,7 @@ pub fn generate_module(
         }
         let started = Instant::now();
         let chosen = run_step(model, &mut kv, &pop, &parts, n, sizes, logit_rows, opts.sampling.greedy())?;
-        let elapsed = started.elapsed();
-        let fed = (prefill_tokens + decode_tokens).max(1) as u32;
-        stats.prefill_time += elapsed * prefill_tokens as u32 / fed;
-        stats.decode_time += elapsed * decode_tokens as u32 / fed;
-        stats.decode_tokens += decode_tokens;
-        stats.steps += 1;
+        stats.add_step(started.elapsed(), prefill_tokens, decode_tokens);
 
         let mut done = Vec::new();
         for p in &parts {
@@ -475,6 +466,8 @@ fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: At
     let (x, hn) = (floats(&got[0]), floats(&got[1]));
     let (new_k, new_v) = if p.host_kv { (floats(&got[2]), floats(&got[3])) } else { (Vec::new(), Vec::new()) };
     let routing_at = if p.host_kv { 4 } else { 2 };
+    let (ids, weights): (Vec<u32>, Vec<f32>) =
+        if p.routed { (bytemuck::pod_collect_to_vec(&got[routing_at]), floats(&got[routing_at + 1])) } else { (Vec::new(), Vec::new()) };
     let mut at = 0;
     for part in &p.parts {
         let (r0, c) = (part.row0, part.count);
@@ -484,10 +477,8 @@ fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: At
             store.write(li, pages, part.past, &new_k[at * kv_dim..(at + c) * kv_dim], &new_v[at * kv_dim..(at + c) * kv_dim]);
         }
         if p.routed {
-            let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&got[routing_at]);
-            let w = floats(&got[routing_at + 1]);
             st.expert_ids[r0 * k..(r0 + c) * k].copy_from_slice(&ids[at * k..(at + c) * k]);
-            st.expert_weights[r0 * k..(r0 + c) * k].copy_from_slice(&w[at * k..(at + c) * k]);
+            st.expert_weights[r0 * k..(r0 + c) * k].copy_from_slice(&weights[at * k..(at + c) * k]);
         }
         at += c;
     }
@@ -551,12 +542,16 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
     let (h, k, inter, e) = (cfg.hidden_size, cfg.experts_per_token, host.inter, cfg.num_experts);
     let unused = e as f64 * (1.0 - k as f64 / e as f64).powf(st.n as f64);
     let mut attention = Some(attention);
+    // Grouped here when the attention runs first, else once it has run inside the stream.
+    let mut grouped = None;
     let experts: Vec<usize> = if unused < 0.01 {
         (0..e).collect()
     } else {
         attention.take().expect("not run yet")(st)?;
         let groups = group_by_expert(st, e);
-        (0..e).filter(|&x| !groups[x].is_empty()).collect()
+        let active = (0..e).filter(|&x| !groups[x].is_empty()).collect();
+        grouped = Some(groups);
+        active
     };
     struct Work<'s> {
         st: &'s mut StepState,
@@ -577,7 +572,10 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         if let Some(a) = attention {
             a(st)?;
         }
-        let groups = group_by_expert(st, e);
+        let groups = match grouped {
+            Some(g) => g,
+            None => group_by_expert(st, e),
+        };
         log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
         Ok(Work { st, groups, y: vec![0.0f32; n * k * h], pending: Default::default() })
     };
