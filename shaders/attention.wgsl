@@ -4,6 +4,8 @@
 // kind, or both, run in one dispatch. One workgroup serves GS query heads that share a kv head
 // (grouped-query attention), so each key and value row is read once for all of them. Keys go in
 // blocks of BLOCK with an online softmax; large blocks keep workgroup barriers per key few.
+// Values may be narrower than keys, and may be the keys' first columns (MLA's latent cache, where
+// one row per token serves as key and value for every head).
 struct Params {
     n_queries: u32,
     n_heads: u32,
@@ -12,7 +14,11 @@ struct Params {
     scale: f32,
     q_stride: u32,
     kv_stride: u32,
-    _pad: u32,
+    v_dim: u32,
+    v_stride: u32,
+    out_stride: u32,
+    v_head_stride: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,6 +46,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let start = kv_range[2u * qi];
     let len = kv_range[2u * qi + 1u];
     let hd = p.head_dim;
+    let vd = p.v_dim;
+    let v_head = kvh * p.v_head_stride;
     for (var i = lane.id; i < GS * hd; i += WG) {
         q_sh[i] = q[qi * p.q_stride + h0 * hd + i] * p.scale;
     }
@@ -88,14 +96,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         workgroupBarrier();
         for (var slot = 0u; slot < HD_SLOTS; slot++) {
             let d = lane.id + slot * WG;
-            if d < hd {
+            if d < vd {
                 var a: array<f32, GS>;
                 for (var g = 0u; g < GS; g++) {
                     a[g] = acc[g * HD_SLOTS + slot] * correction[g];
                 }
-                let v_base = (start + kb) * p.kv_stride + kvh * hd + d;
+                let v_base = (start + kb) * p.v_stride + v_head + d;
                 for (var jj = 0u; jj < block; jj++) {
-                    let vv = v[v_base + jj * p.kv_stride];
+                    let vv = v[v_base + jj * p.v_stride];
                     for (var g = 0u; g < GS; g++) {
                         a[g] = fma(p_sh[g * BLOCK + jj], vv, a[g]);
                     }
@@ -111,8 +119,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         let inv = select(0.0, 1.0 / l[g], len > 0u);
         for (var slot = 0u; slot < HD_SLOTS; slot++) {
             let d = lane.id + slot * WG;
-            if d < hd {
-                out[qi * p.q_stride + (h0 + g) * hd + d] = acc[g * HD_SLOTS + slot] * inv;
+            if d < vd {
+                out[qi * p.out_stride + (h0 + g) * vd + d] = acc[g * HD_SLOTS + slot] * inv;
             }
         }
     }

@@ -1,10 +1,10 @@
-// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * gamma, one workgroup per row. Per-head
-// norms are the same with one row per (token, head).
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * gamma, one workgroup per row of dim values
+// (rows stride apart). Per-head norms are the same with one row per (token, head).
 struct Params {
     rows: u32,
     dim: u32,
     eps: f32,
-    _pad: u32,
+    stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -18,7 +18,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if row >= p.rows {
         return;
     }
-    let base = row * p.dim;
+    let base = row * p.stride;
     var sum_sq = 0.0;
     for (var c = lane.id; c < p.dim; c += WG) {
         let v = x[base + c];

@@ -1,4 +1,4 @@
-// Rotary position embedding in place on x[token, head, :], the first rot_dim dims of each head.
+// Rotary position embedding in place on x[token, head, :], dims offset..offset + rot_dim of each head.
 // cos_sin[pos * rot_dim / 2 + i] holds (cos, sin) of position pos for pair i, built on the host
 // with the model's frequencies and scaling, so any rope variant uses the same kernel.
 // Pairs are (i, i + rot_dim/2) in the half-split (neox) layout, (2i, 2i+1) interleaved.
@@ -9,8 +9,8 @@ struct Params {
     rot_dim: u32,
     interleaved: u32,
     table_rows: u32,
-    _pad0: u32,
-    _pad1: u32,
+    offset: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -28,7 +28,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let i = idx % half_rot;
     let th = idx / half_rot;
     let t = th / p.heads;
-    let base = th * p.head_dim;
+    let base = th * p.head_dim + p.offset;
     let pos = positions[t];
     var a = base + i;
     var b = base + i + half_rot;

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use moegen::gpu::{round_weights, AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
-use moegen::kernels::{attention, elementwise, embedding, matmul, moe, norm, rope, router, softmax};
+use moegen::kernels::{attention, elementwise, embedding, head_matmul, matmul, moe, norm, rope, router, softmax};
 use moegen::Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -190,11 +190,99 @@ fn rope_half_split_and_interleaved_with_partial_rotation() {
             b.submit().unwrap();
             let got = ctx.read_f32(&buf, x.len()).unwrap();
             let cs = rope::cos_sin_table(&inv_freq, 1.0, 300);
-            let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, layout);
+            let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, 0, layout);
             assert_close(&format!("rope {layout:?} {tokens}x{heads}x{head_dim}/{rot_dim}"), &got, &want, 1e-12);
             // The dims past rot_dim pass through untouched.
             for h in 0..tokens * heads {
                 assert_eq!(got[h * head_dim + rot_dim..(h + 1) * head_dim], x[h * head_dim + rot_dim..(h + 1) * head_dim]);
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_on_a_part_of_each_head_past_an_offset() {
+    let mut rng = StdRng::seed_from_u64(41);
+    let ctx = gpu();
+    // DeepSeek's layout: 13 unrotated dims, then 10 rotated, then the rest of the row untouched.
+    let (tokens, heads, head_dim, offset, rot_dim) = (9, 3, 27, 13, 10);
+    let inv_freq = rope::default_inv_freq(10000.0, rot_dim);
+    let table = rope::RopeTable::new(ctx, &inv_freq, 0.9, 50).unwrap();
+    let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..50)).collect();
+    let x = random(&mut rng, tokens * heads * head_dim, 1.0);
+    let buf = upload(ctx, &x);
+    let mut b = Batch::new(ctx);
+    let pos = ctx.storage_from("positions", &positions).unwrap();
+    rope::rope_at(&mut b, &buf, &pos, &table, tokens, heads, head_dim, offset, rope::RopeLayout::Interleaved).unwrap();
+    b.submit().unwrap();
+    let got = ctx.read_f32(&buf, x.len()).unwrap();
+    let cs = rope::cos_sin_table(&inv_freq, 0.9, 50);
+    let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, offset, rope::RopeLayout::Interleaved);
+    assert_close("rope past an offset", &got, &want, 1e-12);
+    assert_ne!(got, x, "nothing rotated");
+}
+
+#[test]
+fn strided_norm_and_column_copies() {
+    let mut rng = StdRng::seed_from_u64(42);
+    for ctx in variants() {
+        // MLA's cache row: a latent of 37 normed in place of rows 45 wide, rope key beside it.
+        let (rows, dim, stride) = (11, 37, 45);
+        let x = random(&mut rng, rows * stride, 2.0);
+        let gamma = random(&mut rng, dim, 1.0);
+        let out = poisoned(&ctx, rows * stride);
+        let mut b = Batch::new(&ctx);
+        norm::rms_norm_strided(&mut b, &upload(&ctx, &x), &upload(&ctx, &gamma), &out, rows, dim, stride, 1e-6).unwrap();
+        let (from, to) = (elementwise::Cols { stride, col0: dim }, elementwise::Cols { stride, col0: dim });
+        elementwise::copy_cols(&mut b, &upload(&ctx, &x), from, &out, to, rows, stride - dim).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&out, rows * stride).unwrap();
+        let latent: Vec<f32> = x.chunks(stride).flat_map(|r| r[..dim].to_vec()).collect();
+        let normed = norm::reference(&latent, &gamma, dim, 1e-6);
+        let mut want = x.clone();
+        for r in 0..rows {
+            want[r * stride..r * stride + dim].copy_from_slice(&normed[r * dim..(r + 1) * dim]);
+        }
+        assert_close("strided rms_norm and column copy", &got, &want, 1e-10);
+        // Columns between buffers of different widths, into a poisoned one that keeps the rest.
+        let src = random(&mut rng, 7 * 19, 1.0);
+        let dst = random(&mut rng, 7 * 23, 1.0);
+        let dst_buf = upload(&ctx, &dst);
+        let (from, to) = (elementwise::Cols { stride: 19, col0: 4 }, elementwise::Cols { stride: 23, col0: 11 });
+        let mut b = Batch::new(&ctx);
+        elementwise::copy_cols(&mut b, &upload(&ctx, &src), from, &dst_buf, to, 7, 9).unwrap();
+        b.submit().unwrap();
+        let want = elementwise::copy_cols_reference(&src, from, &dst, to, 7, 9);
+        assert_eq!(ctx.read_f32(&dst_buf, 7 * 23).unwrap(), want);
+    }
+}
+
+#[test]
+fn head_matmul_per_head_blocks_at_strides() {
+    let mut rng = StdRng::seed_from_u64(43);
+    for ctx in variants() {
+        for dtype in DTYPES {
+            // MLA's absorption: 5 heads, each its 13 nope dims (of 21 per head) times a 19 x 13
+            // block, written into rows of 5 x 24 at column 2 of each head.
+            for tokens in [1, 6, 37] {
+                let (heads, out, inner) = (5, 19, 13);
+                let xl = head_matmul::HeadLayout { stride: heads * 21, head_stride: 21, col0: 3 };
+                let yl = head_matmul::HeadLayout { stride: heads * 24, head_stride: 24, col0: 2 };
+                let x = random(&mut rng, tokens * heads * 21, 1.0);
+                let w = random(&mut rng, heads * out * inner, 1.0);
+                let wg = GpuWeight::from_f32(&ctx, "heads", &w, dtype, heads * out, inner).unwrap();
+                let y0 = vec![f32::NAN; tokens * heads * 24];
+                let y = upload(&ctx, &y0);
+                let mut b = Batch::new(&ctx);
+                head_matmul::head_matmul(&mut b, &upload(&ctx, &x), xl, &wg, heads, &y, yl, tokens).unwrap();
+                b.submit().unwrap();
+                let got = ctx.read_f32(&y, y0.len()).unwrap();
+                let want = head_matmul::reference(&x, xl, &round_weights(&w, dtype), heads, out, inner, &y0, yl, tokens);
+                // Only the written columns are compared; the rest stays poisoned in both.
+                let pick = |v: &[f32]| v.iter().copied().filter(|f| !f.is_nan()).collect::<Vec<_>>();
+                assert_eq!(pick(&want).len(), tokens * heads * out);
+                assert_eq!(pick(&got).len(), tokens * heads * out, "head_matmul wrote outside its columns");
+                assert_close(&format!("head_matmul {dtype:?} x{tokens}"), &pick(&got), &pick(&want), 1e-10);
             }
         }
     }
@@ -358,13 +446,17 @@ fn router_softmax_sigmoid_renormalised_and_biased() {
     let mut rng = StdRng::seed_from_u64(9);
     let ctx = gpu();
     let configs = [
-        router::RouterConfig { n_experts: 8, top_k: 2, sigmoid: false, renormalize: true, scale: 1.0 },
-        router::RouterConfig { n_experts: 60, top_k: 4, sigmoid: false, renormalize: false, scale: 1.0 },
-        router::RouterConfig { n_experts: 7, top_k: 7, sigmoid: false, renormalize: true, scale: 1.0 },
-        router::RouterConfig { n_experts: 33, top_k: 6, sigmoid: true, renormalize: true, scale: 2.5 },
+        router::RouterConfig::softmax(8, 2, true),
+        router::RouterConfig::softmax(60, 4, false),
+        router::RouterConfig::softmax(7, 7, true),
+        router::RouterConfig { sigmoid: true, scale: 2.5, ..router::RouterConfig::softmax(33, 6, true) },
+        // DeepSeek-V2's group-limited greedy: 3 of 5 groups by their best expert, scaled.
+        router::RouterConfig { n_group: 5, topk_group: 3, scale: 16.0, ..router::RouterConfig::softmax(40, 6, false) },
+        // DeepSeek-V3: sigmoid, biased choice, 2 of 7 groups by the sum of their two best.
+        router::RouterConfig { sigmoid: true, n_group: 7, topk_group: 2, group_by_top_two: true, scale: 2.5, ..router::RouterConfig::softmax(49, 5, true) },
     ];
     for (i, cfg) in configs.iter().enumerate() {
-        let tokens = [1, 37, 5, 300][i];
+        let tokens = [1, 37, 5, 300, 61, 45][i];
         let logits = spaced_logits(&mut rng, tokens, cfg.n_experts);
         let bias = cfg.sigmoid.then(|| random(&mut rng, cfg.n_experts, 0.3));
         let bias_buf = bias.as_ref().map(|b| upload(ctx, b));
@@ -383,13 +475,16 @@ fn check_attention(ctx: &GpuContext, rng: &mut StdRng, shape: attention::Attenti
     let nq = ranges.len() / 2;
     let q = random(rng, nq * shape.n_heads * shape.head_dim, 1.0);
     let k = random(rng, kv_rows * shape.n_kv_heads * shape.head_dim, 1.0);
-    let v = random(rng, kv_rows * shape.n_kv_heads * shape.head_dim, 1.0);
-    let out = poisoned(ctx, q.len());
+    let v = random(rng, kv_rows * shape.n_kv_heads * shape.v_dim, 1.0);
+    let out_len = nq * shape.n_heads * shape.v_dim;
+    let out = poisoned(ctx, out_len);
     let mut b = Batch::new(ctx);
     let ranges_buf = ctx.storage_from("ranges", ranges).unwrap();
-    attention::attention(&mut b, &shape, &upload(ctx, &q), &upload(ctx, &k), &upload(ctx, &v), &ranges_buf, &out, nq, kv_rows).unwrap();
+    let k_buf = upload(ctx, &k);
+    let v_buf = if shape.values_in_keys { k_buf.clone() } else { upload(ctx, &v) };
+    attention::attention(&mut b, &shape, &upload(ctx, &q), &k_buf, &v_buf, &ranges_buf, &out, nq, kv_rows).unwrap();
     b.submit().unwrap();
-    let got = ctx.read_f32(&out, q.len()).unwrap();
+    let got = ctx.read_f32(&out, out_len).unwrap();
     assert_close(&format!("attention {shape:?} {:?}", ctx.features()), &got, &attention::reference(&shape, &q, &k, &v, ranges), 1e-10);
 }
 
@@ -418,6 +513,24 @@ fn attention_decode_over_a_ragged_cache() {
         check_attention(&ctx, &mut rng, shape, &attention::decode_ranges(&[3], &[29]), 32);
         // 24 query heads on 2 kv heads: groups of 12, served 6 heads to a workgroup.
         check_attention(&ctx, &mut rng, attention::AttentionShape::new(24, 2, 32), &attention::decode_ranges(&[0, 300], &[300, 1]), 301);
+    }
+}
+
+#[test]
+fn attention_over_a_latent_cache_whose_keys_hold_the_values() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for ctx in variants() {
+        // MLA's absorbed form: 6 heads on one row per token of 77 (latent 66 + rope 11), values
+        // the latent; causal prefill and decode over a cache with gaps.
+        let shape = attention::AttentionShape::latent(6, 77, 66, 0.2);
+        check_attention(&ctx, &mut rng, shape, &attention::prefill_ranges(&[3, 40]), 43);
+        check_attention(&ctx, &mut rng, shape, &attention::decode_ranges(&[0, 50], &[30, 270]), 320);
+        // The real width, 576 with values of 512, on 16 heads.
+        check_attention(&ctx, &mut rng, attention::AttentionShape::latent(16, 576, 512, 0.1), &attention::decode_ranges(&[0, 9], &[9, 21]), 30);
+        // Values narrower than keys in their own buffer.
+        let mut shape = attention::AttentionShape::new(4, 2, 48);
+        shape.v_dim = 20;
+        check_attention(&ctx, &mut rng, shape, &attention::prefill_ranges(&[9, 12]), 21);
     }
 }
 
@@ -469,7 +582,7 @@ fn moe_expert_ffn_grouped_matches_per_token_reference() {
             let down = random(&mut rng, n_experts * dim * inter, 0.3);
             let logits = spaced_logits(&mut rng, tokens, n_experts);
             let (ids, weights) = router::reference(
-                &router::RouterConfig { n_experts, top_k, sigmoid: false, renormalize: true, scale: 1.0 },
+                &router::RouterConfig::softmax(n_experts, top_k, true),
                 &logits,
                 None,
             );
@@ -550,7 +663,7 @@ fn bad_arguments_are_errors_not_panics() {
     assert!(e.to_string().contains("splits an expert"), "{e}");
     let e = router::route(
         &mut b,
-        &router::RouterConfig { n_experts: 4, top_k: 5, sigmoid: false, renormalize: true, scale: 1.0 },
+        &router::RouterConfig::softmax(4, 5, true),
         &x,
         None,
         &ids,

@@ -53,17 +53,18 @@ impl Batch {
     }
 
     fn params_slot(&mut self, bytes: &[u8]) -> Result<(GpuBuffer, u64)> {
-        debug_assert!(bytes.len() as u64 <= self.stride.max(256));
-        let full = self.params.last().is_none_or(|(_, data)| data.len() as u64 >= PARAMS_PER_BUFFER * self.stride);
+        // A slot is the parameters rounded up to the offset alignment (parameters wider than
+        // the alignment take several strides).
+        let slot = (bytes.len() as u64).next_multiple_of(self.stride);
+        let full = self.params.last().is_none_or(|(_, data)| data.len() as u64 + slot > PARAMS_PER_BUFFER * self.stride);
         if full {
             let buf = self.ctx.buffer("kernel parameters", PARAMS_PER_BUFFER * self.stride, UNIFORM)?;
             self.params.push((buf, Vec::new()));
         }
-        let stride = self.stride;
         let (buf, data) = self.params.last_mut().expect("pushed above");
         let offset = data.len() as u64;
         data.extend_from_slice(bytes);
-        data.resize((offset + stride) as usize, 0);
+        data.resize((offset + slot) as usize, 0);
         Ok((buf.clone(), offset))
     }
 

@@ -12,23 +12,48 @@ const KEYS_PER_THREAD: u32 = 4;
 /// Most query heads one workgroup serves (workgroup memory holds their queries and scores).
 const MAX_HEADS_PER_WORKGROUP: usize = 8;
 
-/// Query heads per workgroup: the largest divisor of the group size within the maximum.
-fn heads_per_workgroup(group: usize) -> usize {
-    (1..=MAX_HEADS_PER_WORKGROUP.min(group)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
+/// Query heads per workgroup: the largest divisor of the group size within the maximum whose
+/// queries and scores fit the device's workgroup memory (`wg_bytes`).
+fn heads_per_workgroup(group: usize, slots: usize, wg_bytes: u32) -> usize {
+    let per_head = (slots * WG as usize + (WG * KEYS_PER_THREAD) as usize) * 4;
+    let fit = (wg_bytes as usize / per_head).max(1);
+    (1..=MAX_HEADS_PER_WORKGROUP.min(group).min(fit)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
+}
+
+/// Per-thread slots of a head's query (or value) elements.
+fn slots(shape: &AttentionShape) -> usize {
+    shape.head_dim.max(shape.v_dim).div_ceil(WG as usize)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Width of a query and key head.
     pub head_dim: usize,
+    /// Width of a value and output head.
+    pub v_dim: usize,
+    /// Values are the first `v_dim` columns of the key rows (MLA's latent), read from the key
+    /// buffer.
+    pub values_in_keys: bool,
     /// Multiplies q.k (1/sqrt(head_dim) unless the model says otherwise).
     pub scale: f32,
 }
 
 impl AttentionShape {
     pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        AttentionShape { n_heads, n_kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt() }
+        AttentionShape { n_heads, n_kv_heads, head_dim, v_dim: head_dim, values_in_keys: false, scale: 1.0 / (head_dim as f32).sqrt() }
+    }
+
+    /// MLA's absorbed form: every query head attends to one row per token of `key_dim` values
+    /// (latent then rope key) and takes the first `value_dim` of them as the value.
+    pub fn latent(n_heads: usize, key_dim: usize, value_dim: usize, scale: f32) -> Self {
+        AttentionShape { n_heads, n_kv_heads: 1, head_dim: key_dim, v_dim: value_dim, values_in_keys: true, scale }
+    }
+
+    /// Floats of one value row (the key row when values live in it).
+    fn v_stride(&self) -> usize {
+        self.n_kv_heads * if self.values_in_keys { self.head_dim } else { self.v_dim }
     }
 }
 
@@ -62,23 +87,31 @@ struct Params {
     scale: f32,
     q_stride: u32,
     kv_stride: u32,
+    v_dim: u32,
+    v_stride: u32,
+    out_stride: u32,
+    v_head_stride: u32,
     _pad: u32,
 }
 
-/// The kernel for `head_dim` with `group` query heads per kv head.
-pub fn shader(features: KernelFeatures, head_dim: usize, group: usize) -> ShaderSource {
+/// The kernel for `shape` on a device with `wg_bytes` of workgroup memory.
+pub fn shader(features: KernelFeatures, shape: &AttentionShape, wg_bytes: u32) -> ShaderSource {
+    let slots = slots(shape);
+    let group = shape.n_heads / shape.n_kv_heads.max(1);
     ShaderBuilder::new("attention")
         .constant("WG", WG)
-        .constant("HD_SLOTS", (head_dim as u32).div_ceil(WG))
+        .constant("HD_SLOTS", slots as u32)
         .constant("KEYS_PER_THREAD", KEYS_PER_THREAD)
-        .constant("GS", heads_per_workgroup(group) as u32)
+        .constant("GS", heads_per_workgroup(group, slots, wg_bytes) as u32)
         .reductions(features)
         .body(include_str!("../../shaders/attention.wgsl"))
 }
 
 /// `out[q, h, :] = softmax(scale * q[q, h] . k[r, h']^T) v[r, h']` over the rows r of each query's
-/// range, h' the kv head of h. q and out are `[n_queries, n_heads * head_dim]`, k and v
-/// `[kv_rows, n_kv_heads * head_dim]`, `ranges` has a (start, len) pair per query.
+/// range, h' the kv head of h. q is `[n_queries, n_heads * head_dim]`, out
+/// `[n_queries, n_heads * v_dim]`, k `[kv_rows, n_kv_heads * head_dim]`, v
+/// `[kv_rows, n_kv_heads * v_dim]` (or k itself, see [`AttentionShape::values_in_keys`]);
+/// `ranges` has a (start, len) pair per query.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     b: &mut Batch,
@@ -91,18 +124,28 @@ pub fn attention(
     n_queries: usize,
     kv_rows: usize,
 ) -> Result<()> {
-    let AttentionShape { n_heads, n_kv_heads, head_dim, scale } = *shape;
+    let AttentionShape { n_heads, n_kv_heads, head_dim, v_dim, scale, .. } = *shape;
     ensure!(n_queries > 0, "attention", "no queries");
     ensure!(
         n_kv_heads > 0 && n_heads % n_kv_heads == 0,
         "attention",
         "{n_heads} query heads cannot share {n_kv_heads} kv heads evenly"
     );
-    ensure!(head_dim > 0 && head_dim <= 256, "attention", "head dim {head_dim} outside 1..=256");
+    ensure!(head_dim > 0 && head_dim <= 1024 && v_dim > 0 && v_dim <= 1024, "attention", "head dims {head_dim}/{v_dim} outside 1..=1024");
+    ensure!(!shape.values_in_keys || v_dim <= head_dim, "attention", "values of {v_dim} inside keys of {head_dim}");
+    let wg_bytes = b.ctx().limits().max_compute_workgroup_storage_size;
+    let slots = slots(shape);
+    let group = n_heads / n_kv_heads;
+    let gs = heads_per_workgroup(group, slots, wg_bytes);
+    ensure!(
+        (gs * (slots * WG as usize + (WG * KEYS_PER_THREAD) as usize) * 4) as u32 <= wg_bytes,
+        "attention",
+        "heads of {head_dim} need more workgroup memory than the device's {wg_bytes} bytes"
+    );
     need(q, n_queries * n_heads * head_dim, "attention queries")?;
-    need(out, n_queries * n_heads * head_dim, "attention output")?;
+    need(out, n_queries * n_heads * v_dim, "attention output")?;
     need(k, kv_rows * n_kv_heads * head_dim, "attention keys")?;
-    need(v, kv_rows * n_kv_heads * head_dim, "attention values")?;
+    need(v, kv_rows * shape.v_stride(), "attention values")?;
     need(ranges, 2 * n_queries, "attention key ranges")?;
     let params = Params {
         n_queries: u32_of(n_queries, "attention queries")?,
@@ -112,21 +155,25 @@ pub fn attention(
         scale,
         q_stride: (n_heads * head_dim) as u32,
         kv_stride: (n_kv_heads * head_dim) as u32,
+        v_dim: v_dim as u32,
+        v_stride: shape.v_stride() as u32,
+        out_stride: (n_heads * v_dim) as u32,
+        v_head_stride: (shape.v_stride() / n_kv_heads) as u32,
         _pad: 0,
     };
-    let group = n_heads / n_kv_heads;
-    let pipeline = b.ctx().pipeline(&shader(b.ctx().features(), head_dim, group))?;
-    let workgroups = n_queries * n_kv_heads * (group / heads_per_workgroup(group));
+    let pipeline = b.ctx().pipeline(&shader(b.ctx().features(), shape, wg_bytes))?;
+    let workgroups = n_queries * n_kv_heads * (group / gs);
     let groups = grid(b.ctx(), u32_of(workgroups, "attention grid")?);
     b.dispatch("attention", &pipeline, &params, &[q, k, v, ranges, out], groups)
 }
 
-/// The CPU reference, in f64.
+/// The CPU reference, in f64 (`v` is ignored when the values live in the keys).
 pub fn reference(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], ranges: &[u32]) -> Vec<f32> {
-    let AttentionShape { n_heads, n_kv_heads, head_dim: hd, scale } = *shape;
+    let AttentionShape { n_heads, n_kv_heads, head_dim: hd, v_dim: vd, scale, .. } = *shape;
     let group = n_heads / n_kv_heads;
     let n_queries = ranges.len() / 2;
-    let mut out = vec![0f32; n_queries * n_heads * hd];
+    let (v, v_stride) = if shape.values_in_keys { (k, n_kv_heads * hd) } else { (v, n_kv_heads * vd) };
+    let mut out = vec![0f32; n_queries * n_heads * vd];
     for qi in 0..n_queries {
         let (start, len) = (ranges[2 * qi] as usize, ranges[2 * qi + 1] as usize);
         for h in 0..n_heads {
@@ -141,9 +188,10 @@ pub fn reference(shape: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], ranges
             let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let total: f64 = weights.iter().sum();
-            for d in 0..hd {
-                let acc: f64 = (start..start + len).zip(&weights).map(|(r, w)| w * v[(r * n_kv_heads + kvh) * hd + d] as f64).sum();
-                out[(qi * n_heads + h) * hd + d] = (acc / total) as f32;
+            let v_col = kvh * if shape.values_in_keys { hd } else { vd };
+            for d in 0..vd {
+                let acc: f64 = (start..start + len).zip(&weights).map(|(r, w)| w * v[r * v_stride + v_col + d] as f64).sum();
+                out[(qi * n_heads + h) * vd + d] = (acc / total) as f32;
             }
         }
     }

@@ -122,3 +122,56 @@ pub fn swiglu_reference(gate: &[f32], up: &[f32]) -> Vec<f32> {
 pub fn add_gated_reference(acc: &[f32], x: &[f32], gate: &[f32], dim: usize) -> Vec<f32> {
     acc.iter().zip(x).enumerate().map(|(i, (&a, &v))| a + v / (1.0 + (-gate[i / dim]).exp())).collect()
 }
+
+pub fn copy_cols_shader() -> ShaderSource {
+    ShaderBuilder::new("copy_cols").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/copy_cols.wgsl"))
+}
+
+/// Where a block of columns sits: rows `stride` floats apart, starting at column `col0`.
+#[derive(Clone, Copy, Debug)]
+pub struct Cols {
+    pub stride: usize,
+    pub col0: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CopyColsParams {
+    rows: u32,
+    width: u32,
+    src_stride: u32,
+    src_col0: u32,
+    dst_stride: u32,
+    dst_col0: u32,
+    _pad: [u32; 2],
+}
+
+/// Copies `width` columns of `rows` rows from `src` at `from` to `dst` at `to`.
+pub fn copy_cols(b: &mut Batch, src: &GpuBuffer, from: Cols, dst: &GpuBuffer, to: Cols, rows: usize, width: usize) -> Result<()> {
+    ensure!(rows > 0 && width > 0, "copy_cols", "empty copy {rows}x{width}");
+    ensure!(from.col0 + width <= from.stride && to.col0 + width <= to.stride, "copy_cols", "columns past the row");
+    need(src, (rows - 1) * from.stride + from.col0 + width, "copy_cols source")?;
+    need(dst, (rows - 1) * to.stride + to.col0 + width, "copy_cols destination")?;
+    let params = CopyColsParams {
+        rows: u32_of(rows, "copy_cols rows")?,
+        width: u32_of(width, "copy_cols width")?,
+        src_stride: u32_of(from.stride, "copy_cols stride")?,
+        src_col0: from.col0 as u32,
+        dst_stride: u32_of(to.stride, "copy_cols stride")?,
+        dst_col0: to.col0 as u32,
+        _pad: [0; 2],
+    };
+    let pipeline = b.ctx().pipeline(&copy_cols_shader())?;
+    let g = groups(b, rows * width)?;
+    b.dispatch("copy_cols", &pipeline, &params, &[src, dst], g)
+}
+
+pub fn copy_cols_reference(src: &[f32], from: Cols, dst: &[f32], to: Cols, rows: usize, width: usize) -> Vec<f32> {
+    let mut out = dst.to_vec();
+    for r in 0..rows {
+        for c in 0..width {
+            out[r * to.stride + to.col0 + c] = src[r * from.stride + from.col0 + c];
+        }
+    }
+    out
+}

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod head_matmul;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
@@ -67,7 +68,12 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         moe::combine_shader(),
     ];
     for (hd, group) in [(64, 1), (64, 4), (128, 2), (128, 8), (192, 1), (256, 16)] {
-        out.push(attention::shader(features, hd, group));
+        out.push(attention::shader(features, &attention::AttentionShape::new(group, 1, hd), 16384));
+    }
+    out.push(attention::shader(features, &attention::AttentionShape::latent(16, 576, 512, 0.1), 16384));
+    out.push(elementwise::copy_cols_shader());
+    for dtype in dtypes {
+        out.push(head_matmul::shader(dtype, features));
     }
     for dtype in dtypes {
         out.push(embedding::shader(dtype, features));

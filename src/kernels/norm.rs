@@ -10,7 +10,7 @@ struct Params {
     rows: u32,
     dim: u32,
     eps: f32,
-    _pad: u32,
+    stride: u32,
 }
 
 pub fn rms_norm_shader(features: KernelFeatures) -> ShaderSource {
@@ -22,12 +22,19 @@ pub fn rms_norm_shader(features: KernelFeatures) -> ShaderSource {
 
 /// `y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * gamma` for `rows` rows of `dim`.
 pub fn rms_norm(b: &mut Batch, x: &GpuBuffer, gamma: &GpuBuffer, y: &GpuBuffer, rows: usize, dim: usize, eps: f32) -> Result<()> {
-    ensure!(rows > 0 && dim > 0, "rms_norm", "empty input {rows}x{dim}");
-    need(x, rows * dim, "rms_norm input")?;
+    rms_norm_strided(b, x, gamma, y, rows, dim, dim, eps)
+}
+
+/// [`rms_norm`] over the first `dim` columns of rows `stride` apart, in x and y alike (MLA's
+/// latent, which shares its rows with the rope key).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_strided(b: &mut Batch, x: &GpuBuffer, gamma: &GpuBuffer, y: &GpuBuffer, rows: usize, dim: usize, stride: usize, eps: f32) -> Result<()> {
+    ensure!(rows > 0 && dim > 0 && stride >= dim, "rms_norm", "input {rows}x{dim} with rows {stride} apart");
+    need(x, (rows - 1) * stride + dim, "rms_norm input")?;
     need(gamma, dim, "rms_norm weight")?;
-    need(y, rows * dim, "rms_norm output")?;
+    need(y, (rows - 1) * stride + dim, "rms_norm output")?;
     let pipeline = b.ctx().pipeline(&rms_norm_shader(b.ctx().features()))?;
-    let params = Params { rows: u32_of(rows, "rms_norm rows")?, dim: u32_of(dim, "rms_norm dim")?, eps, _pad: 0 };
+    let params = Params { rows: u32_of(rows, "rms_norm rows")?, dim: u32_of(dim, "rms_norm dim")?, eps, stride: u32_of(stride, "rms_norm stride")? };
     let groups = grid(b.ctx(), params.rows);
     b.dispatch("rms_norm", &pipeline, &params, &[x, gamma, y], groups)
 }

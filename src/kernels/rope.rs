@@ -60,7 +60,8 @@ struct Params {
     rot_dim: u32,
     interleaved: u32,
     table_rows: u32,
-    _pad: [u32; 2],
+    offset: u32,
+    _pad: u32,
 }
 
 pub fn shader() -> ShaderSource {
@@ -79,8 +80,25 @@ pub fn rope(
     head_dim: usize,
     layout: RopeLayout,
 ) -> Result<()> {
+    rope_at(b, x, positions, table, tokens, heads, head_dim, 0, layout)
+}
+
+/// [`rope`] on the dims `offset..offset + rot_dim` of each head (DeepSeek's rope part follows
+/// the unrotated one).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_at(
+    b: &mut Batch,
+    x: &GpuBuffer,
+    positions: &GpuBuffer,
+    table: &RopeTable,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    offset: usize,
+    layout: RopeLayout,
+) -> Result<()> {
     ensure!(tokens > 0 && heads > 0, "rope", "empty input");
-    ensure!(table.rot_dim <= head_dim, "rope", "rotary dims {} exceed the head dim {head_dim}", table.rot_dim);
+    ensure!(offset + table.rot_dim <= head_dim, "rope", "rotary dims {}..{} exceed the head dim {head_dim}", offset, offset + table.rot_dim);
     need(x, tokens * heads * head_dim, "rope input")?;
     need(positions, tokens, "rope positions")?;
     let params = Params {
@@ -90,7 +108,8 @@ pub fn rope(
         rot_dim: table.rot_dim as u32,
         interleaved: (layout == RopeLayout::Interleaved) as u32,
         table_rows: u32_of(table.positions, "rope positions")?,
-        _pad: [0; 2],
+        offset: offset as u32,
+        _pad: 0,
     };
     let threads = tokens * heads * table.rot_dim / 2;
     let pipeline = b.ctx().pipeline(&shader())?;
@@ -98,13 +117,14 @@ pub fn rope(
     b.dispatch("rope", &pipeline, &params, &[x, positions, &table.buffer], groups)
 }
 
-/// The CPU reference, from the same table.
-pub fn reference(x: &[f32], positions: &[u32], table: &[[f32; 2]], rot_dim: usize, heads: usize, head_dim: usize, layout: RopeLayout) -> Vec<f32> {
+/// The CPU reference, from the same table, rotating dims `offset..offset + rot_dim` of each head.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(x: &[f32], positions: &[u32], table: &[[f32; 2]], rot_dim: usize, heads: usize, head_dim: usize, offset: usize, layout: RopeLayout) -> Vec<f32> {
     let half = rot_dim / 2;
     let mut out = x.to_vec();
     for (t, &pos) in positions.iter().enumerate() {
         for h in 0..heads {
-            let base = (t * heads + h) * head_dim;
+            let base = (t * heads + h) * head_dim + offset;
             for i in 0..half {
                 let (a, b) = match layout {
                     RopeLayout::HalfSplit => (base + i, base + i + half),

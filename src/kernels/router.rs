@@ -14,6 +14,19 @@ pub struct RouterConfig {
     pub renormalize: bool,
     /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`; 1 elsewhere).
     pub scale: f32,
+    /// Experts form `n_group` equal groups and only the best `topk_group` groups are chosen from
+    /// (1 and 1: no grouping).
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// A group scores the sum of its two best keys (DeepSeek-V3) rather than its best (V2).
+    pub group_by_top_two: bool,
+}
+
+impl RouterConfig {
+    /// Softmax over the experts, top k, no groups.
+    pub fn softmax(n_experts: usize, top_k: usize, renormalize: bool) -> Self {
+        RouterConfig { n_experts, top_k, sigmoid: false, renormalize, scale: 1.0, n_group: 1, topk_group: 1, group_by_top_two: false }
+    }
 }
 
 #[repr(C)]
@@ -26,7 +39,10 @@ struct Params {
     renormalize: u32,
     has_bias: u32,
     scale: f32,
-    _pad: u32,
+    n_group: u32,
+    topk_group: u32,
+    group_by_top_two: u32,
+    _pad: [u32; 2],
 }
 
 pub fn shader() -> ShaderSource {
@@ -58,6 +74,15 @@ pub fn route(
     if let Some(bias) = bias {
         need(bias, cfg.n_experts, "router bias")?;
     }
+    ensure!(
+        cfg.n_group >= 1 && cfg.n_group <= 32 && cfg.n_experts % cfg.n_group == 0 && cfg.topk_group >= 1 && cfg.topk_group <= cfg.n_group,
+        "router",
+        "{} experts in {} groups choosing {}",
+        cfg.n_experts,
+        cfg.n_group,
+        cfg.topk_group
+    );
+    ensure!(cfg.topk_group * (cfg.n_experts / cfg.n_group) >= cfg.top_k, "router", "the chosen groups hold fewer than top_k experts");
     let params = Params {
         tokens: u32_of(tokens, "router tokens")?,
         n_experts: cfg.n_experts as u32,
@@ -66,7 +91,10 @@ pub fn route(
         renormalize: cfg.renormalize as u32,
         has_bias: bias.is_some() as u32,
         scale: cfg.scale,
-        _pad: 0,
+        n_group: cfg.n_group as u32,
+        topk_group: cfg.topk_group as u32,
+        group_by_top_two: cfg.group_by_top_two as u32,
+        _pad: [0; 2],
     };
     let ctx = b.ctx().clone();
     let pipeline = ctx.pipeline(&shader())?;
@@ -88,8 +116,19 @@ pub fn reference(cfg: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> (V
             let sum: f64 = row.iter().map(|&z| (z as f64 - m).exp()).sum();
             row.iter().map(|&z| (z as f64 - m).exp() / sum).collect()
         };
-        let mut order: Vec<usize> = (0..cfg.n_experts).collect();
         let key = |e: usize| scores[e] + bias.map_or(0.0, |b| b[e] as f64);
+        let per = cfg.n_experts / cfg.n_group;
+        let mut groups: Vec<(f64, usize)> = (0..cfg.n_group)
+            .map(|g| {
+                let mut keys: Vec<f64> = (g * per..(g + 1) * per).map(key).collect();
+                keys.sort_by(|a, b| b.total_cmp(a));
+                let score = if cfg.group_by_top_two { keys.iter().take(2).sum() } else { keys[0] };
+                (score, g)
+            })
+            .collect();
+        groups.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let allowed: Vec<usize> = groups[..cfg.topk_group].iter().map(|g| g.1).collect();
+        let mut order: Vec<usize> = (0..cfg.n_experts).filter(|e| allowed.contains(&(e / per))).collect();
         order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
         let chosen = &order[..cfg.top_k];
         let total: f64 = chosen.iter().map(|&e| scores[e]).sum();

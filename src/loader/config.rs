@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::kernels::rope::RopeLayout;
 
 /// The supported architectures, by their `architectures` name in `config.json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,15 +15,23 @@ pub enum Arch {
     Qwen2Moe,
     Qwen3Moe,
     Olmoe,
+    DeepseekV2,
+    DeepseekV3,
 }
 
 impl Arch {
-    pub const ALL: [(Arch, &'static str); 4] = [
+    pub const ALL: [(Arch, &'static str); 6] = [
         (Arch::Mixtral, "MixtralForCausalLM"),
         (Arch::Qwen2Moe, "Qwen2MoeForCausalLM"),
         (Arch::Qwen3Moe, "Qwen3MoeForCausalLM"),
         (Arch::Olmoe, "OlmoeForCausalLM"),
+        (Arch::DeepseekV2, "DeepseekV2ForCausalLM"),
+        (Arch::DeepseekV3, "DeepseekV3ForCausalLM"),
     ];
+
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, Arch::DeepseekV2 | Arch::DeepseekV3)
+    }
 
     pub fn name(self) -> &'static str {
         Arch::ALL.iter().find(|(a, _)| *a == self).map(|(_, n)| *n).unwrap_or("?")
@@ -41,6 +50,53 @@ pub enum QkNorm {
     PerHead,
     /// RMSNorm over all heads at once (OLMoE).
     FullWidth,
+}
+
+/// DeepSeek's multi-head latent attention: keys and values come from one compressed latent per
+/// token (plus one shared rope key), which is all the cache keeps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mla {
+    /// Queries go through a low-rank `q_a_proj` + norm + `q_b_proj` when set, else one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Multiplies q.k: `qk_head_dim^-0.5`, times YaRN's `mscale_all_dim` factor squared.
+    pub softmax_scale: f32,
+}
+
+impl Mla {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values one token keeps per layer: the latent and the rope key (576 for V2 and V3).
+    pub fn cache_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// How a router turns logits into a choice of experts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    /// Sigmoid scores (DeepSeek-V3) instead of a softmax over the experts.
+    pub sigmoid: bool,
+    /// Experts are split into `n_group` groups; only the best `topk_group` groups are chosen from.
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// A group's score is the sum of its two best (V3) rather than its best (V2).
+    pub group_by_top_two: bool,
+    /// The router has an `e_score_correction_bias` that steers the choice (V3).
+    pub correction_bias: bool,
+    /// Multiplies the chosen weights (`routed_scaling_factor`).
+    pub scale: f32,
+}
+
+impl Routing {
+    fn plain() -> Self {
+        Routing { sigmoid: false, n_group: 1, topk_group: 1, group_by_top_two: false, correction_bias: false, scale: 1.0 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -67,8 +123,16 @@ pub struct ModelConfig {
     pub intermediate_size: usize,
     /// Layers that run a dense MLP instead of experts.
     pub dense_layers: Vec<usize>,
-    /// Qwen2-MoE's shared expert width (with its sigmoid gate).
+    /// Width of the shared expert every token goes through (Qwen2-MoE's; DeepSeek's
+    /// `n_shared_experts` fused into one MLP).
     pub shared_expert_intermediate_size: Option<usize>,
+    /// The shared expert's output is scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_expert_gated: bool,
+    pub routing: Routing,
+    pub mla: Option<Mla>,
+    pub rope_layout: RopeLayout,
+    /// FP8 e4m3 weights with one scale per block of (rows, cols) (`quantization_config`).
+    pub weight_block: Option<(usize, usize)>,
     pub attention_bias: bool,
     pub qk_norm: QkNorm,
     pub tie_word_embeddings: bool,
@@ -181,9 +245,10 @@ impl ModelConfig {
             return Err(err(file, format!("{num_heads} attention heads cannot share {num_kv_heads} key/value heads")));
         }
         let num_layers = f.usize("num_hidden_layers")?;
-        let num_experts = match f.opt_usize("num_local_experts")? {
-            Some(n) => n,
-            None => f.usize("num_experts")?,
+        let deepseek = arch.is_deepseek();
+        let num_experts = match (f.opt_usize("num_local_experts")?, f.opt_usize("n_routed_experts")?) {
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => f.usize("num_experts")?,
         };
         let experts_per_token = f.usize("num_experts_per_tok")?;
         if experts_per_token == 0 || experts_per_token > num_experts {
@@ -193,25 +258,33 @@ impl ModelConfig {
         let moe_intermediate_size = match arch {
             Arch::Mixtral | Arch::Olmoe => intermediate_size,
             Arch::Qwen2Moe | Arch::Qwen3Moe => f.opt_usize("moe_intermediate_size")?.unwrap_or(intermediate_size),
+            Arch::DeepseekV2 | Arch::DeepseekV3 => f.usize("moe_intermediate_size")?,
         };
-        // Qwen: layer i has experts unless listed in mlp_only_layers or off the sparse step.
         let mut dense_layers = Vec::new();
         if matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe) {
+            // Qwen: layer i has experts unless listed in mlp_only_layers or off the sparse step.
             let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
             let only: Vec<usize> = match f.get("mlp_only_layers") {
                 Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect(),
                 _ => Vec::new(),
             };
             dense_layers = (0..num_layers).filter(|i| only.contains(i) || (i + 1) % step != 0).collect();
+        } else if deepseek {
+            // DeepSeek: the first `first_k_dense_replace` layers are dense, then every
+            // `moe_layer_freq`-th has experts (1 in every released config).
+            let first = f.opt_usize("first_k_dense_replace")?.unwrap_or(0);
+            let freq = f.opt_usize("moe_layer_freq")?.unwrap_or(1).max(1);
+            dense_layers = (0..num_layers).filter(|&i| i < first || i % freq != 0).collect();
         }
-        let shared_expert_intermediate_size = match arch {
-            Arch::Qwen2Moe => f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0),
-            _ => None,
+        let (shared_expert_intermediate_size, shared_expert_gated) = match arch {
+            Arch::Qwen2Moe => (f.opt_usize("shared_expert_intermediate_size")?.filter(|&n| n > 0), true),
+            Arch::DeepseekV2 | Arch::DeepseekV3 => (f.opt_usize("n_shared_experts")?.filter(|&n| n > 0).map(|n| n * moe_intermediate_size), false),
+            _ => (None, false),
         };
         let norm_topk_prob = match arch {
             Arch::Mixtral => true,
-            Arch::Qwen2Moe | Arch::Olmoe => f.bool("norm_topk_prob")?.unwrap_or(false),
-            Arch::Qwen3Moe => f.bool("norm_topk_prob")?.unwrap_or(true),
+            Arch::Qwen2Moe | Arch::Olmoe | Arch::DeepseekV2 => f.bool("norm_topk_prob")?.unwrap_or(false),
+            Arch::Qwen3Moe | Arch::DeepseekV3 => f.bool("norm_topk_prob")?.unwrap_or(true),
         };
         let attention_bias = match arch {
             Arch::Qwen2Moe => f.bool("qkv_bias")?.unwrap_or(true),
@@ -230,7 +303,41 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let (inv_freq, rope_attention_scaling) = rope(&f, head_dim)?;
+        let mla = if deepseek {
+            let qk_nope_head_dim = f.usize("qk_nope_head_dim")?;
+            let qk_rope_head_dim = f.usize("qk_rope_head_dim")?;
+            if qk_rope_head_dim == 0 || qk_rope_head_dim % 2 != 0 {
+                return Err(err(file, format!("qk_rope_head_dim {qk_rope_head_dim} should be even and positive")));
+            }
+            let qk_head_dim = (qk_nope_head_dim + qk_rope_head_dim) as f64;
+            Some(Mla {
+                q_lora_rank: f.opt_usize("q_lora_rank")?.filter(|&r| r > 0),
+                kv_lora_rank: f.usize("kv_lora_rank")?,
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                v_head_dim: f.usize("v_head_dim")?,
+                softmax_scale: (qk_head_dim.powf(-0.5) * yarn_softmax_mscale(&f)?.powi(2)) as f32,
+            })
+        } else {
+            None
+        };
+        let routing = if deepseek { deepseek_routing(&f, arch, num_experts, experts_per_token)? } else { Routing::plain() };
+        let rope_layout = match arch {
+            Arch::DeepseekV2 => RopeLayout::Interleaved,
+            Arch::DeepseekV3 if f.bool("rope_interleave")?.unwrap_or(true) => RopeLayout::Interleaved,
+            _ => RopeLayout::HalfSplit,
+        };
+        let (head_dim, num_kv_heads) = match &mla {
+            // One latent "head" shared by every query head; `head_dim` is the query head's width.
+            Some(m) => (m.qk_head_dim(), 1),
+            None => (head_dim, num_kv_heads),
+        };
+        let rot_dim = match &mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => ((head_dim as f64 * f.f64("partial_rotary_factor")?.unwrap_or(1.0)) as usize) & !1,
+        };
+        let (inv_freq, rope_attention_scaling) = rope(&f, rot_dim)?;
+        let weight_block = quantization(&f)?;
         let mut eos_token_ids = f.ids("eos_token_id")?;
         eos_token_ids.dedup();
         Ok(ModelConfig {
@@ -253,6 +360,11 @@ impl ModelConfig {
             intermediate_size,
             dense_layers,
             shared_expert_intermediate_size,
+            shared_expert_gated,
+            routing,
+            mla,
+            rope_layout,
+            weight_block,
             attention_bias,
             qk_norm,
             tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
@@ -264,18 +376,65 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.dense_layers.contains(&layer)
     }
+
+    /// Floats one token keeps per layer as (key, value): the compressed latent and rope key
+    /// alone under MLA, full keys and values otherwise.
+    pub fn kv_widths(&self) -> [usize; 2] {
+        match &self.mla {
+            Some(m) => [m.cache_width(), 0],
+            None => [self.num_kv_heads * self.head_dim; 2],
+        }
+    }
+
+    /// Floats of one token's key and value in one layer, together.
+    pub fn kv_row(&self) -> usize {
+        self.kv_widths().iter().sum()
+    }
+
+    /// The widest per-token activation of the attention block (queries, or MLA's absorbed ones).
+    pub fn attention_width(&self) -> usize {
+        match &self.mla {
+            Some(m) => self.num_heads * (m.cache_width().max(m.qk_head_dim())),
+            None => self.num_heads * self.head_dim,
+        }
+    }
+
+    /// The attention's weight matrices as (name, rows, cols), in the order the forward pass uses
+    /// them. MLA's `kv_b_proj` appears as its two absorbed halves: per head, the key half
+    /// transposed (`[kv_lora_rank, qk_nope]`) and the value half (`[v_head, kv_lora_rank]`).
+    pub fn attention_matrices(&self) -> Vec<(&'static str, usize, usize)> {
+        let (h, heads) = (self.hidden_size, self.num_heads);
+        match &self.mla {
+            None => {
+                let (q, kv) = (heads * self.head_dim, self.num_kv_heads * self.head_dim);
+                vec![("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)]
+            }
+            Some(m) => {
+                let q = heads * m.qk_head_dim();
+                let mut v = match m.q_lora_rank {
+                    Some(r) => vec![("q_a_proj", r, h), ("q_b_proj", q, r)],
+                    None => vec![("q_proj", q, h)],
+                };
+                v.extend([
+                    ("kv_a_proj_with_mqa", m.cache_width(), h),
+                    ("kv_b_proj.absorb_k", heads * m.kv_lora_rank, m.qk_nope_head_dim),
+                    ("kv_b_proj.absorb_v", heads * m.v_head_dim, m.kv_lora_rank),
+                    ("o_proj", h, heads * m.v_head_dim),
+                ]);
+                v
+            }
+        }
+    }
 }
 
 /// Rope frequencies from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
-fn rope(f: &Fields, head_dim: usize) -> Result<(Vec<f32>, f32)> {
+fn rope(f: &Fields, rot_dim: usize) -> Result<(Vec<f32>, f32)> {
     let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
     let pf = params.map(|v| Fields { v, file: f.file });
     let theta = match pf.as_ref().map(|p| p.f64("rope_theta")).transpose()?.flatten() {
         Some(t) => t,
         None => f.f64("rope_theta")?.unwrap_or(10000.0),
     };
-    let partial = f.f64("partial_rotary_factor")?.unwrap_or(1.0);
-    let rot_dim = ((head_dim as f64 * partial) as usize) & !1;
     let base = crate::kernels::rope::default_inv_freq(theta as f32, rot_dim);
     let Some(p) = pf else { return Ok((base, 1.0)) };
     let kind = p
@@ -295,6 +454,73 @@ fn rope(f: &Fields, head_dim: usize) -> Result<(Vec<f32>, f32)> {
             f.file,
             format!("rope type `{other}` is not supported yet; supported: default, linear, yarn"),
         )),
+    }
+}
+
+/// DeepSeek's softmax scale factor: with a scaled rope that names `mscale_all_dim`, q.k is
+/// multiplied by `(0.1 * mscale_all_dim * ln(factor) + 1)^2` as well.
+fn yarn_softmax_mscale(f: &Fields) -> Result<f64> {
+    let Some(params) = f.get("rope_parameters").or_else(|| f.get("rope_scaling")) else { return Ok(1.0) };
+    let p = Fields { v: params, file: f.file };
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let all_dim = p.f64("mscale_all_dim")?.unwrap_or(0.0);
+    let factor = p.f64("factor")?.unwrap_or(1.0);
+    Ok(if kind == "default" || all_dim == 0.0 || factor <= 1.0 { 1.0 } else { 0.1 * all_dim * factor.ln() + 1.0 })
+}
+
+/// DeepSeek's routing: V2 softmax scores, greedy or limited to the best groups by their best
+/// expert; V3 sigmoid scores with a correction bias, groups ranked by their two best.
+fn deepseek_routing(f: &Fields, arch: Arch, n_experts: usize, top_k: usize) -> Result<Routing> {
+    let v3 = arch == Arch::DeepseekV3;
+    let scoring = f.get("scoring_func").and_then(Value::as_str).unwrap_or(if v3 { "sigmoid" } else { "softmax" });
+    let sigmoid = match scoring {
+        "softmax" => false,
+        "sigmoid" => true,
+        other => return Err(err(f.file, format!("scoring_func `{other}` is not supported (softmax, sigmoid)"))),
+    };
+    let method = f.get("topk_method").and_then(Value::as_str).unwrap_or(if v3 { "noaux_tc" } else { "greedy" }).to_string();
+    let grouped = match method.as_str() {
+        "greedy" => false,
+        "group_limited_greedy" | "noaux_tc" => true,
+        other => return Err(err(f.file, format!("topk_method `{other}` is not supported (greedy, group_limited_greedy, noaux_tc)"))),
+    };
+    let (n_group, topk_group) = if grouped {
+        (f.opt_usize("n_group")?.unwrap_or(1).max(1), f.opt_usize("topk_group")?.unwrap_or(1).max(1))
+    } else {
+        (1, 1)
+    };
+    if n_experts % n_group != 0 || topk_group > n_group || n_group > 32 {
+        return Err(err(f.file, format!("{n_experts} experts in n_group {n_group} groups choosing topk_group {topk_group}: groups must divide the experts, number at most 32 and include the chosen")));
+    }
+    if topk_group * (n_experts / n_group) < top_k {
+        return Err(err(f.file, format!("topk_group {topk_group} groups of {} experts cannot supply num_experts_per_tok {top_k}", n_experts / n_group)));
+    }
+    Ok(Routing {
+        sigmoid,
+        n_group,
+        topk_group,
+        group_by_top_two: method == "noaux_tc",
+        correction_bias: method == "noaux_tc",
+        scale: f.f64("routed_scaling_factor")?.unwrap_or(1.0) as f32,
+    })
+}
+
+/// `quantization_config`: FP8 e4m3 with block scales is read (DeepSeek-V3's release); any other
+/// scheme is refused rather than misread.
+fn quantization(f: &Fields) -> Result<Option<(usize, usize)>> {
+    let Some(q) = f.get("quantization_config") else { return Ok(None) };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+    let fmt = q.get("fmt").and_then(Value::as_str).unwrap_or("e4m3");
+    if method != "fp8" || fmt != "e4m3" {
+        return Err(err(f.file, format!("quantization_config `{method}` ({fmt}) is not supported; only fp8 e4m3 with block scales")));
+    }
+    let block: Vec<usize> = match q.get("weight_block_size") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|n| n as usize).collect(),
+        _ => Vec::new(),
+    };
+    match block[..] {
+        [r, c] if r > 0 && c > 0 => Ok(Some((r, c))),
+        _ => Err(err(f.file, "fp8 quantization_config needs a weight_block_size of two positive sizes (per-tensor scales are not supported)")),
     }
 }
 

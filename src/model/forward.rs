@@ -210,12 +210,16 @@ impl Model {
     }
 
     pub(crate) fn router_config(&self) -> RouterConfig {
+        let r = &self.cfg.routing;
         RouterConfig {
             n_experts: self.cfg.num_experts,
             top_k: self.cfg.experts_per_token,
-            sigmoid: false,
+            sigmoid: r.sigmoid,
             renormalize: self.cfg.norm_topk_prob,
-            scale: 1.0,
+            scale: r.scale,
+            n_group: r.n_group,
+            topk_group: r.topk_group,
+            group_by_top_two: r.group_by_top_two,
         }
     }
 
