@@ -15,7 +15,8 @@ import json, os, shutil
 
 import torch
 import transformers
-from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 assert torch.__version__.startswith("2.15.0"), torch.__version__
@@ -49,6 +50,26 @@ FIXTURES = [
                                beta_fast=16.0, beta_slow=1.0)), torch.float32, None),
     ("olmoe-bf16", OlmoeConfig, OlmoeForCausalLM,
      dict(intermediate_size=56, num_experts=8, norm_topk_prob=False, eos_token_id=2, pad_token_id=0), torch.bfloat16, None),
+    # DeepSeek-V2 as V2-Lite is built: full-rank queries, a dense first layer, shared experts,
+    # softmax routing limited to the best groups, YaRN with both mscales (here unequal, so the
+    # rope's attention factor and the softmax scale both differ from one).
+    ("deepseek-v2-bf16", DeepseekV2Config, DeepseekV2ForCausalLM,
+     dict(intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3,
+          n_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=3, q_lora_rank=None, kv_lora_rank=32,
+          qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4,
+          topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.7,
+          norm_topk_prob=False,
+          rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                               beta_fast=32.0, beta_slow=1.0, mscale=0.8, mscale_all_dim=0.6)), torch.bfloat16, None),
+    # DeepSeek-V3: low-rank queries, sigmoid scores with a correction bias choosing among groups
+    # ranked by their two best, renormalised and scaled, interleaved rope, YaRN.
+    ("deepseek-v3-f32", DeepseekV3Config, DeepseekV3ForCausalLM,
+     dict(intermediate_size=80, moe_intermediate_size=20, n_routed_experts=12, num_experts_per_tok=4,
+          n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, q_lora_rank=24, kv_lora_rank=40,
+          qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4,
+          n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+          rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=32,
+                               beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)), torch.float32, None),
 ]
 
 
@@ -60,6 +81,10 @@ def roughen(model, gen):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        # DeepSeek-V3's correction bias is a buffer, zero at init: large enough to change choices.
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
 
 
 def build(name, config_cls, model_cls, extra, dtype, shard):

@@ -150,7 +150,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     // A device whose bindings hold 40 tokens' worth of the widest activation: steps shrink to fit.
     let cfg = &model.cfg;
     let widest = cfg.experts_per_token * cfg.moe_intermediate_size.max(cfg.intermediate_size);
-    let small = model.ctx.with_binding_limit((40 * 4 * widest.max(cfg.num_heads * cfg.head_dim)) as u64);
+    let small = model.ctx.with_binding_limit((40 * 4 * widest.max(cfg.attention_width())) as u64);
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name.split(' ').next().unwrap());
     let narrow = Model::load(&small, &dir, 64).unwrap();
     let mut out = vec![Vec::new(); requests.len()];
@@ -191,4 +191,14 @@ fn olmoe_bf16_full_width_qk_norm() {
 #[test]
 fn qwen3_moe_f32_yarn_rope_scaling() {
     check("qwen3-moe-yarn-f32");
+}
+
+#[test]
+fn deepseek_v2_bf16_mla_grouped_softmax_routing_shared_experts_yarn() {
+    check("deepseek-v2-bf16");
+}
+
+#[test]
+fn deepseek_v3_f32_low_rank_queries_sigmoid_bias_routing_yarn() {
+    check("deepseek-v3-f32");
 }

@@ -303,6 +303,9 @@ impl ModelConfig {
             }
             _ => None,
         };
+        if deepseek && attention_bias {
+            return Err(err(file, "attention_bias is not supported for DeepSeek models (no released checkpoint uses it)"));
+        }
         let mla = if deepseek {
             let qk_nope_head_dim = f.usize("qk_nope_head_dim")?;
             let qk_rope_head_dim = f.usize("qk_rope_head_dim")?;

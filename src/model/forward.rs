@@ -5,12 +5,13 @@
 use crate::error::{ensure, Result};
 use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight, Track, WeightPart};
 use crate::kernels::attention::{attention, AttentionShape};
-use crate::kernels::elementwise::{add_assign, add_gated, copy_rows, swiglu, swiglu_range};
+use crate::kernels::elementwise::{add_assign, add_gated, copy_cols, copy_rows, swiglu, swiglu_range, Cols};
+use crate::kernels::head_matmul::{head_matmul, HeadLayout};
 use crate::kernels::embedding::embed;
 use crate::kernels::matmul::{matmul, matmul_rows, Rows};
 use crate::kernels::moe::{combine, expert_ffn, gather, plan, GroupTile};
-use crate::kernels::norm::rms_norm;
-use crate::kernels::rope::{rope, RopeLayout, RopeTable};
+use crate::kernels::norm::{rms_norm, rms_norm_strided};
+use crate::kernels::rope::{rope, rope_at, RopeTable};
 use crate::kernels::router::{route, RouterConfig};
 use crate::loader::config::{ModelConfig, QkNorm};
 use crate::model::streamer::{ExpertSlot, SlotCache, UploadLimit};
@@ -24,20 +25,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Under MLA the key buffer holds each token's latent and rope key and the values are read
+    /// from it; the value buffers are then placeholders.
     pub fn new(ctx: &GpuContext, cfg: &ModelConfig, rows: usize) -> Result<Self> {
-        let bytes = (rows * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
+        let [kw, vw] = cfg.kv_widths();
         let mut k = Vec::new();
         let mut v = Vec::new();
         for layer in 0..cfg.num_layers {
-            k.push(ctx.storage(&format!("key cache of layer {layer}"), bytes)?);
-            v.push(ctx.storage(&format!("value cache of layer {layer}"), bytes)?);
+            k.push(ctx.storage(&format!("key cache of layer {layer}"), (rows * kw * 4) as u64)?);
+            v.push(ctx.storage(&format!("value cache of layer {layer}"), (rows * vw * 4).max(4) as u64)?);
         }
         Ok(KvCache { k, v, rows })
     }
 
     /// The most cache rows one layer's buffer can hold on this device.
     pub fn max_rows(ctx: &GpuContext, cfg: &ModelConfig) -> usize {
-        (ctx.binding_limit() / (cfg.num_kv_heads * cfg.head_dim * 4) as u64) as usize
+        (ctx.binding_limit() / (cfg.kv_widths()[0] * 4) as u64) as usize
     }
 }
 
@@ -90,7 +93,7 @@ pub struct Model {
     /// hidden states (module-based).
     pub other_uploads: std::sync::atomic::AtomicU64,
     /// Room for one layer's streamed attention projections, and the layer it holds.
-    pub attn_slot: Option<[GpuBuffer; 4]>,
+    pub attn_slot: Option<Vec<GpuBuffer>>,
     pub attn_held: std::sync::Mutex<Option<usize>>,
 }
 
@@ -129,8 +132,8 @@ pub(crate) struct LayerKv<'a> {
     pub rows: usize,
 }
 
-/// The new keys and values of a pass (`[n, kv_dim]`, after the norm and rope), which the host
-/// KV store keeps.
+/// The new keys and values of a pass (`[n, width]` each, after the norm and rope), which the
+/// host KV store keeps; under MLA the keys are the cache rows and the values empty.
 pub(crate) struct NewKv {
     pub k: GpuBuffer,
     pub v: GpuBuffer,
@@ -143,15 +146,33 @@ impl Model {
         let ctx = &self.ctx;
         let cfg = &self.cfg;
         let layer = &self.weights.layers[li];
-        let n = t.n;
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let (n, h) = (t.n, cfg.hidden_size);
         let hn = ctx.storage("normed hidden", (n * h * 4) as u64)?;
         rms_norm(b, x, &layer.input_norm, &hn, n, h, cfg.rms_norm_eps)?;
-        let [wq, wk, wv, wo] = self.projections(li)?;
-        let mut q = linear(b, &hn, &wq, layer.q_bias.as_ref(), n, "queries")?;
-        let mut k = linear(b, &hn, &wk, layer.k_bias.as_ref(), n, "keys")?;
-        let v = linear(b, &hn, &wv, layer.v_bias.as_ref(), n, "values")?;
+        let w = self.projections(li)?;
+        let (attn, new, wo) = match &cfg.mla {
+            Some(_) => self.latent_attention(b, li, &hn, t, kv, &w)?,
+            None => self.head_attention(b, li, &hn, t, kv, &w)?,
+        };
+        let o = linear(b, &attn, wo, None, n, "attention projection")?;
+        add_assign(b, x, &o, n * h)?;
+        let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
+        rms_norm(b, x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
+        Ok((hn2, new))
+    }
+
+    /// Multi-head (grouped-query) attention: the heads' outputs, the new keys and values, and
+    /// the output projection.
+    fn head_attention<'w>(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, t: &TokenPlaces, kv: &LayerKv, w: &'w [GpuWeight]) -> Result<(GpuBuffer, NewKv, &'w GpuWeight)> {
+        let ctx = &self.ctx;
+        let cfg = &self.cfg;
+        let layer = &self.weights.layers[li];
+        let (n, hd) = (t.n, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let [wq, wk, wv, wo] = w else { return Err(crate::error::Error::invalid("attention", "expected q, k, v and o projections")) };
+        let mut q = linear(b, hn, wq, layer.q_bias.as_ref(), n, "queries")?;
+        let mut k = linear(b, hn, wk, layer.k_bias.as_ref(), n, "keys")?;
+        let v = linear(b, hn, wv, layer.v_bias.as_ref(), n, "values")?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let (q_rows, q_width, k_rows, k_width) = match cfg.qk_norm {
                 QkNorm::PerHead => (n * cfg.num_heads, hd, n * cfg.num_kv_heads, hd),
@@ -164,26 +185,69 @@ impl Model {
             q = q2;
             k = k2;
         }
-        rope(b, &q, &t.positions, &self.rope, n, cfg.num_heads, hd, RopeLayout::HalfSplit)?;
-        rope(b, &k, &t.positions, &self.rope, n, cfg.num_kv_heads, hd, RopeLayout::HalfSplit)?;
+        rope(b, &q, &t.positions, &self.rope, n, cfg.num_heads, hd, cfg.rope_layout)?;
+        rope(b, &k, &t.positions, &self.rope, n, cfg.num_kv_heads, hd, cfg.rope_layout)?;
         copy_rows(b, &k, None, kv.k, Some(&t.cache_rows), n, kv_dim)?;
         copy_rows(b, &v, None, kv.v, Some(&t.cache_rows), n, kv_dim)?;
         let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
         let attn = ctx.storage("attention output", (n * q_dim * 4) as u64)?;
         attention(b, &shape, &q, kv.k, kv.v, &t.ranges, &attn, n, kv.rows)?;
-        let o = linear(b, &attn, &wo, None, n, "attention projection")?;
-        add_assign(b, x, &o, n * h)?;
-        let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
-        rms_norm(b, x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
-        Ok((hn2, NewKv { k, v }))
+        Ok((attn, NewKv { k, v }, wo))
+    }
+
+    /// DeepSeek's multi-head latent attention in its absorbed form, prefill and decode alike:
+    /// the cache row of a token is its normed KV latent and its roped shared key; each head's
+    /// query is multiplied into that head's key block of `kv_b_proj`, so scores and values come
+    /// straight from the cache rows, and the heads' latent outputs go through the value block.
+    fn latent_attention<'w>(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, t: &TokenPlaces, kv: &LayerKv, w: &'w [GpuWeight]) -> Result<(GpuBuffer, NewKv, &'w GpuWeight)> {
+        let ctx = &self.ctx;
+        let cfg = &self.cfg;
+        let m = cfg.mla.as_ref().expect("latent attention on an MLA model");
+        let norms = self.weights.layers[li].mla.as_ref().expect("MLA norms loaded");
+        let (n, heads, eps) = (t.n, cfg.num_heads, cfg.rms_norm_eps);
+        let (dn, dr, r, dv) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim);
+        let (qk, cw) = (m.qk_head_dim(), m.cache_width());
+        let (q, rest) = match (m.q_lora_rank, norms.q_a.as_ref(), w) {
+            (Some(qr), Some(q_norm), [wqa, wqb, rest @ ..]) => {
+                let qa = linear(b, hn, wqa, None, n, "low-rank queries")?;
+                let qa_normed = ctx.storage("normed low-rank queries", (n * qr * 4) as u64)?;
+                rms_norm(b, &qa, q_norm, &qa_normed, n, qr, eps)?;
+                (linear(b, &qa_normed, wqb, None, n, "queries")?, rest)
+            }
+            (None, _, [wq, rest @ ..]) => (linear(b, hn, wq, None, n, "queries")?, rest),
+            _ => return Err(crate::error::Error::invalid("attention", "MLA query weights missing")),
+        };
+        let [wkv_a, absorb_k, absorb_v, wo] = rest else {
+            return Err(crate::error::Error::invalid("attention", "MLA expects kv_a_proj_with_mqa, kv_b_proj's halves and o_proj"));
+        };
+        let compressed = linear(b, hn, wkv_a, None, n, "compressed kv")?;
+        rope_at(b, &compressed, &t.positions, &self.rope, n, 1, cw, r, cfg.rope_layout)?;
+        rope_at(b, &q, &t.positions, &self.rope, n, heads, qk, dn, cfg.rope_layout)?;
+        let rows = ctx.storage("latent cache rows", (n * cw * 4) as u64)?;
+        rms_norm_strided(b, &compressed, &norms.kv_a, &rows, n, r, cw, eps)?;
+        copy_cols(b, &compressed, Cols { stride: cw, col0: r }, &rows, Cols { stride: cw, col0: r }, n, dr)?;
+        copy_rows(b, &rows, None, kv.k, Some(&t.cache_rows), n, cw)?;
+        // Absorbed queries: per head, the latent-space query then the roped part.
+        let q_latent = ctx.storage("absorbed queries", (n * heads * cw * 4) as u64)?;
+        let q_heads = HeadLayout { stride: heads * qk, head_stride: qk, col0: 0 };
+        head_matmul(b, &q, q_heads, absorb_k, heads, &q_latent, HeadLayout { stride: heads * cw, head_stride: cw, col0: 0 }, n)?;
+        copy_cols(b, &q, Cols { stride: qk, col0: dn }, &q_latent, Cols { stride: cw, col0: r }, n * heads, dr)?;
+        let shape = AttentionShape::latent(heads, cw, r, m.softmax_scale);
+        let latent_out = ctx.storage("latent attention output", (n * heads * r * 4) as u64)?;
+        attention(b, &shape, &q_latent, kv.k, kv.k, &t.ranges, &latent_out, n, kv.rows)?;
+        let out = ctx.storage("attention output", (n * heads * dv * 4) as u64)?;
+        let lat = HeadLayout { stride: heads * r, head_stride: r, col0: 0 };
+        head_matmul(b, &latent_out, lat, absorb_v, heads, &out, HeadLayout { stride: heads * dv, head_stride: dv, col0: 0 }, n)?;
+        let no_values = ctx.storage("no values", 4)?;
+        Ok((out, NewKv { k: rows, v: no_values }, wo))
     }
 
     /// Layer `li`'s attention projections; streamed ones are uploaded into the attention slot
     /// unless it holds them already (the work reading the slot's previous layer was submitted
     /// before, and the queue orders the writes after it).
-    fn projections(&self, li: usize) -> Result<[GpuWeight; 4]> {
+    fn projections(&self, li: usize) -> Result<Vec<GpuWeight>> {
         let host = match &self.weights.layers[li].attn {
-            Projections::Resident(w) => return Ok((**w).clone()),
+            Projections::Resident(w) => return Ok(w.clone()),
             Projections::Streamed(h) => h,
         };
         let slot = self.attn_slot.as_ref().ok_or_else(|| crate::error::Error::invalid("attention", "streamed attention without a slot"))?;
@@ -203,10 +267,11 @@ impl Model {
             }
             *held = Some(li);
         }
-        Ok([0, 1, 2, 3].map(|i| {
-            let (rows, cols) = host.shapes[i];
-            GpuWeight { parts: vec![WeightPart { buffer: slot[i].clone(), first_row: 0, rows }], rows, cols, dtype: host.dtype }
-        }))
+        Ok(slot
+            .iter()
+            .zip(&host.shapes)
+            .map(|(buffer, &(rows, cols))| GpuWeight { parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }], rows, cols, dtype: host.dtype })
+            .collect())
     }
 
     pub(crate) fn router_config(&self) -> RouterConfig {
@@ -227,14 +292,14 @@ impl Model {
     /// `[n, top_k]` each.
     pub(crate) fn route_block(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, n: usize) -> Result<(GpuBuffer, GpuBuffer)> {
         let ctx = &self.ctx;
-        let Ffn::Moe { router, .. } = &self.weights.layers[li].ffn else {
+        let Ffn::Moe { router, correction_bias, .. } = &self.weights.layers[li].ffn else {
             return Err(crate::error::Error::invalid("router", format!("layer {li} has no experts")));
         };
         let k = self.cfg.experts_per_token;
         let logits = linear(b, hn, router, None, n, "router logits")?;
         let ids = ctx.storage("expert ids", (n * k * 4) as u64)?;
         let weights = ctx.storage("expert weights", (n * k * 4) as u64)?;
-        route(b, &self.router_config(), &logits, None, &ids, &weights, n)?;
+        route(b, &self.router_config(), &logits, correction_bias.as_ref(), &ids, &weights, n)?;
         Ok((ids, weights))
     }
 
@@ -244,8 +309,13 @@ impl Model {
         match &self.weights.layers[li].ffn {
             Ffn::Moe { shared: Some(s), .. } => {
                 let y = mlp_out(b, hn, &s.mlp, n)?;
-                let g = linear(b, hn, &s.gate, None, n, "shared expert gate")?;
-                add_gated(b, x, &y, &g, n, self.cfg.hidden_size)
+                match &s.gate {
+                    Some(gate) => {
+                        let g = linear(b, hn, gate, None, n, "shared expert gate")?;
+                        add_gated(b, x, &y, &g, n, self.cfg.hidden_size)
+                    }
+                    None => add_assign(b, x, &y, n * self.cfg.hidden_size),
+                }
             }
             Ffn::Moe { shared: None, .. } => Ok(()),
             Ffn::Dense(m) => {

@@ -47,7 +47,7 @@ impl Model {
         };
         let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));
         // One slot as large as the largest streamed layer's projections, each matrix its own buffer.
-        let mut widest = [0u64; 4];
+        let mut widest = vec![0u64; cfg.attention_matrices().len()];
         for l in &weights.layers {
             if let Projections::Streamed(h) = &l.attn {
                 for (w, d) in widest.iter_mut().zip(&h.data) {
@@ -56,8 +56,7 @@ impl Model {
             }
         }
         let attn_slot = if widest[0] > 0 {
-            let [q, k, v, o] = widest.map(|b| ctx.storage("attention slot", b));
-            Some([q?, k?, v?, o?])
+            Some(widest.iter().map(|&b| ctx.storage("attention slot", b)).collect::<Result<Vec<_>>>()?)
         } else {
             None
         };

@@ -4,6 +4,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, GpuContext, GpuWeight, WeightDtype};
 use crate::kernels::moe::StackedExperts;
 use crate::loader::checkpoint::{Checkpoint, TensorRef};
+use std::borrow::Cow;
+
 use crate::loader::config::{Arch, ModelConfig, QkNorm};
 use crate::planner::Placement;
 
@@ -15,12 +17,19 @@ pub struct Mlp {
 
 pub struct SharedExpert {
     pub mlp: Mlp,
-    /// `[1, hidden]`: the sigmoid gate of the shared expert's output.
-    pub gate: GpuWeight,
+    /// `[1, hidden]`: the sigmoid gate of the shared expert's output (Qwen2-MoE; DeepSeek adds
+    /// its shared experts ungated).
+    pub gate: Option<GpuWeight>,
 }
 
 pub enum Ffn {
-    Moe { router: GpuWeight, experts: Experts, shared: Option<Box<SharedExpert>> },
+    Moe {
+        router: GpuWeight,
+        /// DeepSeek-V3's `e_score_correction_bias`, added to the scores for the choice only.
+        correction_bias: Option<GpuBuffer>,
+        experts: Experts,
+        shared: Option<Box<SharedExpert>>,
+    },
     Dense(Mlp),
 }
 
@@ -54,18 +63,18 @@ struct ExpertPieces<'a> {
     names: [String; 3],
 }
 
-/// A layer's attention projections (q, k, v, o): on the GPU, or in host memory to be streamed
-/// through the attention slot.
+/// A layer's attention matrices, as [`ModelConfig::attention_matrices`] lists them: on the GPU,
+/// or in host memory to be streamed through the attention slot.
 pub enum Projections {
-    Resident(Box<[GpuWeight; 4]>),
+    Resident(Vec<GpuWeight>),
     Streamed(HostProjections),
 }
 
 pub struct HostProjections {
-    pub data: [Vec<u8>; 4],
+    pub data: Vec<Vec<u8>>,
     pub dtype: WeightDtype,
     /// (rows, cols) of each.
-    pub shapes: [(usize, usize); 4],
+    pub shapes: Vec<(usize, usize)>,
 }
 
 impl HostProjections {
@@ -74,8 +83,15 @@ impl HostProjections {
     }
 }
 
+/// MLA's norms: of the low-rank query (when there is one) and of the KV latent.
+pub struct MlaNorms {
+    pub q_a: Option<GpuBuffer>,
+    pub kv_a: GpuBuffer,
+}
+
 pub struct Layer {
     pub input_norm: GpuBuffer,
+    pub mla: Option<MlaNorms>,
     pub post_attention_norm: GpuBuffer,
     pub attn: Projections,
     pub q_bias: Option<GpuBuffer>,
@@ -196,22 +212,58 @@ impl Loader<'_> {
         Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], inter, hidden: h }))
     }
 
-    fn projections(&self, prefix: &str, shapes: [(usize, usize); 4], stream: bool) -> Result<Projections> {
-        let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|n| format!("{prefix}.{n}.weight"));
+    /// The bytes of each attention matrix the forward pass uses, checked against the config.
+    /// MLA's `kv_b_proj` is split per head into its key half, transposed so that queries can be
+    /// multiplied into it, and its value half.
+    fn attention_data(&self, prefix: &str) -> Result<Vec<(String, Cow<'_, [u8]>, WeightDtype)>> {
+        let cfg = self.cfg;
+        let mut out = Vec::new();
+        for (name, rows, cols) in cfg.attention_matrices() {
+            if name.starts_with("kv_b_proj.") {
+                continue;
+            }
+            let t = self.ck.get(&format!("{prefix}.{name}.weight"), &[rows, cols])?;
+            out.push((t.name.to_string(), Cow::Borrowed(t.data), t.dtype.weight()));
+        }
+        if let Some(m) = &cfg.mla {
+            let (heads, dn, dv, r) = (cfg.num_heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
+            let t = self.ck.get(&format!("{prefix}.kv_b_proj.weight"), &[heads * (dn + dv), r])?;
+            let e = t.dtype.bytes();
+            let (mut absorb_k, mut absorb_v) = (Vec::with_capacity(heads * r * dn * e), Vec::with_capacity(heads * dv * r * e));
+            for h in 0..heads {
+                let head = &t.data[h * (dn + dv) * r * e..(h + 1) * (dn + dv) * r * e];
+                for j in 0..r {
+                    for i in 0..dn {
+                        absorb_k.extend_from_slice(&head[(i * r + j) * e..][..e]);
+                    }
+                }
+                absorb_v.extend_from_slice(&head[dn * r * e..]);
+            }
+            // In the order attention_matrices lists them: before o_proj.
+            let o = out.pop().expect("o_proj is listed");
+            out.push((format!("{} (keys, transposed)", t.name), Cow::Owned(absorb_k), t.dtype.weight()));
+            out.push((format!("{} (values)", t.name), Cow::Owned(absorb_v), t.dtype.weight()));
+            out.push(o);
+        }
+        Ok(out)
+    }
+
+    fn projections(&self, prefix: &str, stream: bool) -> Result<Projections> {
+        let shapes: Vec<(usize, usize)> = self.cfg.attention_matrices().iter().map(|&(_, r, c)| (r, c)).collect();
+        let data = self.attention_data(prefix)?;
         if !stream {
-            let [q, k, v, o] = [0, 1, 2, 3].map(|i| self.matrix(&names[i], shapes[i].0, shapes[i].1));
-            return Ok(Projections::Resident(Box::new([q?, k?, v?, o?])));
+            return data
+                .iter()
+                .zip(&shapes)
+                .map(|((name, bytes, dtype), &(rows, cols))| GpuWeight::upload(self.ctx, name, bytes, *dtype, rows, cols))
+                .collect::<Result<Vec<_>>>()
+                .map(Projections::Resident);
         }
-        let tensors = (0..4).map(|i| self.ck.get(&names[i], &[shapes[i].0, shapes[i].1])).collect::<Result<Vec<_>>>()?;
-        let dtype = tensors[0].dtype;
-        if let Some(t) = tensors.iter().find(|t| t.dtype != dtype) {
-            return Err(Error::invalid(t.name, format!("streamed attention needs one dtype for q, k, v and o; found {:?} and {dtype:?}", t.dtype)));
+        let dtype = data[0].2;
+        if let Some((name, _, d)) = data.iter().find(|(_, _, d)| *d != dtype) {
+            return Err(Error::invalid(name, format!("streamed attention needs one dtype for all its matrices; found {d:?} and {dtype:?}")));
         }
-        Ok(Projections::Streamed(HostProjections {
-            data: [0, 1, 2, 3].map(|i| tensors[i].data.to_vec()),
-            dtype: dtype.weight(),
-            shapes,
-        }))
+        Ok(Projections::Streamed(HostProjections { data: data.into_iter().map(|(_, b, _)| b.into_owned()).collect(), dtype, shapes }))
     }
 
     fn layer(&self, i: usize, placement: &Placement) -> Result<Layer> {
@@ -233,24 +285,39 @@ impl Loader<'_> {
         };
         let ffn = if cfg.is_moe_layer(i) {
             let shared = match cfg.shared_expert_intermediate_size {
-                Some(inter) => Some(Box::new(SharedExpert {
+                Some(inter) if cfg.shared_expert_gated => Some(Box::new(SharedExpert {
                     mlp: self.mlp(&format!("{moe_prefix}.shared_expert"), inter)?,
-                    gate: self.matrix(&format!("{moe_prefix}.shared_expert_gate.weight"), 1, h)?,
+                    gate: Some(self.matrix(&format!("{moe_prefix}.shared_expert_gate.weight"), 1, h)?),
                 })),
+                Some(inter) => Some(Box::new(SharedExpert { mlp: self.mlp(&format!("{moe_prefix}.shared_experts"), inter)?, gate: None })),
                 None => None,
+            };
+            let correction_bias = if cfg.routing.correction_bias {
+                Some(self.vector(&format!("{moe_prefix}.gate.e_score_correction_bias"), cfg.num_experts)?)
+            } else {
+                None
             };
             Ffn::Moe {
                 router: self.matrix(&format!("{moe_prefix}.gate.weight"), cfg.num_experts, h)?,
+                correction_bias,
                 experts: self.experts(&moe_prefix, placement.streams(i, cfg))?,
                 shared,
             }
         } else {
             Ffn::Dense(self.mlp(&format!("{p}.mlp"), cfg.intermediate_size)?)
         };
+        let mla = match &cfg.mla {
+            Some(m) => Some(MlaNorms {
+                q_a: m.q_lora_rank.map(|r| self.vector(&format!("{a}.q_a_layernorm.weight"), r)).transpose()?,
+                kv_a: self.vector(&format!("{a}.kv_a_layernorm.weight"), m.kv_lora_rank)?,
+            }),
+            None => None,
+        };
         Ok(Layer {
             input_norm: self.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            mla,
             post_attention_norm: self.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            attn: self.projections(&a, [(q_dim, h), (kv_dim, h), (kv_dim, h), (h, q_dim)], placement.streamed_attention.contains(&i))?,
+            attn: self.projections(&a, placement.streamed_attention.contains(&i))?,
             q_bias: self.opt_vector(&format!("{a}.q_proj.bias"), q_dim)?,
             k_bias: self.opt_vector(&format!("{a}.k_proj.bias"), kv_dim)?,
             v_bias: self.opt_vector(&format!("{a}.v_proj.bias"), kv_dim)?,

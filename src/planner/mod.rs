@@ -102,11 +102,12 @@ impl WeightBytes {
     /// The bytes a checkpoint of `cfg` would take with weights of `dtype_bytes` each (for
     /// synthetic models and plans without a checkpoint).
     pub fn of_config(cfg: &ModelConfig, dtype_bytes: u64) -> Self {
-        let (h, hd) = (cfg.hidden_size as u64, cfg.head_dim as u64);
-        let attn = h * hd * (2 * cfg.num_heads as u64 + 2 * cfg.num_kv_heads as u64);
+        let h = cfg.hidden_size as u64;
+        let attn: u64 = cfg.attention_matrices().iter().map(|&(_, r, c)| (r * c) as u64).sum();
         let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
         let dense = (cfg.num_layers - moe_layers) as u64 * 3 * h * cfg.intermediate_size as u64;
-        let shared = cfg.shared_expert_intermediate_size.map_or(0, |s| 3 * h * s as u64 + h) * moe_layers as u64;
+        let gate = if cfg.shared_expert_gated { h } else { 0 };
+        let shared = cfg.shared_expert_intermediate_size.map_or(0, |s| 3 * h * s as u64 + gate) * moe_layers as u64;
         let router = moe_layers as u64 * cfg.num_experts as u64 * h;
         let embed = cfg.vocab_size as u64 * h * if cfg.tie_word_embeddings { 1 } else { 2 };
         let resident = (dense + shared + router + embed) * dtype_bytes + (cfg.num_layers as u64 * 2 + 1) * h * dtype_bytes;
@@ -165,15 +166,16 @@ pub fn default_gpu_memory(kind: wgpu::DeviceType, host_budget: u64) -> (u64, &'s
 /// An estimate of the activations one forward pass of `step_tokens` tokens keeps on the GPU at
 /// once (hidden states, attention, the routed rows of a layer, the logits of up to 256 rows).
 pub fn activation_bytes(cfg: &ModelConfig, step_tokens: usize) -> u64 {
-    let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let (h, q, kv) = (cfg.hidden_size, cfg.attention_width(), cfg.kv_row());
     let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
-    let per_token = 6 * h + 3 * q + 2 * kv + cfg.experts_per_token * (2 * h + 3 * inter) + cfg.num_experts;
+    let per_token = 6 * h + 3 * q + kv + cfg.experts_per_token * (2 * h + 3 * inter) + cfg.num_experts;
     (4 * (step_tokens * per_token + step_tokens.min(256) * cfg.vocab_size)) as u64
 }
 
-/// Bytes of one KV-cache row (one token, every layer, keys and values, f32).
+/// Bytes of one KV-cache row (one token, every layer, keys and values, f32; MLA's latent and
+/// rope key).
 pub fn kv_row_bytes(cfg: &ModelConfig) -> u64 {
-    (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64
+    (cfg.num_layers * cfg.kv_row() * 4) as u64
 }
 
 /// The weight of an attention projection (q, k, v, o; biases stay resident).

@@ -163,18 +163,19 @@ pub fn plan_job(
             })
         }
         Batching::Module => {
-            let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+            // Floats per token and layer: of the keys (the widest KV buffer) and keys plus values.
+            let (key_width, kv_row) = (cfg.kv_widths()[0], cfg.kv_row());
             let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
             // The widest activation of a chunk must fit one binding.
-            let widest = (cfg.hidden_size.max(inter).max(cfg.num_heads * cfg.head_dim) * 4) as u64;
+            let widest = (cfg.hidden_size.max(inter).max(cfg.attention_width()) * 4) as u64;
             let expert_chunk = ((binding_limit / widest) as usize).clamp(1, MAX_EXPERT_CHUNK);
             // In flight at once: three expert chunks, two attention micro-batches, one logits chunk.
             let chunk_bytes = |rows: usize| 3 * (rows * (3 * cfg.hidden_size + 3 * inter) * 4) as u64;
             // An attention micro-batch holds its KV rows and per token: hidden states in and out,
             // two norms, queries, keys, values, attention output, router logits and choices.
-            let q_dim = cfg.num_heads * cfg.head_dim;
-            let per_token = ((5 * cfg.hidden_size + 2 * q_dim + 4 * kv_dim + cfg.num_experts + 2 * cfg.experts_per_token) * 4) as u64;
-            let attn_bytes = |rows: usize, tokens: usize| 2 * (2 * rows as u64 * kv_dim as u64 * 4 + tokens as u64 * per_token);
+            let q_dim = cfg.attention_width();
+            let per_token = ((5 * cfg.hidden_size + 2 * q_dim + 2 * kv_row + cfg.num_experts + 2 * cfg.experts_per_token) * 4) as u64;
+            let attn_bytes = |rows: usize, tokens: usize| 2 * (rows as u64 * kv_row as u64 * 4 + tokens as u64 * per_token);
             let logit_bytes = |rows: usize| (rows * (cfg.vocab_size + 2 * cfg.hidden_size) * 4) as u64;
             let longest = job.longest;
             let floor = 16usize;
@@ -186,9 +187,9 @@ pub fn plan_job(
             // An eighth of what is spare to each of: attention rows, attention tokens, expert
             // chunks, logits; the rest keeps experts resident.
             let share = (gpu_budget - minimum) / 8;
-            let binding_rows = (binding_limit / (kv_dim as u64 * 4)) as usize;
+            let binding_rows = (binding_limit / (key_width as u64 * 4)) as usize;
             let job_tokens = (job.tokens().ceil() as usize).max(longest);
-            let attn_kv_rows = (longest + (share / (4 * kv_dim as u64 * 4)) as usize).min(binding_rows.max(longest)).min(job_tokens);
+            let attn_kv_rows = (longest + (share / (2 * kv_row as u64 * 4)) as usize).min(binding_rows.max(longest)).min(job_tokens);
             let (step_cap, logit_cap) = crate::scheduler::step_limits_for(cfg, binding_limit, usize::MAX);
             let attn_tokens = (floor + (share / (2 * per_token)) as usize).min(step_cap).min(attn_kv_rows).max(1);
             let chunk = (floor + (share / chunk_bytes(1)) as usize).min(expert_chunk);
@@ -243,7 +244,7 @@ pub fn plan_job(
             // The same with the KV kept on the GPU, where the budget holds at least the longest
             // sequence's rows beside what must stay: no KV crosses the link, fewer sequences fly.
             let row = kv_row_bytes(cfg);
-            let layer_rows = (binding_limit / (kv_dim as u64 * 4)) as usize;
+            let layer_rows = (binding_limit / (key_width as u64 * 4)) as usize;
             let all_attention = w.attention_per_layer * cfg.num_layers as u64;
             let base = w.resident + all_attention + 2 * w.per_expert + attn_bytes(0, attn_tokens) + chunk_bytes(chunk) + logit_bytes(logit_rows);
             let per_seq = (job.prompt_len + job.new_tokens).ceil().max(1.0) as usize;
@@ -332,7 +333,9 @@ fn step_cost(
     tokens_per_seq: f64,
 ) -> StepCost {
     let h = cfg.hidden_size as f64;
-    let (q_dim, kv_dim) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
+    // Floats per token and layer of the KV cache (keys and values, or MLA's latent and rope key).
+    let kv_row = cfg.kv_row() as f64;
+    let attention_matrices = cfg.attention_matrices();
     let (e, k) = (cfg.num_experts as f64, cfg.experts_per_token as f64);
     let inter = cfg.moe_intermediate_size as f64;
     let mut io_bytes = 0.0;
@@ -355,8 +358,13 @@ fn step_cost(
     });
     let tm = t / micro_batches;
     for l in 0..cfg.num_layers {
-        gpu += micro_batches * (hw.matmul_s(tm, q_dim, h) + 2.0 * hw.matmul_s(tm, kv_dim, h) + hw.matmul_s(tm, h, q_dim));
-        gpu += kv_rows * kv_dim * 8.0 / hw.attention_bytes_per_s + micro_batches * 10.0 * hw.dispatch_s;
+        gpu += micro_batches * attention_matrices.iter().map(|&(_, r, c)| hw.matmul_s(tm, r as f64, c as f64)).sum::<f64>();
+        gpu += kv_rows * kv_row * 4.0 / hw.attention_bytes_per_s + micro_batches * 10.0 * hw.dispatch_s;
+        if let Some(m) = &cfg.mla {
+            // Absorbed MLA is compute-bound: every head scores and sums the full latent rows.
+            let per_row = (cfg.num_heads * (m.cache_width() + m.kv_lora_rank)) as f64;
+            gpu += hw.matmul_s(kv_rows, per_row, 1.0);
+        }
         if cfg.is_moe_layer(l) {
             gpu += micro_batches * (hw.matmul_s(tm, e, h) + hw.dispatch_s);
             // Each active expert runs its three matrices over its rows (per chunk in module-based).
@@ -377,9 +385,9 @@ fn step_cost(
     if let Some(s) = module {
         // KV pages of every sequence, staged up once per layer (none when the KV stays on the
         // GPU); hidden states up and down.
-        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past * kv_dim * 8.0 * layers };
+        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past * kv_row * 4.0 * layers };
         let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
-        let state_down = t * 4.0 * (2.0 * h + 2.0 * kv_dim + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
+        let state_down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
         // Hidden states cross the link too but are not held to a cap (README): counted as host work.
         io_serial_bytes += kv_up;
         host += state_up / hw.upload_bytes_per_s.max(hw.host_copy_bytes_per_s);

@@ -5,8 +5,9 @@ use crate::loader::config::ModelConfig;
 
 pub struct HostKv {
     page_tokens: usize,
-    /// Floats of one token's key (or value) in one layer.
-    row: usize,
+    /// Floats of one token's key and value in one layer (no values under MLA, whose cache row
+    /// is all key).
+    widths: [usize; 2],
     /// Per layer, every page's keys (values), page after page.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
@@ -18,14 +19,14 @@ impl HostKv {
     /// A store of as many pages as `bytes` holds. The memory is reserved lazily by the OS, so an
     /// unused store costs nothing.
     pub fn new(cfg: &ModelConfig, bytes: u64, page_tokens: usize) -> Self {
-        let row = cfg.num_kv_heads * cfg.head_dim;
+        let widths = cfg.kv_widths();
         let pages = (bytes / Self::page_bytes(cfg, page_tokens)) as usize;
-        let floats = pages * page_tokens * row;
+        let slots = pages * page_tokens;
         HostKv {
             page_tokens,
-            row,
-            k: (0..cfg.num_layers).map(|_| vec![0.0; floats]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0.0; floats]).collect(),
+            widths,
+            k: (0..cfg.num_layers).map(|_| vec![0.0; slots * widths[0]]).collect(),
+            v: (0..cfg.num_layers).map(|_| vec![0.0; slots * widths[1]]).collect(),
             free: (0..pages as u32).rev().collect(),
             pages,
         }
@@ -33,7 +34,7 @@ impl HostKv {
 
     /// Bytes of one page: keys and values of `page_tokens` tokens in every layer.
     pub fn page_bytes(cfg: &ModelConfig, page_tokens: usize) -> u64 {
-        (2 * cfg.num_layers * page_tokens * cfg.num_kv_heads * cfg.head_dim * 4) as u64
+        (cfg.num_layers * page_tokens * cfg.kv_row() * 4) as u64
     }
 
     pub fn pages_for(&self, tokens: usize) -> usize {
@@ -61,17 +62,18 @@ impl HostKv {
         self.free.extend(pages);
     }
 
-    fn at(&self, pages: &[u32], pos: usize) -> usize {
-        (pages[pos / self.page_tokens] as usize * self.page_tokens + pos % self.page_tokens) * self.row
+    /// The token slot of position `pos`.
+    fn slot(&self, pages: &[u32], pos: usize) -> usize {
+        pages[pos / self.page_tokens] as usize * self.page_tokens + pos % self.page_tokens
     }
 
-    /// Stores `count` consecutive tokens' keys and values from position `pos` on.
+    /// Stores consecutive tokens' keys and values from position `pos` on.
     pub fn write(&mut self, layer: usize, pages: &[u32], pos: usize, k: &[f32], v: &[f32]) {
-        let r = self.row;
-        for (j, (kr, vr)) in k.chunks_exact(r).zip(v.chunks_exact(r)).enumerate() {
-            let at = self.at(pages, pos + j);
-            self.k[layer][at..at + r].copy_from_slice(kr);
-            self.v[layer][at..at + r].copy_from_slice(vr);
+        let [kw, vw] = self.widths;
+        for j in 0..k.len() / kw {
+            let at = self.slot(pages, pos + j);
+            self.k[layer][at * kw..(at + 1) * kw].copy_from_slice(&k[j * kw..(j + 1) * kw]);
+            self.v[layer][at * vw..(at + 1) * vw].copy_from_slice(&v[j * vw..(j + 1) * vw]);
         }
     }
 
@@ -81,9 +83,10 @@ impl HostKv {
         let mut pos = from;
         while pos < to {
             let run = (self.page_tokens - pos % self.page_tokens).min(to - pos);
-            let at = self.at(pages, pos);
-            k.extend_from_slice(&self.k[layer][at..at + run * self.row]);
-            v.extend_from_slice(&self.v[layer][at..at + run * self.row]);
+            let at = self.slot(pages, pos);
+            let [kw, vw] = self.widths;
+            k.extend_from_slice(&self.k[layer][at * kw..(at + run) * kw]);
+            v.extend_from_slice(&self.v[layer][at * vw..(at + run) * vw]);
             pos += run;
         }
     }
@@ -105,7 +108,7 @@ mod tests {
     #[test]
     fn pages_hold_rows_across_boundaries_and_come_back() {
         let c = cfg();
-        let row = c.num_kv_heads * c.head_dim;
+        let row = c.kv_widths()[0];
         let mut kv = HostKv::new(&c, HostKv::page_bytes(&c, 3) * 5, 3);
         assert_eq!(kv.total_pages(), 5);
         let a = kv.alloc(7).unwrap();

@@ -306,7 +306,7 @@ pub(crate) fn step_limits(ctx: &GpuContext, cfg: &crate::loader::config::ModelCo
 pub fn step_limits_for(cfg: &crate::loader::config::ModelConfig, limit: u64, max_step_tokens: usize) -> (usize, usize) {
     let limit = limit as usize;
     let inter = cfg.moe_intermediate_size.max(cfg.intermediate_size);
-    let widest = [cfg.experts_per_token * inter, cfg.experts_per_token * cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.hidden_size]
+    let widest = [cfg.experts_per_token * inter, cfg.experts_per_token * cfg.hidden_size, cfg.attention_width(), cfg.hidden_size]
         .into_iter()
         .max()
         .unwrap_or(1);

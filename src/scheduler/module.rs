@@ -144,7 +144,7 @@ fn send<T: bytemuck::Pod>(model: &Model, what: &str, data: &[T]) -> Result<GpuBu
 /// Uploads the past KV rows of a micro-batch (`keys` and `values` hold them back to back) to
 /// their runs of rows in the GPU buffers; the rows between runs are the new tokens', written on
 /// the GPU. Held to the upload cap, counted and traced as link traffic.
-fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[f32]; 2], runs: &[(usize, usize)], kv_dim: usize) -> Result<()> {
+fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[f32]; 2], runs: &[(usize, usize)], widths: [usize; 2]) -> Result<()> {
     let bytes = std::mem::size_of_val(data[0]) + std::mem::size_of_val(data[1]);
     if bytes == 0 {
         return Ok(());
@@ -154,11 +154,13 @@ fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[f32]; 2], 
     if let Some(l) = &model.upload_limit {
         l.admit(bytes);
     }
-    for (buf, values) in bufs.into_iter().zip(data) {
+    for ((buf, values), width) in bufs.into_iter().zip(data).zip(widths) {
         let mut at = 0;
         for &(row, count) in runs.iter().filter(|r| r.1 > 0) {
-            let run = &values[at * kv_dim..(at + count) * kv_dim];
-            model.ctx.upload(buf, (row * kv_dim * 4) as u64, bytemuck::cast_slice(run))?;
+            let run = &values[at * width..(at + count) * width];
+            if !run.is_empty() {
+                model.ctx.upload(buf, (row * width * 4) as u64, bytemuck::cast_slice(run))?;
+            }
             at += count;
         }
     }
@@ -386,7 +388,7 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
     let ctx = &model.ctx;
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
-    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    let [kw, vw] = cfg.kv_widths();
     let routed = matches!(model.weights.layers[li].ffn, Ffn::Moe { .. });
     let mut pending: Option<AttnPending> = None;
     for (mi, mb) in micro_batches(parts, sizes, matches!(kv, KvStore::Host(_))).into_iter().enumerate() {
@@ -422,9 +424,9 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
         let m = positions.len();
         let (kb, vb, kv_rows) = match &*kv {
             KvStore::Host(_) => {
-                let kb = ctx.storage("micro-batch keys", (row * kv_dim * 4) as u64)?;
-                let vb = ctx.storage("micro-batch values", (row * kv_dim * 4) as u64)?;
-                send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, kv_dim)?;
+                let kb = ctx.storage("micro-batch keys", (row * kw * 4) as u64)?;
+                let vb = ctx.storage("micro-batch values", (row * vw * 4).max(4) as u64)?;
+                send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, [kw, vw])?;
                 (kb, vb, row)
             }
             KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows),
@@ -437,8 +439,8 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
         let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
         // New keys and values go back to the host pages; a GPU cache has them in place.
         if host_kv {
-            back.push((&new.k, (m * kv_dim * 4) as u64));
-            back.push((&new.v, (m * kv_dim * 4) as u64));
+            back.push((&new.k, (m * kw * 4) as u64));
+            back.push((&new.v, (m * vw * 4) as u64));
         }
         let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
         if let Some((ids, w)) = &routing {
@@ -461,7 +463,7 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
 fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
     let cfg = &model.cfg;
     let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
-    let kv_dim = cfg.num_kv_heads * cfg.head_dim;
+    let [kw, vw] = cfg.kv_widths();
     let got = p.read.wait(&model.ctx)?;
     let (x, hn) = (floats(&got[0]), floats(&got[1]));
     let (new_k, new_v) = if p.host_kv { (floats(&got[2]), floats(&got[3])) } else { (Vec::new(), Vec::new()) };
@@ -474,7 +476,7 @@ fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: At
         st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
         st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
         if let (KvStore::Host(store), SeqKv::Pages(pages)) = (&mut *kv, &pop[part.seq].kv) {
-            store.write(li, pages, part.past, &new_k[at * kv_dim..(at + c) * kv_dim], &new_v[at * kv_dim..(at + c) * kv_dim]);
+            store.write(li, pages, part.past, &new_k[at * kw..(at + c) * kw], &new_v[at * vw..(at + c) * vw]);
         }
         if p.routed {
             st.expert_ids[r0 * k..(r0 + c) * k].copy_from_slice(&ids[at * k..(at + c) * k]);
