@@ -99,6 +99,14 @@ def build(name, config_cls, model_cls, extra, dtype, shard):
     model.to(dtype).save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
     # The reference: the saved weights, rounded as stored, computed in float32.
     ref = model_cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    expected(out, ref, gen)
+    files = sorted(os.listdir(out))
+    print(f"{name}: {files}")
+
+
+def expected(out, ref, gen):
+    """Writes expected.json: transformers' logits for every position of a few prompts and its
+    greedy continuations."""
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENS]
     logits, greedy = [], []
     with torch.no_grad():
@@ -112,8 +120,73 @@ def build(name, config_cls, model_cls, extra, dtype, shard):
         json.dump({"vocab_size": VOCAB, "prompts": prompts, "logits": logits, "greedy": greedy,
                    "max_new_tokens": NEW_TOKENS, "torch": torch.__version__,
                    "transformers": transformers.__version__}, f)
-    files = sorted(os.listdir(out))
-    print(f"{name}: {files}")
+
+
+FP8_BLOCK = [16, 16]
+
+
+def quantize_fp8(w, block):
+    """DeepSeek-V3's format: e4m3 values and one f32 scale per block (weight = fp8 * scale)."""
+    rows, cols = w.shape
+    br, bc = block
+    sr, sc = -(-rows // br), -(-cols // bc)
+    scales = torch.empty(sr, sc)
+    q = torch.empty(rows, cols)
+    for i in range(sr):
+        for j in range(sc):
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc].float()
+            s = max(float(blk.abs().max()), 1e-12) / 448.0
+            scales[i, j] = s
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = blk / s
+    return q.to(torch.float8_e4m3fn), scales
+
+
+def dequantize_fp8(q, scales, block):
+    """The reference dequantisation: fp8 times its block's scale, rounded to bf16."""
+    br, bc = block
+    s = scales.repeat_interleave(br, 0)[:q.shape[0]].repeat_interleave(bc, 1)[:, :q.shape[1]]
+    return (q.float() * s).to(torch.bfloat16)
+
+
+def build_fp8(name, extra):
+    """A DeepSeek-V3 checkpoint as released: linear weights FP8 e4m3 with block scales
+    (`weight_scale_inv`), embeddings, LM head, router and norms bf16. The reference is the same
+    model with the weights dequantised to bf16, computed in float32."""
+    from safetensors.torch import save_file
+    torch.manual_seed(sum(map(ord, name)))
+    gen = torch.Generator().manual_seed(len(name))
+    cfg = DeepseekV3Config(**{**COMMON, **extra})
+    cfg._attn_implementation = "eager"
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    roughen(model, gen)
+    out = os.path.join(OUT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    stored, reference = {}, {}
+    for key, t in tensors.items():
+        quantized = t.dim() == 2 and not any(n in key for n in ("embed_tokens", "lm_head", "mlp.gate.weight"))
+        if quantized:
+            q, s = quantize_fp8(t, FP8_BLOCK)
+            stored[key], stored[key + "_scale_inv"] = q, s
+            reference[key] = dequantize_fp8(q, s, FP8_BLOCK)
+        else:
+            stored[key] = t
+            reference[key] = t
+    save_file(stored, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(os.path.join(out, "config.json")))
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": FP8_BLOCK}
+    json.dump(config, open(os.path.join(out, "config.json"), "w"), indent=2)
+    # transformers reads the dequantised weights from a bf16 checkpoint of the same model.
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        save_file(reference, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        ref = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
+    expected(out, ref, gen)
+    print(f"{name}: {sorted(os.listdir(out))}, {sum(1 for k in stored if k.endswith('_scale_inv'))} FP8 tensors")
 
 
 def old_style_config(name):
@@ -135,3 +208,10 @@ if __name__ == "__main__":
             build(*fixture)
     if not wanted or "qwen2-moe-bf16" in wanted:
         old_style_config("qwen2-moe-bf16")
+    if not wanted or "deepseek-v3-fp8" in wanted:
+        build_fp8("deepseek-v3-fp8",
+                  dict(intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3,
+                       n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, q_lora_rank=24,
+                       kv_lora_rank=40, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16,
+                       num_key_value_heads=4, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, rope_theta=10000.0))

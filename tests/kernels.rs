@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use moegen::gpu::{round_weights, AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
-use moegen::kernels::{attention, elementwise, embedding, head_matmul, matmul, moe, norm, rope, router, softmax};
+use moegen::kernels::{attention, dequant, elementwise, embedding, head_matmul, matmul, moe, norm, rope, router, softmax};
 use moegen::Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -286,6 +286,49 @@ fn head_matmul_per_head_blocks_at_strides() {
             }
         }
     }
+}
+
+/// Reads a bf16 weight's parts back as f32 values, in row order.
+fn read_bf16(ctx: &GpuContext, w: &GpuWeight) -> Vec<f32> {
+    let mut out = Vec::new();
+    for part in &w.parts {
+        let words = ctx.read_u32(&part.buffer, part.rows * w.cols / 2).unwrap();
+        out.extend(words.iter().flat_map(|&x| [f32::from_bits(x << 16), f32::from_bits(x & 0xffff0000)]));
+    }
+    out
+}
+
+#[test]
+fn fp8_block_scaled_weights_dequantise_to_the_same_bf16_bits() {
+    let mut rng = StdRng::seed_from_u64(44);
+    let ctx = gpu();
+    // Every finite e4m3 code, subnormals and both signs included (0x7f and 0xff are NaN).
+    let byte = |rng: &mut StdRng| loop {
+        let b: u8 = rng.random();
+        if b & 0x7f != 0x7f {
+            break b;
+        }
+    };
+    assert_eq!(dequant::e4m3_to_f32(0x7e), 448.0);
+    assert_eq!(dequant::e4m3_to_f32(0x01), 2f32.powi(-9));
+    assert_eq!(dequant::e4m3_to_f32(0xb8), -1.0);
+    // Awkward shapes: blocks that do not divide the matrix, three experts stacked, a binding
+    // limit that splits the stack between pieces.
+    let (rows, cols, block) = (37, 50, (16, 24));
+    let scale_len: usize = dequant::scale_shape(rows, cols, block).iter().product();
+    let data: Vec<Vec<u8>> = (0..3).map(|_| (0..rows * cols).map(|_| byte(&mut rng)).collect()).collect();
+    let scales: Vec<Vec<f32>> = (0..3).map(|_| (0..scale_len).map(|_| rng.random_range(1e-3f32..0.05)).collect()).collect();
+    let pieces: Vec<dequant::Fp8Matrix> = (0..3).map(|i| dequant::Fp8Matrix { data: &data[i], scales: &scales[i], block }).collect();
+    for (label, c) in [("one binding", ctx.clone()), ("split", ctx.with_binding_limit((rows * cols * 2 * 2) as u64))] {
+        let w = dequant::upload_fp8(&c, "experts", &pieces, rows, cols).unwrap();
+        assert_eq!(w.parts.len(), if label == "split" { 2 } else { 1 });
+        let got = read_bf16(ctx, &w);
+        let want: Vec<f32> = pieces.iter().flat_map(|p| dequant::reference(p, rows, cols)).collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: dequantised bits differ");
+    }
+    let odd = dequant::upload_fp8(ctx, "odd", &[dequant::Fp8Matrix { data: &[1, 2, 3], scales: &[1.0], block }], 1, 3);
+    assert!(odd.unwrap_err().to_string().contains("even number of columns"));
 }
 
 #[test]

@@ -202,3 +202,22 @@ fn deepseek_v2_bf16_mla_grouped_softmax_routing_shared_experts_yarn() {
 fn deepseek_v3_f32_low_rank_queries_sigmoid_bias_routing_yarn() {
     check("deepseek-v3-f32");
 }
+
+#[test]
+fn deepseek_v3_fp8_block_scaled_weights_against_their_dequantised_reference() {
+    check("deepseek-v3-fp8");
+    // Streamed experts stay FP8 in host memory (and so across the link): a pack is the three
+    // matrices at one byte a value plus their f32 block scales, about half of bf16's bytes.
+    let (dir, _) = fixture("deepseek-v3-fp8");
+    let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();
+    let placement = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![], budget: None, resident_bytes: 0, reserved_bytes: 0 };
+    let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
+    let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &placement).unwrap();
+    let moegen::model::weights::Ffn::Moe { experts: moegen::model::weights::Experts::Streamed(host), .. } = &model.weights.layers[1].ffn else {
+        panic!("layer 1's experts should stream");
+    };
+    let values = 3 * cfg.moe_intermediate_size * cfg.hidden_size;
+    let scales = 3 * 2 * 4 * 4; // three matrices of 2 x 4 blocks of 16 x 16, f32
+    assert_eq!(host.packs[0].len(), values + scales);
+    assert!(host.fp8_block == Some((16, 16)) && host.packs[0].len() * 10 < 2 * values * 6);
+}

@@ -3,6 +3,7 @@
 //! that the tests hold it to.
 
 pub mod attention;
+pub mod dequant;
 pub mod elementwise;
 pub mod embedding;
 pub mod head_matmul;
@@ -72,6 +73,7 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
     }
     out.push(attention::shader(features, &attention::AttentionShape::latent(16, 576, 512, 0.1), 16384));
     out.push(elementwise::copy_cols_shader());
+    out.push(dequant::shader());
     for dtype in dtypes {
         out.push(head_matmul::shader(dtype, features));
     }

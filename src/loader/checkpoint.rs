@@ -17,6 +17,8 @@ pub enum Dtype {
     F32,
     F16,
     Bf16,
+    /// FP8 e4m3 (fn: no infinities), with block scales in a `*_scale_inv` tensor beside it.
+    F8E4M3,
 }
 
 impl Dtype {
@@ -24,13 +26,16 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::F8E4M3 => 1,
         }
     }
+
+    /// The dtype the GPU kernels read: FP8 weights are dequantised to bf16 on the GPU.
     pub fn weight(self) -> WeightDtype {
         match self {
             Dtype::F32 => WeightDtype::F32,
             Dtype::F16 => WeightDtype::F16,
-            Dtype::Bf16 => WeightDtype::Bf16,
+            Dtype::Bf16 | Dtype::F8E4M3 => WeightDtype::Bf16,
         }
     }
 }
@@ -79,6 +84,7 @@ impl TensorRef<'_> {
             Dtype::F32 => bytemuck::pod_collect_to_vec(self.data),
             Dtype::F16 => self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::Bf16 => self.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F8E4M3 => self.data.iter().map(|&b| crate::kernels::dequant::e4m3_to_f32(b)).collect(),
         }
     }
 }
@@ -133,7 +139,8 @@ impl Checkpoint {
                 safetensors::Dtype::F32 => Dtype::F32,
                 safetensors::Dtype::F16 => Dtype::F16,
                 safetensors::Dtype::BF16 => Dtype::Bf16,
-                other => return Err(bad(&path, format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"))),
+                safetensors::Dtype::F8_E4M3 => Dtype::F8E4M3,
+                other => return Err(bad(&path, format!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16, F8_E4M3"))),
             };
             let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
             if end > map.len() {

@@ -37,12 +37,12 @@ impl Model {
         let weights = Weights::load(ctx, checkpoint, &cfg, placement)?;
         let positions = max_positions.clamp(1, cfg.max_position_embeddings.max(1));
         let rope = RopeTable::new(ctx, &cfg.inv_freq, cfg.rope_attention_scaling, positions)?;
-        let streamed_dtype = weights.layers.iter().find_map(|l| match &l.ffn {
-            Ffn::Moe { experts: Experts::Streamed(h), .. } => Some(h.dtype),
+        let streamed = weights.layers.iter().find_map(|l| match &l.ffn {
+            Ffn::Moe { experts: Experts::Streamed(h), .. } => Some((h.dtype, h.fp8_block.map(|_| h.packs[0].len()))),
             _ => None,
         });
-        let slots = match streamed_dtype {
-            Some(dtype) => (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, &cfg, dtype)).collect::<Result<_>>()?,
+        let slots = match streamed {
+            Some((dtype, fp8_pack)) => (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, &cfg, dtype, fp8_pack)).collect::<Result<_>>()?,
             None => Vec::new(),
         };
         let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));

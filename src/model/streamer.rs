@@ -57,12 +57,17 @@ pub struct ExpertSlot {
     pub down: GpuBuffer,
     /// Written by mapping (unified memory) rather than through the queue's staging copy.
     pub mapped: bool,
+    /// FP8 experts: where the pack lands before the GPU dequantises it into the matrices.
+    pub fp8_staging: Option<GpuBuffer>,
 }
 
 impl ExpertSlot {
-    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: WeightDtype) -> Result<Self> {
+    /// A slot for experts whose matrices the kernels read as `dtype`; FP8 packs of
+    /// `fp8_pack_bytes` also get a staging buffer.
+    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: WeightDtype, fp8_pack_bytes: Option<usize>) -> Result<Self> {
         let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(8);
-        let mapped = ctx.unified_memory() && std::env::var_os("MOEGEN_NO_MAPPED_SLOTS").is_none();
+        // FP8 slots are written by the GPU's dequantisation, not by the host.
+        let mapped = ctx.unified_memory() && fp8_pack_bytes.is_none() && std::env::var_os("MOEGEN_NO_MAPPED_SLOTS").is_none();
         log::debug!("expert slot of 3 x {bytes} bytes, {}", if mapped { "written in place (unified memory)" } else { "written through staging" });
         let make = |what: &str| -> Result<GpuBuffer> {
             if bytes > ctx.binding_limit() {
@@ -74,11 +79,25 @@ impl ExpertSlot {
                 ctx.storage(what, bytes)
             }
         };
-        Ok(ExpertSlot { gate: make("expert slot (gate)")?, up: make("expert slot (up)")?, down: make("expert slot (down)")?, mapped })
+        let fp8_staging = fp8_pack_bytes.map(|b| ctx.storage("expert slot (FP8 pack)", (b as u64).next_multiple_of(4))).transpose()?;
+        Ok(ExpertSlot { gate: make("expert slot (gate)")?, up: make("expert slot (up)")?, down: make("expert slot (down)")?, mapped, fp8_staging })
     }
 
-    /// Writes an expert's three matrices into the slot.
-    fn fill(&self, ctx: &GpuContext, parts: [&[u8]; 3]) -> Result<()> {
+    /// Writes an expert's pack into the slot: its three matrices, or for FP8 the pack into the
+    /// staging buffer and the GPU dequantising it into the matrices (submitted before the
+    /// upload counts as done, so the expert's work, submitted after, reads bf16).
+    fn fill(&self, ctx: &GpuContext, host: &HostExperts, pack: &[u8]) -> Result<()> {
+        if let (Some(staging), Some(block), Some(scales)) = (&self.fp8_staging, host.fp8_block, host.scale_offsets()) {
+            ctx.upload(staging, 0, pack)?;
+            let mut b = crate::gpu::Batch::named(ctx, "dequantising a streamed expert");
+            let shapes = [(host.inter, host.hidden), (host.inter, host.hidden), (host.hidden, host.inter)];
+            for (((buf, range), scale0), (rows, cols)) in [&self.gate, &self.up, &self.down].into_iter().zip(host.sections()).zip(scales).zip(shapes) {
+                let run = crate::kernels::dequant::DequantRun { rows, row0: 0, src_byte0: range.start, scale0, dst_byte0: 0 };
+                crate::kernels::dequant::dequant_fp8(&mut b, staging, staging, buf, run, cols, block)?;
+            }
+            return b.submit().map(|_| ());
+        }
+        let parts = host.sections().map(|r| &pack[r]);
         for (buf, data) in [&self.gate, &self.up, &self.down].into_iter().zip(parts) {
             if self.mapped {
                 ctx.write_mapped(buf, data)?;
@@ -227,7 +246,6 @@ pub fn stream_layer<T>(
     let uses = cache.lock().unwrap().plan(layer, experts);
     let progress = Mutex::new(Progress::default());
     let changed = Condvar::new();
-    let [g, u, d] = host.sections();
     let mut stats = StreamStats::default();
     for s in &uses {
         if s.upload {
@@ -255,7 +273,7 @@ pub fn stream_layer<T>(
                     if let Some(l) = limit {
                         l.admit(pack.len());
                     }
-                    let sent = slots[s.slot].fill(ctx, [&pack[g.clone()], &pack[u.clone()], &pack[d.clone()]]);
+                    let sent = slots[s.slot].fill(ctx, host, pack);
                     if let (Some(t), Some(start)) = (tracer, start) {
                         t.finish(Track::Upload, format!("layer {layer} expert {} ({} KiB)", s.expert, pack.len() >> 10), start);
                     }

@@ -3,7 +3,8 @@
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, GpuContext, GpuWeight, WeightDtype};
 use crate::kernels::moe::StackedExperts;
-use crate::loader::checkpoint::{Checkpoint, TensorRef};
+use crate::kernels::dequant::{scale_shape, to_bf16_bytes, upload_fp8, Fp8Matrix};
+use crate::loader::checkpoint::{Checkpoint, Dtype, TensorRef};
 use std::borrow::Cow;
 
 use crate::loader::config::{Arch, ModelConfig, QkNorm};
@@ -43,23 +44,37 @@ pub enum Experts {
 /// expert is one contiguous read when it streams to a slot.
 pub struct HostExperts {
     pub packs: Vec<Vec<u8>>,
+    /// The dtype the kernels read from the slots (bf16 for FP8 packs).
     pub dtype: WeightDtype,
+    /// FP8 packs: the scale block; each pack holds the three FP8 matrices, then their f32 scales.
+    pub fp8_block: Option<(usize, usize)>,
     pub inter: usize,
     pub hidden: usize,
 }
 
 impl HostExperts {
-    /// Byte ranges of the gate, up and down matrices within a pack.
+    /// Byte ranges of the gate, up and down matrices within a pack (FP8 values for FP8 packs).
     pub fn sections(&self) -> [std::ops::Range<usize>; 3] {
-        let m = self.inter * self.hidden * self.dtype.bytes();
+        let m = self.inter * self.hidden * if self.fp8_block.is_some() { 1 } else { self.dtype.bytes() };
         [0..m, m..2 * m, 2 * m..3 * m]
+    }
+
+    /// Float offsets, within a pack read as floats, of the gate, up and down scales.
+    pub fn scale_offsets(&self) -> Option<[usize; 3]> {
+        let block = self.fp8_block?;
+        let each: usize = crate::kernels::dequant::scale_shape(self.inter, self.hidden, block).iter().product();
+        let start = 3 * self.inter * self.hidden / 4;
+        Some([start, start + each, start + 2 * each])
     }
 }
 
-/// The experts' matrices in place in the checkpoint, one slice per expert and kind.
+/// The experts' matrices in place in the checkpoint, one slice per expert and kind (with their
+/// scales when FP8).
 struct ExpertPieces<'a> {
     kinds: [Vec<&'a [u8]>; 3],
+    scales: [Vec<Vec<f32>>; 3],
     dtypes: [WeightDtype; 3],
+    fp8: bool,
     names: [String; 3],
 }
 
@@ -132,7 +147,38 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<GpuWeight> {
-        matrix(self.ctx, &self.ck.get(name, &[rows, cols])?)
+        let t = self.ck.get(name, &[rows, cols])?;
+        match self.fp8_scales(&t)? {
+            Some((scales, block)) => upload_fp8(self.ctx, name, &[Fp8Matrix { data: t.data, scales: &scales, block }], rows, cols),
+            None => matrix(self.ctx, &t),
+        }
+    }
+
+    /// The block scales of an FP8 tensor (`<name>_scale_inv`), or None for other dtypes.
+    fn fp8_scales(&self, t: &TensorRef) -> Result<Option<(Vec<f32>, (usize, usize))>> {
+        if t.dtype != Dtype::F8E4M3 {
+            return Ok(None);
+        }
+        let block = self.cfg.weight_block.ok_or_else(|| {
+            Error::invalid(t.name, "FP8 tensor in a checkpoint whose config.json has no fp8 quantization_config (weight_block_size)")
+        })?;
+        let shape = scale_shape(t.shape[0], t.shape[1], block);
+        let scales = self.ck.get(&format!("{}_scale_inv", t.name), &shape)?;
+        if scales.dtype == Dtype::F8E4M3 {
+            return Err(Error::invalid(scales.name, "scales stored as FP8"));
+        }
+        Ok(Some((scales.to_f32(), block)))
+    }
+
+    /// A tensor's bytes in the dtype the GPU reads, FP8 dequantised on the host (for weights the
+    /// host rearranges before upload).
+    fn host_bytes<'t>(&self, t: &TensorRef<'t>) -> Result<(Cow<'t, [u8]>, WeightDtype)> {
+        Ok(match self.fp8_scales(t)? {
+            Some((scales, block)) => {
+                (Cow::Owned(to_bf16_bytes(&Fp8Matrix { data: t.data, scales: &scales, block }, t.shape[0], t.shape[1])), WeightDtype::Bf16)
+            }
+            None => (Cow::Borrowed(t.data), t.dtype.weight()),
+        })
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<GpuBuffer> {
@@ -162,13 +208,18 @@ impl Loader<'_> {
             let down = self.ck.get(&format!("{prefix}.experts.down_proj"), &[n, h, inter])?;
             let each = inter * h * gate_up.dtype.bytes();
             let halves: Vec<&[u8]> = gate_up.data.chunks(each).collect();
+            if gate_up.dtype == Dtype::F8E4M3 || down.dtype == Dtype::F8E4M3 {
+                return Err(Error::invalid(&fused, "FP8 experts in the fused layout are not supported (per-expert tensors are)"));
+            }
             return Ok(ExpertPieces {
                 kinds: [
                     halves.iter().step_by(2).copied().collect(),
                     halves.iter().skip(1).step_by(2).copied().collect(),
                     down.data.chunks(h * inter * down.dtype.bytes()).collect(),
                 ],
+                scales: Default::default(),
                 dtypes: [gate_up.dtype.weight(), gate_up.dtype.weight(), down.dtype.weight()],
+                fp8: false,
                 names: [fused.clone(), fused, down.name.to_string()],
             });
         }
@@ -177,6 +228,8 @@ impl Loader<'_> {
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
         let mut kinds: [Vec<&[u8]>; 3] = Default::default();
+        let mut scales: [Vec<Vec<f32>>; 3] = Default::default();
+        let mut fp8 = [false; 3];
         let mut dtypes = [WeightDtype::F32; 3];
         for (kind, name) in names.iter().enumerate() {
             let shape = if kind == 2 { [h, inter] } else { [inter, h] };
@@ -189,15 +242,31 @@ impl Loader<'_> {
             }
             kinds[kind] = tensors.iter().map(|t| t.data).collect();
             dtypes[kind] = dtype.weight();
+            fp8[kind] = dtype == Dtype::F8E4M3;
+            if fp8[kind] {
+                scales[kind] = tensors.iter().map(|t| self.fp8_scales(t).map(|s| s.expect("FP8 tensor").0)).collect::<Result<_>>()?;
+            }
         }
-        Ok(ExpertPieces { kinds, dtypes, names: names.map(|n| format!("{prefix}.experts.*.{n}.weight")) })
+        let names = names.map(|n| format!("{prefix}.experts.*.{n}.weight"));
+        if fp8.iter().any(|&f| f != fp8[0]) {
+            return Err(Error::invalid(&names[0], "a layer's experts mix FP8 and other dtypes across gate, up and down"));
+        }
+        Ok(ExpertPieces { kinds, scales, dtypes, fp8: fp8[0], names })
     }
 
     fn experts(&self, prefix: &str, stream: bool) -> Result<Experts> {
         let (h, inter, n) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts);
         let p = self.expert_pieces(prefix)?;
+        let block = self.cfg.weight_block.unwrap_or((1, 1));
         if !stream {
-            let stack = |k: usize, rows: usize, cols: usize| GpuWeight::stack(self.ctx, &p.names[k], &p.kinds[k], p.dtypes[k], rows, cols);
+            let stack = |k: usize, rows: usize, cols: usize| {
+                if p.fp8 {
+                    let pieces: Vec<Fp8Matrix> = (0..n).map(|e| Fp8Matrix { data: p.kinds[k][e], scales: &p.scales[k][e], block }).collect();
+                    upload_fp8(self.ctx, &p.names[k], &pieces, rows, cols)
+                } else {
+                    GpuWeight::stack(self.ctx, &p.names[k], &p.kinds[k], p.dtypes[k], rows, cols)
+                }
+            };
             return Ok(Experts::Resident(Box::new(StackedExperts {
                 gate: stack(0, inter, h)?,
                 up: stack(1, inter, h)?,
@@ -208,8 +277,21 @@ impl Loader<'_> {
         if p.dtypes.iter().any(|&d| d != p.dtypes[0]) {
             return Err(Error::invalid(&p.names[2], format!("streamed experts need one dtype for all three matrices, found {:?}", p.dtypes)));
         }
-        let packs = (0..n).map(|e| [p.kinds[0][e], p.kinds[1][e], p.kinds[2][e]].concat()).collect();
-        Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], inter, hidden: h }))
+        if p.fp8 && (inter * h) % 4 != 0 {
+            return Err(Error::invalid(&p.names[0], format!("streamed FP8 experts need {inter} x {h} to be a multiple of 4")));
+        }
+        let packs = (0..n)
+            .map(|e| {
+                let mut pack = [p.kinds[0][e], p.kinds[1][e], p.kinds[2][e]].concat();
+                if p.fp8 {
+                    for k in 0..3 {
+                        pack.extend_from_slice(bytemuck::cast_slice(&p.scales[k][e]));
+                    }
+                }
+                pack
+            })
+            .collect();
+        Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], fp8_block: p.fp8.then_some(block), inter, hidden: h }))
     }
 
     /// The bytes of each attention matrix the forward pass uses, checked against the config.
@@ -223,15 +305,17 @@ impl Loader<'_> {
                 continue;
             }
             let t = self.ck.get(&format!("{prefix}.{name}.weight"), &[rows, cols])?;
-            out.push((t.name.to_string(), Cow::Borrowed(t.data), t.dtype.weight()));
+            let (bytes, dtype) = self.host_bytes(&t)?;
+            out.push((t.name.to_string(), bytes, dtype));
         }
         if let Some(m) = &cfg.mla {
             let (heads, dn, dv, r) = (cfg.num_heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
             let t = self.ck.get(&format!("{prefix}.kv_b_proj.weight"), &[heads * (dn + dv), r])?;
-            let e = t.dtype.bytes();
+            let (data, dtype) = self.host_bytes(&t)?;
+            let e = dtype.bytes();
             let (mut absorb_k, mut absorb_v) = (Vec::with_capacity(heads * r * dn * e), Vec::with_capacity(heads * dv * r * e));
             for h in 0..heads {
-                let head = &t.data[h * (dn + dv) * r * e..(h + 1) * (dn + dv) * r * e];
+                let head = &data[h * (dn + dv) * r * e..(h + 1) * (dn + dv) * r * e];
                 for j in 0..r {
                     for i in 0..dn {
                         absorb_k.extend_from_slice(&head[(i * r + j) * e..][..e]);
@@ -241,8 +325,8 @@ impl Loader<'_> {
             }
             // In the order attention_matrices lists them: before o_proj.
             let o = out.pop().expect("o_proj is listed");
-            out.push((format!("{} (keys, transposed)", t.name), Cow::Owned(absorb_k), t.dtype.weight()));
-            out.push((format!("{} (values)", t.name), Cow::Owned(absorb_v), t.dtype.weight()));
+            out.push((format!("{} (keys, transposed)", t.name), Cow::Owned(absorb_k), dtype));
+            out.push((format!("{} (values)", t.name), Cow::Owned(absorb_v), dtype));
             out.push(o);
         }
         Ok(out)
