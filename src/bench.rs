@@ -244,11 +244,17 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<String> {
     let hw = hw.with_upload_cap(args.upload_bandwidth);
     let requests = synthetic_requests(&cfg, args.sequences, args.prompt_len, args.new_tokens);
     let shape = job_shape(&requests, args.max_step_tokens);
+    let non_expert = weights.resident + weights.attention_per_layer * cfg.num_layers as u64;
+    let streamed_as = if weights.per_expert_stream != weights.per_expert {
+        format!(", {} in host memory and over the link (FP8)", crate::planner::format_size(weights.per_expert_stream))
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "{}: {} of weights ({} non-expert, {} experts of {} each)\nhardware: {} [{}]\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
+        "{}: {} of weights on the GPU ({} non-expert, {} experts of {} each{streamed_as})\nhardware: {} [{}]\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
         args.source.name(),
-        crate::planner::format_size(weights.resident + weights.per_layer() * weights.moe_layers as u64),
-        crate::planner::format_size(weights.resident),
+        crate::planner::format_size(non_expert + weights.per_layer() * weights.moe_layers as u64),
+        crate::planner::format_size(non_expert),
         weights.experts_per_layer * weights.moe_layers,
         crate::planner::format_size(weights.per_expert),
         hw.name,

@@ -83,8 +83,8 @@ pub struct DequantRun {
 
 /// Records the dequantisation of one run of rows of a `[.., cols]` matrix with `block` scales.
 pub fn dequant_fp8(b: &mut Batch, src: &GpuBuffer, scales: &GpuBuffer, dst: &GpuBuffer, run: DequantRun, cols: usize, block: (usize, usize)) -> Result<()> {
-    ensure!(cols % 2 == 0 && cols > 0, "fp8 weights", "{cols} columns; FP8 weights need an even number");
-    ensure!(run.src_byte0 % 4 == 0 && run.dst_byte0 % 4 == 0, "fp8 weights", "unaligned run");
+    ensure!(cols.is_multiple_of(2) && cols > 0, "fp8 weights", "{cols} columns; FP8 weights need an even number");
+    ensure!(run.src_byte0.is_multiple_of(4) && run.dst_byte0.is_multiple_of(4), "fp8 weights", "unaligned run");
     ensure!(block.0 > 0 && block.1 > 0, "fp8 weights", "empty scale block");
     let n = run.rows * cols;
     ensure!(src.size() >= (run.src_byte0 + n) as u64 && dst.size() >= (run.dst_byte0 + 2 * n) as u64, "fp8 weights", "run past its buffers");
@@ -109,7 +109,7 @@ pub fn dequant_fp8(b: &mut Batch, src: &GpuBuffer, scales: &GpuBuffer, dst: &Gpu
 /// weight, each piece with its own scales; parts split between pieces, as [`GpuWeight::stack`].
 pub fn upload_fp8(ctx: &GpuContext, what: &str, pieces: &[Fp8Matrix], rows_each: usize, cols: usize) -> Result<GpuWeight> {
     ensure!(rows_each > 0 && cols > 0 && !pieces.is_empty(), what, "empty weight {rows_each}x{cols}");
-    if cols % 2 != 0 {
+    if !cols.is_multiple_of(2) {
         return Err(Error::invalid(what, format!("FP8 weights need an even number of columns, found {cols}")));
     }
     let scale_len: usize = scale_shape(rows_each, cols, pieces[0].block).iter().product();

@@ -42,9 +42,10 @@ struct Params {
 }
 
 /// `y[t, h, :out] = w[h] . x[t, h, :in]` with `w` `[heads * out, in]`, for `tokens` tokens.
+#[allow(clippy::too_many_arguments)]
 pub fn head_matmul(b: &mut Batch, x: &GpuBuffer, xl: HeadLayout, w: &GpuWeight, heads: usize, y: &GpuBuffer, yl: HeadLayout, tokens: usize) -> Result<()> {
     ensure!(tokens > 0 && heads > 0, "head_matmul", "empty input");
-    ensure!(w.rows % heads == 0, "head_matmul", "{} weight rows do not split into {heads} heads", w.rows);
+    ensure!(w.rows.is_multiple_of(heads), "head_matmul", "{} weight rows do not split into {heads} heads", w.rows);
     ensure!(w.parts.len() == 1, "head_matmul", "weight split into {} buffers", w.parts.len());
     let (out, inner) = (w.rows / heads, w.cols);
     ensure!(tokens.div_ceil(TOK as usize) <= 65535 && heads <= 65535, "head_matmul", "{tokens} tokens of {heads} heads exceed one dispatch");

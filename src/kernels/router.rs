@@ -75,7 +75,7 @@ pub fn route(
         need(bias, cfg.n_experts, "router bias")?;
     }
     ensure!(
-        cfg.n_group >= 1 && cfg.n_group <= 32 && cfg.n_experts % cfg.n_group == 0 && cfg.topk_group >= 1 && cfg.topk_group <= cfg.n_group,
+        cfg.n_group >= 1 && cfg.n_group <= 32 && cfg.n_experts.is_multiple_of(cfg.n_group) && cfg.topk_group >= 1 && cfg.topk_group <= cfg.n_group,
         "router",
         "{} experts in {} groups choosing {}",
         cfg.n_experts,

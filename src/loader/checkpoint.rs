@@ -185,6 +185,10 @@ impl Checkpoint {
         self.tensors.get(name).map_or(0, |e| (e.end - e.start) as u64)
     }
 
+    pub fn dtype_of(&self, name: &str) -> Option<Dtype> {
+        self.tensors.get(name).map(|e| e.dtype)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

@@ -492,7 +492,7 @@ fn deepseek_routing(f: &Fields, arch: Arch, n_experts: usize, top_k: usize) -> R
     } else {
         (1, 1)
     };
-    if n_experts % n_group != 0 || topk_group > n_group || n_group > 32 {
+    if !n_experts.is_multiple_of(n_group) || topk_group > n_group || n_group > 32 {
         return Err(err(f.file, format!("{n_experts} experts in n_group {n_group} groups choosing topk_group {topk_group}: groups must divide the experts, number at most 32 and include the chosen")));
     }
     if topk_group * (n_experts / n_group) < top_k {
@@ -680,5 +680,76 @@ mod tests {
         assert_eq!(c.moe_intermediate_size, 32);
         assert_eq!(c.shared_expert_intermediate_size, Some(48));
         assert!(c.attention_bias && !c.norm_topk_prob);
+    }
+
+    fn deepseek_v3() -> Value {
+        json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+            "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+            "v_head_dim": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048, "n_routed_experts": 256,
+            "num_experts_per_tok": 8, "n_shared_experts": 1, "first_k_dense_replace": 3, "topk_method": "noaux_tc",
+            "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": true, "vocab_size": 129280,
+            "max_position_embeddings": 163840, "rope_theta": 10000,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+            "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+        })
+    }
+
+    #[test]
+    fn deepseek_v3_release_config() {
+        let c = parse(deepseek_v3()).unwrap();
+        assert_eq!(c.arch, Arch::DeepseekV3);
+        assert_eq!(c.kv_widths(), [576, 0], "the cache keeps the latent and the rope key only");
+        assert_eq!(c.dense_layers, vec![0, 1, 2]);
+        assert_eq!(c.shared_expert_intermediate_size, Some(2048));
+        assert!(!c.shared_expert_gated && c.norm_topk_prob);
+        let r = &c.routing;
+        assert!(r.sigmoid && r.correction_bias && r.group_by_top_two && r.n_group == 8 && r.topk_group == 4 && r.scale == 2.5);
+        assert_eq!(c.rope_layout, RopeLayout::Interleaved);
+        assert_eq!(c.inv_freq.len(), 32, "rope over qk_rope_head_dim");
+        assert_eq!(c.weight_block, Some((128, 128)));
+        let m = c.mla.as_ref().unwrap();
+        // 192^-0.5 * (0.1 * ln 40 + 1)^2, as DeepseekV3Attention computes it.
+        let want = 192f64.powf(-0.5) * (0.1 * 40f64.ln() + 1.0).powi(2);
+        assert!((m.softmax_scale as f64 - want).abs() < 1e-7, "{}", m.softmax_scale);
+        assert!((c.rope_attention_scaling - 1.0).abs() < 1e-7, "mscale / mscale_all_dim = 1");
+        let names: Vec<&str> = c.attention_matrices().iter().map(|m| m.0).collect();
+        assert_eq!(names, ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj.absorb_k", "kv_b_proj.absorb_v", "o_proj"]);
+        let kv_b: usize = c.attention_matrices()[3..5].iter().map(|m| m.1 * m.2).sum();
+        assert_eq!(kv_b, 128 * 256 * 512, "the absorbed halves are kv_b_proj's values");
+    }
+
+    #[test]
+    fn deepseek_v2_greedy_and_group_limited_routing() {
+        let mut v = deepseek_v3();
+        v["architectures"] = json!(["DeepseekV2ForCausalLM"]);
+        v.as_object_mut().unwrap().remove("quantization_config");
+        v["topk_method"] = json!("group_limited_greedy");
+        v["n_group"] = json!(8);
+        v["topk_group"] = json!(3);
+        v["q_lora_rank"] = Value::Null;
+        v["norm_topk_prob"] = json!(false);
+        let c = parse(v.clone()).unwrap();
+        let r = &c.routing;
+        assert!(!r.sigmoid && !r.correction_bias && !r.group_by_top_two && r.n_group == 8 && r.topk_group == 3);
+        assert_eq!(c.attention_matrices()[0].0, "q_proj");
+        v["topk_method"] = json!("greedy");
+        assert_eq!(parse(v.clone()).unwrap().routing.n_group, 1, "greedy ignores the groups");
+        v["topk_method"] = json!("random");
+        assert!(parse(v.clone()).unwrap_err().to_string().contains("topk_method `random`"));
+        v["topk_method"] = json!("group_limited_greedy");
+        v["n_group"] = json!(7);
+        assert!(parse(v.clone()).unwrap_err().to_string().contains("n_group 7"));
+        v["n_group"] = json!(32);
+        v["topk_group"] = json!(1);
+        v["num_experts_per_tok"] = json!(9);
+        assert!(parse(v).unwrap_err().to_string().contains("cannot supply"));
+        let mut q = deepseek_v3();
+        q["quantization_config"] = json!({"quant_method": "awq"});
+        assert!(parse(q).unwrap_err().to_string().contains("`awq`"));
+        let mut q = deepseek_v3();
+        q["quantization_config"]["weight_block_size"] = Value::Null;
+        assert!(parse(q).unwrap_err().to_string().contains("weight_block_size"));
     }
 }

@@ -139,6 +139,12 @@ fn vector(ctx: &GpuContext, t: &TensorRef) -> Result<GpuBuffer> {
     ctx.storage_from(t.name, &t.to_f32())
 }
 
+/// An FP8 tensor's block scales and the block they cover.
+type Fp8Scales = (Vec<f32>, (usize, usize));
+
+/// A weight's name, its bytes as the GPU will read them, and their dtype.
+type NamedWeight<'a> = (String, Cow<'a, [u8]>, WeightDtype);
+
 struct Loader<'a> {
     ctx: &'a GpuContext,
     ck: &'a Checkpoint,
@@ -155,7 +161,7 @@ impl Loader<'_> {
     }
 
     /// The block scales of an FP8 tensor (`<name>_scale_inv`), or None for other dtypes.
-    fn fp8_scales(&self, t: &TensorRef) -> Result<Option<(Vec<f32>, (usize, usize))>> {
+    fn fp8_scales(&self, t: &TensorRef) -> Result<Option<Fp8Scales>> {
         if t.dtype != Dtype::F8E4M3 {
             return Ok(None);
         }
@@ -297,7 +303,7 @@ impl Loader<'_> {
     /// The bytes of each attention matrix the forward pass uses, checked against the config.
     /// MLA's `kv_b_proj` is split per head into its key half, transposed so that queries can be
     /// multiplied into it, and its value half.
-    fn attention_data(&self, prefix: &str) -> Result<Vec<(String, Cow<'_, [u8]>, WeightDtype)>> {
+    fn attention_data(&self, prefix: &str) -> Result<Vec<NamedWeight<'_>>> {
         let cfg = self.cfg;
         let mut out = Vec::new();
         for (name, rows, cols) in cfg.attention_matrices() {

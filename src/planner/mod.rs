@@ -67,8 +67,11 @@ pub struct WeightBytes {
     pub resident: u64,
     /// One layer's attention projections (streamed when the budget is short).
     pub attention_per_layer: u64,
-    /// One routed expert's three matrices (every expert of the model is the same size).
+    /// One routed expert's three matrices on the GPU (every expert of the model is the same size).
     pub per_expert: u64,
+    /// One routed expert as host memory holds it and the link carries it: less than on the GPU
+    /// for FP8 weights, which the GPU dequantises to bf16.
+    pub per_expert_stream: u64,
     pub experts_per_layer: usize,
     pub moe_layers: usize,
 }
@@ -76,16 +79,23 @@ pub struct WeightBytes {
 impl WeightBytes {
     pub fn of(ck: &Checkpoint, cfg: &ModelConfig) -> Self {
         let mut resident = 0u64;
-        let mut experts = 0u64;
+        let (mut experts, mut experts_stored) = (0u64, 0u64);
         let mut attention = 0u64;
         for name in ck.names() {
-            let bytes = ck.bytes_of(name);
+            let stored = ck.bytes_of(name);
+            // FP8 weights take two bytes a value on the GPU; their scales stay behind.
+            let gpu = match ck.dtype_of(name) {
+                Some(crate::loader::checkpoint::Dtype::F8E4M3) => 2 * stored,
+                _ if name.ends_with("_scale_inv") => 0,
+                _ => stored,
+            };
             if is_routed_expert(name) {
-                experts += bytes;
+                experts += gpu;
+                experts_stored += stored;
             } else if is_attention_projection(name) {
-                attention += bytes;
+                attention += gpu;
             } else {
-                resident += bytes;
+                resident += gpu;
             }
         }
         let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
@@ -94,6 +104,7 @@ impl WeightBytes {
             resident,
             attention_per_layer: attention / cfg.num_layers.max(1) as u64,
             per_expert: experts / count,
+            per_expert_stream: experts_stored / count,
             experts_per_layer: cfg.num_experts,
             moe_layers,
         }
@@ -111,10 +122,21 @@ impl WeightBytes {
         let router = moe_layers as u64 * cfg.num_experts as u64 * h;
         let embed = cfg.vocab_size as u64 * h * if cfg.tie_word_embeddings { 1 } else { 2 };
         let resident = (dense + shared + router + embed) * dtype_bytes + (cfg.num_layers as u64 * 2 + 1) * h * dtype_bytes;
+        let expert_values = 3 * h * cfg.moe_intermediate_size as u64;
+        // FP8 experts stream as one byte a value plus an f32 scale per block.
+        let per_expert_stream = match cfg.weight_block {
+            Some((br, bc)) => {
+                let (hh, ii) = (cfg.hidden_size as u64, cfg.moe_intermediate_size as u64);
+                let blocks = 2 * ii.div_ceil(br as u64) * hh.div_ceil(bc as u64) + hh.div_ceil(br as u64) * ii.div_ceil(bc as u64);
+                expert_values + 4 * blocks
+            }
+            None => expert_values * dtype_bytes,
+        };
         WeightBytes {
             resident,
             attention_per_layer: attn * dtype_bytes,
-            per_expert: 3 * h * cfg.moe_intermediate_size as u64 * dtype_bytes,
+            per_expert: expert_values * dtype_bytes,
+            per_expert_stream,
             experts_per_layer: cfg.num_experts,
             moe_layers,
         }
@@ -122,6 +144,11 @@ impl WeightBytes {
 
     pub fn per_layer(&self) -> u64 {
         self.per_expert * self.experts_per_layer as u64
+    }
+
+    /// One layer's experts as host memory holds them.
+    pub fn per_layer_stream(&self) -> u64 {
+        self.per_expert_stream * self.experts_per_layer as u64
     }
 }
 
@@ -178,9 +205,14 @@ pub fn kv_row_bytes(cfg: &ModelConfig) -> u64 {
     (cfg.num_layers * cfg.kv_row() * 4) as u64
 }
 
-/// The weight of an attention projection (q, k, v, o; biases stay resident).
+/// The weight of an attention projection (q, k, v, o, and MLA's low-rank ones; biases and
+/// norms stay resident), or its FP8 scales.
 pub fn is_attention_projection(name: &str) -> bool {
-    name.contains(".self_attn.") && ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"].iter().any(|p| name.ends_with(p))
+    let name = name.strip_suffix("_scale_inv").unwrap_or(name);
+    name.contains(".self_attn.")
+        && ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
+            .iter()
+            .any(|p| name.ends_with(&format!(".{p}.weight")))
 }
 
 /// A routed expert's tensor (not a shared expert's, not the router's).
@@ -344,7 +376,7 @@ mod tests {
     #[test]
     fn streams_what_does_not_fit_and_refuses_below_the_minimum() {
         let c = cfg(4, 8);
-        let w = WeightBytes { resident: 1000, attention_per_layer: 40, per_expert: 100, experts_per_layer: 8, moe_layers: 4 };
+        let w = WeightBytes { resident: 1000, attention_per_layer: 40, per_expert: 100, per_expert_stream: 100, experts_per_layer: 8, moe_layers: 4 };
         let all = Placement::plan(&c, &w, 1000 + 160 + 50 + 3200, 50).unwrap();
         assert_eq!((all.resident_layers.len(), all.slots, all.streamed_attention.len()), (4, 0, 0));
         // Room for every layer's attention, two layers of experts (1600), two slots (200) and one more.
