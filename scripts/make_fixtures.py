@@ -212,6 +212,6 @@ if __name__ == "__main__":
         build_fp8("deepseek-v3-fp8",
                   dict(intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3,
                        n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, q_lora_rank=24,
-                       kv_lora_rank=40, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=16,
+                       kv_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                        num_key_value_heads=4, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                        norm_topk_prob=True, rope_theta=10000.0))

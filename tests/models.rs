@@ -210,9 +210,16 @@ fn deepseek_v3_fp8_block_scaled_weights_against_their_dequantised_reference() {
     // matrices at one byte a value plus their f32 block scales, about half of bf16's bytes.
     let (dir, _) = fixture("deepseek-v3-fp8");
     let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();
-    let placement = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![], budget: None, resident_bytes: 0, reserved_bytes: 0 };
+    let placement = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![1], budget: None, resident_bytes: 0, reserved_bytes: 0 };
     let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
     let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &placement).unwrap();
+    // So does streamed attention, kv_b_proj's halves included (its heads fall on block bounds).
+    let moegen::model::weights::Projections::Streamed(attn) = &model.weights.layers[1].attn else {
+        panic!("layer 1's attention should stream");
+    };
+    assert!(attn.fp8.iter().all(Option::is_some), "{:?}", attn.fp8);
+    let gpu_bytes: usize = (0..attn.data.len()).map(|i| attn.gpu_bytes(i)).sum();
+    assert!(attn.bytes() * 10 < gpu_bytes * 6, "{} bytes streamed for {gpu_bytes} on the GPU", attn.bytes());
     let moegen::model::weights::Ffn::Moe { experts: moegen::model::weights::Experts::Streamed(host), .. } = &model.weights.layers[1].ffn else {
         panic!("layer 1's experts should stream");
     };

@@ -6,6 +6,7 @@ use crate::error::{ensure, Result};
 use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight, Track, WeightPart};
 use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::elementwise::{add_assign, add_gated, copy_cols, copy_rows, swiglu, swiglu_range, Cols};
+use crate::kernels::dequant::{dequant_fp8, DequantRun};
 use crate::kernels::head_matmul::{head_matmul, HeadLayout};
 use crate::kernels::embedding::embed;
 use crate::kernels::matmul::{matmul, matmul_rows, Rows};
@@ -94,6 +95,8 @@ pub struct Model {
     pub other_uploads: std::sync::atomic::AtomicU64,
     /// Room for one layer's streamed attention projections, and the layer it holds.
     pub attn_slot: Option<Vec<GpuBuffer>>,
+    /// Where streamed FP8 attention matrices land before the GPU dequantises them into the slot.
+    pub attn_staging: Option<GpuBuffer>,
     pub attn_held: std::sync::Mutex<Option<usize>>,
 }
 
@@ -258,8 +261,20 @@ impl Model {
             if let Some(l) = &self.upload_limit {
                 l.admit(host.bytes());
             }
-            for (buf, data) in slot.iter().zip(&host.data) {
-                self.ctx.upload(buf, 0, data)?;
+            for (i, (buf, data)) in slot.iter().zip(&host.data).enumerate() {
+                match (host.fp8[i], &self.attn_staging) {
+                    (Some(block), Some(staging)) => {
+                        // Submitted before the staging buffer is written again, so each
+                        // dequantisation reads its own matrix.
+                        let (rows, cols) = host.shapes[i];
+                        self.ctx.upload(staging, 0, data)?;
+                        let mut b = Batch::named(&self.ctx, format!("layer {li} attention: dequantising FP8"));
+                        let run = DequantRun { rows, row0: 0, src_byte0: 0, scale0: (rows * cols).div_ceil(4), dst_byte0: 0 };
+                        dequant_fp8(&mut b, staging, staging, buf, run, cols, block)?;
+                        b.submit()?;
+                    }
+                    _ => self.ctx.upload(buf, 0, data)?,
+                }
             }
             self.other_uploads.fetch_add(host.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
             if let (Some(t), Some(s)) = (tracer, start) {

@@ -47,11 +47,16 @@ impl Model {
         };
         let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));
         // One slot as large as the largest streamed layer's projections, each matrix its own buffer.
+        // FP8 matrices land in one staging buffer first, then the GPU dequantises them.
         let mut widest = vec![0u64; cfg.attention_matrices().len()];
+        let mut staging = 0u64;
         for l in &weights.layers {
             if let Projections::Streamed(h) = &l.attn {
-                for (w, d) in widest.iter_mut().zip(&h.data) {
-                    *w = (*w).max((d.len() as u64).next_multiple_of(4));
+                for (i, w) in widest.iter_mut().enumerate() {
+                    *w = (*w).max((h.gpu_bytes(i) as u64).next_multiple_of(4));
+                    if h.fp8[i].is_some() {
+                        staging = staging.max(h.data[i].len() as u64);
+                    }
                 }
             }
         }
@@ -60,6 +65,7 @@ impl Model {
         } else {
             None
         };
+        let attn_staging = if staging > 0 { Some(ctx.storage("attention slot (FP8 staging)", staging)?) } else { None };
         Ok(Model {
             cfg,
             weights,
@@ -70,6 +76,7 @@ impl Model {
             slot_cache,
             other_uploads: Default::default(),
             attn_slot,
+            attn_staging,
             attn_held: Default::default(),
         })
     }

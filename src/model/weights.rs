@@ -86,15 +86,28 @@ pub enum Projections {
 }
 
 pub struct HostProjections {
+    /// Each matrix's bytes; an FP8 one's values, padded to 4 bytes, then its f32 block scales.
     pub data: Vec<Vec<u8>>,
+    /// The dtype the kernels read (bf16 for FP8 matrices, dequantised in the slot).
     pub dtype: WeightDtype,
     /// (rows, cols) of each.
     pub shapes: Vec<(usize, usize)>,
+    /// The scale block of each FP8 matrix.
+    pub fp8: Vec<Option<(usize, usize)>>,
 }
 
 impl HostProjections {
+    /// Bytes that cross the link for the layer.
     pub fn bytes(&self) -> usize {
         self.data.iter().map(Vec::len).sum()
+    }
+
+    /// Bytes matrix `i` takes in its GPU slot.
+    pub fn gpu_bytes(&self, i: usize) -> usize {
+        match self.fp8[i] {
+            Some(_) => self.shapes[i].0 * self.shapes[i].1 * self.dtype.bytes(),
+            None => self.data[i].len(),
+        }
     }
 }
 
@@ -142,8 +155,13 @@ fn vector(ctx: &GpuContext, t: &TensorRef) -> Result<GpuBuffer> {
 /// An FP8 tensor's block scales and the block they cover.
 type Fp8Scales = (Vec<f32>, (usize, usize));
 
-/// A weight's name, its bytes as the GPU will read them, and their dtype.
-type NamedWeight<'a> = (String, Cow<'a, [u8]>, WeightDtype);
+/// One attention matrix as loaded: its bytes in the dtype the kernels read, or FP8 with scales.
+struct AttentionMatrix<'a> {
+    name: String,
+    bytes: Cow<'a, [u8]>,
+    dtype: WeightDtype,
+    fp8: Option<Fp8Scales>,
+}
 
 struct Loader<'a> {
     ctx: &'a GpuContext,
@@ -300,10 +318,11 @@ impl Loader<'_> {
         Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], fp8_block: p.fp8.then_some(block), inter, hidden: h }))
     }
 
-    /// The bytes of each attention matrix the forward pass uses, checked against the config.
-    /// MLA's `kv_b_proj` is split per head into its key half, transposed so that queries can be
-    /// multiplied into it, and its value half.
-    fn attention_data(&self, prefix: &str) -> Result<Vec<NamedWeight<'_>>> {
+    /// Each attention matrix the forward pass uses, checked against the config. MLA's
+    /// `kv_b_proj` is split per head into its key half, transposed so that queries can be
+    /// multiplied into it, and its value half. FP8 matrices stay FP8 (the halves too when the
+    /// heads fall on block boundaries, as in DeepSeek-V3; else they are dequantised here).
+    fn attention_data(&self, prefix: &str) -> Result<Vec<AttentionMatrix<'_>>> {
         let cfg = self.cfg;
         let mut out = Vec::new();
         for (name, rows, cols) in cfg.attention_matrices() {
@@ -311,14 +330,16 @@ impl Loader<'_> {
                 continue;
             }
             let t = self.ck.get(&format!("{prefix}.{name}.weight"), &[rows, cols])?;
-            let (bytes, dtype) = self.host_bytes(&t)?;
-            out.push((t.name.to_string(), bytes, dtype));
+            let fp8 = self.fp8_scales(&t)?;
+            out.push(AttentionMatrix { name: t.name.to_string(), bytes: Cow::Borrowed(t.data), dtype: t.dtype.weight(), fp8 });
         }
         if let Some(m) = &cfg.mla {
             let (heads, dn, dv, r) = (cfg.num_heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
             let t = self.ck.get(&format!("{prefix}.kv_b_proj.weight"), &[heads * (dn + dv), r])?;
-            let (data, dtype) = self.host_bytes(&t)?;
-            let e = dtype.bytes();
+            let scales = self.fp8_scales(&t)?;
+            let aligned = scales.as_ref().is_some_and(|(_, (br, bc))| dn % br == 0 && dv % br == 0 && r % bc == 0);
+            let (data, dtype) = if aligned { (Cow::Borrowed(t.data), WeightDtype::Bf16) } else { self.host_bytes(&t)? };
+            let e = if aligned { 1 } else { dtype.bytes() };
             let (mut absorb_k, mut absorb_v) = (Vec::with_capacity(heads * r * dn * e), Vec::with_capacity(heads * dv * r * e));
             for h in 0..heads {
                 let head = &data[h * (dn + dv) * r * e..(h + 1) * (dn + dv) * r * e];
@@ -329,10 +350,28 @@ impl Loader<'_> {
                 }
                 absorb_v.extend_from_slice(&head[dn * r * e..]);
             }
+            // Block scales follow: the value half keeps its heads' block rows; the transposed key
+            // half has blocks of (bc, br) whose scales are each head's block rows transposed.
+            let (k_fp8, v_fp8) = match (aligned, scales) {
+                (true, Some((s, (br, bc)))) => {
+                    let cols = r.div_ceil(bc);
+                    let (head_blocks, k_blocks, v_blocks) = ((dn + dv) / br, dn / br, dv / br);
+                    let (mut sk, mut sv) = (Vec::new(), Vec::new());
+                    for h in 0..heads {
+                        let head = &s[h * head_blocks * cols..(h + 1) * head_blocks * cols];
+                        for jb in 0..cols {
+                            sk.extend((0..k_blocks).map(|ib| head[ib * cols + jb]));
+                        }
+                        sv.extend_from_slice(&head[k_blocks * cols..(k_blocks + v_blocks) * cols]);
+                    }
+                    (Some((sk, (bc, br))), Some((sv, (br, bc))))
+                }
+                _ => (None, None),
+            };
             // In the order attention_matrices lists them: before o_proj.
             let o = out.pop().expect("o_proj is listed");
-            out.push((format!("{} (keys, transposed)", t.name), Cow::Owned(absorb_k), dtype));
-            out.push((format!("{} (values)", t.name), Cow::Owned(absorb_v), dtype));
+            out.push(AttentionMatrix { name: format!("{} (keys, transposed)", t.name), bytes: Cow::Owned(absorb_k), dtype, fp8: k_fp8 });
+            out.push(AttentionMatrix { name: format!("{} (values)", t.name), bytes: Cow::Owned(absorb_v), dtype, fp8: v_fp8 });
             out.push(o);
         }
         Ok(out)
@@ -345,15 +384,37 @@ impl Loader<'_> {
             return data
                 .iter()
                 .zip(&shapes)
-                .map(|((name, bytes, dtype), &(rows, cols))| GpuWeight::upload(self.ctx, name, bytes, *dtype, rows, cols))
+                .map(|(m, &(rows, cols))| match &m.fp8 {
+                    Some((scales, block)) => upload_fp8(self.ctx, &m.name, &[Fp8Matrix { data: &m.bytes, scales, block: *block }], rows, cols),
+                    None => GpuWeight::upload(self.ctx, &m.name, &m.bytes, m.dtype, rows, cols),
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Projections::Resident);
         }
-        let dtype = data[0].2;
-        if let Some((name, _, d)) = data.iter().find(|(_, _, d)| *d != dtype) {
-            return Err(Error::invalid(name, format!("streamed attention needs one dtype for all its matrices; found {d:?} and {dtype:?}")));
+        let dtype = data[0].dtype;
+        if let Some(m) = data.iter().find(|m| m.dtype != dtype) {
+            return Err(Error::invalid(&m.name, format!("streamed attention needs one dtype for all its matrices; found {:?} and {dtype:?}", m.dtype)));
         }
-        Ok(Projections::Streamed(HostProjections { data: data.into_iter().map(|(_, b, _)| b.into_owned()).collect(), dtype, shapes }))
+        for (m, &(_, cols)) in data.iter().zip(&shapes) {
+            if m.fp8.is_some() && !cols.is_multiple_of(2) {
+                return Err(Error::invalid(&m.name, format!("FP8 weights need an even number of columns, found {cols}")));
+            }
+        }
+        // FP8 matrices travel as their values (padded to 4 bytes) followed by their f32 scales.
+        let fp8 = data.iter().map(|m| m.fp8.as_ref().map(|(_, block)| *block)).collect();
+        let data = data
+            .into_iter()
+            .map(|m| match m.fp8 {
+                Some((scales, _)) => {
+                    let mut bytes = m.bytes.into_owned();
+                    bytes.resize(bytes.len().next_multiple_of(4), 0);
+                    bytes.extend_from_slice(bytemuck::cast_slice(&scales));
+                    bytes
+                }
+                None => m.bytes.into_owned(),
+            })
+            .collect();
+        Ok(Projections::Streamed(HostProjections { data, dtype, shapes, fp8 }))
     }
 
     fn layer(&self, i: usize, placement: &Placement) -> Result<Layer> {

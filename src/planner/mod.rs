@@ -65,8 +65,10 @@ pub struct WeightBytes {
     /// Weights that always stay on the GPU: embeddings, norms, routers, LM head, shared experts
     /// and dense MLPs.
     pub resident: u64,
-    /// One layer's attention projections (streamed when the budget is short).
+    /// One layer's attention projections on the GPU (streamed when the budget is short).
     pub attention_per_layer: u64,
+    /// The same as host memory holds them and the link carries them (less for FP8).
+    pub attention_per_layer_stream: u64,
     /// One routed expert's three matrices on the GPU (every expert of the model is the same size).
     pub per_expert: u64,
     /// One routed expert as host memory holds it and the link carries it: less than on the GPU
@@ -80,7 +82,7 @@ impl WeightBytes {
     pub fn of(ck: &Checkpoint, cfg: &ModelConfig) -> Self {
         let mut resident = 0u64;
         let (mut experts, mut experts_stored) = (0u64, 0u64);
-        let mut attention = 0u64;
+        let (mut attention, mut attention_stored) = (0u64, 0u64);
         for name in ck.names() {
             let stored = ck.bytes_of(name);
             // FP8 weights take two bytes a value on the GPU; their scales stay behind.
@@ -94,6 +96,7 @@ impl WeightBytes {
                 experts_stored += stored;
             } else if is_attention_projection(name) {
                 attention += gpu;
+                attention_stored += stored;
             } else {
                 resident += gpu;
             }
@@ -103,6 +106,7 @@ impl WeightBytes {
         WeightBytes {
             resident,
             attention_per_layer: attention / cfg.num_layers.max(1) as u64,
+            attention_per_layer_stream: attention_stored / cfg.num_layers.max(1) as u64,
             per_expert: experts / count,
             per_expert_stream: experts_stored / count,
             experts_per_layer: cfg.num_experts,
@@ -122,19 +126,24 @@ impl WeightBytes {
         let router = moe_layers as u64 * cfg.num_experts as u64 * h;
         let embed = cfg.vocab_size as u64 * h * if cfg.tie_word_embeddings { 1 } else { 2 };
         let resident = (dense + shared + router + embed) * dtype_bytes + (cfg.num_layers as u64 * 2 + 1) * h * dtype_bytes;
-        let expert_values = 3 * h * cfg.moe_intermediate_size as u64;
-        // FP8 experts stream as one byte a value plus an f32 scale per block.
-        let per_expert_stream = match cfg.weight_block {
-            Some((br, bc)) => {
-                let (hh, ii) = (cfg.hidden_size as u64, cfg.moe_intermediate_size as u64);
-                let blocks = 2 * ii.div_ceil(br as u64) * hh.div_ceil(bc as u64) + hh.div_ceil(br as u64) * ii.div_ceil(bc as u64);
-                expert_values + 4 * blocks
-            }
-            None => expert_values * dtype_bytes,
+        let (hh, ii) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let expert_values = 3 * (hh * ii) as u64;
+        // FP8 weights stream as one byte a value plus an f32 scale per block.
+        let stored = |shapes: &[(usize, usize)]| -> u64 {
+            shapes
+                .iter()
+                .map(|&(r, c)| match cfg.weight_block {
+                    Some(block) => (r * c) as u64 + 4 * crate::kernels::dequant::scale_shape(r, c, block).iter().product::<usize>() as u64,
+                    None => (r * c) as u64 * dtype_bytes,
+                })
+                .sum()
         };
+        let per_expert_stream = stored(&[(ii, hh), (ii, hh), (hh, ii)]);
+        let attention_shapes: Vec<(usize, usize)> = cfg.attention_matrices().iter().map(|&(_, r, c)| (r, c)).collect();
         WeightBytes {
             resident,
             attention_per_layer: attn * dtype_bytes,
+            attention_per_layer_stream: stored(&attention_shapes),
             per_expert: expert_values * dtype_bytes,
             per_expert_stream,
             experts_per_layer: cfg.num_experts,
@@ -376,7 +385,15 @@ mod tests {
     #[test]
     fn streams_what_does_not_fit_and_refuses_below_the_minimum() {
         let c = cfg(4, 8);
-        let w = WeightBytes { resident: 1000, attention_per_layer: 40, per_expert: 100, per_expert_stream: 100, experts_per_layer: 8, moe_layers: 4 };
+        let w = WeightBytes {
+            resident: 1000,
+            attention_per_layer: 40,
+            attention_per_layer_stream: 40,
+            per_expert: 100,
+            per_expert_stream: 100,
+            experts_per_layer: 8,
+            moe_layers: 4,
+        };
         let all = Placement::plan(&c, &w, 1000 + 160 + 50 + 3200, 50).unwrap();
         assert_eq!((all.resident_layers.len(), all.slots, all.streamed_attention.len()), (4, 0, 0));
         // Room for every layer's attention, two layers of experts (1600), two slots (200) and one more.

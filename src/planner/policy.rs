@@ -80,7 +80,7 @@ pub struct JobPlan {
 /// Memory the streamed experts' packs take in host memory under `placement`.
 fn streamed_host_bytes(cfg: &ModelConfig, w: &WeightBytes, placement: &Placement) -> u64 {
     let streamed = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as u64;
-    streamed * w.per_layer_stream() + placement.streamed_attention.len() as u64 * w.attention_per_layer
+    streamed * w.per_layer_stream() + placement.streamed_attention.len() as u64 * w.attention_per_layer_stream
 }
 
 /// Checks that host memory holds the streamed weights, what the load stages there, and `kv` bytes
@@ -378,7 +378,7 @@ fn step_cost(
             gpu += 3.0 * hw.matmul_s(t, cfg.intermediate_size as f64, h);
         }
     }
-    let streamed_bytes = streamed_layers * active * w.per_expert_stream as f64 + placement.streamed_attention.len() as f64 * w.attention_per_layer as f64;
+    let streamed_bytes = streamed_layers * active * w.per_expert_stream as f64 + placement.streamed_attention.len() as f64 * w.attention_per_layer_stream as f64;
     io_bytes += streamed_bytes;
     gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
     let layers = cfg.num_layers as f64;
