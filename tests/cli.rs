@@ -338,3 +338,25 @@ fn plan_predicts_real_shapes_from_a_hardware_file() {
     std::fs::write(&bad, "{\"name\": 1}").unwrap();
     fails_with(&moegen(&["plan", "--synthetic", "ci-small", "--hardware", path(&bad)]), &["hw.json", "hardware profile"]);
 }
+
+#[test]
+fn deepseek_plans_and_runs_with_fp8_weights_and_a_latent_cache() {
+    // DeepSeek-V3's shapes: FP8 experts stream at half their GPU size; the plan fits 1 TiB.
+    let hw = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/hardware/rtx-a5000-pcie4.json");
+    let o = moegen(&["plan", "--synthetic", "deepseek-v3", "--hardware", path(&hw), "--host-memory", "1TiB", "--batching", "module"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("experts of 84.0 MiB each, 42.0 MiB in host memory and over the link (FP8)"), "{text}");
+    assert!(text.contains("predicted") && text.contains("population"), "{text}");
+    // The CI-sized DeepSeek runs end to end under every policy, experts streamed as FP8.
+    let o = moegen(&[
+        "bench", "--synthetic", "deepseek-small", "--gpu-memory", "3MiB", "--sequences", "6", "--prompt-len", "5", "--new-tokens", "3", "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for r in &rows {
+        assert!(r["tokens_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert!(r["bytes_uploaded"].as_u64().unwrap() > 0, "the experts should stream under 3 MiB: {r}");
+    }
+}
