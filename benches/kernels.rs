@@ -107,4 +107,31 @@ fn main() {
             );
         }
     }
+
+    if wants("latent") {
+        // DeepSeek-V2-Lite's absorbed MLA decode: 16 heads over one 576-value latent row per
+        // token (512 of them the values); the cache holds 2304 bytes a token and layer, where
+        // expanded keys and values would take 16 x (192 + 128) x 4 = 20480.
+        println!("\nlatent (MLA) decode attention: 16 query heads, rows of 576 (values 512), f32 cache");
+        println!("{:>9} {:>8} {:>12} {:>10} {:>10}", "sequences", "context", "time", "KV GB/s", "GFLOP/s");
+        let shape = attention::AttentionShape::latent(16, 576, 512, 0.1);
+        for (seqs, context) in [(1usize, 512usize), (16, 512)] {
+            let kv_rows = seqs * context;
+            let q = filled(&ctx, seqs * 16 * 576, 2);
+            let kv = filled(&ctx, kv_rows * 576, 3);
+            let out = ctx.storage("bench out", (seqs * 16 * 512 * 4) as u64).expect("out");
+            let starts: Vec<usize> = (0..seqs).map(|s| s * context).collect();
+            let ranges = ctx.storage_from("ranges", &attention::decode_ranges(&starts, &vec![context; seqs])).expect("ranges");
+            let reps = if quick { 3 } else { 10 };
+            let t = time(&ctx, reps, |b| attention::attention(b, &shape, &q, &kv, &kv, &ranges, &out, seqs, kv_rows).expect("attention"));
+            let kv_bytes = (kv_rows * 576 * 4) as f64;
+            let flops = 2.0 * (seqs * 16 * context * (576 + 512)) as f64;
+            println!(
+                "{seqs:>9} {context:>8} {:>10.3}ms {:>10.1} {:>10.1}",
+                t.as_secs_f64() * 1e3,
+                kv_bytes / t.as_secs_f64() / 1e9,
+                flops / t.as_secs_f64() / 1e9
+            );
+        }
+    }
 }
