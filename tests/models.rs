@@ -63,7 +63,9 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
         worst = worst.max(relative_error(&logits[i], &want));
     }
     eprintln!("{name}: largest relative logit error {worst:.2e}");
-    assert!(worst < 1e-3, "{name}: relative logit error {worst:e} against transformers");
+    // Every fixture lands near 1e-6 (f32 arithmetic on the weights as stored). The bound is tight
+    // on purpose: a wrong norm eps (DeepSeek's low-rank norms) showed as 1.5e-5 and nothing else.
+    assert!(worst < 5e-6, "{name}: relative logit error {worst:e} against transformers");
 
     let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
     let requests: Vec<Request> = prompts
@@ -228,3 +230,4 @@ fn deepseek_v3_fp8_block_scaled_weights_against_their_dequantised_reference() {
     assert_eq!(host.packs[0].len(), values + scales);
     assert!(host.fp8_block == Some((16, 16)) && host.packs[0].len() * 10 < 2 * values * 6);
 }
+

@@ -78,6 +78,9 @@ impl StepInput {
     }
 }
 
+/// The eps of MLA's two low-rank norms, whatever `rms_norm_eps` says.
+const MLA_NORM_EPS: f32 = 1e-6;
+
 /// A model ready to run: its config, weights and rope table on one device.
 pub struct Model {
     pub cfg: ModelConfig,
@@ -207,7 +210,9 @@ impl Model {
         let cfg = &self.cfg;
         let m = cfg.mla.as_ref().expect("latent attention on an MLA model");
         let norms = self.weights.layers[li].mla.as_ref().expect("MLA norms loaded");
-        let (n, heads, eps) = (t.n, cfg.num_heads, cfg.rms_norm_eps);
+        // DeepSeek's code builds q_a_layernorm and kv_a_layernorm without the config's eps, so
+        // they keep RMSNorm's default (transformers does the same).
+        let (n, heads, eps) = (t.n, cfg.num_heads, MLA_NORM_EPS);
         let (dn, dr, r, dv) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim);
         let (qk, cw) = (m.qk_head_dim(), m.cache_width());
         let (q, rest) = match (m.q_lora_rank, norms.q_a.as_ref(), w) {

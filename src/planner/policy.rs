@@ -427,28 +427,38 @@ fn step_cost(
 
 /// Predicts the job's throughput with `in_flight` sequences at once.
 fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Placement, hw: &HardwareProfile, in_flight: usize, module: Option<&ModuleSizes>) -> Prediction {
-    let b = in_flight.max(1) as f64;
     let (p, d) = (job.prompt_len.max(1.0), job.new_tokens.max(0.0));
-    let waves = (job.sequences as f64 / b).ceil().max(1.0);
-    // Prefill: the wave's prompt tokens in steps of the step budget.
     let step = job.max_step_tokens.max(1) as f64;
-    let prompt_tokens = b * p;
-    let steps = (prompt_tokens / step).ceil().max(1.0);
-    let t = prompt_tokens / steps;
-    // Each prompt token reads half its prompt on average; a step holds (t / p) sequences' prompts.
-    let prefill = steps * step_cost(cfg, w, placement, hw, t, t * p / 2.0, 0.0, (t / p).max(1.0), module, p.min(t)).time();
-    // Decode: one token per sequence per step (the first new token comes with the prefill),
-    // attending to its prompt and half the new tokens.
-    let past = b * (p + d / 2.0);
-    let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module, 1.0);
     let decode_steps = (d - 1.0).max(0.0);
-    let decode = decode_steps * decode_step.time();
-    let wave_tokens = b * (p + d);
-    let tokens = job.tokens();
-    let total_time = waves * (prefill + decode) * (tokens / (waves * wave_tokens)).min(1.0);
+    // One wave of `b` sequences: its prefill time, its decode time and a decode step's cost.
+    let wave = |b: f64| {
+        // Prefill: the wave's prompt tokens in steps of the step budget. Each prompt token reads
+        // half its prompt on average; a step holds (t / p) sequences' prompts.
+        let steps = (b * p / step).ceil().max(1.0);
+        let t = b * p / steps;
+        let prefill = steps * step_cost(cfg, w, placement, hw, t, t * p / 2.0, 0.0, (t / p).max(1.0), module, p.min(t)).time();
+        // Decode: one token per sequence per step (the first new token comes with the prefill),
+        // attending to its prompt and half the new tokens.
+        let past = b * (p + d / 2.0);
+        let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module, 1.0);
+        (prefill, decode_steps * decode_step.time(), decode_step)
+    };
+    let b = (in_flight.max(1) as f64).min(job.sequences.max(1) as f64);
+    let (prefill, decode, decode_step) = wave(b);
+    // Full waves, then the sequences left over as a smaller wave: it streams as many weights a
+    // step as a full one, so it costs more than its share of tokens.
+    let full = (job.sequences as f64 / b).floor().max(1.0);
+    let rest = (job.sequences as f64 - full * b).max(0.0);
+    let rest_time = if rest >= 1.0 {
+        let (rp, rd, _) = wave(rest);
+        rp + rd
+    } else {
+        0.0
+    };
+    let total_time = full * (prefill + decode) + rest_time;
     Prediction {
-        tokens_per_s: tokens / total_time.max(1e-12),
-        prefill_tokens_per_s: prompt_tokens / prefill.max(1e-12),
+        tokens_per_s: job.tokens() / total_time.max(1e-12),
+        prefill_tokens_per_s: b * p / prefill.max(1e-12),
         decode_tokens_per_s: if decode_steps > 0.0 { b * decode_steps / decode.max(1e-12) } else { 0.0 },
         bound: decode_step.bound(),
         batch_limit: "",
