@@ -229,5 +229,20 @@ fn deepseek_v3_fp8_block_scaled_weights_against_their_dequantised_reference() {
     let scales = 3 * 2 * 4 * 4; // three matrices of 2 x 4 blocks of 16 x 16, f32
     assert_eq!(host.packs[0].len(), values + scales);
     assert!(host.fp8_block == Some((16, 16)) && host.packs[0].len() * 10 < 2 * values * 6);
+
+    // A config without the quantization block, or a missing scale, is an error naming what.
+    let broken = std::env::temp_dir().join(format!("moegen-fp8-{}", std::process::id()));
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(dir.join("model.safetensors"), broken.join("model.safetensors")).unwrap();
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(broken.join("config.json"), config.to_string()).unwrap();
+    let e = Model::load(gpu(), &broken, 64).err().expect("FP8 weights without quantization_config").to_string();
+    assert!(e.contains("quantization_config") && e.contains("weight"), "{e}");
+    config["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 16]});
+    std::fs::write(broken.join("config.json"), config.to_string()).unwrap();
+    let e = Model::load(gpu(), &broken, 64).err().expect("scales of the wrong block").to_string();
+    assert!(e.contains("_scale_inv") && e.contains("shape"), "{e}");
+    std::fs::remove_dir_all(&broken).ok();
 }
 
