@@ -752,4 +752,20 @@ mod tests {
         q["quantization_config"]["weight_block_size"] = Value::Null;
         assert!(parse(q).unwrap_err().to_string().contains("weight_block_size"));
     }
+
+    /// DeepSeek-V2-Lite's rope and softmax scale as transformers 5.23.0 computes them from its
+    /// release config (YaRN factor 40 from 4096 positions, mscale = mscale_all_dim = 0.707):
+    /// `ROPE_INIT_FUNCTIONS["yarn"]` and `DeepseekV2Attention.scaling`, as printed.
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn deepseek_v2_lite_yarn_matches_transformers() {
+        let c = crate::loader::synthetic::preset_config("deepseek-v2-lite").unwrap();
+        let want = [(0, 1.0), (1, 0.7498942017555237), (8, 0.10000000149011612), (16, 0.005500000435858965), (24, 2.499999936844688e-05), (31, 3.3338035336782923e-06)];
+        assert_eq!(c.inv_freq.len(), 32);
+        for (i, w) in want {
+            assert!((c.inv_freq[i] as f64 - w).abs() <= 1e-6 * w, "inv_freq[{i}] = {} vs {w}", c.inv_freq[i]);
+        }
+        assert_eq!(c.rope_attention_scaling, 1.0);
+        assert!((c.mla.as_ref().unwrap().softmax_scale as f64 - 0.1147213867929261).abs() < 1e-7);
+    }
 }
