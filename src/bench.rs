@@ -76,6 +76,8 @@ pub struct JobSpec {
     pub upload_bandwidth: Option<u64>,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
+    /// Keys and values in 16 bits in host memory and over the link.
+    pub kv_bf16: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -118,7 +120,7 @@ fn check_job(cfg: &ModelConfig, sequences: usize, prompt_len: usize, new_tokens:
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let spec = &args.spec;
-    let cfg = spec.source.config()?;
+    let cfg = spec.source.config()?.with_kv_bf16(spec.kv_bf16)?;
     check_job(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens)?;
     let ctx = GpuContext::new(&spec.adapter)?;
     let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, ctx.info().device_type);
@@ -221,7 +223,7 @@ fn write_traces(path: &std::path::Path, traces: &[(Batching, String)]) -> anyhow
 /// Prints each policy's plan and predicted throughput. With `--hardware` no GPU is needed; the
 /// budgets default to the profile's memories.
 pub fn run_plan(args: &JobSpec) -> anyhow::Result<String> {
-    let cfg = args.source.config()?;
+    let cfg = args.source.config()?.with_kv_bf16(args.kv_bf16)?;
     check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
     let weights = args.source.weight_bytes(&cfg)?;
     let (hw, budgets) = match &args.hardware {

@@ -43,6 +43,8 @@ pub struct JobArgs {
     pub hardware: Option<PathBuf>,
     /// Where to write a Chrome trace of the run.
     pub trace: Option<PathBuf>,
+    /// Keys and values in 16 bits in host memory and over the link.
+    pub kv_bf16: bool,
     pub adapter: AdapterChoice,
     pub progress: bool,
 }
@@ -140,7 +142,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         None if args.model.is_none() => default_assets().join("prompts.jsonl"),
         None => bail!("--input is required with --model (a JSONL file of prompts)"),
     };
-    let cfg = ModelConfig::load(&model_dir)?;
+    let cfg = ModelConfig::load(&model_dir)?.with_kv_bf16(args.kv_bf16)?;
     let tokenizer_path = model_dir.join("tokenizer.json");
     let codec = if tokenizer_path.exists() { Some(TextCodec::load(&tokenizer_path)?) } else { None };
     let lines = read_prompts(&input)?;

@@ -108,6 +108,16 @@ struct LimitFlags {
     /// host-to-GPU link than the machine has; the plan assumes it too.
     #[arg(long, value_parser = parse_rate)]
     upload_bandwidth: Option<u64>,
+    /// How keys and values are kept in host memory and sent over the link: f32 (exact), or bf16
+    /// (half the bytes; every policy then rounds keys and values to bf16 as it caches them).
+    #[arg(long, value_enum, default_value = "f32")]
+    kv_dtype: KvDtype,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KvDtype {
+    F32,
+    Bf16,
 }
 
 #[derive(Args)]
@@ -198,6 +208,7 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         upload_bandwidth: l.upload_bandwidth,
         hardware: l.hardware,
         adapter: AdapterChoice::from_env(adapter),
+        kv_bf16: l.kv_dtype == KvDtype::Bf16,
     })
 }
 
@@ -255,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batching: g.batching,
                 hardware: g.limits.hardware,
                 trace: g.trace,
+                kv_bf16: g.limits.kv_dtype == KvDtype::Bf16,
                 adapter: AdapterChoice::from_env(cli.adapter),
                 progress: !g.quiet,
             };

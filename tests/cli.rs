@@ -323,6 +323,26 @@ fn bench_reports_each_policy_as_json_and_writes_traces() {
 }
 
 #[test]
+fn bf16_kv_halves_the_kv_pages_sent() {
+    // Module-based with host KV pages: the same job with 16-bit pages sends fewer bytes (the
+    // hidden states are the same), and the plan says which precision the pages hold.
+    let run = |dtype: &str| -> u64 {
+        let o = moegen(&[
+            "bench", "--synthetic", "ci-small", "--batching", "module", "--gpu-memory", "700KiB", "--sequences", "8", "--prompt-len", "12",
+            "--new-tokens", "4", "--json", "--kv-dtype", dtype,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+        r["bytes_uploaded"].as_u64().unwrap()
+    };
+    let (full, half) = (run("f32"), run("bf16"));
+    assert!(half < full, "bf16 pages sent {half} bytes, f32 {full}");
+    let o = moegen(&["plan", "--synthetic", "ci-small", "--batching", "module", "--gpu-memory", "700KiB", "--sequences", "512", "--kv-dtype", "bf16"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("tokens (bf16)"), "{}", String::from_utf8_lossy(&o.stdout));
+    fails_with(&moegen(&["plan", "--kv-dtype", "f8"]), &["--kv-dtype", "f8"]);
+}
+
+#[test]
 fn plan_predicts_real_shapes_from_a_hardware_file() {
     let hw = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/hardware/rtx-a5000-pcie4.json");
     let o = moegen(&["plan", "--synthetic", "mixtral-8x7b", "--hardware", path(&hw), "--sequences", "4096", "--prompt-len", "512", "--new-tokens", "256"]);

@@ -258,6 +258,36 @@ fn strided_norm_and_column_copies() {
 }
 
 #[test]
+fn bf16_rounding_and_widening_of_kv_values() {
+    let mut rng = StdRng::seed_from_u64(45);
+    let ctx = gpu();
+    // Awkward count, values across magnitudes, exact ties (low half 0x8000) both ways, NaN.
+    let mut x: Vec<f32> = (0..1001).map(|i| rng.random_range(-1.0f32..1.0) * 10f32.powi(i % 9 - 4)).collect();
+    x[3] = f32::from_bits(0x3f80_8000); // tie, rounds down to even
+    x[4] = f32::from_bits(0x3f81_8000); // tie, rounds up to even
+    x[5] = f32::NAN;
+    let buf = upload(ctx, &x);
+    let mut b = Batch::new(ctx);
+    elementwise::round_bf16(&mut b, &buf, x.len()).unwrap();
+    b.submit().unwrap();
+    let got = ctx.read_f32(&buf, x.len()).unwrap();
+    for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+        let want = elementwise::round_bf16_reference(v);
+        assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "value {i}: {v} rounded to {g}, want {want}");
+    }
+    // Widening: the upper halves as packed bf16, back to the same f32 bits, into a poisoned buffer.
+    let mut packed: Vec<u16> = got.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+    packed.push(0); // whole words
+    let src = ctx.storage_from("bf16", &packed).unwrap();
+    let out = poisoned(ctx, x.len());
+    let mut b = Batch::new(ctx);
+    elementwise::expand_bf16(&mut b, &src, &out, x.len()).unwrap();
+    b.submit().unwrap();
+    let wide = ctx.read_f32(&out, x.len()).unwrap();
+    assert!(wide.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+}
+
+#[test]
 fn head_matmul_per_head_blocks_at_strides() {
     let mut rng = StdRng::seed_from_u64(43);
     for ctx in variants() {

@@ -165,9 +165,64 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     logits
 }
 
+/// Keys and values in 16 bits (`--kv-dtype bf16`): close to transformers' f32 logits, and the
+/// GPU cache (model-based) and the host pages (module-based) give the same tokens, since every
+/// policy rounds what it caches the same way. Host pages hold half the bytes.
+fn check_bf16_kv(name: &str) {
+    let (dir, expected) = fixture(name);
+    let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap().with_kv_bf16(true).unwrap();
+    let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
+    let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &Placement::all_resident(&cfg)).unwrap();
+    let prompts: Vec<Vec<u32>> = expected["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let logits = prompt_logits(&model, &prompts).unwrap();
+    let mut worst = 0f64;
+    for (i, want) in expected["logits"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<f32> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        worst = worst.max(relative_error(&logits[i], &want));
+    }
+    eprintln!("{name} with bf16 KV: largest relative logit error {worst:.2e}");
+    assert!(worst > 1e-6 && worst < 1e-2, "{name}: bf16 KV relative logit error {worst:e}");
+    let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
+    let requests: Vec<Request> = prompts.iter().enumerate().map(|(i, p)| Request { id: Value::from(i), prompt: p.clone(), max_new_tokens: max_new }).collect();
+    let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap();
+    let fixed = GenerateOptions { ignore_eos: true, cache_rows: 2 * longest, fixed_batch: true, ..Default::default() };
+    let mut gpu_kv = vec![Vec::new(); requests.len()];
+    generate(&model, &requests, &fixed, |f| {
+        gpu_kv[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    let page_bytes = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg, 4);
+    let f32_page = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg.clone().with_kv_bf16(false).unwrap(), 4);
+    assert_eq!(2 * page_bytes, f32_page);
+    let sizes = ModuleSizes {
+        population: 3,
+        step_tokens: 6,
+        attn_tokens: 5,
+        attn_kv_rows: 2 * longest,
+        expert_chunk: 3,
+        logit_rows: 2,
+        host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
+        page_tokens: 4,
+        gpu_kv_rows: 0,
+    };
+    let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
+    let mut host_pages = vec![Vec::new(); requests.len()];
+    generate_module(&model, &requests, &opts, &sizes, |f| {
+        host_pages[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(host_pages, gpu_kv, "{name}: bf16 KV in host pages and in the GPU cache disagree");
+    let want: Vec<Vec<u32>> = expected["greedy"].as_array().unwrap().iter().map(ids).collect();
+    let same = gpu_kv.iter().flatten().zip(want.iter().flatten()).filter(|(a, b)| a == b).count();
+    eprintln!("{name} with bf16 KV: {same} of {} greedy tokens as transformers' (f32 KV)", want.iter().flatten().count());
+}
+
 #[test]
 fn mixtral_f32() {
     check("mixtral-f32");
+    check_bf16_kv("mixtral-f32");
 }
 
 #[test]
@@ -203,6 +258,7 @@ fn deepseek_v2_bf16_mla_grouped_softmax_routing_shared_experts_yarn() {
 #[test]
 fn deepseek_v3_f32_low_rank_queries_sigmoid_bias_routing_yarn() {
     check("deepseek-v3-f32");
+    check_bf16_kv("deepseek-v3-f32");
 }
 
 #[test]

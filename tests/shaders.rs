@@ -68,7 +68,8 @@ fn specialisation_count_is_what_the_engine_uses() {
     // The list must cover every weight type and path; a new kernel that is not listed is not
     // cross-compiled, so the count is pinned here to be updated on purpose.
     let n = all_shaders(KernelFeatures { f16: true, subgroups: true, timestamps: false }).len();
-    // 12 single kernels, 7 attention shapes (one latent), column copy, FP8 dequantisation, and per
-    // weight type: embedding, 6 matmul paths, 2 grouped tiles, the per-head matmul.
-    assert_eq!(n, 12 + 7 + 2 + 3 * (1 + 6 + 2 + 1));
+    // 12 single kernels, 7 attention shapes (one latent), column copy, FP8 dequantisation, bf16
+    // rounding and widening, and per weight type: embedding, 6 matmul paths, 2 grouped tiles,
+    // the per-head matmul.
+    assert_eq!(n, 12 + 7 + 4 + 3 * (1 + 6 + 2 + 1));
 }

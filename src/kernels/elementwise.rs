@@ -175,3 +175,37 @@ pub fn copy_cols_reference(src: &[f32], from: Cols, dst: &[f32], to: Cols, rows:
     }
     out
 }
+
+pub fn round_bf16_shader() -> ShaderSource {
+    ShaderBuilder::new("round_bf16").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/round_bf16.wgsl"))
+}
+
+pub fn expand_bf16_shader() -> ShaderSource {
+    ShaderBuilder::new("expand_bf16").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/expand_bf16.wgsl"))
+}
+
+/// Rounds `n` f32 values of `x` in place to the nearest bf16 (ties to even).
+pub fn round_bf16(b: &mut Batch, x: &GpuBuffer, n: usize) -> Result<()> {
+    ensure!(n > 0, "round_bf16", "no elements");
+    need(x, n, "round_bf16 values")?;
+    let pipeline = b.ctx().pipeline(&round_bf16_shader())?;
+    let params = Dims4 { a: u32_of(n, "round_bf16 count")?, b: 0, c: 0, d: 0 };
+    let g = groups(b, n)?;
+    b.dispatch("round_bf16", &pipeline, &params, &[x], g)
+}
+
+/// Widens `n` bf16 values packed two to a word in `src` into f32 `dst`.
+pub fn expand_bf16(b: &mut Batch, src: &GpuBuffer, dst: &GpuBuffer, n: usize) -> Result<()> {
+    ensure!(n > 0, "expand_bf16", "no elements");
+    ensure!(src.size() >= n as u64 * 2, "expand_bf16", "{n} values need {} bytes, the source has {}", n * 2, src.size());
+    need(dst, n, "expand_bf16 output")?;
+    let pipeline = b.ctx().pipeline(&expand_bf16_shader())?;
+    let params = Dims4 { a: u32_of(n, "expand_bf16 count")?, b: 0, c: 0, d: 0 };
+    let g = groups(b, n)?;
+    b.dispatch("expand_bf16", &pipeline, &params, &[src, dst], g)
+}
+
+/// The value a bf16 round trip leaves (nearest, ties to even), as the kernel computes it.
+pub fn round_bf16_reference(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}

@@ -74,6 +74,8 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
     out.push(attention::shader(features, &attention::AttentionShape::latent(16, 576, 512, 0.1), 16384));
     out.push(elementwise::copy_cols_shader());
     out.push(dequant::shader());
+    out.push(elementwise::round_bf16_shader());
+    out.push(elementwise::expand_bf16_shader());
     for dtype in dtypes {
         out.push(head_matmul::shader(dtype, features));
     }

@@ -133,6 +133,9 @@ pub struct ModelConfig {
     pub rope_layout: RopeLayout,
     /// FP8 e4m3 weights with one scale per block of (rows, cols) (`quantization_config`).
     pub weight_block: Option<(usize, usize)>,
+    /// Keys and values are rounded to bf16 as they are cached, and kept and sent over the link
+    /// in 16 bits (`--kv-dtype bf16`; a run setting, not from config.json).
+    pub kv_bf16: bool,
     pub attention_bias: bool,
     pub qk_norm: QkNorm,
     pub tie_word_embeddings: bool,
@@ -368,6 +371,7 @@ impl ModelConfig {
             mla,
             rope_layout,
             weight_block,
+            kv_bf16: false,
             attention_bias,
             qk_norm,
             tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
@@ -392,6 +396,25 @@ impl ModelConfig {
     /// Floats of one token's key and value in one layer, together.
     pub fn kv_row(&self) -> usize {
         self.kv_widths().iter().sum()
+    }
+
+    /// The config with keys and values kept in 16 bits (`--kv-dtype bf16`) or not.
+    pub fn with_kv_bf16(mut self, on: bool) -> Result<Self> {
+        if on && self.kv_widths().iter().any(|w| w % 2 != 0) {
+            return Err(Error::invalid("--kv-dtype", format!("bf16 KV needs even key and value widths; this model's are {:?}", self.kv_widths())));
+        }
+        self.kv_bf16 = on;
+        Ok(self)
+    }
+
+    /// Bytes a cached key or value takes in host memory and over the link (on the GPU the
+    /// attention reads f32).
+    pub fn kv_value_bytes(&self) -> usize {
+        if self.kv_bf16 {
+            2
+        } else {
+            4
+        }
     }
 
     /// The widest per-token activation of the attention block (queries, or MLA's absorbed ones).

@@ -5,7 +5,7 @@
 use crate::error::{ensure, Result};
 use crate::gpu::{Batch, GpuBuffer, GpuContext, GpuWeight, Track, WeightPart};
 use crate::kernels::attention::{attention, AttentionShape};
-use crate::kernels::elementwise::{add_assign, add_gated, copy_cols, copy_rows, swiglu, swiglu_range, Cols};
+use crate::kernels::elementwise::{add_assign, add_gated, copy_cols, copy_rows, round_bf16, swiglu, swiglu_range, Cols};
 use crate::kernels::dequant::{dequant_fp8, DequantRun};
 use crate::kernels::head_matmul::{head_matmul, HeadLayout};
 use crate::kernels::embedding::embed;
@@ -193,6 +193,10 @@ impl Model {
         }
         rope(b, &q, &t.positions, &self.rope, n, cfg.num_heads, hd, cfg.rope_layout)?;
         rope(b, &k, &t.positions, &self.rope, n, cfg.num_kv_heads, hd, cfg.rope_layout)?;
+        if cfg.kv_bf16 {
+            round_bf16(b, &k, n * kv_dim)?;
+            round_bf16(b, &v, n * kv_dim)?;
+        }
         copy_rows(b, &k, None, kv.k, Some(&t.cache_rows), n, kv_dim)?;
         copy_rows(b, &v, None, kv.v, Some(&t.cache_rows), n, kv_dim)?;
         let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
@@ -234,6 +238,9 @@ impl Model {
         let rows = ctx.storage("latent cache rows", (n * cw * 4) as u64)?;
         rms_norm_strided(b, &compressed, &norms.kv_a, &rows, n, r, cw, eps)?;
         copy_cols(b, &compressed, Cols { stride: cw, col0: r }, &rows, Cols { stride: cw, col0: r }, n, dr)?;
+        if cfg.kv_bf16 {
+            round_bf16(b, &rows, n * cw)?;
+        }
         copy_rows(b, &rows, None, kv.k, Some(&t.cache_rows), n, cw)?;
         // Absorbed queries: per head, the latent-space query then the roped part.
         let q_latent = ctx.storage("absorbed queries", (n * heads * cw * 4) as u64)?;

@@ -175,7 +175,9 @@ pub fn plan_job(
             // two norms, queries, keys, values, attention output, router logits and choices.
             let q_dim = cfg.attention_width();
             let per_token = ((5 * cfg.hidden_size + 2 * q_dim + 2 * kv_row + cfg.num_experts + 2 * cfg.experts_per_token) * 4) as u64;
-            let attn_bytes = |rows: usize, tokens: usize| 2 * (rows as u64 * kv_row as u64 * 4 + tokens as u64 * per_token);
+            // KV rows are f32 on the GPU, with a 16-bit staging copy when pages are bf16.
+            let kv_gpu_bytes = 4 + if cfg.kv_bf16 { 2 } else { 0 };
+            let attn_bytes = |rows: usize, tokens: usize| 2 * (rows as u64 * kv_row as u64 * kv_gpu_bytes + tokens as u64 * per_token);
             let logit_bytes = |rows: usize| (rows * (cfg.vocab_size + 2 * cfg.hidden_size) * 4) as u64;
             let longest = job.longest;
             let floor = 16usize;
@@ -189,7 +191,7 @@ pub fn plan_job(
             let share = (gpu_budget - minimum) / 8;
             let binding_rows = (binding_limit / (key_width as u64 * 4)) as usize;
             let job_tokens = (job.tokens().ceil() as usize).max(longest);
-            let attn_kv_rows = (longest + (share / (2 * kv_row as u64 * 4)) as usize).min(binding_rows.max(longest)).min(job_tokens);
+            let attn_kv_rows = (longest + (share / (2 * kv_row as u64 * kv_gpu_bytes)) as usize).min(binding_rows.max(longest)).min(job_tokens);
             let (step_cap, logit_cap) = crate::scheduler::step_limits_for(cfg, binding_limit, usize::MAX);
             let attn_tokens = (floor + (share / (2 * per_token)) as usize).min(step_cap).min(attn_kv_rows).max(1);
             let chunk = (floor + (share / chunk_bytes(1)) as usize).min(expert_chunk);
@@ -385,7 +387,7 @@ fn step_cost(
     if let Some(s) = module {
         // KV pages of every sequence, staged up once per layer (none when the KV stays on the
         // GPU); hidden states up and down.
-        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past * kv_row * 4.0 * layers };
+        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past * kv_row * cfg.kv_value_bytes() as f64 * layers };
         let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
         let state_down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
         // Hidden states cross the link too but are not held to a cap (README): counted as host work.
@@ -479,7 +481,7 @@ impl JobPlan {
                 z.expert_chunk
             ),
             Some(z) => s += &format!(
-                "  population {} sequences (limited by {}), {} tokens a step; attention micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens\n",
+                "  population {} sequences (limited by {}), {} tokens a step; attention micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens ({})\n",
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
@@ -487,7 +489,8 @@ impl JobPlan {
                 z.attn_kv_rows,
                 z.expert_chunk,
                 format_size(z.host_kv_bytes),
-                z.page_tokens
+                z.page_tokens,
+                if cfg.kv_bf16 { "bf16" } else { "f32" }
             ),
             None => s += &format!(
                 "  {} sequences at once (limited by {}), GPU KV cache of {} rows, steps of up to {} tokens\n",

@@ -8,9 +8,11 @@ pub struct HostKv {
     /// Floats of one token's key and value in one layer (no values under MLA, whose cache row
     /// is all key).
     widths: [usize; 2],
-    /// Per layer, every page's keys (values), page after page.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Bytes of one stored value: 4 (f32) or 2 (bf16, `--kv-dtype bf16`).
+    value_bytes: usize,
+    /// Per layer, every page's keys (values), page after page, little-endian.
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
     free: Vec<u32>,
     pages: usize,
 }
@@ -20,13 +22,15 @@ impl HostKv {
     /// unused store costs nothing.
     pub fn new(cfg: &ModelConfig, bytes: u64, page_tokens: usize) -> Self {
         let widths = cfg.kv_widths();
+        let value_bytes = cfg.kv_value_bytes();
         let pages = (bytes / Self::page_bytes(cfg, page_tokens)) as usize;
         let slots = pages * page_tokens;
         HostKv {
             page_tokens,
             widths,
-            k: (0..cfg.num_layers).map(|_| vec![0.0; slots * widths[0]]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0.0; slots * widths[1]]).collect(),
+            value_bytes,
+            k: (0..cfg.num_layers).map(|_| vec![0u8; slots * widths[0] * value_bytes]).collect(),
+            v: (0..cfg.num_layers).map(|_| vec![0u8; slots * widths[1] * value_bytes]).collect(),
             free: (0..pages as u32).rev().collect(),
             pages,
         }
@@ -34,7 +38,7 @@ impl HostKv {
 
     /// Bytes of one page: keys and values of `page_tokens` tokens in every layer.
     pub fn page_bytes(cfg: &ModelConfig, page_tokens: usize) -> u64 {
-        (cfg.num_layers * page_tokens * cfg.kv_row() * 4) as u64
+        (cfg.num_layers * page_tokens * cfg.kv_row() * cfg.kv_value_bytes()) as u64
     }
 
     pub fn pages_for(&self, tokens: usize) -> usize {
@@ -67,26 +71,38 @@ impl HostKv {
         pages[pos / self.page_tokens] as usize * self.page_tokens + pos % self.page_tokens
     }
 
-    /// Stores consecutive tokens' keys and values from position `pos` on.
+    /// Stores consecutive tokens' keys and values from position `pos` on (in 16 bits when the
+    /// store is bf16: the values were rounded to bf16 on the GPU, so nothing is lost).
     pub fn write(&mut self, layer: usize, pages: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let [kw, vw] = self.widths;
+        let vb = self.value_bytes;
+        let put = |dst: &mut [u8], src: &[f32]| {
+            for (d, &x) in dst.chunks_exact_mut(vb).zip(src) {
+                if vb == 2 {
+                    d.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+                } else {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+        };
         for j in 0..k.len() / kw {
             let at = self.slot(pages, pos + j);
-            self.k[layer][at * kw..(at + 1) * kw].copy_from_slice(&k[j * kw..(j + 1) * kw]);
-            self.v[layer][at * vw..(at + 1) * vw].copy_from_slice(&v[j * vw..(j + 1) * vw]);
+            put(&mut self.k[layer][at * kw * vb..(at + 1) * kw * vb], &k[j * kw..(j + 1) * kw]);
+            put(&mut self.v[layer][at * vw * vb..(at + 1) * vw * vb], &v[j * vw..(j + 1) * vw]);
         }
     }
 
-    /// Appends positions `from..to` of a sequence's keys and values to `k` and `v`, a page run
-    /// at a time.
-    pub fn gather(&self, layer: usize, pages: &[u32], from: usize, to: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
+    /// Appends positions `from..to` of a sequence's keys and values, as stored, to `k` and `v`,
+    /// a page run at a time.
+    pub fn gather(&self, layer: usize, pages: &[u32], from: usize, to: usize, k: &mut Vec<u8>, v: &mut Vec<u8>) {
         let mut pos = from;
+        let vb = self.value_bytes;
         while pos < to {
             let run = (self.page_tokens - pos % self.page_tokens).min(to - pos);
             let at = self.slot(pages, pos);
             let [kw, vw] = self.widths;
-            k.extend_from_slice(&self.k[layer][at * kw..(at + run) * kw]);
-            v.extend_from_slice(&self.v[layer][at * vw..(at + run) * vw]);
+            k.extend_from_slice(&self.k[layer][at * kw * vb..(at + run) * kw * vb]);
+            v.extend_from_slice(&self.v[layer][at * vw * vb..(at + run) * vw * vb]);
             pos += run;
         }
     }
@@ -122,9 +138,30 @@ mod tests {
         kv.write(1, &b, 0, &vals[..4 * row], &keys[..4 * row]);
         let (mut k, mut v) = (Vec::new(), Vec::new());
         kv.gather(1, &a, 1, 7, &mut k, &mut v);
-        assert_eq!(k, keys[row..].to_vec());
-        assert_eq!(v, vals[row..].to_vec());
+        let floats = |b: &[u8]| -> Vec<f32> { bytemuck::pod_collect_to_vec(b) };
+        assert_eq!(floats(&k), keys[row..].to_vec());
+        assert_eq!(floats(&v), vals[row..].to_vec());
         kv.release(a);
         assert_eq!(kv.free_pages(), 3);
+    }
+
+    #[test]
+    fn bf16_pages_take_half_the_bytes_and_keep_bf16_values() {
+        let mut c = cfg();
+        let full = HostKv::page_bytes(&c, 4);
+        c.kv_bf16 = true;
+        assert_eq!(HostKv::page_bytes(&c, 4) * 2, full);
+        let row = c.kv_widths()[0];
+        let mut kv = HostKv::new(&c, HostKv::page_bytes(&c, 4) * 2, 4);
+        let a = kv.alloc(6).unwrap();
+        let keys: Vec<f32> = (0..6 * row).map(|i| half::bf16::from_f32(i as f32 * 0.37).to_f32()).collect();
+        let vals: Vec<f32> = keys.iter().map(|x| -x).collect();
+        kv.write(0, &a, 0, &keys, &vals);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        kv.gather(0, &a, 2, 6, &mut k, &mut v);
+        let widen = |b: &[u8]| -> Vec<f32> { b.chunks_exact(2).map(|h| half::bf16::from_le_bytes([h[0], h[1]]).to_f32()).collect() };
+        assert_eq!(k.len(), 4 * row * 2);
+        assert_eq!(widen(&k), keys[2 * row..].to_vec());
+        assert_eq!(widen(&v), vals[2 * row..].to_vec());
     }
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Batch, GpuBuffer, PendingRead, Track};
+use crate::kernels::elementwise::expand_bf16;
 use crate::kernels::embedding::embed;
 use crate::kernels::moe::expert_ffn;
 use crate::kernels::softmax::argmax;
@@ -141,25 +142,36 @@ fn send<T: bytemuck::Pod>(model: &Model, what: &str, data: &[T]) -> Result<GpuBu
     Ok(buf)
 }
 
-/// Uploads the past KV rows of a micro-batch (`keys` and `values` hold them back to back) to
-/// their runs of rows in the GPU buffers; the rows between runs are the new tokens', written on
-/// the GPU. Held to the upload cap, counted and traced as link traffic.
-fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[f32]; 2], runs: &[(usize, usize)], widths: [usize; 2]) -> Result<()> {
-    let bytes = std::mem::size_of_val(data[0]) + std::mem::size_of_val(data[1]);
+/// Uploads the past KV rows of a micro-batch (`keys` and `values` hold them back to back, as the
+/// host store keeps them) to their runs of rows; the rows between runs are the new tokens',
+/// written on the GPU. f32 rows go straight to `bufs`; bf16 rows go to 16-bit staging buffers,
+/// returned for the micro-batch to widen into `bufs` before its attention. Held to the upload
+/// cap, counted and traced as link traffic.
+fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[u8]; 2], runs: &[(usize, usize)], rows: usize, widths: [usize; 2]) -> Result<Option<[GpuBuffer; 2]>> {
+    let vb = model.cfg.kv_value_bytes();
+    let staging = if vb == 2 {
+        let [k, v] = widths.map(|w| model.ctx.storage("micro-batch KV (bf16)", ((rows * w * 2) as u64).next_multiple_of(4).max(4)));
+        Some([k?, v?])
+    } else {
+        None
+    };
+    let bytes = data[0].len() + data[1].len();
     if bytes == 0 {
-        return Ok(());
+        return Ok(staging);
     }
     let tracer = model.ctx.tracer();
     let start = tracer.as_ref().map(|t| t.now_ns());
     if let Some(l) = &model.upload_limit {
         l.admit(bytes);
     }
-    for ((buf, values), width) in bufs.into_iter().zip(data).zip(widths) {
+    for (i, (values, width)) in data.into_iter().zip(widths).enumerate() {
+        let buf = staging.as_ref().map_or(bufs[i], |s| &s[i]);
+        let row_bytes = width * vb;
         let mut at = 0;
         for &(row, count) in runs.iter().filter(|r| r.1 > 0) {
-            let run = &values[at * width..(at + count) * width];
+            let run = &values[at * row_bytes..(at + count) * row_bytes];
             if !run.is_empty() {
-                model.ctx.upload(buf, (row * width * 4) as u64, bytemuck::cast_slice(run))?;
+                model.ctx.upload(buf, (row * row_bytes) as u64, run)?;
             }
             at += count;
         }
@@ -168,7 +180,7 @@ fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[f32]; 2], 
     if let (Some(t), Some(s)) = (tracer, start) {
         t.finish(Track::Upload, format!("{what} ({} KiB)", bytes >> 10), s);
     }
-    Ok(())
+    Ok(staging)
 }
 
 fn floats(bytes: &[u8]) -> Vec<f32> {
@@ -422,19 +434,27 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
             xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
         }
         let m = positions.len();
-        let (kb, vb, kv_rows) = match &*kv {
+        let (kb, vb, kv_rows, staged) = match &*kv {
             KvStore::Host(_) => {
                 let kb = ctx.storage("micro-batch keys", (row * kw * 4) as u64)?;
                 let vb = ctx.storage("micro-batch values", (row * vw * 4).max(4) as u64)?;
-                send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, [kw, vw])?;
-                (kb, vb, row)
+                let staged = send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, row, [kw, vw])?;
+                (kb, vb, row, staged)
             }
-            KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows),
+            KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows, None),
         };
         let host_kv = matches!(kv, KvStore::Host(_));
         let xb = send(model, "hidden states", &xs)?;
         let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
         let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
+        // 16-bit KV pages widen to f32 for the attention (the new rows are written after).
+        if let Some([ks, vs]) = &staged {
+            for (src, dst, w) in [(ks, &kb, kw), (vs, &vb, vw)] {
+                if w > 0 && row > 0 {
+                    expand_bf16(&mut b, src, dst, row * w)?;
+                }
+            }
+        }
         let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
         let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
         // New keys and values go back to the host pages; a GPU cache has them in place.
