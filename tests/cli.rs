@@ -379,4 +379,30 @@ fn deepseek_plans_and_runs_with_fp8_weights_and_a_latent_cache() {
         assert!(r["tokens_per_s"].as_f64().is_some_and(|v| v > 0.0), "{r}");
         assert!(r["bytes_uploaded"].as_u64().unwrap() > 0, "the experts should stream under 3 MiB: {r}");
     }
+    // The FP8 DeepSeek-V3 fixture through `generate` from token ids: every policy writes the same
+    // file, and its tokens are transformers' greedy ones.
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v3-fp8");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json")).unwrap()).unwrap();
+    let dir = scratch("deepseek");
+    let input = dir.join("prompts.jsonl");
+    let lines: Vec<String> = expected["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| serde_json::json!({"id": i, "prompt_ids": p, "max_new_tokens": 8}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let mut files = Vec::new();
+    for b in ["module", "model", "continuous"] {
+        let out = dir.join(format!("{b}.jsonl"));
+        let o = moegen(&["generate", "--model", path(&fixture), "--input", path(&input), "--output", path(&out), "--ignore-eos", "--batching", b, "--gpu-memory", "600KiB", "--quiet"]);
+        assert!(o.status.success(), "{b}: {}", String::from_utf8_lossy(&o.stderr));
+        files.push(std::fs::read_to_string(&out).unwrap());
+    }
+    assert!(files.iter().all(|f| *f == files[0]), "policies wrote different files");
+    for (line, want) in files[0].lines().zip(expected["greedy"].as_array().unwrap()) {
+        let got: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(&got["output_ids"], want, "{line}");
+    }
 }
