@@ -87,7 +87,9 @@ def roughen(model, gen):
                 b.copy_(0.3 * torch.randn(b.shape, generator=gen))
 
 
-def build(name, config_cls, model_cls, extra, dtype, shard):
+def saved_model(name, config_cls, model_cls, extra, dtype, shard=None):
+    """A fresh roughened model seeded by its name, saved in `dtype` under tests/fixtures/NAME;
+    returns the model, its config, the prompt generator and the directory."""
     torch.manual_seed(sum(map(ord, name)))
     gen = torch.Generator().manual_seed(len(name))
     cfg = config_cls(**{**COMMON, **extra})
@@ -97,6 +99,11 @@ def build(name, config_cls, model_cls, extra, dtype, shard):
     out = os.path.join(OUT, name)
     shutil.rmtree(out, ignore_errors=True)
     model.to(dtype).save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    return model, gen, out
+
+
+def build(name, config_cls, model_cls, extra, dtype, shard):
+    model, gen, out = saved_model(name, config_cls, model_cls, extra, dtype, shard)
     # The reference: the saved weights, rounded as stored, computed in float32.
     ref = model_cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
     expected(out, ref, gen)
@@ -152,17 +159,8 @@ def build_fp8(name, extra):
     """A DeepSeek-V3 checkpoint as released: linear weights FP8 e4m3 with block scales
     (`weight_scale_inv`), embeddings, LM head, router and norms bf16. The reference is the same
     model with the weights dequantised to bf16, computed in float32."""
-    from safetensors.torch import save_file
-    torch.manual_seed(sum(map(ord, name)))
-    gen = torch.Generator().manual_seed(len(name))
-    cfg = DeepseekV3Config(**{**COMMON, **extra})
-    cfg._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(cfg).eval()
-    roughen(model, gen)
-    out = os.path.join(OUT, name)
-    shutil.rmtree(out, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(out)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
+    model, gen, out = saved_model(name, DeepseekV3Config, DeepseekV3ForCausalLM, extra, torch.bfloat16)
     tensors = load_file(os.path.join(out, "model.safetensors"))
     stored, reference = {}, {}
     for key, t in tensors.items():

@@ -105,21 +105,9 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     .unwrap();
     assert_eq!(batched, want, "{name}: model-based batching changed the tokens");
 
-    // Module-based batching, sizes that split everything: a population of three (others join as
-    // sequences finish), attention micro-batches of at most 5 tokens and 2 sequences' rows,
-    // expert chunks of 3 rows, 4-token KV pages, 6 prompt tokens a step.
+    // Module-based batching, sizes that split everything.
     let page_bytes = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg, 4);
-    let sizes = ModuleSizes {
-        population: 3,
-        step_tokens: 6,
-        attn_tokens: 5,
-        attn_kv_rows: 2 * longest,
-        expert_chunk: 3,
-        logit_rows: 2,
-        host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
-        page_tokens: 4,
-        gpu_kv_rows: 0,
-    };
+    let sizes = split_sizes(model, longest);
     let mut module = vec![Vec::new(); requests.len()];
     generate_module(model, &requests, &opts, &sizes, |f| {
         module[f.index] = f.output;
@@ -165,6 +153,24 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     logits
 }
 
+/// Module-based sizes that split everything: a population of three (others join as sequences
+/// finish), attention micro-batches of at most 5 tokens and 2 sequences' rows, expert chunks of
+/// 3 rows, 4-token KV pages, 6 prompt tokens a step.
+fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
+    let page_bytes = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg, 4);
+    ModuleSizes {
+        population: 3,
+        step_tokens: 6,
+        attn_tokens: 5,
+        attn_kv_rows: 2 * longest,
+        expert_chunk: 3,
+        logit_rows: 2,
+        host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
+        page_tokens: 4,
+        gpu_kv_rows: 0,
+    }
+}
+
 /// Keys and values in 16 bits (`--kv-dtype bf16`): close to transformers' f32 logits, and the
 /// GPU cache (model-based) and the host pages (module-based) give the same tokens, since every
 /// policy rounds what it caches the same way. Host pages hold half the bytes.
@@ -195,17 +201,7 @@ fn check_bf16_kv(name: &str) {
     let page_bytes = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg, 4);
     let f32_page = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg.clone().with_kv_bf16(false).unwrap(), 4);
     assert_eq!(2 * page_bytes, f32_page);
-    let sizes = ModuleSizes {
-        population: 3,
-        step_tokens: 6,
-        attn_tokens: 5,
-        attn_kv_rows: 2 * longest,
-        expert_chunk: 3,
-        logit_rows: 2,
-        host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
-        page_tokens: 4,
-        gpu_kv_rows: 0,
-    };
+    let sizes = split_sizes(&model, longest);
     let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
     let mut host_pages = vec![Vec::new(); requests.len()];
     generate_module(&model, &requests, &opts, &sizes, |f| {
