@@ -84,6 +84,12 @@ impl WeightBytes {
         let (mut experts, mut experts_stored) = (0u64, 0u64);
         let (mut attention, mut attention_stored) = (0u64, 0u64);
         for name in ck.names() {
+            // Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction layer) are
+            // never loaded.
+            let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+            if layer.is_some_and(|l| l >= cfg.num_layers) {
+                continue;
+            }
             let stored = ck.bytes_of(name);
             // FP8 weights take two bytes a value on the GPU; their scales stay behind.
             let gpu = match ck.dtype_of(name) {
@@ -359,6 +365,24 @@ impl Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_past_the_last_layer_are_not_counted() {
+        // A tiny config of 1 layer with a checkpoint that also holds a layer 1 (as DeepSeek-V3
+        // ships its multi-token-prediction layer): layer 1's tensors are not the model's.
+        let v = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": 4, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 1, "num_local_experts": 2,
+            "num_experts_per_tok": 1, "intermediate_size": 8, "vocab_size": 10
+        });
+        let cfg = ModelConfig::parse(&v, std::path::Path::new("config.json")).unwrap();
+        let expert = |l: usize, e: usize| (format!("model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight"), crate::loader::checkpoint::Dtype::F32, vec![8, 4], 0);
+        let tensors = vec![expert(0, 0), expert(0, 1), expert(1, 0), expert(1, 1), ("model.layers.1.self_attn.q_proj.weight".into(), crate::loader::checkpoint::Dtype::F32, vec![8, 4], 0)];
+        let ck = Checkpoint::in_memory("test", vec![vec![0u8; 8 * 4 * 4]], tensors).unwrap();
+        let w = WeightBytes::of(&ck, &cfg);
+        assert_eq!(w.per_expert, 128, "one w1 of 8 x 4 f32 per expert of layer 0 only");
+        assert_eq!(w.attention_per_layer, 0);
+    }
 
     #[test]
     fn sizes_in_binary_and_decimal_units() {
