@@ -349,7 +349,7 @@ fn fp8_block_scaled_weights_dequantise_to_the_same_bf16_bits() {
     let data: Vec<Vec<u8>> = (0..3).map(|_| (0..rows * cols).map(|_| byte(&mut rng)).collect()).collect();
     let scales: Vec<Vec<f32>> = (0..3).map(|_| (0..scale_len).map(|_| rng.random_range(1e-3f32..0.05)).collect()).collect();
     let pieces: Vec<dequant::Fp8Matrix> = (0..3).map(|i| dequant::Fp8Matrix { data: &data[i], scales: &scales[i], block }).collect();
-    for (label, c) in [("one binding", ctx.clone()), ("split", ctx.with_binding_limit((rows * cols * 2 * 2) as u64))] {
+    for (label, c) in [("one binding", ctx.clone()), ("split", ctx.with_binding_limit((rows * cols * 2 * 2 + 4) as u64))] {
         let w = dequant::upload_fp8(&c, "experts", &pieces, rows, cols).unwrap();
         assert_eq!(w.parts.len(), if label == "split" { 2 } else { 1 });
         let got = read_bf16(ctx, &w);

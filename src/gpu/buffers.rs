@@ -369,32 +369,12 @@ impl GpuWeight {
                 piece.len()
             );
         }
-        let rows = rows_each * pieces.len();
-        let group = if pieces.len() > 1 { rows_each } else { 1 };
-        // Leave room for the padding of a part whose byte length is not a multiple of 4.
-        let fit = (ctx.binding_limit().saturating_sub(4) / row_bytes as u64) as usize;
-        let rows_per_part = fit / group * group;
-        if rows_per_part == 0 {
-            return Err(Error::BindingTooLarge {
-                what: format!("{} of {what}", if group > 1 { "one stacked matrix" } else { "one row" }),
-                needed: (group * row_bytes) as u64,
-                limit: ctx.binding_limit(),
-            });
-        }
         let mut parts = Vec::new();
-        let mut first_row = 0;
-        while first_row < rows {
-            let n = rows_per_part.min(rows - first_row);
-            let buffer = ctx.storage(what, ((n * row_bytes) as u64).next_multiple_of(4))?;
+        for layout in stacked_parts(ctx, what, pieces.len(), rows_each, row_bytes)? {
+            let buffer = ctx.storage(what, ((layout.rows * row_bytes) as u64).next_multiple_of(4))?;
             // The pieces' rows that fall in this part, each with its byte offset in the part.
-            let mut slices = Vec::new();
-            let mut row = first_row;
-            while row < first_row + n {
-                let (piece, r) = (row / rows_each, row % rows_each);
-                let take = (rows_each - r).min(first_row + n - row);
-                slices.push(((row - first_row) * row_bytes, &pieces[piece][r * row_bytes..(r + take) * row_bytes]));
-                row += take;
-            }
+            let slices: Vec<(usize, &[u8])> =
+                layout.runs.iter().map(|run| (run.part_row * row_bytes, &pieces[run.piece][run.piece_row * row_bytes..(run.piece_row + run.rows) * row_bytes])).collect();
             if slices.iter().all(|(offset, _)| offset % 4 == 0) {
                 for (offset, bytes) in slices {
                     ctx.upload(&buffer, offset as u64, bytes)?;
@@ -403,9 +383,9 @@ impl GpuWeight {
                 let joined: Vec<u8> = slices.iter().flat_map(|(_, b)| b.iter().copied()).collect();
                 ctx.upload(&buffer, 0, &joined)?;
             }
-            parts.push(WeightPart { buffer, first_row, rows: n });
-            first_row += n;
+            parts.push(WeightPart { buffer, first_row: layout.first_row, rows: layout.rows });
         }
+        let rows = rows_each * pieces.len();
         Ok(GpuWeight { parts, rows, cols, dtype })
     }
 
@@ -414,6 +394,55 @@ impl GpuWeight {
         let bytes = encode_weights(values, dtype);
         Self::upload(ctx, what, &bytes, dtype, rows, cols)
     }
+}
+
+/// One part of a stacked weight: its rows, and the runs of each piece's rows it holds.
+pub(crate) struct PartLayout {
+    pub first_row: usize,
+    pub rows: usize,
+    pub runs: Vec<PieceRun>,
+}
+
+/// Rows `piece_row..piece_row + rows` of piece `piece`, at row `part_row` of their part.
+pub(crate) struct PieceRun {
+    pub piece: usize,
+    pub piece_row: usize,
+    pub rows: usize,
+    pub part_row: usize,
+}
+
+/// How `pieces` matrices of `rows_each` rows (`row_bytes` each, as stored on the GPU) stack into
+/// parts that each fit one storage binding; parts split only between pieces when there are
+/// several.
+pub(crate) fn stacked_parts(ctx: &GpuContext, what: &str, pieces: usize, rows_each: usize, row_bytes: usize) -> Result<Vec<PartLayout>> {
+    let rows = rows_each * pieces;
+    let group = if pieces > 1 { rows_each } else { 1 };
+    // Leave room for the padding of a part whose byte length is not a multiple of 4.
+    let fit = (ctx.binding_limit().saturating_sub(4) / row_bytes as u64) as usize;
+    let rows_per_part = fit / group * group;
+    if rows_per_part == 0 {
+        return Err(Error::BindingTooLarge {
+            what: format!("{} of {what}", if group > 1 { "one stacked matrix" } else { "one row" }),
+            needed: (group * row_bytes) as u64,
+            limit: ctx.binding_limit(),
+        });
+    }
+    let mut parts = Vec::new();
+    let mut first_row = 0;
+    while first_row < rows {
+        let n = rows_per_part.min(rows - first_row);
+        let mut runs = Vec::new();
+        let mut row = first_row;
+        while row < first_row + n {
+            let (piece, piece_row) = (row / rows_each, row % rows_each);
+            let take = (rows_each - piece_row).min(first_row + n - row);
+            runs.push(PieceRun { piece, piece_row, rows: take, part_row: row - first_row });
+            row += take;
+        }
+        parts.push(PartLayout { first_row, rows: n, runs });
+        first_row += n;
+    }
+    Ok(parts)
 }
 
 /// Encodes f32 values as `dtype` bytes (little-endian).

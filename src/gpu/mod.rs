@@ -8,6 +8,7 @@ mod pipelines;
 mod trace;
 
 pub use batch::{grid, Batch};
+pub(crate) use buffers::stacked_parts;
 pub use buffers::{
     encode_weights, round_weights, BufferPool, PendingRead, GpuBuffer, GpuWeight, PoolStats, WeightDtype, WeightPart, STORAGE,
     UNIFORM,

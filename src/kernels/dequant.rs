@@ -2,7 +2,7 @@
 //! the GPU: they stay FP8 in host memory and across the link, half of bf16's bytes.
 
 use crate::error::{ensure, Error, Result};
-use crate::gpu::{grid, Batch, GpuBuffer, GpuContext, GpuWeight, ShaderBuilder, ShaderSource, WeightDtype, WeightPart};
+use crate::gpu::{grid, stacked_parts, Batch, GpuBuffer, GpuContext, GpuWeight, ShaderBuilder, ShaderSource, WeightDtype, WeightPart};
 use crate::kernels::{u32_of, ELEMENT_WG};
 
 pub fn shader() -> ShaderSource {
@@ -118,37 +118,23 @@ pub fn upload_fp8(ctx: &GpuContext, what: &str, pieces: &[Fp8Matrix], rows_each:
         ensure!(p.scales.len() == scale_len, what, "piece {i}: {} scales, expected {scale_len}", p.scales.len());
     }
     let row_bytes = cols * 2;
-    let rows = rows_each * pieces.len();
-    let group = if pieces.len() > 1 { rows_each } else { 1 };
-    let rows_per_part = (ctx.binding_limit() / row_bytes as u64) as usize / group * group;
-    if rows_per_part == 0 {
-        return Err(Error::BindingTooLarge { what: format!("one stacked matrix of {what}"), needed: (group * row_bytes) as u64, limit: ctx.binding_limit() });
-    }
     let mut parts = Vec::new();
-    let mut first_row = 0;
-    while first_row < rows {
-        let n = rows_per_part.min(rows - first_row);
-        let buffer = ctx.storage(what, (n * row_bytes) as u64)?;
+    for layout in stacked_parts(ctx, what, pieces.len(), rows_each, row_bytes)? {
+        let buffer = ctx.storage(what, (layout.rows * row_bytes) as u64)?;
         let mut b = Batch::named(ctx, format!("dequantising {what}"));
-        // Runs of a piece's rows within this part, staged whole rows at a time. Only rows that
-        // start on a 4-byte boundary can be read by the kernel: a run starts at the piece's
-        // first row or at the part's.
-        let mut row = first_row;
-        while row < first_row + n {
-            let (piece, r) = (row / rows_each, row % rows_each);
-            let take = (rows_each - r).min(first_row + n - row);
-            let m = &pieces[piece];
-            let mut bytes = m.data[r * cols..(r + take) * cols].to_vec();
+        // Each run is staged whole rows at a time, so it starts on a 4-byte boundary.
+        for run in &layout.runs {
+            let m = &pieces[run.piece];
+            let mut bytes = m.data[run.piece_row * cols..(run.piece_row + run.rows) * cols].to_vec();
             bytes.resize(bytes.len().next_multiple_of(4), 0);
             let src = ctx.storage_from::<u8>("fp8 staging", &bytes)?;
             let scales = ctx.storage_from("fp8 scales", m.scales)?;
-            let run = DequantRun { rows: take, row0: r, src_byte0: 0, scale0: 0, dst_byte0: (row - first_row) * row_bytes };
-            dequant_fp8(&mut b, &src, &scales, &buffer, run, cols, m.block)?;
-            row += take;
+            let at = DequantRun { rows: run.rows, row0: run.piece_row, src_byte0: 0, scale0: 0, dst_byte0: run.part_row * row_bytes };
+            dequant_fp8(&mut b, &src, &scales, &buffer, at, cols, m.block)?;
         }
         b.submit()?;
-        parts.push(WeightPart { buffer, first_row, rows: n });
-        first_row += n;
+        parts.push(WeightPart { buffer, first_row: layout.first_row, rows: layout.rows });
     }
+    let rows = rows_each * pieces.len();
     Ok(GpuWeight { parts, rows, cols, dtype: WeightDtype::Bf16 })
 }

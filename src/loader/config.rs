@@ -454,22 +454,25 @@ impl ModelConfig {
 }
 
 /// Rope frequencies from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
+/// The rope scaling block (`rope_parameters` or `rope_scaling`) and its type ("default" when
+/// it names none).
+fn rope_scaling<'a>(f: &Fields<'a>) -> Option<(Fields<'a>, &'a str)> {
+    let field = |v: &'a Value, key: &str| v.get(key).filter(|x| !x.is_null());
+    let v = field(f.v, "rope_parameters").or_else(|| field(f.v, "rope_scaling"))?;
+    let kind = field(v, "rope_type").or_else(|| field(v, "type")).and_then(Value::as_str).unwrap_or("default");
+    Some((Fields { v, file: f.file }, kind))
+}
+
 fn rope(f: &Fields, rot_dim: usize) -> Result<(Vec<f32>, f32)> {
-    let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
-    let pf = params.map(|v| Fields { v, file: f.file });
+    let scaling = rope_scaling(f);
+    let pf = scaling.as_ref().map(|(p, _)| p);
     let theta = match pf.as_ref().map(|p| p.f64("rope_theta")).transpose()?.flatten() {
         Some(t) => t,
         None => f.f64("rope_theta")?.unwrap_or(10000.0),
     };
     let base = crate::kernels::rope::default_inv_freq(theta as f32, rot_dim);
-    let Some(p) = pf else { return Ok((base, 1.0)) };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default")
-        .to_string();
-    match kind.as_str() {
+    let Some((p, kind)) = scaling else { return Ok((base, 1.0)) };
+    match kind {
         "default" => Ok((base, 1.0)),
         "linear" => {
             let factor = p.f64("factor")?.ok_or_else(|| err(f.file, "linear rope scaling without `factor`"))? as f32;
@@ -486,9 +489,7 @@ fn rope(f: &Fields, rot_dim: usize) -> Result<(Vec<f32>, f32)> {
 /// DeepSeek's softmax scale factor: with a scaled rope that names `mscale_all_dim`, q.k is
 /// multiplied by `(0.1 * mscale_all_dim * ln(factor) + 1)^2` as well.
 fn yarn_softmax_mscale(f: &Fields) -> Result<f64> {
-    let Some(params) = f.get("rope_parameters").or_else(|| f.get("rope_scaling")) else { return Ok(1.0) };
-    let p = Fields { v: params, file: f.file };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let Some((p, kind)) = rope_scaling(f) else { return Ok(1.0) };
     let all_dim = p.f64("mscale_all_dim")?.unwrap_or(0.0);
     let factor = p.f64("factor")?.unwrap_or(1.0);
     Ok(if kind == "default" || all_dim == 0.0 || factor <= 1.0 { 1.0 } else { 0.1 * all_dim * factor.ln() + 1.0 })

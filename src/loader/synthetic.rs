@@ -260,7 +260,7 @@ impl Builder {
                 None => {
                     let values = self.push(random_fp8(rows * cols, (rows * 31 + cols) as u64));
                     let n: usize = crate::kernels::dequant::scale_shape(rows, cols, block).iter().product();
-                    let scales = self.push(vec![scale / 64.0; n].iter().flat_map(|s| s.to_le_bytes()).collect());
+                    let scales = self.push((scale / 64.0).to_le_bytes().repeat(n));
                     self.by_shape.insert(key, values);
                     (values, scales)
                 }

@@ -253,8 +253,8 @@ impl Model {
         let out = ctx.storage("attention output", (n * heads * dv * 4) as u64)?;
         let lat = HeadLayout { stride: heads * r, head_stride: r, col0: 0 };
         head_matmul(b, &latent_out, lat, absorb_v, heads, &out, HeadLayout { stride: heads * dv, head_stride: dv, col0: 0 }, n)?;
-        let no_values = ctx.storage("no values", 4)?;
-        Ok((out, NewKv { k: rows, v: no_values }, wo))
+        // No values under MLA: the host store reads none back (its value width is 0).
+        Ok((out, NewKv { v: rows.clone(), k: rows }, wo))
     }
 
     /// Layer `li`'s attention projections; streamed ones are uploaded into the attention slot
