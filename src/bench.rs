@@ -222,7 +222,8 @@ fn write_traces(path: &std::path::Path, traces: &[(Batching, String)]) -> anyhow
 
 /// Prints each policy's plan and predicted throughput. With `--hardware` no GPU is needed; the
 /// budgets default to the profile's memories.
-pub fn run_plan(args: &JobSpec) -> anyhow::Result<String> {
+/// The plan of each requested policy as text, and whether any of them fits the budgets.
+pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
     let cfg = args.source.config()?.with_kv_bf16(args.kv_bf16)?;
     check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
     let weights = args.source.weight_bytes(&cfg)?;
@@ -266,11 +267,15 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<String> {
         args.prompt_len,
         args.new_tokens
     );
+    let mut any = false;
     for &b in &args.batching {
         match plan_job(&cfg, &weights, &shape, b, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
-            Ok(plan) => out += &format!("{}\n", plan.describe(&cfg, &weights)),
+            Ok(plan) => {
+                any = true;
+                out += &format!("{}\n", plan.describe(&cfg, &weights));
+            }
             Err(e) => out += &format!("batching {}: {e}\n", b.name()),
         }
     }
-    Ok(out)
+    Ok((out, any))
 }

@@ -280,7 +280,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Plan(p) => {
-            print!("{}", run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter)?)?);
+            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter)?)?;
+            print!("{plan}");
+            if !any {
+                anyhow::bail!("no batching policy fits these budgets (see above)");
+            }
             Ok(())
         }
     }

@@ -354,6 +354,7 @@ fn plan_predicts_real_shapes_from_a_hardware_file() {
     let o = moegen(&["plan", "--synthetic", "mixtral-8x7b", "--hardware", path(&hw), "--gpu-memory", "1GiB"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("below the minimum"), "a budget under one layer's attention and two experts is refused: {text}");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no batching policy fits"), "and the plan exits non-zero");
     let bad = scratch("plan").join("hw.json");
     std::fs::write(&bad, "{\"name\": 1}").unwrap();
     fails_with(&moegen(&["plan", "--synthetic", "ci-small", "--hardware", path(&bad)]), &["hw.json", "hardware profile"]);
