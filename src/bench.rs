@@ -13,7 +13,7 @@ use crate::loader::config::ModelConfig;
 use crate::loader::synthetic::{preset_config, synthetic_checkpoint};
 use crate::planner::{plan_job, HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{Batching, Request};
+use crate::scheduler::{AttentionChoice, Batching, Request};
 
 /// Which model: a checkpoint directory or a synthetic preset.
 #[derive(Clone, Debug)]
@@ -74,6 +74,8 @@ pub struct JobSpec {
     pub new_tokens: usize,
     pub max_step_tokens: usize,
     pub upload_bandwidth: Option<u64>,
+    pub download_bandwidth: Option<u64>,
+    pub attention: AttentionChoice,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
     /// Keys and values in 16 bits in host memory and over the link.
@@ -134,6 +136,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let settings = RunSettings {
         budgets,
         upload_bandwidth: spec.upload_bandwidth,
+        download_bandwidth: spec.download_bandwidth,
+        attention: spec.attention,
         max_step_tokens: spec.max_step_tokens,
         sampling: SamplingParams::default(),
         ignore_eos: true,
@@ -172,6 +176,8 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
         "prefill_tokens_per_s": r.prefill_tokens_per_s(),
         "decode_tokens_per_s": r.decode_tokens_per_s(),
         "bytes_uploaded": r.bytes_uploaded(),
+        "bytes_downloaded": r.bytes_downloaded(),
+        "attention": r.plan.sizes.as_ref().map_or_else(|| json!({"site": "gpu", "kv": "gpu", "host_share": 0.0}), |z| z.attention.json(z.gpu_kv_rows > 0)),
         "gpu_busy_fraction": r.trace.map(|t| t.gpu_busy),
         "gpu_busy_while_uploading": r.trace.map(|t| t.gpu_busy_while_uploading),
         "predicted_tokens_per_s": r.plan.prediction.tokens_per_s,
@@ -244,7 +250,7 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
             (HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?, budgets)
         }
     };
-    let hw = hw.with_upload_cap(args.upload_bandwidth);
+    let hw = hw.with_link_caps(args.upload_bandwidth, args.download_bandwidth);
     let requests = synthetic_requests(&cfg, args.sequences, args.prompt_len, args.new_tokens);
     let shape = job_shape(&requests, args.max_step_tokens);
     let non_expert = weights.resident + weights.attention_per_layer * cfg.num_layers as u64;
@@ -269,7 +275,7 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
     );
     let mut any = false;
     for &b in &args.batching {
-        match plan_job(&cfg, &weights, &shape, b, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
+        match plan_job(&cfg, &weights, &shape, b, args.attention, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
             Ok(plan) => {
                 any = true;
                 out += &format!("{}\n", plan.describe(&cfg, &weights));

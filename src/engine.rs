@@ -1,17 +1,17 @@
 //! One policy's run of a set of requests, shared by `generate` and `bench`: budgets resolved,
 //! the job planned, the model placed and loaded, the sequences generated, the figures taken.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
-use crate::gpu::{GpuContext, TraceSummary, Tracer};
+use crate::gpu::{GpuContext, Link, TraceSummary, Tracer};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
-use crate::model::{Model, StreamStats, UploadLimit};
+use crate::model::{Model, StreamStats};
 use crate::planner::{format_size, plan_job, HardwareProfile, JobPlan, JobShape, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{generate, generate_module, Batching, Finished, GenerateOptions, GenerateStats, Request};
+use crate::scheduler::{generate, generate_module, AttentionChoice, Batching, Finished, GenerateOptions, GenerateStats, Request};
 
 /// The memory a job may use, and where each figure came from.
 #[derive(Clone, Debug)]
@@ -55,7 +55,11 @@ impl Budgets {
 /// What every policy of a run shares.
 pub struct RunSettings {
     pub budgets: Budgets,
+    /// Rates every byte to and from the GPU is held to (the download one defaults to the upload's).
     pub upload_bandwidth: Option<u64>,
+    pub download_bandwidth: Option<u64>,
+    /// Where module-based batching runs attention (`auto`: the planner's choice).
+    pub attention: AttentionChoice,
     pub max_step_tokens: usize,
     pub sampling: SamplingParams,
     pub ignore_eos: bool,
@@ -72,8 +76,10 @@ pub struct PolicyReport {
     /// Generation time, model load excluded.
     pub elapsed: Duration,
     pub streaming: StreamStats,
-    /// KV and hidden-state bytes sent to the GPU (module-based).
-    pub other_uploads: u64,
+    /// Every byte sent to the GPU during generation (weights, KV, hidden states, queries,
+    /// attention outputs, routing, parameters), and every byte read back.
+    pub uploaded: u64,
+    pub downloaded: u64,
     pub trace: Option<TraceSummary>,
     pub trace_json: Option<String>,
 }
@@ -91,14 +97,17 @@ impl PolicyReport {
         rate(self.stats.decode_tokens, self.stats.decode_time)
     }
     pub fn bytes_uploaded(&self) -> u64 {
-        self.streaming.bytes + self.other_uploads
+        self.uploaded
+    }
+    pub fn bytes_downloaded(&self) -> u64 {
+        self.downloaded
     }
 
     /// A line for the summary: measured against predicted, and what moved over the link.
     pub fn describe(&self) -> String {
         let p = &self.plan.prediction;
         let mut s = format!(
-            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot)",
+            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot), downloaded {}",
             self.batching.name(),
             self.tokens_per_s(),
             p.tokens_per_s,
@@ -111,7 +120,11 @@ impl PolicyReport {
             format_size(self.streaming.bytes),
             self.streaming.uploads,
             self.streaming.hits,
+            format_size(self.bytes_downloaded()),
         );
+        if let Some(z) = &self.plan.sizes {
+            s += &format!("; attention {}", z.attention.describe());
+        }
         if let Some(t) = &self.trace {
             s += &format!(
                 "; GPU busy {:.0}% of the time, {:.0}% while uploads were in flight",
@@ -154,8 +167,8 @@ pub fn plan_policy(
     hw: &HardwareProfile,
 ) -> Result<JobPlan> {
     let shape = job_shape(requests, settings.max_step_tokens);
-    let hw = hw.with_upload_cap(settings.upload_bandwidth);
-    plan_job(cfg, weights, &shape, batching, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)
+    let hw = hw.with_link_caps(settings.upload_bandwidth, settings.download_bandwidth);
+    plan_job(cfg, weights, &shape, batching, settings.attention, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)
 }
 
 /// Loads the model as `plan` places it and runs `requests`, calling `on_finish` per finished
@@ -172,7 +185,9 @@ pub fn run_policy(
     let batching = plan.batching;
     let longest = job_shape(requests, settings.max_step_tokens).longest;
     let mut model = Model::load_placed(ctx, cfg.clone(), checkpoint, longest, &plan.placement)?;
-    model.upload_limit = settings.upload_bandwidth.map(UploadLimit::new);
+    // From here on every transfer counts (the load above does not).
+    let link = Arc::new(Link::new(settings.upload_bandwidth, settings.download_bandwidth.or(settings.upload_bandwidth)));
+    model.ctx = model.ctx.with_link(link.clone());
     let tracer = if settings.trace { Some(Tracer::new(ctx)?) } else { None };
     ctx.set_tracer(tracer.clone());
     let started = Instant::now();
@@ -198,7 +213,8 @@ pub fn run_policy(
         stats,
         elapsed,
         streaming,
-        other_uploads: model.other_uploads.load(Ordering::Relaxed),
+        uploaded: link.uploaded(),
+        downloaded: link.downloaded(),
         trace: tracer.as_ref().map(|t| t.summary()),
         trace_json: tracer.as_ref().map(|t| t.chrome_json()),
     })

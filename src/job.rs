@@ -15,7 +15,7 @@ use crate::engine::{plan_policy, run_policy, Budgets, RunSettings};
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
 use crate::planner::{HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{Batching, Request};
+use crate::scheduler::{AttentionChoice, Batching, Request};
 
 /// The embedded default model and its sample prompts, in the source tree's `assets/`.
 pub fn default_assets() -> PathBuf {
@@ -36,8 +36,12 @@ pub struct JobArgs {
     pub gpu_memory: Option<u64>,
     /// Host memory the job may use (streamed experts, KV pages, the population's hidden states).
     pub host_memory: Option<u64>,
-    /// Host-to-GPU bytes per second that streamed experts may use (to emulate a slower link).
+    /// Bytes per second that everything sent to (read back from) the GPU is held to, to emulate
+    /// a slower link; downloads default to the upload figure.
     pub upload_bandwidth: Option<u64>,
+    pub download_bandwidth: Option<u64>,
+    /// Where module-based batching runs attention.
+    pub attention: AttentionChoice,
     pub batching: Batching,
     /// A hardware profile to plan with instead of this adapter's calibration.
     pub hardware: Option<PathBuf>,
@@ -169,6 +173,8 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     let settings = RunSettings {
         budgets,
         upload_bandwidth: args.upload_bandwidth,
+        download_bandwidth: args.download_bandwidth,
+        attention: args.attention,
         max_step_tokens: args.max_step_tokens,
         sampling: args.sampling,
         ignore_eos: args.ignore_eos,

@@ -2,6 +2,7 @@
 //! any vendor, through wgpu.
 
 pub mod bench;
+pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod gpu;

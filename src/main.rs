@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use moegen::gpu::{describe_adapters, AdapterChoice, GpuContext};
 use moegen::bench::{run_bench, run_plan, BenchArgs, JobSpec, ModelSource};
 use moegen::job::{run_job, JobArgs};
-use moegen::scheduler::Batching;
+use moegen::scheduler::{AttentionChoice, Batching};
 use moegen::planner::{parse_rate, parse_size};
 use moegen::sampler::SamplingParams;
 
@@ -104,10 +104,20 @@ struct LimitFlags {
     /// assets/hardware/rtx-a5000-pcie4.json.
     #[arg(long)]
     hardware: Option<PathBuf>,
-    /// Hold streamed weights and KV pages to this rate (e.g. 4MB/s, 2GB/s), to reproduce a slower
-    /// host-to-GPU link than the machine has; the plan assumes it too.
+    /// Hold everything sent to the GPU (weights, KV pages, hidden states, queries, attention
+    /// outputs, routing) to this rate (e.g. 4MB/s, 2GB/s), to reproduce a slower host-to-GPU link
+    /// than the machine has; the plan assumes it too.
     #[arg(long, value_parser = parse_rate)]
     upload_bandwidth: Option<u64>,
+    /// Hold everything read back from the GPU (logits, new keys and values, hidden states,
+    /// routing, queries) to this rate. Default: the --upload-bandwidth figure.
+    #[arg(long, value_parser = parse_rate)]
+    download_bandwidth: Option<u64>,
+    /// Where module-based batching runs attention: gpu (KV pages sent up), host (on the CPU over
+    /// the KV pages, only queries and outputs cross), split (micro-batches divided between both
+    /// so they finish together), or auto (the planner's choice). The baselines keep KV on the GPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    attention: AttentionChoice,
     /// How keys and values are kept in host memory and sent over the link: f32 (exact), or bf16
     /// (half the bytes; every policy then rounds keys and values to bf16 as it caches them).
     #[arg(long, value_enum, default_value = "f32")]
@@ -206,6 +216,8 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         new_tokens: job.new_tokens,
         max_step_tokens: l.max_step_tokens,
         upload_bandwidth: l.upload_bandwidth,
+        download_bandwidth: l.download_bandwidth,
+        attention: l.attention,
         hardware: l.hardware,
         adapter: AdapterChoice::from_env(adapter),
         kv_bf16: l.kv_dtype == KvDtype::Bf16,
@@ -263,6 +275,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gpu_memory: g.limits.gpu_memory,
                 host_memory: g.limits.host_memory,
                 upload_bandwidth: g.limits.upload_bandwidth,
+                download_bandwidth: g.limits.download_bandwidth,
+                attention: g.limits.attention,
                 batching: g.batching,
                 hardware: g.limits.hardware,
                 trace: g.trace,

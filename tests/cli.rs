@@ -323,13 +323,69 @@ fn bench_reports_each_policy_as_json_and_writes_traces() {
 }
 
 #[test]
+fn attention_placements_write_identical_files_and_report_where_they_ran() {
+    let dir = scratch("attention");
+    let model = fixture("mixtral-f32");
+    let input = write(&dir, "in.jsonl", PROMPTS);
+    let mut files = Vec::new();
+    for site in ["gpu", "host", "split"] {
+        let out = dir.join(format!("{site}.jsonl"));
+        let o = moegen(&[
+            "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "6",
+            "--ignore-eos", "--quiet", "--batching", "module", "--gpu-memory", "2MiB", "--attention", site,
+        ]);
+        assert!(o.status.success(), "{site}: {}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let said = match site {
+            "gpu" => "attention on the GPU",
+            "host" => "attention on the host",
+            _ => "attention split",
+        };
+        assert!(err.contains(said), "{site}: the plan and summary say where attention ran: {err}");
+        files.push(std::fs::read(&out).unwrap());
+    }
+    assert!(files[1] == files[0] && files[2] == files[0], "the attention placements wrote different files");
+
+    // bench: where attention ran, what came back, and the host attention track of the trace.
+    let trace = dir.join("t.json");
+    let bench = |site: &str| -> Value {
+        let o = moegen(&[
+            "bench", "--synthetic", "ci-small", "--batching", "module", "--gpu-memory", "700KiB", "--sequences", "8", "--prompt-len", "12",
+            "--new-tokens", "4", "--json", "--attention", site, "--trace", path(&trace),
+        ]);
+        assert!(o.status.success(), "{site}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap()
+    };
+    let host = bench("host");
+    assert_eq!(host["attention"]["site"], "host", "{host}");
+    assert_eq!(host["attention"]["host_share"], 1.0, "{host}");
+    assert!(host["bytes_downloaded"].as_u64().unwrap() > 0, "{host}");
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = t["traceEvents"].as_array().unwrap();
+    let on = |tid: u64| events.iter().filter(|e| e["ph"] == "X" && e["tid"] == tid).count();
+    assert!(on(2) > 0 && on(1) > 0, "host attention and GPU tracks both have events");
+    assert!(events.iter().any(|e| e["ph"] == "M" && e["args"]["name"] == "host attention"));
+    let gpu = bench("gpu");
+    assert_eq!(gpu["attention"]["site"], "gpu", "{gpu}");
+    // Host attention sends no KV pages up: fewer bytes go to the GPU than with GPU attention.
+    assert!(host["bytes_uploaded"].as_u64() < gpu["bytes_uploaded"].as_u64(), "host {host} gpu {gpu}");
+    let split = bench("split");
+    let share = split["attention"]["host_share"].as_f64().unwrap();
+    assert!(split["attention"]["site"] == "split" && share > 0.0 && share < 1.0, "{split}");
+    fails_with(&moegen(&["bench", "--attention", "cpu"]), &["--attention", "cpu"]);
+    // The plan says where attention runs.
+    let o = moegen(&["plan", "--synthetic", "ci-small", "--batching", "module", "--gpu-memory", "700KiB", "--attention", "host"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("attention on the host"), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
 fn bf16_kv_halves_the_kv_pages_sent() {
     // Module-based with host KV pages: the same job with 16-bit pages sends fewer bytes (the
     // hidden states are the same), and the plan says which precision the pages hold.
     let run = |dtype: &str| -> u64 {
         let o = moegen(&[
             "bench", "--synthetic", "ci-small", "--batching", "module", "--gpu-memory", "700KiB", "--sequences", "8", "--prompt-len", "12",
-            "--new-tokens", "4", "--json", "--kv-dtype", dtype,
+            "--new-tokens", "4", "--json", "--kv-dtype", dtype, "--attention", "gpu",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let r: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use moegen::gpu::{AdapterChoice, GpuContext};
 use moegen::model::Model;
 use moegen::planner::Placement;
-use moegen::scheduler::{generate, generate_module, prompt_logits, GenerateOptions, ModuleSizes, Request};
+use moegen::scheduler::{generate, generate_module, prompt_logits, AttentionSite, GenerateOptions, ModuleSizes, Request};
 use serde_json::Value;
 
 fn gpu() -> &'static GpuContext {
@@ -127,6 +127,20 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     .unwrap();
     assert_eq!(module, want, "{name}: module-based batching with whole-job steps changed the tokens");
 
+    // Attention on the host over the pages, and split between host and GPU, under both sizings.
+    for site in [AttentionSite::Host, AttentionSite::Split { host_permille: 500 }] {
+        for (sizing, base) in [("split sizes", sizes), ("whole-job steps", wide)] {
+            let placed = ModuleSizes { attention: site, ..base };
+            let mut module = vec![Vec::new(); requests.len()];
+            generate_module(model, &requests, &opts, &placed, |f| {
+                module[f.index] = f.output;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(module, want, "{name}: attention {} with {sizing} changed the tokens", site.describe());
+        }
+    }
+
     // The same with the population's KV kept on the GPU: three sequences' rows at a time.
     let on_gpu = ModuleSizes { gpu_kv_rows: 3 * longest, ..sizes };
     let mut module = vec![Vec::new(); requests.len()];
@@ -168,6 +182,7 @@ fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
         host_kv_bytes: page_bytes * (3 * longest.div_ceil(4)) as u64,
         page_tokens: 4,
         gpu_kv_rows: 0,
+        attention: AttentionSite::Gpu,
     }
 }
 
@@ -210,6 +225,16 @@ fn check_bf16_kv(name: &str) {
     })
     .unwrap();
     assert_eq!(host_pages, gpu_kv, "{name}: bf16 KV in host pages and in the GPU cache disagree");
+    for site in [AttentionSite::Host, AttentionSite::Split { host_permille: 400 }] {
+        let placed = ModuleSizes { attention: site, ..sizes };
+        let mut out = vec![Vec::new(); requests.len()];
+        generate_module(&model, &requests, &opts, &placed, |f| {
+            out[f.index] = f.output;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(out, gpu_kv, "{name}: bf16 KV attended {} disagrees with the GPU cache", site.describe());
+    }
     let want: Vec<Vec<u32>> = expected["greedy"].as_array().unwrap().iter().map(ids).collect();
     let same = gpu_kv.iter().flatten().zip(want.iter().flatten()).filter(|(a, b)| a == b).count();
     eprintln!("{name} with bf16 KV: {same} of {} greedy tokens as transformers' (f32 KV)", want.iter().flatten().count());

@@ -164,6 +164,7 @@ impl Batch {
 
     fn write_params(&self) {
         for (buf, data) in &self.params {
+            self.ctx.link_send(data.len());
             self.ctx.queue().write_buffer(buf.raw(), 0, data);
         }
     }

@@ -176,6 +176,7 @@ impl GpuContext {
             data.len(),
             buf.raw().size()
         );
+        self.link_send(data.len());
         let queue = self.queue();
         let mut at = 0usize;
         while at < data.len() {
@@ -237,6 +238,7 @@ impl GpuContext {
             view[..len as usize].to_vec()
         };
         staging.raw().unmap();
+        self.link_receive(len as usize);
         Ok(out)
     }
 
@@ -298,9 +300,10 @@ impl PendingRead {
             .map_err(|e| Error::Gpu(format!("readback: {e}")))?;
         let out = {
             let view = self.staging.raw().get_mapped_range(0..self.total).map_err(|e| Error::Gpu(format!("readback: {e:?}")))?;
-            self.lens.iter().map(|&(at, len)| view[at as usize..(at + len) as usize].to_vec()).collect()
+            self.lens.iter().map(|&(at, len)| view[at as usize..(at + len) as usize].to_vec()).collect::<Vec<_>>()
         };
         self.staging.raw().unmap();
+        ctx.link_receive(self.lens.iter().map(|&(_, len)| len as usize).sum());
         Ok(out)
     }
 }

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::buffers::BufferPool;
+use crate::gpu::link::Link;
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::trace::Tracer;
 use crate::gpu::GpuBuffer;
@@ -137,6 +138,8 @@ pub struct GpuContext {
     pub(crate) shared: Arc<Shared>,
     features: KernelFeatures,
     binding_limit: u64,
+    /// Counts (and may hold to a rate) what crosses to and from the GPU; none while loading.
+    link: Option<Arc<Link>>,
 }
 
 impl GpuContext {
@@ -196,6 +199,7 @@ impl GpuContext {
                 timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             },
             binding_limit,
+            link: None,
         })
     }
 
@@ -235,6 +239,7 @@ impl GpuContext {
             padded = [data, &vec![0u8; (wgpu::MAP_ALIGNMENT as usize) - data.len() % wgpu::MAP_ALIGNMENT as usize]].concat();
             &padded[..]
         };
+        self.link_send(data.len());
         let len = data.len() as u64;
         let state = Arc::new(Mutex::new(None));
         let sink = state.clone();
@@ -266,12 +271,36 @@ impl GpuContext {
                 timestamps: features.timestamps && have.timestamps,
             },
             binding_limit: self.binding_limit,
+            link: self.link.clone(),
         }
     }
 
     /// The same device with a smaller binding limit, so that tests reach the split paths.
     pub fn with_binding_limit(&self, bytes: u64) -> Self {
         GpuContext { binding_limit: bytes.min(self.binding_limit) & !3, ..self.clone() }
+    }
+
+    /// The same device with every transfer from now on going through `link`.
+    pub fn with_link(&self, link: Arc<Link>) -> Self {
+        GpuContext { link: Some(link), ..self.clone() }
+    }
+
+    pub fn link(&self) -> Option<&Arc<Link>> {
+        self.link.as_ref()
+    }
+
+    /// Counts `bytes` going to the GPU (and waits for the link's rate, if it has one).
+    pub(crate) fn link_send(&self, bytes: usize) {
+        if let Some(l) = &self.link {
+            l.send(bytes);
+        }
+    }
+
+    /// Counts `bytes` coming back from the GPU (and waits for the link's rate).
+    pub(crate) fn link_receive(&self, bytes: usize) {
+        if let Some(l) = &self.link {
+            l.receive(bytes);
+        }
     }
 
     /// Records uploads and GPU work on `tracer` from now on (None: stop).

@@ -4,6 +4,7 @@ mod batch;
 mod buffers;
 mod context;
 mod devices;
+mod link;
 mod pipelines;
 mod trace;
 
@@ -15,5 +16,6 @@ pub use buffers::{
 };
 pub use context::{instance, list_adapters, AdapterChoice, GpuContext, KernelFeatures, WANTED_FEATURES};
 pub use devices::describe_adapters;
+pub use link::{Link, RateLimit};
 pub use pipelines::{ShaderBuilder, ShaderSource};
 pub use trace::{Event, Track, TraceSummary, Tracer};

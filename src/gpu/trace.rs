@@ -15,6 +15,8 @@ use crate::gpu::{GpuBuffer, GpuContext};
 pub enum Track {
     Upload,
     Compute,
+    /// Attention computed on the host over the KV pages.
+    HostAttention,
     Host,
 }
 
@@ -23,6 +25,7 @@ impl Track {
         match self {
             Track::Upload => "host-to-GPU uploads",
             Track::Compute => "GPU compute",
+            Track::HostAttention => "host attention",
             Track::Host => "host",
         }
     }
@@ -64,6 +67,9 @@ pub struct TraceSummary {
     /// Fraction of the time uploads were in flight during which the GPU was also busy.
     pub gpu_busy_while_uploading: f64,
     pub upload_s: f64,
+    /// Time the host spent on attention, and the fraction of it during which the GPU was busy.
+    pub host_attention_s: f64,
+    pub gpu_busy_while_host_attention: f64,
 }
 
 impl Tracer {
@@ -197,33 +203,39 @@ impl Tracer {
         };
         let gpu = merged(Track::Compute);
         let up = merged(Track::Upload);
+        let host_attention = merged(Track::HostAttention);
         let total = |v: &[(u64, u64)]| v.iter().map(|(s, e)| e - s).sum::<u64>();
-        let mut overlap = 0u64;
-        let mut j = 0;
-        for &(s, e) in &up {
-            while j < gpu.len() && gpu[j].1 <= s {
-                j += 1;
+        // Time of `spans` during which the GPU was busy too (both lists sorted and disjoint).
+        let with_gpu = |spans: &[(u64, u64)]| {
+            let (mut overlap, mut j) = (0u64, 0);
+            for &(s, e) in spans {
+                while j < gpu.len() && gpu[j].1 <= s {
+                    j += 1;
+                }
+                let mut k = j;
+                while k < gpu.len() && gpu[k].0 < e {
+                    overlap += gpu[k].1.min(e) - gpu[k].0.max(s);
+                    k += 1;
+                }
             }
-            let mut k = j;
-            while k < gpu.len() && gpu[k].0 < e {
-                overlap += gpu[k].1.min(e) - gpu[k].0.max(s);
-                k += 1;
-            }
-        }
+            overlap
+        };
+        let share = |spans: &[(u64, u64)]| if spans.is_empty() { 0.0 } else { with_gpu(spans) as f64 / total(spans).max(1) as f64 };
         let wall = self.now_ns().max(1);
-        let up_total = total(&up);
         TraceSummary {
             wall_s: wall as f64 * 1e-9,
             gpu_busy: total(&gpu) as f64 / wall as f64,
-            gpu_busy_while_uploading: if up_total == 0 { 0.0 } else { overlap as f64 / up_total as f64 },
-            upload_s: up_total as f64 * 1e-9,
+            gpu_busy_while_uploading: share(&up),
+            upload_s: total(&up) as f64 * 1e-9,
+            host_attention_s: total(&host_attention) as f64 * 1e-9,
+            gpu_busy_while_host_attention: share(&host_attention),
         }
     }
 
     /// The Chrome trace JSON (`{"traceEvents": [...]}`), microseconds.
     pub fn chrome_json(&self) -> String {
         let mut out = Vec::new();
-        for t in [Track::Upload, Track::Compute, Track::Host] {
+        for t in [Track::Upload, Track::Compute, Track::HostAttention, Track::Host] {
             out.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t as u32, "args": {"name": t.name()}}));
         }
         for e in self.events() {

@@ -15,7 +15,7 @@ use crate::kernels::norm::{rms_norm, rms_norm_strided};
 use crate::kernels::rope::{rope, rope_at, RopeTable};
 use crate::kernels::router::{route, RouterConfig};
 use crate::loader::config::{ModelConfig, QkNorm};
-use crate::model::streamer::{ExpertSlot, SlotCache, UploadLimit};
+use crate::model::streamer::{ExpertSlot, SlotCache};
 use crate::model::weights::{Experts, Ffn, HostExperts, Mlp, Projections, Weights};
 
 /// Keys and values of every layer for `rows` cache rows, on the GPU.
@@ -89,13 +89,8 @@ pub struct Model {
     pub ctx: GpuContext,
     /// The GPU slots streamed experts rotate through (empty when every expert is resident).
     pub slots: Vec<ExpertSlot>,
-    /// Holds streamed uploads to a rate, to reproduce a slower host-to-GPU link.
-    pub upload_limit: Option<UploadLimit>,
     /// Which expert each slot holds, so an expert still in a slot is not uploaded again.
     pub slot_cache: std::sync::Mutex<SlotCache>,
-    /// Host-to-GPU bytes other than streamed experts: attention projections, KV pages and
-    /// hidden states (module-based).
-    pub other_uploads: std::sync::atomic::AtomicU64,
     /// Room for one layer's streamed attention projections, and the layer it holds.
     pub attn_slot: Option<Vec<GpuBuffer>>,
     /// Where streamed FP8 attention matrices land before the GPU dequantises them into the slot.
@@ -145,37 +140,90 @@ pub(crate) struct NewKv {
     pub v: GpuBuffer,
 }
 
+/// What a layer's attention kernel reads of a pass's own tokens: the queries in the kernel's
+/// layout (under MLA the absorbed ones, `[n, heads * cache width]`) and the new rows for the cache.
+pub(crate) struct AttnInputs {
+    pub q: GpuBuffer,
+    pub new: NewKv,
+}
+
 impl Model {
+    /// The attention kernel's shape for this model (MLA: one latent row per token for every head).
+    pub(crate) fn attention_shape(&self) -> AttentionShape {
+        let cfg = &self.cfg;
+        match &cfg.mla {
+            Some(m) => AttentionShape::latent(cfg.num_heads, m.cache_width(), m.kv_lora_rank, m.softmax_scale),
+            None => AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+        }
+    }
+
     /// The attention half of layer `li`: `x += o(attention(norm(x)))`, keys and values written to
     /// `kv`. Returns the post-attention normed hidden states and the new keys and values.
     pub(crate) fn attention_block(&self, b: &mut Batch, li: usize, x: &GpuBuffer, t: &TokenPlaces, kv: &LayerKv) -> Result<(GpuBuffer, NewKv)> {
-        let ctx = &self.ctx;
-        let cfg = &self.cfg;
-        let layer = &self.weights.layers[li];
-        let (n, h) = (t.n, cfg.hidden_size);
-        let hn = ctx.storage("normed hidden", (n * h * 4) as u64)?;
-        rms_norm(b, x, &layer.input_norm, &hn, n, h, cfg.rms_norm_eps)?;
-        let w = self.projections(li)?;
-        let (attn, new, wo) = match &cfg.mla {
-            Some(_) => self.latent_attention(b, li, &hn, t, kv, &w)?,
-            None => self.head_attention(b, li, &hn, t, kv, &w)?,
-        };
-        let o = linear(b, &attn, wo, None, n, "attention projection")?;
-        add_assign(b, x, &o, n * h)?;
-        let hn2 = ctx.storage("normed hidden", (n * h * 4) as u64)?;
-        rms_norm(b, x, &layer.post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
-        Ok((hn2, new))
+        let [kw, vw] = self.cfg.kv_widths();
+        let n = t.n;
+        let inputs = self.attention_inputs(b, li, x, t)?;
+        copy_rows(b, &inputs.new.k, None, kv.k, Some(&t.cache_rows), n, kw)?;
+        if vw > 0 {
+            copy_rows(b, &inputs.new.v, None, kv.v, Some(&t.cache_rows), n, vw)?;
+        }
+        let shape = self.attention_shape();
+        let attn = self.ctx.storage("attention output", (n * shape.n_heads * shape.v_dim * 4) as u64)?;
+        // Under MLA the values are the cache rows' first columns (the kernel reads them from k).
+        let values = if shape.values_in_keys { kv.k } else { kv.v };
+        attention(b, &shape, &inputs.q, kv.k, values, &t.ranges, &attn, n, kv.rows)?;
+        let hn2 = self.attention_output(b, li, x, &attn, n)?;
+        Ok((hn2, inputs.new))
     }
 
-    /// Multi-head (grouped-query) attention: the heads' outputs, the new keys and values, and
-    /// the output projection.
-    fn head_attention<'w>(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, t: &TokenPlaces, kv: &LayerKv, w: &'w [GpuWeight]) -> Result<(GpuBuffer, NewKv, &'w GpuWeight)> {
+    /// The first half of layer `li`'s attention, everything before the attention kernel: the
+    /// norm, the projections, q/k norms, rope, and the rounding of bf16 KV.
+    pub(crate) fn attention_inputs(&self, b: &mut Batch, li: usize, x: &GpuBuffer, t: &TokenPlaces) -> Result<AttnInputs> {
+        let cfg = &self.cfg;
+        let (n, h) = (t.n, cfg.hidden_size);
+        let hn = self.ctx.storage("normed hidden", (n * h * 4) as u64)?;
+        rms_norm(b, x, &self.weights.layers[li].input_norm, &hn, n, h, cfg.rms_norm_eps)?;
+        let w = self.projections(li)?;
+        match &cfg.mla {
+            Some(_) => self.latent_inputs(b, li, &hn, t, &w),
+            None => self.head_inputs(b, li, &hn, t, &w),
+        }
+    }
+
+    /// The second half: the heads' outputs `attn` (the kernel's layout) through MLA's value block
+    /// and `o_proj`, added into `x`; returns the post-attention normed hidden states.
+    pub(crate) fn attention_output(&self, b: &mut Batch, li: usize, x: &GpuBuffer, attn: &GpuBuffer, n: usize) -> Result<GpuBuffer> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        let w = self.projections(li)?;
+        let missing = || crate::error::Error::invalid("attention", "no output projection");
+        let wo = w.last().ok_or_else(missing)?;
+        let heads_out = match &cfg.mla {
+            Some(m) => {
+                let absorb_v = w.len().checked_sub(2).map(|i| &w[i]).ok_or_else(missing)?;
+                let (heads, r, dv) = (cfg.num_heads, m.kv_lora_rank, m.v_head_dim);
+                let out = self.ctx.storage("attention output", (n * heads * dv * 4) as u64)?;
+                let lat = HeadLayout { stride: heads * r, head_stride: r, col0: 0 };
+                head_matmul(b, attn, lat, absorb_v, heads, &out, HeadLayout { stride: heads * dv, head_stride: dv, col0: 0 }, n)?;
+                out
+            }
+            None => attn.clone(),
+        };
+        let o = linear(b, &heads_out, wo, None, n, "attention projection")?;
+        add_assign(b, x, &o, n * h)?;
+        let hn2 = self.ctx.storage("normed hidden", (n * h * 4) as u64)?;
+        rms_norm(b, x, &self.weights.layers[li].post_attention_norm, &hn2, n, h, cfg.rms_norm_eps)?;
+        Ok(hn2)
+    }
+
+    /// Multi-head (grouped-query) attention's queries and new keys and values.
+    fn head_inputs(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, t: &TokenPlaces, w: &[GpuWeight]) -> Result<AttnInputs> {
         let ctx = &self.ctx;
         let cfg = &self.cfg;
         let layer = &self.weights.layers[li];
         let (n, hd) = (t.n, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let [wq, wk, wv, wo] = w else { return Err(crate::error::Error::invalid("attention", "expected q, k, v and o projections")) };
+        let [wq, wk, wv, _] = w else { return Err(crate::error::Error::invalid("attention", "expected q, k, v and o projections")) };
         let mut q = linear(b, hn, wq, layer.q_bias.as_ref(), n, "queries")?;
         let mut k = linear(b, hn, wk, layer.k_bias.as_ref(), n, "keys")?;
         let v = linear(b, hn, wv, layer.v_bias.as_ref(), n, "values")?;
@@ -197,19 +245,15 @@ impl Model {
             round_bf16(b, &k, n * kv_dim)?;
             round_bf16(b, &v, n * kv_dim)?;
         }
-        copy_rows(b, &k, None, kv.k, Some(&t.cache_rows), n, kv_dim)?;
-        copy_rows(b, &v, None, kv.v, Some(&t.cache_rows), n, kv_dim)?;
-        let shape = AttentionShape::new(cfg.num_heads, cfg.num_kv_heads, hd);
-        let attn = ctx.storage("attention output", (n * q_dim * 4) as u64)?;
-        attention(b, &shape, &q, kv.k, kv.v, &t.ranges, &attn, n, kv.rows)?;
-        Ok((attn, NewKv { k, v }, wo))
+        Ok(AttnInputs { q, new: NewKv { k, v } })
     }
 
     /// DeepSeek's multi-head latent attention in its absorbed form, prefill and decode alike:
     /// the cache row of a token is its normed KV latent and its roped shared key; each head's
     /// query is multiplied into that head's key block of `kv_b_proj`, so scores and values come
-    /// straight from the cache rows, and the heads' latent outputs go through the value block.
-    fn latent_attention<'w>(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, t: &TokenPlaces, kv: &LayerKv, w: &'w [GpuWeight]) -> Result<(GpuBuffer, NewKv, &'w GpuWeight)> {
+    /// straight from the cache rows, and the heads' latent outputs go through the value block
+    /// ([`Self::attention_output`]).
+    fn latent_inputs(&self, b: &mut Batch, li: usize, hn: &GpuBuffer, t: &TokenPlaces, w: &[GpuWeight]) -> Result<AttnInputs> {
         let ctx = &self.ctx;
         let cfg = &self.cfg;
         let m = cfg.mla.as_ref().expect("latent attention on an MLA model");
@@ -217,7 +261,7 @@ impl Model {
         // DeepSeek's code builds q_a_layernorm and kv_a_layernorm without the config's eps, so
         // they keep RMSNorm's default (transformers does the same).
         let (n, heads, eps) = (t.n, cfg.num_heads, MLA_NORM_EPS);
-        let (dn, dr, r, dv) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim);
+        let (dn, dr, r) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank);
         let (qk, cw) = (m.qk_head_dim(), m.cache_width());
         let (q, rest) = match (m.q_lora_rank, norms.q_a.as_ref(), w) {
             (Some(qr), Some(q_norm), [wqa, wqb, rest @ ..]) => {
@@ -229,7 +273,7 @@ impl Model {
             (None, _, [wq, rest @ ..]) => (linear(b, hn, wq, None, n, "queries")?, rest),
             _ => return Err(crate::error::Error::invalid("attention", "MLA query weights missing")),
         };
-        let [wkv_a, absorb_k, absorb_v, wo] = rest else {
+        let [wkv_a, absorb_k, _absorb_v, _wo] = rest else {
             return Err(crate::error::Error::invalid("attention", "MLA expects kv_a_proj_with_mqa, kv_b_proj's halves and o_proj"));
         };
         let compressed = linear(b, hn, wkv_a, None, n, "compressed kv")?;
@@ -241,20 +285,13 @@ impl Model {
         if cfg.kv_bf16 {
             round_bf16(b, &rows, n * cw)?;
         }
-        copy_rows(b, &rows, None, kv.k, Some(&t.cache_rows), n, cw)?;
         // Absorbed queries: per head, the latent-space query then the roped part.
         let q_latent = ctx.storage("absorbed queries", (n * heads * cw * 4) as u64)?;
         let q_heads = HeadLayout { stride: heads * qk, head_stride: qk, col0: 0 };
         head_matmul(b, &q, q_heads, absorb_k, heads, &q_latent, HeadLayout { stride: heads * cw, head_stride: cw, col0: 0 }, n)?;
         copy_cols(b, &q, Cols { stride: qk, col0: dn }, &q_latent, Cols { stride: cw, col0: r }, n * heads, dr)?;
-        let shape = AttentionShape::latent(heads, cw, r, m.softmax_scale);
-        let latent_out = ctx.storage("latent attention output", (n * heads * r * 4) as u64)?;
-        attention(b, &shape, &q_latent, kv.k, kv.k, &t.ranges, &latent_out, n, kv.rows)?;
-        let out = ctx.storage("attention output", (n * heads * dv * 4) as u64)?;
-        let lat = HeadLayout { stride: heads * r, head_stride: r, col0: 0 };
-        head_matmul(b, &latent_out, lat, absorb_v, heads, &out, HeadLayout { stride: heads * dv, head_stride: dv, col0: 0 }, n)?;
-        // No values under MLA: the host store reads none back (its value width is 0).
-        Ok((out, NewKv { v: rows.clone(), k: rows }, wo))
+        // No values under MLA: the host store keeps none (its value width is 0).
+        Ok(AttnInputs { q: q_latent, new: NewKv { v: rows.clone(), k: rows } })
     }
 
     /// Layer `li`'s attention projections; streamed ones are uploaded into the attention slot
@@ -270,9 +307,6 @@ impl Model {
         if *held != Some(li) {
             let tracer = self.ctx.tracer();
             let start = tracer.as_ref().map(|t| t.now_ns());
-            if let Some(l) = &self.upload_limit {
-                l.admit(host.bytes());
-            }
             for (i, (buf, data)) in slot.iter().zip(&host.data).enumerate() {
                 match (host.fp8[i], &self.attn_staging) {
                     (Some(block), Some(staging)) => {
@@ -288,7 +322,6 @@ impl Model {
                     _ => self.ctx.upload(buf, 0, data)?,
                 }
             }
-            self.other_uploads.fetch_add(host.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
             if let (Some(t), Some(s)) = (tracer, start) {
                 t.finish(Track::Upload, format!("layer {li} attention ({} KiB)", host.bytes() >> 10), s);
             }
@@ -459,8 +492,7 @@ impl Model {
         // Rows of expert e start where the plan puts them: after every lower expert's rows.
         let offsets: Vec<usize> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
         let active: Vec<usize> = (0..n_experts).filter(|&e| counts[e] > 0).collect();
-        let limit = self.upload_limit.as_ref();
-        crate::model::streamer::stream_layer(ctx, &self.slots, &self.slot_cache, limit, layer, host, &active, || Ok(()), |_, u, slot| {
+        crate::model::streamer::stream_layer(ctx, &self.slots, &self.slot_cache, layer, host, &active, || Ok(()), |_, u, slot| {
             let mut b = Batch::named(ctx, format!("layer {layer} expert {}", u.expert));
             self.slot_ffn(&mut b, slot, host, &xg, offsets[u.expert], counts[u.expert], [&gate, &up, &act], &y)?;
             b.submit().map(|_| ())

@@ -13,7 +13,7 @@ use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::planner::Placement;
 pub use forward::{KvCache, Model, StepInput};
-pub use streamer::{ExpertSlot, SlotCache, StreamStats, UploadLimit};
+pub use streamer::{ExpertSlot, SlotCache, StreamStats};
 use weights::{Experts, Ffn, Projections, Weights};
 
 impl Model {
@@ -72,9 +72,7 @@ impl Model {
             rope,
             ctx: ctx.clone(),
             slots,
-            upload_limit: None,
             slot_cache,
-            other_uploads: Default::default(),
             attn_slot,
             attn_staging,
             attn_held: Default::default(),

@@ -7,48 +7,11 @@
 //! slot from earlier (least recently used out) are not uploaded again.
 
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, GpuContext, GpuWeight, Track, WeightDtype, WeightPart};
 use crate::loader::config::ModelConfig;
 use crate::model::weights::HostExperts;
-
-/// A cap on host-to-GPU bytes per second, shared by everything that crosses the link: each
-/// transfer waits until the bytes sent so far fit the rate since the first one.
-pub struct UploadLimit {
-    bytes_per_s: f64,
-    state: Mutex<Option<(Instant, u64)>>,
-}
-
-impl UploadLimit {
-    pub fn new(bytes_per_s: u64) -> Self {
-        UploadLimit { bytes_per_s: bytes_per_s as f64, state: Mutex::new(None) }
-    }
-
-    pub fn bytes_per_s(&self) -> f64 {
-        self.bytes_per_s
-    }
-
-    /// Waits until `bytes` more may go. The link is busy while one transfer waits, as a real one is.
-    pub fn admit(&self, bytes: usize) {
-        let mut state = self.state.lock().unwrap();
-        let now = Instant::now();
-        let (start, sent) = state.get_or_insert((now, 0));
-        // An idle link does not bank credit for later bursts.
-        let due_before = Duration::from_secs_f64(*sent as f64 / self.bytes_per_s);
-        if now.duration_since(*start) > due_before {
-            *start = now;
-            *sent = 0;
-        }
-        *sent += bytes as u64;
-        let due = Duration::from_secs_f64(*sent as f64 / self.bytes_per_s);
-        let elapsed = start.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
-        }
-    }
-}
 
 /// Room on the GPU for one streamed expert's three matrices.
 pub struct ExpertSlot {
@@ -225,7 +188,7 @@ struct Progress {
 
 /// Runs `compute(state, use, slot)` for each expert of `experts` (in the order
 /// [`SlotCache::plan`] chooses), its weights in `slot` by then; `compute` records and submits the
-/// expert's work. Uploads run on a host thread, capped by `limit`, recorded on the trace, and
+/// expert's work. Uploads run on a host thread (held to the link's rate by the context), recorded on the trace, and
 /// start at once: `before` runs on this thread meanwhile and makes the state `compute` works on
 /// (so a layer's experts can upload while its attention computes).
 #[allow(clippy::too_many_arguments)]
@@ -233,7 +196,6 @@ pub fn stream_layer<T>(
     ctx: &GpuContext,
     slots: &[ExpertSlot],
     cache: &Mutex<SlotCache>,
-    limit: Option<&UploadLimit>,
     layer: usize,
     host: &HostExperts,
     experts: &[usize],
@@ -270,9 +232,6 @@ pub fn stream_layer<T>(
                     let tracer = ctx.tracer();
                     let start = tracer.as_ref().map(|t| t.now_ns());
                     let pack = &host.packs[s.expert];
-                    if let Some(l) = limit {
-                        l.admit(pack.len());
-                    }
                     let sent = slots[s.slot].fill(ctx, host, pack);
                     if let (Some(t), Some(start)) = (tracer, start) {
                         t.finish(Track::Upload, format!("layer {layer} expert {} ({} KiB)", s.expert, pack.len() >> 10), start);
@@ -361,16 +320,5 @@ mod tests {
         // Least recently used alone would keep nothing: the two layers between two visits of
         // layer 0 evict every slot.
         assert!(hot_hits >= 3, "expert 3 was found in a slot {hot_hits} times of 4");
-    }
-
-    #[test]
-    fn the_cap_holds_transfers_to_the_rate() {
-        let l = UploadLimit::new(1_000_000);
-        let t = Instant::now();
-        for _ in 0..5 {
-            l.admit(10_000);
-        }
-        // 50 kB at 1 MB/s: 50 ms.
-        assert!(t.elapsed() >= Duration::from_millis(45), "{:?}", t.elapsed());
     }
 }

@@ -13,7 +13,7 @@ use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::matmul::matmul;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 9;
+const CALIBRATION_VERSION: u32 = 10;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -53,8 +53,43 @@ pub struct HardwareProfile {
     /// Largest storage binding, bytes (planning without the adapter at hand).
     #[serde(default = "default_binding")]
     pub binding_limit: u64,
+    /// The host as a compute device (none in old files: host attention is then not planned).
+    #[serde(default)]
+    pub host: Option<HostProfile>,
     #[serde(default)]
     pub calibration_version: u32,
+}
+
+/// What the planner knows of the host CPU.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostProfile {
+    pub cores: usize,
+    /// Bytes per second the cores together read from memory (a streaming sum).
+    pub memory_bytes_per_s: f64,
+    /// Decode attention over KV pages by thread count, ascending.
+    pub attention: Vec<HostAttentionPoint>,
+    /// Measured, or the assumptions of a file.
+    pub source: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostAttentionPoint {
+    pub threads: usize,
+    /// KV bytes read per second where the memory bounds it (grouped-query heads).
+    pub bytes_per_s: f64,
+    /// FLOP/s where the arithmetic bounds it (MLA: every head scores the full latent row).
+    pub flops: f64,
+}
+
+impl HostProfile {
+    /// Seconds for attention that reads `bytes` of KV and does `flops` arithmetic, on every
+    /// thread (the job runs host attention on all of them).
+    pub fn attention_s(&self, bytes: f64, flops: f64) -> f64 {
+        match self.attention.last() {
+            Some(p) => (bytes / p.bytes_per_s.max(1.0)).max(flops / p.flops.max(1.0)),
+            None => bytes / self.memory_bytes_per_s.max(1.0),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -84,11 +119,15 @@ impl HardwareProfile {
         (last.fixed_s, last.flops)
     }
 
-    /// The profile with uploads held to `cap` bytes per second, if given.
-    pub fn with_upload_cap(&self, cap: Option<u64>) -> Self {
+    /// The profile with uploads held to `up` bytes per second and readbacks to `down` (which
+    /// defaults to `up`), where given: the link caps a run applies to every byte.
+    pub fn with_link_caps(&self, up: Option<u64>, down: Option<u64>) -> Self {
         let mut p = self.clone();
-        if let Some(c) = cap {
+        if let Some(c) = up {
             p.upload_bytes_per_s = p.upload_bytes_per_s.min(c as f64);
+        }
+        if let Some(c) = down.or(up) {
+            p.readback_bytes_per_s = p.readback_bytes_per_s.min(c as f64);
         }
         p
     }
@@ -364,6 +403,7 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     };
     let sync = best_of(3, round_trip)?;
 
+    let host = calibrate_host();
     let i = ctx.info();
     Ok(HardwareProfile {
         name: format!("{} ({:?}, {} {})", i.name, i.backend, i.driver, i.driver_info),
@@ -382,6 +422,64 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         host_memory,
         shares_cpu: i.device_type == wgpu::DeviceType::Cpu,
         binding_limit: ctx.binding_limit(),
+        host: Some(host),
         calibration_version: CALIBRATION_VERSION,
     })
+}
+
+/// Measures the host: its memory read rate, and the host attention kernel over KV pages with one
+/// thread and with every core, on a memory-bound shape (grouped-query decode) and an
+/// arithmetic-bound one (MLA's latent rows).
+pub fn calibrate_host() -> HostProfile {
+    use crate::cpu::attention::{attention, KeySpan, PagedRows};
+    use crate::cpu::simd::Values;
+    use rayon::prelude::*;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let big = values(16 << 20, 12);
+    let sum = || big.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum::<f32>();
+    std::hint::black_box(sum());
+    let read = best_of(3, || {
+        let t = Instant::now();
+        std::hint::black_box(sum());
+        Ok(t.elapsed())
+    })
+    .unwrap_or(Duration::from_secs(1));
+    // 32 sequences of 256 keys over pages of 16; 8 query heads on 2 kv heads of 64.
+    let (seqs, keys, page) = (32usize, 256usize, 16usize);
+    let gqa = AttentionShape::new(8, 2, 64);
+    let latent = AttentionShape::latent(16, 576, 512, 0.04);
+    let time = |shape: &AttentionShape, seqs: usize| -> (Duration, usize) {
+        let kw = shape.n_kv_heads * shape.head_dim;
+        let vw = if shape.values_in_keys { 0 } else { shape.n_kv_heads * shape.v_dim };
+        let (k, v) = (values(seqs * keys * kw, 13), values(seqs * keys * vw, 14));
+        let q = values(seqs * shape.n_heads * shape.head_dim, 15);
+        let rows = PagedRows { keys: Values::F32(&k), values: Values::F32(&v), page_tokens: page };
+        let tables: Vec<Vec<u32>> = (0..seqs).map(|s| ((s * keys / page) as u32..((s + 1) * keys / page) as u32).collect()).collect();
+        let spans: Vec<KeySpan> = tables.iter().map(|t| KeySpan { pages: t, first: 0, len: keys }).collect();
+        let mut out = vec![0f32; seqs * shape.n_heads * shape.v_dim];
+        let mut run = || {
+            let t = Instant::now();
+            attention(shape, &rows, &q, &spans, &mut out)?;
+            Ok(t.elapsed())
+        };
+        let _ = run();
+        (best_of(3, run).unwrap_or(Duration::from_secs(1)), seqs * keys * (kw + vw) * 4)
+    };
+    let mut points = Vec::new();
+    for threads in [1, cores] {
+        if points.iter().any(|p: &HostAttentionPoint| p.threads == threads) {
+            continue;
+        }
+        let Ok(pool) = rayon::ThreadPoolBuilder::new().num_threads(threads).build() else { continue };
+        let (gqa_t, gqa_bytes) = pool.install(|| time(&gqa, seqs));
+        let (mla_t, _) = pool.install(|| time(&latent, 4));
+        let mla_flops = (4 * keys * latent.n_heads * 2 * (latent.head_dim + latent.v_dim)) as f64;
+        points.push(HostAttentionPoint { threads, bytes_per_s: gqa_bytes as f64 / gqa_t.as_secs_f64(), flops: mla_flops / mla_t.as_secs_f64() });
+    }
+    HostProfile {
+        cores,
+        memory_bytes_per_s: (big.len() * 4) as f64 / read.as_secs_f64(),
+        attention: points,
+        source: format!("measured by moegen's calibration ({} path), {}", crate::cpu::simd::Isa::detected().name(), crate::planner::today()),
+    }
 }

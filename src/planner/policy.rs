@@ -8,7 +8,7 @@ use crate::loader::config::ModelConfig;
 use crate::planner::hardware::HardwareProfile;
 use crate::planner::{activation_bytes, budget_too_small, format_size, kv_row_bytes, Placement, WeightBytes};
 use crate::scheduler::host_kv::HostKv;
-use crate::scheduler::{Batching, ModuleSizes};
+use crate::scheduler::{AttentionChoice, AttentionSite, Batching, ModuleSizes};
 
 /// KV page size of the host store, in tokens.
 pub const PAGE_TOKENS: usize = 16;
@@ -40,6 +40,8 @@ pub enum Bound {
     Gpu,
     /// Host-side copies and readbacks that do not overlap the GPU.
     Host,
+    /// Attention computed on the host over the KV pages.
+    HostAttention,
 }
 
 impl Bound {
@@ -48,6 +50,7 @@ impl Bound {
             Bound::Link => "host-to-GPU link",
             Bound::Gpu => "GPU compute",
             Bound::Host => "host work",
+            Bound::HostAttention => "host attention",
         }
     }
 }
@@ -110,6 +113,7 @@ pub fn plan_job(
     w: &WeightBytes,
     job: &JobShape,
     batching: Batching,
+    attention: AttentionChoice,
     gpu_budget: u64,
     host_budget: u64,
     binding_limit: u64,
@@ -215,6 +219,7 @@ pub fn plan_job(
             // more where the prediction says larger expert batches pay and host memory holds
             // their hidden states.
             let prompt_tokens = (job.sequences as f64 * job.prompt_len).ceil() as usize;
+            let sites = attention_sites(cfg, hw, attention, job);
             let mut best: Option<(ModuleSizes, Prediction)> = None;
             for doubling in 0..6 {
                 let prefill = (job.max_step_tokens.max(longest) << doubling).min(prompt_tokens.max(longest));
@@ -231,11 +236,15 @@ pub fn plan_job(
                     host_kv_bytes: host_kv_bytes.min(kv_bytes_cap),
                     page_tokens: PAGE_TOKENS,
                     gpu_kv_rows: 0,
+                    attention: AttentionSite::Gpu,
                 };
                 let shaped = JobShape { max_step_tokens: prefill, ..*job };
-                let p = predict(cfg, w, &shaped, &placement, hw, population, Some(&sizes));
-                if best.as_ref().is_none_or(|(_, b)| p.tokens_per_s > b.tokens_per_s * 1.01) {
-                    best = Some((sizes, p));
+                for &site in &sites {
+                    let sizes = ModuleSizes { attention: site, ..sizes };
+                    let p = predict(cfg, w, &shaped, &placement, hw, population, Some(&sizes));
+                    if best.as_ref().is_none_or(|(_, b)| p.tokens_per_s > b.tokens_per_s * 1.01) {
+                        best = Some((sizes, p));
+                    }
                 }
                 if prefill >= prompt_tokens {
                     break;
@@ -252,11 +261,20 @@ pub fn plan_job(
             let per_seq = (job.prompt_len + job.new_tokens).ceil().max(1.0) as usize;
             let rows = (gpu_budget.saturating_sub(base) / row) as usize;
             let rows = rows.min(layer_rows).min(job_tokens.max(longest) + per_seq);
-            if rows >= longest {
+            // Host and split attention read the host pages: the KV stays there when asked for.
+            let gpu_kv_allowed = matches!(attention, AttentionChoice::Auto | AttentionChoice::Gpu);
+            if rows >= longest && gpu_kv_allowed {
                 let in_flight = (rows / per_seq).clamp(1, job.sequences.max(1));
                 let reserved = attn_bytes(0, attn_tokens) + chunk_bytes(chunk) + logit_bytes(logit_rows) + rows as u64 * row;
                 if let Ok(on_gpu) = Placement::plan(cfg, w, gpu_budget, reserved) {
-                    let gpu_sizes = ModuleSizes { population: in_flight, step_tokens: in_flight + (sizes.step_tokens - sizes.population), host_kv_bytes: 0, gpu_kv_rows: rows, ..sizes };
+                    let gpu_sizes = ModuleSizes {
+                        population: in_flight,
+                        step_tokens: in_flight + (sizes.step_tokens - sizes.population),
+                        host_kv_bytes: 0,
+                        gpu_kv_rows: rows,
+                        attention: AttentionSite::Gpu,
+                        ..sizes
+                    };
                     let shaped = JobShape { max_step_tokens: sizes.step_tokens - sizes.population, ..*job };
                     let p = predict(cfg, w, &shaped, &on_gpu, hw, in_flight, Some(&gpu_sizes));
                     if p.tokens_per_s > prediction.tokens_per_s {
@@ -296,6 +314,10 @@ struct StepCost {
     io_serial: f64,
     gpu: f64,
     host: f64,
+    /// Attention on the host over the KV pages, and the micro-batches it comes in: it overlaps
+    /// the GPU's work but for about one micro-batch's worth a layer.
+    host_attn: f64,
+    host_batches: f64,
     /// Kernels and host work share the CPU (software adapter): they add up.
     shared: bool,
 }
@@ -304,20 +326,65 @@ impl StepCost {
     fn time(&self) -> f64 {
         self.io_serial
             + if self.shared {
-                self.io.max(self.gpu + self.host)
+                self.io.max(self.gpu + self.host + self.host_attn)
             } else {
-                self.io.max(self.gpu) + self.host
+                let unhidden = self.gpu.min(self.host_attn) / self.host_batches.max(1.0);
+                self.io.max(self.gpu.max(self.host_attn) + unhidden) + self.host
             }
     }
     fn bound(&self) -> Bound {
-        let compute = if self.shared { self.gpu + self.host } else { self.gpu };
+        let compute = if self.shared { self.gpu + self.host + self.host_attn } else { self.gpu.max(self.host_attn) };
         if self.io + self.io_serial > compute {
             Bound::Link
+        } else if self.host_attn > self.gpu && self.host_attn >= self.host {
+            Bound::HostAttention
         } else if self.host > self.gpu {
             Bound::Host
         } else {
             Bound::Gpu
         }
+    }
+}
+
+/// Query heads and the widths of a key and a value row that the attention kernel reads per head
+/// (MLA: every head reads the full latent row).
+fn attention_dims(cfg: &ModelConfig) -> (f64, f64, f64) {
+    match &cfg.mla {
+        Some(m) => (cfg.num_heads as f64, m.cache_width() as f64, m.kv_lora_rank as f64),
+        None => (cfg.num_heads as f64, cfg.head_dim as f64, cfg.head_dim as f64),
+    }
+}
+
+/// Seconds per KV row (one token, one layer) of decode attention: on the GPU over host pages
+/// (the row's upload, which nothing overlaps, and the kernel's read), and on the host (None when
+/// the profile does not know the host).
+fn attention_row_s(cfg: &ModelConfig, hw: &HardwareProfile) -> (f64, Option<f64>) {
+    let kv_row = cfg.kv_row() as f64;
+    let stored = kv_row * cfg.kv_value_bytes() as f64;
+    let (heads, kd, vd) = attention_dims(cfg);
+    let mut gpu = kv_row * 4.0 / hw.attention_bytes_per_s + stored / hw.upload_bytes_per_s;
+    if cfg.mla.is_some() {
+        gpu += 2.0 * heads * (kd + vd) / hw.peak_flops().max(1.0);
+    }
+    let host = hw.host.as_ref().map(|h| h.attention_s(stored, 2.0 * heads * (kd + vd)));
+    (gpu, host)
+}
+
+/// The attention placements to weigh: the one asked for, or under `auto` the GPU, the host and
+/// the split that makes both finish together (the host ones when the profile knows the host).
+fn attention_sites(cfg: &ModelConfig, hw: &HardwareProfile, choice: AttentionChoice, _job: &JobShape) -> Vec<AttentionSite> {
+    let split = || {
+        let (gpu, host) = attention_row_s(cfg, hw);
+        // Both finish together when the host takes gpu / (gpu + host) of the rows.
+        let share = host.map_or(0.5, |h| gpu / (gpu + h));
+        AttentionSite::Split { host_permille: ((share * 1000.0).round() as u16).clamp(50, 950) }
+    };
+    match choice {
+        AttentionChoice::Gpu => vec![AttentionSite::Gpu],
+        AttentionChoice::Host => vec![AttentionSite::Host],
+        AttentionChoice::Split => vec![split()],
+        AttentionChoice::Auto if hw.host.is_some() => vec![AttentionSite::Gpu, AttentionSite::Host, split()],
+        AttentionChoice::Auto => vec![AttentionSite::Gpu],
     }
 }
 
@@ -348,24 +415,38 @@ fn step_cost(
     let active = e * (1.0 - (1.0 - k / e).powf(t));
     let per_expert_rows = t * k / active.max(1.0);
     let streamed_layers = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as f64;
+    // The share of the KV rows attended on the host (module-based over host pages).
+    let host_share = module.map_or(0.0, |s| if s.gpu_kv_rows > 0 { 0.0 } else { s.attention.host_share() });
     // Attention runs in micro-batches under module-based batching, once per step otherwise.
-    // Micro-batches hold whole sequences: as many as fit the tokens and KV rows of one.
-    let micro_batches = module.map_or(1.0, |s| {
+    // Micro-batches hold whole sequences: as many as fit the tokens and KV rows of one (host
+    // ones only the tokens: their KV stays on the host).
+    let (gpu_batches, host_batches) = module.map_or((1.0, 0.0), |s| {
         let seqs = (t / tokens_per_seq).max(1.0);
         // KV rows bound a micro-batch only when they are staged from host pages.
         let staged = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past / seqs };
         let rows_per_seq = (staged + tokens_per_seq).max(1.0);
         let per_batch = (s.attn_tokens as f64 / tokens_per_seq).min(s.attn_kv_rows as f64 / rows_per_seq).floor().max(1.0);
-        (seqs / per_batch).ceil()
+        let per_host_batch = (s.attn_tokens as f64 / tokens_per_seq).floor().max(1.0);
+        let host_seqs = (seqs * host_share).round();
+        let gpu_seqs = seqs - host_seqs;
+        ((gpu_seqs / per_batch).ceil(), (host_seqs / per_host_batch).ceil())
     });
+    let micro_batches = (gpu_batches + host_batches).max(1.0);
     let tm = t / micro_batches;
+    let (heads, kd, vd) = attention_dims(cfg);
+    let mut host_attn = 0.0;
     for l in 0..cfg.num_layers {
         gpu += micro_batches * attention_matrices.iter().map(|&(_, r, c)| hw.matmul_s(tm, r as f64, c as f64)).sum::<f64>();
-        gpu += kv_rows * kv_row * 4.0 / hw.attention_bytes_per_s + micro_batches * 10.0 * hw.dispatch_s;
+        gpu += (1.0 - host_share) * kv_rows * kv_row * 4.0 / hw.attention_bytes_per_s + (gpu_batches * 10.0 + host_batches * 12.0) * hw.dispatch_s;
         if let Some(m) = &cfg.mla {
             // Absorbed MLA is compute-bound: every head scores and sums the full latent rows.
             let per_row = (cfg.num_heads * (m.cache_width() + m.kv_lora_rank)) as f64;
-            gpu += hw.matmul_s(kv_rows, per_row, 1.0);
+            gpu += hw.matmul_s((1.0 - host_share) * kv_rows, per_row, 1.0);
+        }
+        if host_share > 0.0 {
+            let rows = host_share * kv_rows;
+            let stored = rows * kv_row * cfg.kv_value_bytes() as f64;
+            host_attn += hw.host.as_ref().map_or(stored / hw.host_copy_bytes_per_s, |hp| hp.attention_s(stored, rows * 2.0 * heads * (kd + vd)));
         }
         if cfg.is_moe_layer(l) {
             gpu += micro_batches * (hw.matmul_s(tm, e, h) + hw.dispatch_s);
@@ -385,19 +466,22 @@ fn step_cost(
     gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
     let layers = cfg.num_layers as f64;
     if let Some(s) = module {
-        // KV pages of every sequence, staged up once per layer (none when the KV stays on the
-        // GPU); hidden states up and down.
-        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { kv_past * kv_row * cfg.kv_value_bytes() as f64 * layers };
-        let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers);
-        let state_down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers;
-        // Hidden states cross the link too but are not held to a cap (README): counted as host work.
+        // KV pages of the sequences attended on the GPU, staged up once per layer (none when
+        // the KV stays on the GPU); hidden states up and down; host micro-batches bring their
+        // queries down and send their attention outputs up.
+        let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { (1.0 - host_share) * kv_past * kv_row * cfg.kv_value_bytes() as f64 * layers };
+        let host_tokens = host_share * t;
+        let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers) + host_tokens * heads * vd * 4.0 * layers;
+        let state_down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers + host_tokens * heads * kd * 4.0 * layers;
+        // Every byte is held to the link's rate: the KV of a layer before its attention can
+        // run, the hidden states beside the streamed weights.
         io_serial_bytes += kv_up;
-        host += state_up / hw.upload_bytes_per_s.max(hw.host_copy_bytes_per_s);
+        io_bytes += state_up;
         // Host copies: KV gathered from pages and written back, rows gathered for the experts;
         // every micro-batch and chunk is a submission whose results come back pipelined.
         let expert_chunks = active * (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0);
         let resident_chunks = (t / s.expert_chunk as f64).ceil().max(1.0);
-        let submits = layers * micro_batches
+        let submits = layers * (gpu_batches + 2.0 * host_batches)
             + streamed_layers * expert_chunks
             + (layers - streamed_layers) * resident_chunks
             + 2.0 * (logits / s.logit_rows as f64).ceil().max(1.0);
@@ -417,14 +501,23 @@ fn step_cost(
         host += dispatches * hw.record_s;
     }
     log::debug!(
-        "step of {t} tokens ({} in module chunks): link {:.3} s + {:.3} s serial, GPU {:.3} s, host {:.3} s",
+        "step of {t} tokens ({} in module chunks): link {:.3} s + {:.3} s serial, GPU {:.3} s, host {:.3} s, host attention {:.3} s",
         module.is_some(),
         io_bytes / hw.upload_bytes_per_s,
         io_serial_bytes / hw.upload_bytes_per_s,
         gpu,
-        host
+        host,
+        host_attn
     );
-    StepCost { io: io_bytes / hw.upload_bytes_per_s, io_serial: io_serial_bytes / hw.upload_bytes_per_s, gpu, host, shared: hw.shares_cpu }
+    StepCost {
+        io: io_bytes / hw.upload_bytes_per_s,
+        io_serial: io_serial_bytes / hw.upload_bytes_per_s,
+        gpu,
+        host,
+        host_attn,
+        host_batches,
+        shared: hw.shares_cpu,
+    }
 }
 
 /// Predicts the job's throughput with `in_flight` sequences at once.
@@ -472,7 +565,7 @@ impl JobPlan {
         let mut s = format!("batching {}: {}\n", self.batching.name(), self.placement.describe(cfg, w));
         match &self.sizes {
             Some(z) if z.gpu_kv_rows > 0 => s += &format!(
-                "  population {} sequences (limited by {}), {} tokens a step; KV kept on the GPU ({} rows); attention micro-batches of up to {} tokens; expert chunks of up to {} rows\n",
+                "  population {} sequences (limited by {}), {} tokens a step; KV kept on the GPU ({} rows), attention on the GPU; micro-batches of up to {} tokens; expert chunks of up to {} rows\n",
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
@@ -481,10 +574,11 @@ impl JobPlan {
                 z.expert_chunk
             ),
             Some(z) => s += &format!(
-                "  population {} sequences (limited by {}), {} tokens a step; attention micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens ({})\n",
+                "  population {} sequences (limited by {}), {} tokens a step; attention {}, micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens ({})\n",
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
+                z.attention.describe(),
                 z.attn_tokens,
                 z.attn_kv_rows,
                 z.expert_chunk,

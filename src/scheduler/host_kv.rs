@@ -1,6 +1,8 @@
 //! The KV cache in host memory, in fixed-size pages: a sequence takes the pages its length needs,
 //! nothing is padded to the longest, and finished sequences give their pages back.
 
+use crate::cpu::attention::PagedRows;
+use crate::cpu::simd::Values;
 use crate::loader::config::ModelConfig;
 
 pub struct HostKv {
@@ -10,9 +12,10 @@ pub struct HostKv {
     widths: [usize; 2],
     /// Bytes of one stored value: 4 (f32) or 2 (bf16, `--kv-dtype bf16`).
     value_bytes: usize,
-    /// Per layer, every page's keys (values), page after page, little-endian.
-    k: Vec<Vec<u8>>,
-    v: Vec<Vec<u8>>,
+    /// Per layer, every page's keys (values), page after page, in words so that the host
+    /// attention reads f32 and bf16 rows in place.
+    k: Vec<Vec<u32>>,
+    v: Vec<Vec<u32>>,
     free: Vec<u32>,
     pages: usize,
 }
@@ -29,8 +32,8 @@ impl HostKv {
             page_tokens,
             widths,
             value_bytes,
-            k: (0..cfg.num_layers).map(|_| vec![0u8; slots * widths[0] * value_bytes]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0u8; slots * widths[1] * value_bytes]).collect(),
+            k: (0..cfg.num_layers).map(|_| vec![0u32; (slots * widths[0] * value_bytes).div_ceil(4)]).collect(),
+            v: (0..cfg.num_layers).map(|_| vec![0u32; (slots * widths[1] * value_bytes).div_ceil(4)]).collect(),
             free: (0..pages as u32).rev().collect(),
             pages,
         }
@@ -87,8 +90,9 @@ impl HostKv {
         };
         for j in 0..k.len() / kw {
             let at = self.slot(pages, pos + j);
-            put(&mut self.k[layer][at * kw * vb..(at + 1) * kw * vb], &k[j * kw..(j + 1) * kw]);
-            put(&mut self.v[layer][at * vw * vb..(at + 1) * vw * vb], &v[j * vw..(j + 1) * vw]);
+            let (keys, values) = (bytemuck::cast_slice_mut::<u32, u8>(&mut self.k[layer]), bytemuck::cast_slice_mut::<u32, u8>(&mut self.v[layer]));
+            put(&mut keys[at * kw * vb..(at + 1) * kw * vb], &k[j * kw..(j + 1) * kw]);
+            put(&mut values[at * vw * vb..(at + 1) * vw * vb], &v[j * vw..(j + 1) * vw]);
         }
     }
 
@@ -101,10 +105,32 @@ impl HostKv {
             let run = (self.page_tokens - pos % self.page_tokens).min(to - pos);
             let at = self.slot(pages, pos);
             let [kw, vw] = self.widths;
-            k.extend_from_slice(&self.k[layer][at * kw * vb..(at + run) * kw * vb]);
-            v.extend_from_slice(&self.v[layer][at * vw * vb..(at + run) * vw * vb]);
+            k.extend_from_slice(&bytemuck::cast_slice::<u32, u8>(&self.k[layer])[at * kw * vb..(at + run) * kw * vb]);
+            v.extend_from_slice(&bytemuck::cast_slice::<u32, u8>(&self.v[layer])[at * vw * vb..(at + run) * vw * vb]);
             pos += run;
         }
+    }
+
+    /// Layer `layer`'s rows in place, for the host attention.
+    pub fn rows(&self, layer: usize) -> PagedRows<'_> {
+        let slots = self.pages * self.page_tokens;
+        fn view(words: &[u32], n: usize, bf16: bool) -> Values<'_> {
+            if bf16 {
+                Values::Bf16(&bytemuck::cast_slice::<u32, u16>(words)[..n])
+            } else {
+                Values::F32(&bytemuck::cast_slice::<u32, f32>(words)[..n])
+            }
+        }
+        let bf16 = self.value_bytes == 2;
+        PagedRows {
+            keys: view(&self.k[layer], slots * self.widths[0], bf16),
+            values: view(&self.v[layer], slots * self.widths[1], bf16),
+            page_tokens: self.page_tokens,
+        }
+    }
+
+    pub fn page_tokens(&self) -> usize {
+        self.page_tokens
     }
 }
 

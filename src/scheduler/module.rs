@@ -21,6 +21,69 @@ use crate::sampler::SequenceSampler;
 use crate::scheduler::host_kv::HostKv;
 use crate::scheduler::{finish_empty, finish_reason, step_limits, CacheRegions, Finished, GenerateOptions, GenerateStats, Request};
 
+/// Where the user asks module-based batching to run attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum AttentionChoice {
+    /// The planner's choice, from the calibrated rates.
+    #[default]
+    Auto,
+    /// On the GPU, each micro-batch's past KV sent up from the host pages.
+    Gpu,
+    /// On the host, over the KV pages in place: only queries and outputs cross the link.
+    Host,
+    /// Each layer's micro-batches divided between the host and the GPU.
+    Split,
+}
+
+impl AttentionChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionChoice::Auto => "auto",
+            AttentionChoice::Gpu => "gpu",
+            AttentionChoice::Host => "host",
+            AttentionChoice::Split => "split",
+        }
+    }
+}
+
+/// Where a plan runs attention: the share of each layer's KV rows attended on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionSite {
+    Gpu,
+    Host,
+    /// Sequences holding this many thousandths of a layer's KV rows go to the host.
+    Split { host_permille: u16 },
+}
+
+impl AttentionSite {
+    pub fn host_share(self) -> f64 {
+        match self {
+            AttentionSite::Gpu => 0.0,
+            AttentionSite::Host => 1.0,
+            AttentionSite::Split { host_permille } => host_permille as f64 / 1000.0,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            AttentionSite::Gpu => "on the GPU".into(),
+            AttentionSite::Host => "on the host over the KV pages".into(),
+            AttentionSite::Split { .. } => format!("split, {:.0}% of the KV rows on the host", 100.0 * self.host_share()),
+        }
+    }
+
+    /// For `bench --json`: where attention ran, where the KV lived, the host's share.
+    pub fn json(self, kv_on_gpu: bool) -> serde_json::Value {
+        let site = match (self, kv_on_gpu) {
+            (_, true) | (AttentionSite::Gpu, _) => "gpu",
+            (AttentionSite::Host, _) => "host",
+            (AttentionSite::Split { .. }, _) => "split",
+        };
+        let share = if kv_on_gpu { 0.0 } else { self.host_share() };
+        serde_json::json!({"site": site, "kv": if kv_on_gpu { "gpu" } else { "host" }, "host_share": share})
+    }
+}
+
 /// The batch sizes the planner chose for each module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModuleSizes {
@@ -41,6 +104,8 @@ pub struct ModuleSizes {
     /// When above zero, the population's KV stays on the GPU in a cache of this many rows
     /// instead of host pages (the planner's choice when the budget holds it and that is faster).
     pub gpu_kv_rows: usize,
+    /// Where attention runs over the host pages (the GPU when the KV is on the GPU).
+    pub attention: AttentionSite,
 }
 
 /// Where the population's KV lives.
@@ -127,15 +192,13 @@ struct StepState {
     expert_weights: Vec<f32>,
 }
 
-/// Sends hidden states (or routing) to the GPU: counted and traced. The throughput model counts
-/// streamed weights and KV as the link's load (DESIGN.md: T_io = (W_s + KV_up) / BW), and only
-/// those are held to the upload cap (see README).
+/// Sends hidden states (or routing, queries, attention outputs) to the GPU, traced; the link
+/// counts them and holds them to its rate like every other byte.
 fn send<T: bytemuck::Pod>(model: &Model, what: &str, data: &[T]) -> Result<GpuBuffer> {
     let bytes = std::mem::size_of_val(data);
     let tracer = model.ctx.tracer();
     let start = tracer.as_ref().map(|t| t.now_ns());
     let buf = model.ctx.storage_from(what, data)?;
-    model.other_uploads.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     if let (Some(t), Some(s)) = (tracer, start) {
         t.finish(Track::Upload, format!("{what} ({} KiB)", bytes >> 10), s);
     }
@@ -145,8 +208,7 @@ fn send<T: bytemuck::Pod>(model: &Model, what: &str, data: &[T]) -> Result<GpuBu
 /// Uploads the past KV rows of a micro-batch (`keys` and `values` hold them back to back, as the
 /// host store keeps them) to their runs of rows; the rows between runs are the new tokens',
 /// written on the GPU. f32 rows go straight to `bufs`; bf16 rows go to 16-bit staging buffers,
-/// returned for the micro-batch to widen into `bufs` before its attention. Held to the upload
-/// cap, counted and traced as link traffic.
+/// returned for the micro-batch to widen into `bufs` before its attention. Traced as link traffic.
 fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[u8]; 2], runs: &[(usize, usize)], rows: usize, widths: [usize; 2]) -> Result<Option<[GpuBuffer; 2]>> {
     let vb = model.cfg.kv_value_bytes();
     let staging = if vb == 2 {
@@ -161,9 +223,6 @@ fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[u8]; 2], r
     }
     let tracer = model.ctx.tracer();
     let start = tracer.as_ref().map(|t| t.now_ns());
-    if let Some(l) = &model.upload_limit {
-        l.admit(bytes);
-    }
     for (i, (values, width)) in data.into_iter().zip(widths).enumerate() {
         let buf = staging.as_ref().map_or(bufs[i], |s| &s[i]);
         let row_bytes = width * vb;
@@ -176,7 +235,6 @@ fn send_kv(model: &Model, what: &str, bufs: [&GpuBuffer; 2], data: [&[u8]; 2], r
             at += count;
         }
     }
-    model.other_uploads.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     if let (Some(t), Some(s)) = (tracer, start) {
         t.finish(Track::Upload, format!("{what} ({} KiB)", bytes >> 10), s);
     }
@@ -394,90 +452,241 @@ struct AttnPending {
     host_kv: bool,
 }
 
-/// The attention half of layer `li` over the whole step, micro-batch by micro-batch: the next
-/// micro-batch is staged and submitted before the previous one's results are taken back.
+/// A host micro-batch after its first GPU half: its queries and new keys and values on their
+/// way back, its hidden states kept on the GPU for the second half.
+struct HostInputs {
+    read: PendingRead,
+    parts: Vec<Part>,
+    xb: GpuBuffer,
+    index: usize,
+}
+
+/// Divides a layer's parts between the host and the GPU: the first ones, until they hold
+/// `host_share` of the KV rows that the step's attention reads, go to the host.
+fn split_for_host(parts: &[Part], host_share: f64) -> (Vec<Part>, Vec<Part>) {
+    if host_share <= 0.0 {
+        return (Vec::new(), parts.to_vec());
+    }
+    if host_share >= 1.0 {
+        return (parts.to_vec(), Vec::new());
+    }
+    let total: usize = parts.iter().map(|p| p.past + p.count).sum();
+    let (mut host, mut gpu, mut taken) = (Vec::new(), Vec::new(), 0usize);
+    for &p in parts {
+        if (taken as f64) < host_share * total as f64 {
+            taken += p.past + p.count;
+            host.push(p);
+        } else {
+            gpu.push(p);
+        }
+    }
+    (host, gpu)
+}
+
+/// One micro-batch of a layer's attention, on the device it was given to.
+enum MicroBatch {
+    Host(Vec<Part>),
+    Gpu(Vec<Part>),
+}
+
+/// The attention half of layer `li` over the whole step, micro-batch by micro-batch, each on the
+/// GPU (its past KV staged up from the pages) or on the host (its queries brought down and
+/// attended over the pages in place). Host and GPU micro-batches alternate, and each is
+/// submitted before the previous one's results are taken back, so the host attends micro-batch
+/// i while the GPU computes the projections of i + 1 or another micro-batch's whole attention.
 fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part], sizes: &ModuleSizes, li: usize, st: &mut StepState) -> Result<()> {
+    let routed = matches!(model.weights.layers[li].ffn, Ffn::Moe { .. });
+    let host_pages = matches!(kv, KvStore::Host(_));
+    let share = if host_pages { sizes.attention.host_share() } else { 0.0 };
+    let (host_parts, gpu_parts) = split_for_host(parts, share);
+    let mut host_mbs = micro_batches(&host_parts, sizes, false).into_iter().map(MicroBatch::Host);
+    let mut gpu_mbs = micro_batches(&gpu_parts, sizes, host_pages).into_iter().map(MicroBatch::Gpu);
+    let mut order = Vec::new();
+    loop {
+        let (h, g) = (host_mbs.next(), gpu_mbs.next());
+        if h.is_none() && g.is_none() {
+            break;
+        }
+        order.extend(h);
+        order.extend(g);
+    }
+    let mut waiting_host: Option<HostInputs> = None;
+    let mut outputs: std::collections::VecDeque<AttnPending> = Default::default();
+    for (mi, mb) in order.into_iter().enumerate() {
+        match mb {
+            MicroBatch::Gpu(mb) => outputs.push_back(gpu_micro_batch(model, kv, pop, mb, li, mi, routed, st)?),
+            MicroBatch::Host(mb) => {
+                let inputs = host_inputs(model, mb, li, mi, st)?;
+                if let Some(prev) = waiting_host.replace(inputs) {
+                    outputs.push_back(host_attend(model, kv, pop, li, routed, prev)?);
+                }
+            }
+        }
+        // One result in flight behind the newest keeps the GPU fed while the host takes it.
+        while outputs.len() > 2 {
+            take_attention(model, kv, pop, li, outputs.pop_front().expect("non-empty"), st)?;
+        }
+    }
+    if let Some(prev) = waiting_host {
+        outputs.push_back(host_attend(model, kv, pop, li, routed, prev)?);
+    }
+    while let Some(p) = outputs.pop_front() {
+        take_attention(model, kv, pop, li, p, st)?;
+    }
+    Ok(())
+}
+
+/// Positions, cache rows and key ranges of a micro-batch's tokens, and their hidden states;
+/// `start(part)` is the first row of the part's sequence in the KV rows the GPU attends over.
+fn token_places(model: &Model, mb: &[Part], st: &StepState, mut start: impl FnMut(&Part) -> usize) -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f32>) {
+    let cfg = &model.cfg;
+    let h = cfg.hidden_size;
+    let (mut positions, mut cache_rows, mut ranges, mut xs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in mb {
+        let start = start(p);
+        for j in 0..p.count {
+            let pos = p.past + j;
+            let seen = pos + 1;
+            let len = cfg.sliding_window.map_or(seen, |w| seen.min(w));
+            positions.push(pos as u32);
+            cache_rows.push((start + pos) as u32);
+            ranges.extend([(start + seen - len) as u32, len as u32]);
+        }
+        xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
+    }
+    (positions, cache_rows, ranges, xs)
+}
+
+/// A micro-batch's whole attention on the GPU: its past KV staged up from the host pages (or
+/// read in place from the GPU cache), the new keys and values coming back for the pages.
+#[allow(clippy::too_many_arguments)]
+fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: usize, mi: usize, routed: bool, st: &StepState) -> Result<AttnPending> {
     let ctx = &model.ctx;
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
     let [kw, vw] = cfg.kv_widths();
-    let routed = matches!(model.weights.layers[li].ffn, Ffn::Moe { .. });
-    let mut pending: Option<AttnPending> = None;
-    for (mi, mb) in micro_batches(parts, sizes, matches!(kv, KvStore::Host(_))).into_iter().enumerate() {
-        let (mut positions, mut cache_rows, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut keys, mut values, mut xs) = (Vec::new(), Vec::new(), Vec::new());
-        // Each sequence's past rows, followed on the GPU by its new ones: (first row, rows).
-        let mut past_runs = Vec::new();
-        let mut row = 0usize;
-        for p in &mb {
-            let s = &pop[p.seq];
-            // Host pages: the past is staged into the micro-batch's rows. GPU cache: the
-            // sequence's own region holds it already.
-            let start = match (&*kv, &s.kv) {
-                (KvStore::Host(store), SeqKv::Pages(pages)) => {
-                    store.gather(li, pages, 0, p.past, &mut keys, &mut values);
-                    past_runs.push((row, p.past));
-                    row
-                }
-                (_, SeqKv::Rows(start)) => *start,
-                _ => unreachable!("a sequence's KV comes from the job's store"),
-            };
-            for j in 0..p.count {
-                let pos = p.past + j;
-                let seen = pos + 1;
-                let len = cfg.sliding_window.map_or(seen, |w| seen.min(w));
-                positions.push(pos as u32);
-                cache_rows.push((start + pos) as u32);
-                ranges.extend([(start + seen - len) as u32, len as u32]);
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    // Each sequence's past rows, followed on the GPU by its new ones: (first row, rows).
+    let mut past_runs = Vec::new();
+    let mut row = 0usize;
+    let (positions, cache_rows, ranges, xs) = token_places(model, &mb, st, |p| {
+        // Host pages: the past is staged into the micro-batch's rows. GPU cache: the sequence's
+        // own region holds it already.
+        match (kv, &pop[p.seq].kv) {
+            (KvStore::Host(store), SeqKv::Pages(pages)) => {
+                store.gather(li, pages, 0, p.past, &mut keys, &mut values);
+                past_runs.push((row, p.past));
+                let start = row;
+                row += p.past + p.count;
+                start
             }
-            row += p.past + p.count;
-            xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
+            (_, SeqKv::Rows(start)) => *start,
+            _ => unreachable!("a sequence's KV comes from the job's store"),
         }
-        let m = positions.len();
-        let (kb, vb, kv_rows, staged) = match &*kv {
-            KvStore::Host(_) => {
-                let kb = ctx.storage("micro-batch keys", (row * kw * 4) as u64)?;
-                let vb = ctx.storage("micro-batch values", (row * vw * 4).max(4) as u64)?;
-                let staged = send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, row, [kw, vw])?;
-                (kb, vb, row, staged)
+    });
+    let m = positions.len();
+    let host_kv = matches!(kv, KvStore::Host(_));
+    let (kb, vb, kv_rows, staged) = match kv {
+        KvStore::Host(_) => {
+            let kb = ctx.storage("micro-batch keys", (row * kw * 4) as u64)?;
+            let vb = ctx.storage("micro-batch values", (row * vw * 4).max(4) as u64)?;
+            let staged = send_kv(model, &format!("layer {li} KV, micro-batch {mi}"), [&kb, &vb], [&keys, &values], &past_runs, row, [kw, vw])?;
+            (kb, vb, row, staged)
+        }
+        KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows, None),
+    };
+    let xb = send(model, "hidden states", &xs)?;
+    let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
+    let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
+    // 16-bit KV pages widen to f32 for the attention (the new rows are written after).
+    if let Some([ks, vs]) = &staged {
+        for (src, dst, w) in [(ks, &kb, kw), (vs, &vb, vw)] {
+            if w > 0 && row > 0 {
+                expand_bf16(&mut b, src, dst, row * w)?;
             }
-            KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows, None),
-        };
-        let host_kv = matches!(kv, KvStore::Host(_));
-        let xb = send(model, "hidden states", &xs)?;
-        let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
-        let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
-        // 16-bit KV pages widen to f32 for the attention (the new rows are written after).
-        if let Some([ks, vs]) = &staged {
-            for (src, dst, w) in [(ks, &kb, kw), (vs, &vb, vw)] {
-                if w > 0 && row > 0 {
-                    expand_bf16(&mut b, src, dst, row * w)?;
-                }
-            }
-        }
-        let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
-        let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
-        // New keys and values go back to the host pages; a GPU cache has them in place.
-        if host_kv {
-            back.push((&new.k, (m * kw * 4) as u64));
-            back.push((&new.v, (m * vw * 4) as u64));
-        }
-        let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
-        if let Some((ids, w)) = &routing {
-            let kk = (m * cfg.experts_per_token * 4) as u64;
-            back.push((ids, kk));
-            back.push((w, kk));
-        }
-        b.submit()?;
-        let read = ctx.read_later(&back)?;
-        if let Some(prev) = pending.replace(AttnPending { read, parts: mb, routed, host_kv }) {
-            take_attention(model, kv, pop, li, prev, st)?;
         }
     }
-    if let Some(prev) = pending {
-        take_attention(model, kv, pop, li, prev, st)?;
+    let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
+    let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
+    // New keys and values go back to the host pages; a GPU cache has them in place.
+    if host_kv {
+        back.push((&new.k, (m * kw * 4) as u64));
+        back.push((&new.v, (m * vw * 4) as u64));
     }
-    Ok(())
+    let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
+    if let Some((ids, w)) = &routing {
+        let kk = (m * cfg.experts_per_token * 4) as u64;
+        back.push((ids, kk));
+        back.push((w, kk));
+    }
+    b.submit()?;
+    Ok(AttnPending { read: ctx.read_later(&back)?, parts: mb, routed, host_kv })
+}
+
+/// The first GPU half of a host micro-batch: norm and projections; its queries and new keys and
+/// values start back to the host.
+fn host_inputs(model: &Model, mb: Vec<Part>, li: usize, mi: usize, st: &StepState) -> Result<HostInputs> {
+    let ctx = &model.ctx;
+    let [kw, vw] = model.cfg.kv_widths();
+    // The kernel's cache rows and ranges are unused here: the host attends over the pages.
+    let (positions, cache_rows, ranges, xs) = token_places(model, &mb, st, |_| 0);
+    let m = positions.len();
+    let xb = send(model, "hidden states", &xs)?;
+    let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
+    let mut b = Batch::named(ctx, format!("layer {li} attention inputs, micro-batch {mi}"));
+    let inputs = model.attention_inputs(&mut b, li, &xb, &places)?;
+    b.submit()?;
+    let q_width = model.attention_shape().n_heads * model.attention_shape().head_dim;
+    let read = ctx.read_later(&[(&inputs.q, (m * q_width * 4) as u64), (&inputs.new.k, (m * kw * 4) as u64), (&inputs.new.v, (m * vw * 4) as u64)])?;
+    Ok(HostInputs { read, parts: mb, xb, index: mi })
+}
+
+/// The host half of a host micro-batch: its new keys and values into the pages, attention over
+/// the pages, the outputs up to the GPU for the output projection and the router.
+fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: bool, hi: HostInputs) -> Result<AttnPending> {
+    let ctx = &model.ctx;
+    let cfg = &model.cfg;
+    let h = cfg.hidden_size;
+    let [kw, vw] = cfg.kv_widths();
+    let shape = model.attention_shape();
+    let got = hi.read.wait(ctx)?;
+    let (q, new_k, new_v) = (floats(&got[0]), floats(&got[1]), floats(&got[2]));
+    let KvStore::Host(store) = kv else { unreachable!("host attention runs over host pages") };
+    let tracer = ctx.tracer();
+    let started = tracer.as_ref().map(|t| t.now_ns());
+    let mut at = 0;
+    for p in &hi.parts {
+        let SeqKv::Pages(pages) = &pop[p.seq].kv else { unreachable!("host pages") };
+        store.write(li, pages, p.past, &new_k[at * kw..(at + p.count) * kw], &new_v[at * vw..(at + p.count) * vw]);
+        at += p.count;
+    }
+    let mut spans = Vec::with_capacity(at);
+    for p in &hi.parts {
+        let SeqKv::Pages(pages) = &pop[p.seq].kv else { unreachable!("host pages") };
+        for j in 0..p.count {
+            let seen = p.past + j + 1;
+            let len = cfg.sliding_window.map_or(seen, |w| seen.min(w));
+            spans.push(crate::cpu::attention::KeySpan { pages, first: seen - len, len });
+        }
+    }
+    let m = spans.len();
+    let mut out = vec![0f32; m * shape.n_heads * shape.v_dim];
+    crate::cpu::attention::attention(&shape, &store.rows(li), &q, &spans, &mut out)?;
+    if let (Some(t), Some(s)) = (&tracer, started) {
+        t.finish(Track::HostAttention, format!("layer {li} attention, micro-batch {} ({m} queries)", hi.index), s);
+    }
+    let ob = send(model, "attention outputs", &out)?;
+    let mut b = Batch::named(ctx, format!("layer {li} attention output, micro-batch {}", hi.index));
+    let hn = model.attention_output(&mut b, li, &hi.xb, &ob, m)?;
+    let mut back = vec![(&hi.xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
+    let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
+    if let Some((ids, w)) = &routing {
+        let kk = (m * cfg.experts_per_token * 4) as u64;
+        back.push((ids, kk));
+        back.push((w, kk));
+    }
+    b.submit()?;
+    Ok(AttnPending { read: ctx.read_later(&back)?, parts: hi.parts, routed, host_kv: false })
 }
 
 fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
@@ -495,8 +704,10 @@ fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: At
         let (r0, c) = (part.row0, part.count);
         st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
         st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
-        if let (KvStore::Host(store), SeqKv::Pages(pages)) = (&mut *kv, &pop[part.seq].kv) {
-            store.write(li, pages, part.past, &new_k[at * kw..(at + c) * kw], &new_v[at * vw..(at + c) * vw]);
+        if p.host_kv {
+            if let (KvStore::Host(store), SeqKv::Pages(pages)) = (&mut *kv, &pop[part.seq].kv) {
+                store.write(li, pages, part.past, &new_k[at * kw..(at + c) * kw], &new_v[at * vw..(at + c) * vw]);
+            }
         }
         if p.routed {
             st.expert_ids[r0 * k..(r0 + c) * k].copy_from_slice(&ids[at * k..(at + c) * k]);
@@ -589,7 +800,6 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         Ok(())
     };
     let n = st.n;
-    let limit = model.upload_limit.as_ref();
     let before = move || -> Result<Work<'_>> {
         if let Some(a) = attention {
             a(st)?;
@@ -601,7 +811,7 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
         Ok(Work { st, groups, y: vec![0.0f32; n * k * h], pending: Default::default() })
     };
-    let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, limit, li, host, &experts, before, |w, u, slot| {
+    let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, li, host, &experts, before, |w, u, slot| {
         for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
             let m = rows.len();
             let mut xs = Vec::with_capacity(m * h);

@@ -1,0 +1,471 @@
+//! The vector primitives the host kernels are built from, one implementation per instruction set,
+//! picked at run time: AVX-512 (16 f32 lanes), AVX2 with FMA (8 lanes), NEON (4 lanes) and a
+//! portable path. bf16 is widened to f32 by a 16-bit shift. Every path is tested against the
+//! portable one on awkward lengths (`tests` below), and the kernels take the path as a value so
+//! that their tests can run each one.
+
+use std::sync::OnceLock;
+
+/// An instruction set the host kernels can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Isa {
+    /// The widest path this CPU runs (detected once). `MOEGEN_CPU_ISA=portable|avx2|avx512|neon`
+    /// narrows it, to compare paths on one machine.
+    pub fn detected() -> Isa {
+        static PICKED: OnceLock<Isa> = OnceLock::new();
+        *PICKED.get_or_init(|| {
+            let available = Isa::available();
+            let best = *available.last().expect("the portable path is always available");
+            match std::env::var("MOEGEN_CPU_ISA") {
+                Ok(want) => available.iter().copied().find(|i| i.name() == want.trim()).unwrap_or_else(|| {
+                    log::warn!("MOEGEN_CPU_ISA={want}: not one of {:?} on this CPU; using {}", available.iter().map(|i| i.name()).collect::<Vec<_>>(), best.name());
+                    best
+                }),
+                Err(_) => best,
+            }
+        })
+    }
+
+    /// Every path this CPU can run, narrowest first.
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut out = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                out.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                out.push(Isa::Avx512);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                out.push(Isa::Neon);
+            }
+        }
+        out
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+        }
+    }
+}
+
+/// Rows of stored values: f32, or bf16 bit patterns.
+#[derive(Clone, Copy, Debug)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Values<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `at..at + n`.
+    #[inline]
+    pub fn slice(&self, at: usize, n: usize) -> Values<'a> {
+        match *self {
+            Values::F32(v) => Values::F32(&v[at..at + n]),
+            Values::Bf16(v) => Values::Bf16(&v[at..at + n]),
+        }
+    }
+
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Values::F32(v) => v[i],
+            Values::Bf16(v) => bf16_to_f32(v[i]),
+        }
+    }
+}
+
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// `sum(a[i] * b[i])`.
+#[inline]
+pub fn dot(isa: Isa, a: &[f32], b: Values) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    match (isa, b) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Values::F32(b)) => unsafe { x86::dot_f32_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Values::Bf16(b)) => unsafe { x86::dot_bf16_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Values::F32(b)) => unsafe { x86::dot_f32_avx2(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Values::Bf16(b)) => unsafe { x86::dot_bf16_avx2(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, Values::F32(b)) => unsafe { arm::dot_f32_neon(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, Values::Bf16(b)) => unsafe { arm::dot_bf16_neon(a, b) },
+        (_, b) => portable::dot(a, b),
+    }
+}
+
+/// `y[i] = y[i] * c + p * x[i]`: the online softmax's rescale and accumulate in one pass.
+#[inline]
+pub fn scale_add(isa: Isa, y: &mut [f32], c: f32, p: f32, x: Values) {
+    debug_assert_eq!(y.len(), x.len());
+    match (isa, x) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Values::F32(x)) => unsafe { x86::scale_add_f32_avx512(y, c, p, x) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Values::Bf16(x)) => unsafe { x86::scale_add_bf16_avx512(y, c, p, x) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Values::F32(x)) => unsafe { x86::scale_add_f32_avx2(y, c, p, x) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Values::Bf16(x)) => unsafe { x86::scale_add_bf16_avx2(y, c, p, x) },
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, Values::F32(x)) => unsafe { arm::scale_add_f32_neon(y, c, p, x) },
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon, Values::Bf16(x)) => unsafe { arm::scale_add_bf16_neon(y, c, p, x) },
+        (_, x) => portable::scale_add(y, c, p, x),
+    }
+}
+
+mod portable {
+    use super::{bf16_to_f32, Values};
+
+    /// Eight partial sums, as the vector paths keep lanes, so the compiler can vectorise it too.
+    pub fn dot(a: &[f32], b: Values) -> f32 {
+        let mut acc = [0f32; 8];
+        match b {
+            Values::F32(b) => {
+                let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+                let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+                for (x, y) in ac.zip(bc) {
+                    for l in 0..8 {
+                        acc[l] = x[l].mul_add(y[l], acc[l]);
+                    }
+                }
+                acc.iter().sum::<f32>() + tail
+            }
+            Values::Bf16(b) => {
+                let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+                let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, &y)| x * bf16_to_f32(y)).sum();
+                for (x, y) in ac.zip(bc) {
+                    for l in 0..8 {
+                        acc[l] = x[l].mul_add(bf16_to_f32(y[l]), acc[l]);
+                    }
+                }
+                acc.iter().sum::<f32>() + tail
+            }
+        }
+    }
+
+    pub fn scale_add(y: &mut [f32], c: f32, p: f32, x: Values) {
+        match x {
+            Values::F32(x) => y.iter_mut().zip(x).for_each(|(y, &x)| *y = p.mul_add(x, *y * c)),
+            Values::Bf16(x) => y.iter_mut().zip(x).for_each(|(y, &x)| *y = p.mul_add(bf16_to_f32(x), *y * c)),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::bf16_to_f32;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len() / 16 * 16;
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), _mm512_loadu_ps(b.as_ptr().add(i)), s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i + 16)), _mm512_loadu_ps(b.as_ptr().add(i + 16)), s1);
+            i += 32;
+        }
+        if i < n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), _mm512_loadu_ps(b.as_ptr().add(i)), s0);
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for j in n..a.len() {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen16(p: *const u16) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_bf16_avx512(a: &[f32], b: &[u16]) -> f32 {
+        let n = a.len() / 16 * 16;
+        let mut s = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            s = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), widen16(b.as_ptr().add(i)), s);
+            i += 16;
+        }
+        let mut sum = _mm512_reduce_add_ps(s);
+        for j in n..a.len() {
+            sum += a[j] * bf16_to_f32(b[j]);
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scale_add_f32_avx512(y: &mut [f32], c: f32, p: f32, x: &[f32]) {
+        let n = y.len() / 16 * 16;
+        let (vc, vp) = (_mm512_set1_ps(c), _mm512_set1_ps(p));
+        let mut i = 0;
+        while i < n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm512_storeu_ps(yp, _mm512_fmadd_ps(vp, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_mul_ps(_mm512_loadu_ps(yp), vc)));
+            i += 16;
+        }
+        for j in n..y.len() {
+            y[j] = p.mul_add(x[j], y[j] * c);
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scale_add_bf16_avx512(y: &mut [f32], c: f32, p: f32, x: &[u16]) {
+        let n = y.len() / 16 * 16;
+        let (vc, vp) = (_mm512_set1_ps(c), _mm512_set1_ps(p));
+        let mut i = 0;
+        while i < n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm512_storeu_ps(yp, _mm512_fmadd_ps(vp, widen16(x.as_ptr().add(i)), _mm512_mul_ps(_mm512_loadu_ps(yp), vc)));
+            i += 16;
+        }
+        for j in n..y.len() {
+            y[j] = p.mul_add(bf16_to_f32(x[j]), y[j] * c);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widen8(p: *const u16) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len() / 8 * 8;
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i + 8)), _mm256_loadu_ps(b.as_ptr().add(i + 8)), s1);
+            i += 16;
+        }
+        if i < n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), s0);
+        }
+        let mut sum = hsum256(_mm256_add_ps(s0, s1));
+        for j in n..a.len() {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16_avx2(a: &[f32], b: &[u16]) -> f32 {
+        let n = a.len() / 8 * 8;
+        let mut s = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), widen8(b.as_ptr().add(i)), s);
+            i += 8;
+        }
+        let mut sum = hsum256(s);
+        for j in n..a.len() {
+            sum += a[j] * bf16_to_f32(b[j]);
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scale_add_f32_avx2(y: &mut [f32], c: f32, p: f32, x: &[f32]) {
+        let n = y.len() / 8 * 8;
+        let (vc, vp) = (_mm256_set1_ps(c), _mm256_set1_ps(p));
+        let mut i = 0;
+        while i < n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(vp, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_mul_ps(_mm256_loadu_ps(yp), vc)));
+            i += 8;
+        }
+        for j in n..y.len() {
+            y[j] = p.mul_add(x[j], y[j] * c);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scale_add_bf16_avx2(y: &mut [f32], c: f32, p: f32, x: &[u16]) {
+        let n = y.len() / 8 * 8;
+        let (vc, vp) = (_mm256_set1_ps(c), _mm256_set1_ps(p));
+        let mut i = 0;
+        while i < n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(vp, widen8(x.as_ptr().add(i)), _mm256_mul_ps(_mm256_loadu_ps(yp), vc)));
+            i += 8;
+        }
+        for j in n..y.len() {
+            y[j] = p.mul_add(bf16_to_f32(x[j]), y[j] * c);
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::bf16_to_f32;
+    use std::arch::aarch64::*;
+
+    #[target_feature(enable = "neon")]
+    unsafe fn widen4(p: *const u16) -> float32x4_t {
+        vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p)))
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_f32_neon(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len() / 8 * 8;
+        let (mut s0, mut s1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let mut i = 0;
+        while i < n {
+            s0 = vfmaq_f32(s0, vld1q_f32(a.as_ptr().add(i)), vld1q_f32(b.as_ptr().add(i)));
+            s1 = vfmaq_f32(s1, vld1q_f32(a.as_ptr().add(i + 4)), vld1q_f32(b.as_ptr().add(i + 4)));
+            i += 8;
+        }
+        let mut sum = vaddvq_f32(vaddq_f32(s0, s1));
+        for j in n..a.len() {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn dot_bf16_neon(a: &[f32], b: &[u16]) -> f32 {
+        let n = a.len() / 4 * 4;
+        let mut s = vdupq_n_f32(0.0);
+        let mut i = 0;
+        while i < n {
+            s = vfmaq_f32(s, vld1q_f32(a.as_ptr().add(i)), widen4(b.as_ptr().add(i)));
+            i += 4;
+        }
+        let mut sum = vaddvq_f32(s);
+        for j in n..a.len() {
+            sum += a[j] * bf16_to_f32(b[j]);
+        }
+        sum
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn scale_add_f32_neon(y: &mut [f32], c: f32, p: f32, x: &[f32]) {
+        let n = y.len() / 4 * 4;
+        let (vc, vp) = (vdupq_n_f32(c), vdupq_n_f32(p));
+        let mut i = 0;
+        while i < n {
+            let yp = y.as_mut_ptr().add(i);
+            vst1q_f32(yp, vfmaq_f32(vmulq_f32(vld1q_f32(yp), vc), vp, vld1q_f32(x.as_ptr().add(i))));
+            i += 4;
+        }
+        for j in n..y.len() {
+            y[j] = p.mul_add(x[j], y[j] * c);
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub unsafe fn scale_add_bf16_neon(y: &mut [f32], c: f32, p: f32, x: &[u16]) {
+        let n = y.len() / 4 * 4;
+        let (vc, vp) = (vdupq_n_f32(c), vdupq_n_f32(p));
+        let mut i = 0;
+        while i < n {
+            let yp = y.as_mut_ptr().add(i);
+            vst1q_f32(yp, vfmaq_f32(vmulq_f32(vld1q_f32(yp), vc), vp, widen4(x.as_ptr().add(i))));
+            i += 4;
+        }
+        for j in n..y.len() {
+            y[j] = p.mul_add(bf16_to_f32(x[j]), y[j] * c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every path against an f64 sum, on lengths around each lane count.
+    #[test]
+    fn every_path_matches_f64_on_awkward_lengths() {
+        for isa in Isa::available() {
+            for n in [0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 127, 257, 576] {
+                let a = random(n, n as u64);
+                let b = random(n, n as u64 + 99);
+                let b16: Vec<u16> = b.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+                let want16: f64 = a.iter().zip(&b16).map(|(&x, &y)| x as f64 * bf16_to_f32(y) as f64).sum();
+                let scale = a.iter().map(|x| x.abs() as f64).sum::<f64>().max(1.0);
+                let got = dot(isa, &a, Values::F32(&b));
+                let got16 = dot(isa, &a, Values::Bf16(&b16));
+                assert!((got as f64 - want).abs() / scale < 1e-6, "{isa:?} f32 dot n={n}: {got} vs {want}");
+                assert!((got16 as f64 - want16).abs() / scale < 1e-6, "{isa:?} bf16 dot n={n}: {got16} vs {want16}");
+
+                for (x, widened) in [(Values::F32(&b), b.clone()), (Values::Bf16(&b16), b16.iter().map(|&v| bf16_to_f32(v)).collect())] {
+                    let mut y = a.clone();
+                    scale_add(isa, &mut y, 0.75, -1.5, x);
+                    for i in 0..n {
+                        let want = 0.75f64 * a[i] as f64 - 1.5 * widened[i] as f64;
+                        assert!((y[i] as f64 - want).abs() < 1e-6, "{isa:?} scale_add n={n} i={i}: {} vs {want}", y[i]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn detection_picks_an_available_path() {
+        assert!(Isa::available().contains(&Isa::detected()));
+    }
+}
