@@ -7,6 +7,8 @@
 use std::time::Duration;
 
 use moegen::gpu::{AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, WeightDtype};
+use moegen::cpu::attention::{attention_with, KeySpan, PagedRows};
+use moegen::cpu::simd::{Isa, Values};
 use moegen::kernels::{attention, matmul};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -132,6 +134,63 @@ fn main() {
                 kv_bytes / t.as_secs_f64() / 1e9,
                 flops / t.as_secs_f64() / 1e9
             );
+        }
+    }
+
+    if wants("host") {
+        // The same decode shapes on the host, over 16-token pages in a scrambled order, on every
+        // instruction-set path this CPU has, with one thread and with all of them; beside the
+        // host's memory read rate measured now (the bound a memory-bound kernel approaches).
+        let profile = moegen::planner::calibrate_host();
+        println!("\nhost attention over KV pages ({} cores; memory read {:.1} GB/s)", profile.cores, profile.memory_bytes_per_s / 1e9);
+        println!("{:>7} {:>8} {:>7} {:>5} {:>9} {:>8} {:>12} {:>10} {:>10}", "shape", "path", "threads", "KV", "sequences", "context", "time", "KV GB/s", "GFLOP/s");
+        let shapes = [("GQA", attention::AttentionShape::new(32, 8, 128), 16usize, 512usize), ("MLA", attention::AttentionShape::latent(16, 576, 512, 0.1), 16, 512)];
+        for (name, shape, seqs, context) in shapes {
+            let page = 16;
+            let kw = shape.n_kv_heads * shape.head_dim;
+            let vw = if shape.values_in_keys { 0 } else { shape.n_kv_heads * shape.v_dim };
+            let pages = seqs * context / page;
+            let k: Vec<f32> = (0..pages * page * kw).map(|i| ((i % 251) as f32 - 125.0) / 250.0).collect();
+            let v: Vec<f32> = (0..pages * page * vw).map(|i| ((i % 241) as f32 - 120.0) / 240.0).collect();
+            let bits = |x: &[f32]| -> Vec<u16> { x.iter().map(|&f| half::bf16::from_f32(f).to_bits()).collect() };
+            let (k16, v16) = (bits(&k), bits(&v));
+            // Page p of sequence s is page (p * seqs + s): neighbours in a sequence lie apart.
+            let tables: Vec<Vec<u32>> = (0..seqs).map(|s| (0..context / page).map(|p| (p * seqs + s) as u32).collect()).collect();
+            let spans: Vec<KeySpan> = tables.iter().map(|t| KeySpan { pages: t, first: 0, len: context }).collect();
+            let q: Vec<f32> = (0..seqs * shape.n_heads * shape.head_dim).map(|i| ((i % 7) as f32 - 3.0) / 10.0).collect();
+            let mut out = vec![0f32; seqs * shape.n_heads * shape.v_dim];
+            for isa in Isa::available() {
+                for threads in [1, profile.cores] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
+                    for bf16 in [false, true] {
+                        let rows = if bf16 {
+                            PagedRows { keys: Values::Bf16(&k16), values: Values::Bf16(&v16), page_tokens: page }
+                        } else {
+                            PagedRows { keys: Values::F32(&k), values: Values::F32(&v), page_tokens: page }
+                        };
+                        let reps = if quick { 3 } else { 7 };
+                        let t = median(
+                            (0..=reps)
+                                .map(|_| {
+                                    let start = std::time::Instant::now();
+                                    pool.install(|| attention_with(isa, &shape, &rows, &q, &spans, &mut out)).expect("host attention");
+                                    start.elapsed()
+                                })
+                                .collect(),
+                        );
+                        let kv_bytes = (seqs * context * (kw + vw) * if bf16 { 2 } else { 4 }) as f64;
+                        let flops = 2.0 * (seqs * shape.n_heads * context * (shape.head_dim + shape.v_dim)) as f64;
+                        println!(
+                            "{name:>7} {:>8} {threads:>7} {:>5} {seqs:>9} {context:>8} {:>10.3}ms {:>10.1} {:>10.1}",
+                            isa.name(),
+                            if bf16 { "bf16" } else { "f32" },
+                            t.as_secs_f64() * 1e3,
+                            kv_bytes / t.as_secs_f64() / 1e9,
+                            flops / t.as_secs_f64() / 1e9
+                        );
+                    }
+                }
+            }
         }
     }
 }

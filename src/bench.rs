@@ -75,7 +75,8 @@ pub struct JobSpec {
     pub max_step_tokens: usize,
     pub upload_bandwidth: Option<u64>,
     pub download_bandwidth: Option<u64>,
-    pub attention: AttentionChoice,
+    /// Module-based batching runs once per placement listed.
+    pub attention: Vec<AttentionChoice>,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
     /// Keys and values in 16 bits in host memory and over the link.
@@ -137,7 +138,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
         budgets,
         upload_bandwidth: spec.upload_bandwidth,
         download_bandwidth: spec.download_bandwidth,
-        attention: spec.attention,
+        attention: AttentionChoice::Auto,
         max_step_tokens: spec.max_step_tokens,
         sampling: SamplingParams::default(),
         ignore_eos: true,
@@ -146,16 +147,18 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let mut reports = Vec::new();
     let mut traces = Vec::new();
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    for &b in &spec.batching {
-        let plan = plan_policy(&ctx, &cfg, &weights, &requests, b, &settings, &hw).with_context(|| format!("batching {}", b.name()))?;
+    for (b, attention) in runs(&spec.batching, &spec.attention) {
+        let settings = RunSettings { attention, ..settings.clone() };
+        let what = run_name(b, attention, &spec.attention);
+        let plan = plan_policy(&ctx, &cfg, &weights, &requests, b, &settings, &hw).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", plan.describe(&cfg, &weights));
-        let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {}", b.name()))?;
+        let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", report.describe());
         if args.json {
             println!("{}", report_json(&report));
         }
         if let Some(t) = &report.trace_json {
-            traces.push((b, t.clone()));
+            traces.push((what, t.clone()));
         }
         reports.push(report);
     }
@@ -166,6 +169,27 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
         write_traces(path, &traces).with_context(|| format!("--trace {}", path.display()))?;
     }
     Ok(reports)
+}
+
+/// The runs of a bench or plan: each policy once, module-based once per attention placement.
+fn runs(batching: &[Batching], attention: &[AttentionChoice]) -> Vec<(Batching, AttentionChoice)> {
+    let placements = if attention.is_empty() { &[AttentionChoice::Auto][..] } else { attention };
+    batching
+        .iter()
+        .flat_map(|&b| match b {
+            Batching::Module => placements.iter().map(|&a| (b, a)).collect::<Vec<_>>(),
+            _ => vec![(b, AttentionChoice::Auto)],
+        })
+        .collect()
+}
+
+/// A run's name: the policy, with its attention placement when several are compared.
+fn run_name(b: Batching, attention: AttentionChoice, all: &[AttentionChoice]) -> String {
+    if b == Batching::Module && all.len() > 1 {
+        format!("{} (attention {})", b.name(), attention.name())
+    } else {
+        b.name().to_string()
+    }
 }
 
 /// One policy's figures as the bench contract's JSON object.
@@ -188,20 +212,29 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
 
 pub fn table(reports: &[PolicyReport]) -> String {
     let mut s = format!(
-        "{:<11} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9} {:>9} {:>8}\n",
-        "batching", "tokens/s", "predicted", "prefill", "decode", "uploaded", "GPU busy", "in flight", "ratio"
+        "{:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>8}\n",
+        "batching", "attention", "tokens/s", "predicted", "prefill", "decode", "uploaded", "downloaded", "GPU busy", "in flight", "ratio"
     );
     let base = reports.iter().find(|r| r.batching == Batching::Model).map(|r| r.tokens_per_s());
     for r in reports {
         let ratio = base.map(|b| format!("{:.1}x", r.tokens_per_s() / b.max(1e-12))).unwrap_or_default();
+        let site = match &r.plan.sizes {
+            Some(z) if z.gpu_kv_rows == 0 && z.attention != crate::scheduler::AttentionSite::Gpu => match z.attention {
+                crate::scheduler::AttentionSite::Split { .. } => format!("split {:.0}%", 100.0 * z.attention.host_share()),
+                _ => "host".into(),
+            },
+            _ => "gpu".into(),
+        };
         s += &format!(
-            "{:<11} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>8.0}% {:>9} {:>8}\n",
+            "{:<11} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>8.0}% {:>9} {:>8}\n",
             r.batching.name(),
+            site,
             r.tokens_per_s(),
             r.plan.prediction.tokens_per_s,
             r.prefill_tokens_per_s(),
             r.decode_tokens_per_s(),
             crate::planner::format_size(r.bytes_uploaded()),
+            crate::planner::format_size(r.bytes_downloaded()),
             100.0 * r.trace.map_or(0.0, |t| t.gpu_busy),
             r.plan.sequences_in_flight,
             ratio
@@ -211,17 +244,18 @@ pub fn table(reports: &[PolicyReport]) -> String {
 }
 
 /// One trace file per policy when several ran (`FILE` gets the policy's name before its extension).
-fn write_traces(path: &std::path::Path, traces: &[(Batching, String)]) -> anyhow::Result<()> {
-    for (b, json) in traces {
+fn write_traces(path: &std::path::Path, traces: &[(String, String)]) -> anyhow::Result<()> {
+    for (name, json) in traces {
+        let tag: String = name.chars().filter_map(|c| if c.is_ascii_alphanumeric() { Some(c) } else if c == ' ' { Some('-') } else { None }).collect();
         let p = if traces.len() == 1 {
             path.to_path_buf()
         } else {
             let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "trace".into());
             let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-            path.with_file_name(format!("{stem}.{}{ext}", b.name()))
+            path.with_file_name(format!("{stem}.{tag}{ext}"))
         };
         std::fs::write(&p, json).with_context(|| p.display().to_string())?;
-        eprintln!("trace of batching {} written to {} (open it in https://ui.perfetto.dev)", b.name(), p.display());
+        eprintln!("trace of batching {name} written to {} (open it in https://ui.perfetto.dev)", p.display());
     }
     Ok(())
 }
@@ -274,8 +308,8 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         args.new_tokens
     );
     let mut any = false;
-    for &b in &args.batching {
-        match plan_job(&cfg, &weights, &shape, b, args.attention, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
+    for (b, attention) in runs(&args.batching, &args.attention) {
+        match plan_job(&cfg, &weights, &shape, b, attention, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
             Ok(plan) => {
                 any = true;
                 out += &format!("{}\n", plan.describe(&cfg, &weights));

@@ -53,6 +53,7 @@ impl Budgets {
 }
 
 /// What every policy of a run shares.
+#[derive(Clone)]
 pub struct RunSettings {
     pub budgets: Budgets,
     /// Rates every byte to and from the GPU is held to (the download one defaults to the upload's).

@@ -116,8 +116,9 @@ struct LimitFlags {
     /// Where module-based batching runs attention: gpu (KV pages sent up), host (on the CPU over
     /// the KV pages, only queries and outputs cross), split (micro-batches divided between both
     /// so they finish together), or auto (the planner's choice). The baselines keep KV on the GPU.
-    #[arg(long, value_enum, default_value = "auto")]
-    attention: AttentionChoice,
+    /// bench and plan take a list (gpu,host) and run module-based batching once per placement.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    attention: Vec<AttentionChoice>,
     /// How keys and values are kept in host memory and sent over the link: f32 (exact), or bf16
     /// (half the bytes; every policy then rounds keys and values to bf16 as it caches them).
     #[arg(long, value_enum, default_value = "f32")]
@@ -276,7 +277,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 host_memory: g.limits.host_memory,
                 upload_bandwidth: g.limits.upload_bandwidth,
                 download_bandwidth: g.limits.download_bandwidth,
-                attention: g.limits.attention,
+                attention: match g.limits.attention[..] {
+                    [one] => one,
+                    _ => anyhow::bail!("--attention takes one placement for generate (gpu, host, split or auto)"),
+                },
                 batching: g.batching,
                 hardware: g.limits.hardware,
                 trace: g.trace,

@@ -157,7 +157,8 @@ pub fn scale_add(isa: Isa, y: &mut [f32], c: f32, p: f32, x: Values) {
 mod portable {
     use super::{bf16_to_f32, Values};
 
-    /// Eight partial sums, as the vector paths keep lanes, so the compiler can vectorise it too.
+    /// Eight partial sums, as the vector paths keep lanes, so the compiler can vectorise it too
+    /// (plain multiply-adds: `mul_add` without FMA hardware is a library call).
     pub fn dot(a: &[f32], b: Values) -> f32 {
         let mut acc = [0f32; 8];
         match b {
@@ -166,7 +167,7 @@ mod portable {
                 let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
                 for (x, y) in ac.zip(bc) {
                     for l in 0..8 {
-                        acc[l] = x[l].mul_add(y[l], acc[l]);
+                        acc[l] += x[l] * y[l];
                     }
                 }
                 acc.iter().sum::<f32>() + tail
@@ -176,7 +177,7 @@ mod portable {
                 let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, &y)| x * bf16_to_f32(y)).sum();
                 for (x, y) in ac.zip(bc) {
                     for l in 0..8 {
-                        acc[l] = x[l].mul_add(bf16_to_f32(y[l]), acc[l]);
+                        acc[l] += x[l] * bf16_to_f32(y[l]);
                     }
                 }
                 acc.iter().sum::<f32>() + tail
@@ -186,8 +187,8 @@ mod portable {
 
     pub fn scale_add(y: &mut [f32], c: f32, p: f32, x: Values) {
         match x {
-            Values::F32(x) => y.iter_mut().zip(x).for_each(|(y, &x)| *y = p.mul_add(x, *y * c)),
-            Values::Bf16(x) => y.iter_mut().zip(x).for_each(|(y, &x)| *y = p.mul_add(bf16_to_f32(x), *y * c)),
+            Values::F32(x) => y.iter_mut().zip(x).for_each(|(y, &x)| *y = *y * c + p * x),
+            Values::Bf16(x) => y.iter_mut().zip(x).for_each(|(y, &x)| *y = *y * c + p * bf16_to_f32(x)),
         }
     }
 }

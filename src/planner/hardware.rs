@@ -53,6 +53,10 @@ pub struct HardwareProfile {
     /// Largest storage binding, bytes (planning without the adapter at hand).
     #[serde(default = "default_binding")]
     pub binding_limit: u64,
+    /// Transfers are held to a rate (`--upload-bandwidth`): each blocks the thread that makes
+    /// it, so the scheduler's readbacks wait behind its uploads instead of overlapping them.
+    #[serde(skip)]
+    pub held_link: bool,
     /// The host as a compute device (none in old files: host attention is then not planned).
     #[serde(default)]
     pub host: Option<HostProfile>,
@@ -123,6 +127,7 @@ impl HardwareProfile {
     /// defaults to `up`), where given: the link caps a run applies to every byte.
     pub fn with_link_caps(&self, up: Option<u64>, down: Option<u64>) -> Self {
         let mut p = self.clone();
+        p.held_link = up.is_some() || down.is_some();
         if let Some(c) = up {
             p.upload_bytes_per_s = p.upload_bytes_per_s.min(c as f64);
         }
@@ -262,7 +267,7 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     // On a software adapter the kernels share the cores with the engine's own threads (the
     // upload thread, the host's gathers and readbacks), so they are timed with one such thread
     // busy beside them, as they run in a job.
-    let _load = (ctx.info().device_type == wgpu::DeviceType::Cpu).then(HostLoad::start);
+    let load = (ctx.info().device_type == wgpu::DeviceType::Cpu).then(HostLoad::start);
 
     // Matmul with bf16 weights at rows from 1 to 512: a large weight (1024 x 1024) gives the
     // rate, a small one (128 x 64) the fixed cost of a dispatch on each path.
@@ -403,6 +408,8 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     };
     let sync = best_of(3, round_trip)?;
 
+    // The host's own kernels are timed alone: in a job they take every core while they run.
+    drop(load);
     let host = calibrate_host();
     let i = ctx.info();
     Ok(HardwareProfile {
@@ -423,6 +430,7 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         shares_cpu: i.device_type == wgpu::DeviceType::Cpu,
         binding_limit: ctx.binding_limit(),
         host: Some(host),
+        held_link: false,
         calibration_version: CALIBRATION_VERSION,
     })
 }
@@ -435,8 +443,21 @@ pub fn calibrate_host() -> HostProfile {
     use crate::cpu::simd::Values;
     use rayon::prelude::*;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let big = values(16 << 20, 12);
-    let sum = || big.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum::<f32>();
+    let big: Vec<u64> = (0..8u64 << 20).collect();
+    // Eight independent sums a chunk, so the read rate and not the adds' latency is measured.
+    let sum = || {
+        big.par_chunks(1 << 15)
+            .map(|c| {
+                let mut acc = [0u64; 8];
+                for w in c.chunks_exact(8) {
+                    for l in 0..8 {
+                        acc[l] = acc[l].wrapping_add(w[l]);
+                    }
+                }
+                acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+            })
+            .reduce(|| 0, u64::wrapping_add)
+    };
     std::hint::black_box(sum());
     let read = best_of(3, || {
         let t = Instant::now();
@@ -478,7 +499,7 @@ pub fn calibrate_host() -> HostProfile {
     }
     HostProfile {
         cores,
-        memory_bytes_per_s: (big.len() * 4) as f64 / read.as_secs_f64(),
+        memory_bytes_per_s: (big.len() * 8) as f64 / read.as_secs_f64(),
         attention: points,
         source: format!("measured by moegen's calibration ({} path), {}", crate::cpu::simd::Isa::detected().name(), crate::planner::today()),
     }

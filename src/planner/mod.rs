@@ -10,7 +10,7 @@
 pub mod hardware;
 pub mod policy;
 
-pub use hardware::HardwareProfile;
+pub use hardware::{calibrate_host, HardwareProfile, HostAttentionPoint, HostProfile};
 pub use policy::{plan_job, Bound, JobPlan, JobShape, Prediction};
 
 use crate::error::{Error, Result};

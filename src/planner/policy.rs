@@ -485,7 +485,13 @@ fn step_cost(
             + streamed_layers * expert_chunks
             + (layers - streamed_layers) * resident_chunks
             + 2.0 * (logits / s.logit_rows as f64).ceil().max(1.0);
-        host += (kv_up + 2.0 * state_up) / hw.host_copy_bytes_per_s + state_down / hw.readback_bytes_per_s;
+        host += (kv_up + 2.0 * state_up) / hw.host_copy_bytes_per_s;
+        if hw.held_link {
+            // Readbacks wait on the scheduler's thread behind the uploads it made: in series.
+            io_bytes += state_down * hw.upload_bytes_per_s / hw.readback_bytes_per_s;
+        } else {
+            host += state_down / hw.readback_bytes_per_s;
+        }
         host += submits * hw.submit_s;
         gpu += submits * hw.pass_s;
         let dispatches = layers * micro_batches * 18.0 + streamed_layers * expert_chunks * 4.0 + (layers - streamed_layers) * resident_chunks * 10.0;
