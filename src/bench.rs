@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::engine::{job_shape, plan_policy, run_policy, Budgets, PolicyReport, RunSettings};
+use crate::engine::{job_shape, plan_kv_dtype, plan_policy, run_policy, Budgets, PolicyReport, RunSettings};
 use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
@@ -79,8 +79,9 @@ pub struct JobSpec {
     pub attention: Vec<AttentionChoice>,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
-    /// Keys and values in 16 bits in host memory and over the link.
-    pub kv_bf16: bool,
+    /// Keys and values in 16 bits in host memory and over the link (None: the planner's choice
+    /// per run).
+    pub kv_bf16: Option<bool>,
 }
 
 #[derive(Clone, Debug)]
@@ -123,7 +124,7 @@ fn check_job(cfg: &ModelConfig, sequences: usize, prompt_len: usize, new_tokens:
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let spec = &args.spec;
-    let cfg = spec.source.config()?.with_kv_bf16(spec.kv_bf16)?;
+    let cfg = spec.source.config()?.with_kv_bf16(spec.kv_bf16 == Some(true))?;
     check_job(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens)?;
     let ctx = GpuContext::new(&spec.adapter)?;
     let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, ctx.info().device_type);
@@ -150,7 +151,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     for (b, attention) in runs(&spec.batching, &spec.attention) {
         let settings = RunSettings { attention, ..settings.clone() };
         let what = run_name(b, attention, &spec.attention);
-        let plan = plan_policy(&ctx, &cfg, &weights, &requests, b, &settings, &hw).with_context(|| format!("batching {what}"))?;
+        let (cfg, plan) = plan_kv_dtype(&cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", plan.describe(&cfg, &weights));
         let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", report.describe());
@@ -201,6 +202,7 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
         "decode_tokens_per_s": r.decode_tokens_per_s(),
         "bytes_uploaded": r.bytes_uploaded(),
         "bytes_downloaded": r.bytes_downloaded(),
+        "states_on_gpu": r.plan.sizes.as_ref().is_some_and(|z| z.gpu_states),
         "attention": r.plan.sizes.as_ref().map_or_else(|| json!({"site": "gpu", "kv": "gpu", "host_share": 0.0}), |z| z.attention.json(z.gpu_kv_rows > 0)),
         "gpu_busy_fraction": r.trace.map(|t| t.gpu_busy),
         "gpu_busy_while_uploading": r.trace.map(|t| t.gpu_busy_while_uploading),
@@ -264,7 +266,7 @@ fn write_traces(path: &std::path::Path, traces: &[(String, String)]) -> anyhow::
 /// budgets default to the profile's memories.
 /// The plan of each requested policy as text, and whether any of them fits the budgets.
 pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
-    let cfg = args.source.config()?.with_kv_bf16(args.kv_bf16)?;
+    let cfg = args.source.config()?.with_kv_bf16(args.kv_bf16 == Some(true))?;
     check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
     let weights = args.source.weight_bytes(&cfg)?;
     let (hw, budgets) = match &args.hardware {
@@ -309,10 +311,13 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
     );
     let mut any = false;
     for (b, attention) in runs(&args.batching, &args.attention) {
-        match plan_job(&cfg, &weights, &shape, b, attention, budgets.gpu, budgets.host, hw.binding_limit, &hw) {
-            Ok(plan) => {
+        match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
+            Ok((cfg, plan)) => {
                 any = true;
                 out += &format!("{}\n", plan.describe(&cfg, &weights));
+                if args.kv_bf16.is_none() {
+                    out += &format!("  KV dtype {} (--kv-dtype auto: the faster prediction)\n", if cfg.kv_bf16 { "bf16" } else { "f32" });
+                }
             }
             Err(e) => out += &format!("batching {}: {e}\n", b.name()),
         }

@@ -125,6 +125,9 @@ impl PolicyReport {
         );
         if let Some(z) = &self.plan.sizes {
             s += &format!("; attention {}", z.attention.describe());
+            if z.gpu_kv_rows == 0 {
+                s += if z.gpu_states { ", hidden states kept on the GPU" } else { ", hidden states in host memory" };
+            }
         }
         if let Some(t) = &self.trace {
             s += &format!(
@@ -170,6 +173,26 @@ pub fn plan_policy(
     let shape = job_shape(requests, settings.max_step_tokens);
     let hw = hw.with_link_caps(settings.upload_bandwidth, settings.download_bandwidth);
     plan_job(cfg, weights, &shape, batching, settings.attention, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)
+}
+
+/// The config and plan under `--kv-dtype`: `Some` keeps what it says; `None` (auto) plans with
+/// f32 and with bf16 keys and values and keeps the faster (f32, being exact, unless bf16 is
+/// predicted more than 2% faster).
+pub fn plan_kv_dtype(cfg: &ModelConfig, kv_bf16: Option<bool>, plan: impl Fn(&ModelConfig) -> Result<JobPlan>) -> Result<(ModelConfig, JobPlan)> {
+    if let Some(on) = kv_bf16 {
+        let cfg = cfg.clone().with_kv_bf16(on)?;
+        let p = plan(&cfg)?;
+        return Ok((cfg, p));
+    }
+    let exact = cfg.clone().with_kv_bf16(false)?;
+    let full = plan(&exact);
+    let Ok(half_cfg) = cfg.clone().with_kv_bf16(true) else { return Ok((exact, full?)) };
+    match (full, plan(&half_cfg)) {
+        (Ok(f), Ok(h)) if h.prediction.tokens_per_s > 1.02 * f.prediction.tokens_per_s => Ok((half_cfg, h)),
+        (Ok(f), _) => Ok((exact, f)),
+        (Err(_), Ok(h)) => Ok((half_cfg, h)),
+        (Err(e), Err(_)) => Err(e),
+    }
 }
 
 /// Loads the model as `plan` places it and runs `requests`, calling `on_finish` per finished

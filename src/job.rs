@@ -11,7 +11,7 @@ use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
-use crate::engine::{plan_policy, run_policy, Budgets, RunSettings};
+use crate::engine::{plan_kv_dtype, plan_policy, run_policy, Budgets, RunSettings};
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
 use crate::planner::{HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
@@ -47,8 +47,8 @@ pub struct JobArgs {
     pub hardware: Option<PathBuf>,
     /// Where to write a Chrome trace of the run.
     pub trace: Option<PathBuf>,
-    /// Keys and values in 16 bits in host memory and over the link.
-    pub kv_bf16: bool,
+    /// Keys and values in 16 bits in host memory and over the link (None: the planner's choice).
+    pub kv_bf16: Option<bool>,
     pub adapter: AdapterChoice,
     pub progress: bool,
 }
@@ -146,7 +146,8 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         None if args.model.is_none() => default_assets().join("prompts.jsonl"),
         None => bail!("--input is required with --model (a JSONL file of prompts)"),
     };
-    let cfg = ModelConfig::load(&model_dir)?.with_kv_bf16(args.kv_bf16)?;
+    // The KV dtype (auto: the planner's choice) is settled with the plan below.
+    let cfg = ModelConfig::load(&model_dir)?.with_kv_bf16(args.kv_bf16 == Some(true))?;
     let tokenizer_path = model_dir.join("tokenizer.json");
     let codec = if tokenizer_path.exists() { Some(TextCodec::load(&tokenizer_path)?) } else { None };
     let lines = read_prompts(&input)?;
@@ -181,7 +182,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         trace: args.trace.is_some(),
     };
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    let plan = plan_policy(&ctx, &cfg, &weights, &reqs, args.batching, &settings, &hw)?;
+    let (cfg, plan) = plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_policy(&ctx, c, &weights, &reqs, args.batching, &settings, &hw))?;
     eprintln!("{}", plan.describe(&cfg, &weights));
 
     let bar = ProgressBar::with_draw_target(

@@ -119,16 +119,29 @@ struct LimitFlags {
     /// bench and plan take a list (gpu,host) and run module-based batching once per placement.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
     attention: Vec<AttentionChoice>,
-    /// How keys and values are kept in host memory and sent over the link: f32 (exact), or bf16
-    /// (half the bytes; every policy then rounds keys and values to bf16 as it caches them).
-    #[arg(long, value_enum, default_value = "f32")]
-    kv_dtype: KvDtype,
+    /// How keys and values are kept in host memory and sent over the link: f32 (exact), bf16
+    /// (half the bytes; every policy then rounds keys and values to bf16 as it caches them), or
+    /// auto (the planner's faster choice). Default: auto for plan, f32 for generate and bench.
+    #[arg(long, value_enum)]
+    kv_dtype: Option<KvDtype>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum KvDtype {
     F32,
     Bf16,
+    Auto,
+}
+
+impl KvDtype {
+    /// Whether keys and values are bf16, or None for the planner's choice.
+    fn bf16(flag: Option<KvDtype>, default: KvDtype) -> Option<bool> {
+        match flag.unwrap_or(default) {
+            KvDtype::F32 => Some(false),
+            KvDtype::Bf16 => Some(true),
+            KvDtype::Auto => None,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -205,7 +218,7 @@ struct GenerateArgs {
     quiet: bool,
 }
 
-fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>) -> anyhow::Result<JobSpec> {
+fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>, default_kv: KvDtype) -> anyhow::Result<JobSpec> {
     let l = job.limits;
     Ok(JobSpec {
         source: ModelSource::from_flags(model.model, model.synthetic)?,
@@ -221,7 +234,7 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         attention: l.attention,
         hardware: l.hardware,
         adapter: AdapterChoice::from_env(adapter),
-        kv_bf16: l.kv_dtype == KvDtype::Bf16,
+        kv_bf16: KvDtype::bf16(l.kv_dtype, default_kv),
     })
 }
 
@@ -284,7 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batching: g.batching,
                 hardware: g.limits.hardware,
                 trace: g.trace,
-                kv_bf16: g.limits.kv_dtype == KvDtype::Bf16,
+                kv_bf16: KvDtype::bf16(g.limits.kv_dtype, KvDtype::F32),
                 adapter: AdapterChoice::from_env(cli.adapter),
                 progress: !g.quiet,
             };
@@ -293,12 +306,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(b) => {
-            let spec = job_spec(b.model, b.job, b.batching, cli.adapter)?;
+            let spec = job_spec(b.model, b.job, b.batching, cli.adapter, KvDtype::F32)?;
             run_bench(&BenchArgs { spec, json: b.json, trace: b.trace })?;
             Ok(())
         }
         Command::Plan(p) => {
-            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter)?)?;
+            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter, KvDtype::Auto)?)?;
             print!("{plan}");
             if !any {
                 anyhow::bail!("no batching policy fits these budgets (see above)");

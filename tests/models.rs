@@ -127,17 +127,24 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     .unwrap();
     assert_eq!(module, want, "{name}: module-based batching with whole-job steps changed the tokens");
 
-    // Attention on the host over the pages, and split between host and GPU, under both sizings.
-    for site in [AttentionSite::Host, AttentionSite::Split { host_permille: 500 }] {
+    // Attention on the host over the pages, and split between host and GPU, under both sizings,
+    // with the step's hidden states in host memory and kept on the GPU.
+    for site in [AttentionSite::Gpu, AttentionSite::Host, AttentionSite::Split { host_permille: 500 }] {
         for (sizing, base) in [("split sizes", sizes), ("whole-job steps", wide)] {
-            let placed = ModuleSizes { attention: site, ..base };
-            let mut module = vec![Vec::new(); requests.len()];
-            generate_module(model, &requests, &opts, &placed, |f| {
-                module[f.index] = f.output;
-                Ok(())
-            })
-            .unwrap();
-            assert_eq!(module, want, "{name}: attention {} with {sizing} changed the tokens", site.describe());
+            for gpu_states in [false, true] {
+                if site == AttentionSite::Gpu && !gpu_states {
+                    continue;
+                }
+                let placed = ModuleSizes { attention: site, gpu_states, ..base };
+                let mut module = vec![Vec::new(); requests.len()];
+                generate_module(model, &requests, &opts, &placed, |f| {
+                    module[f.index] = f.output;
+                    Ok(())
+                })
+                .unwrap();
+                let states = if gpu_states { "on the GPU" } else { "in host memory" };
+                assert_eq!(module, want, "{name}: attention {} with {sizing}, states {states}, changed the tokens", site.describe());
+            }
         }
     }
 
@@ -183,6 +190,8 @@ fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
         page_tokens: 4,
         gpu_kv_rows: 0,
         attention: AttentionSite::Gpu,
+        gpu_states: false,
+        host_batches: 2,
     }
 }
 

@@ -155,14 +155,23 @@ pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePl
 
 /// `out[t, :] += sum_j weights[t, j] * y[row of (t, j), :]`.
 pub fn combine(b: &mut Batch, y: &GpuBuffer, plan: &MoePlan, weights: &GpuBuffer, top_k: usize, dim: usize, out: &GpuBuffer) -> Result<()> {
-    let tokens = plan.n_assign / top_k;
-    need(y, plan.n_assign * dim, "moe combine input")?;
-    need(weights, plan.n_assign, "moe combine weights")?;
+    combine_rows(b, y, &plan.assign_row, plan.n_assign, weights, top_k, dim, out)
+}
+
+/// [`combine`] with the row of each of `n_assign` assignments given (`u32::MAX`: none), so
+/// that expert outputs written anywhere (module-based batching's step-wide buffer) are summed
+/// in slot order exactly as the fused path sums them.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_rows(b: &mut Batch, y: &GpuBuffer, assign_row: &GpuBuffer, n_assign: usize, weights: &GpuBuffer, top_k: usize, dim: usize, out: &GpuBuffer) -> Result<()> {
+    ensure!(top_k > 0 && n_assign > 0 && n_assign.is_multiple_of(top_k), "moe combine", "{n_assign} assignments of {top_k} slots");
+    let tokens = n_assign / top_k;
+    need(assign_row, n_assign, "moe combine rows")?;
+    need(weights, n_assign, "moe combine weights")?;
     need(out, tokens * dim, "moe combine output")?;
-    let params = Dims4 { a: tokens as u32, b: dim as u32, c: top_k as u32, d: 0 };
+    let params = Dims4 { a: u32_of(tokens, "moe combine tokens")?, b: dim as u32, c: top_k as u32, d: 0 };
     let pipeline = b.ctx().pipeline(&combine_shader())?;
     let groups = grid(b.ctx(), params.a);
-    b.dispatch("moe_combine", &pipeline, &params, &[y, &plan.assign_row, weights, out], groups)
+    b.dispatch("moe_combine", &pipeline, &params, &[y, assign_row, weights, out], groups)
 }
 
 /// The experts of one MoE layer, each kind stacked `[n_experts * out, in]`.

@@ -220,7 +220,11 @@ pub fn plan_job(
             // their hidden states.
             let prompt_tokens = (job.sequences as f64 * job.prompt_len).ceil() as usize;
             let sites = attention_sites(cfg, hw, attention, job);
-            let mut best: Option<(ModuleSizes, Prediction)> = None;
+            // A step's hidden states kept on the GPU: the states and their norms, and every
+            // assignment's expert output, each one binding.
+            let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
+            let state_bytes = |tokens: usize| (tokens * h * 4 * (2 + k)) as u64;
+            let mut best: Option<(ModuleSizes, Prediction, Placement)> = None;
             for doubling in 0..6 {
                 let prefill = (job.max_step_tokens.max(longest) << doubling).min(prompt_tokens.max(longest));
                 if doubling > 0 && (prefill as u64) * per_token_state > host_left {
@@ -237,20 +241,33 @@ pub fn plan_job(
                     page_tokens: PAGE_TOKENS,
                     gpu_kv_rows: 0,
                     attention: AttentionSite::Gpu,
+                    gpu_states: false,
+                    host_batches: 1,
                 };
                 let shaped = JobShape { max_step_tokens: prefill, ..*job };
-                for &site in &sites {
-                    let sizes = ModuleSizes { attention: site, ..sizes };
-                    let p = predict(cfg, w, &shaped, &placement, hw, population, Some(&sizes));
-                    if best.as_ref().is_none_or(|(_, b)| p.tokens_per_s > b.tokens_per_s * 1.01) {
-                        best = Some((sizes, p));
+                let step = sizes.step_tokens;
+                let states_fit = (step * k * h * 4) as u64 <= binding_limit;
+                let with_states = if states_fit { Placement::plan(cfg, w, gpu_budget, reserved + state_bytes(step)).ok() } else { None };
+                let placements = std::iter::once((false, placement.clone())).chain(with_states.map(|p| (true, p)));
+                for (gpu_states, placed) in placements {
+                    for &site in &sites {
+                        // Host attention pipelined over more micro-batches hides more of it, at a
+                        // submission each: the depth that predicts fastest.
+                        let depths: &[usize] = if site == AttentionSite::Gpu { &[1] } else { &[1, 2, 4, 8, 16] };
+                        for &host_batches in depths {
+                            let sizes = ModuleSizes { attention: site, gpu_states, host_batches, ..sizes };
+                            let p = predict(cfg, w, &shaped, &placed, hw, population, Some(&sizes));
+                            if best.as_ref().is_none_or(|(_, b, _)| p.tokens_per_s > b.tokens_per_s * 1.01) {
+                                best = Some((sizes, p, placed.clone()));
+                            }
+                        }
                     }
                 }
                 if prefill >= prompt_tokens {
                     break;
                 }
             }
-            let (sizes, prediction) = best.expect("the first candidate is always tried");
+            let (sizes, prediction, placement) = best.expect("the first candidate is always tried");
             let batch_limit = if population >= job.sequences { "the job's size" } else { "host memory for the KV pages" };
             // The same with the KV kept on the GPU, where the budget holds at least the longest
             // sequence's rows beside what must stay: no KV crosses the link, fewer sequences fly.
@@ -273,6 +290,8 @@ pub fn plan_job(
                         host_kv_bytes: 0,
                         gpu_kv_rows: rows,
                         attention: AttentionSite::Gpu,
+                        gpu_states: false,
+                        host_batches: 1,
                         ..sizes
                     };
                     let shaped = JobShape { max_step_tokens: sizes.step_tokens - sizes.population, ..*job };
@@ -429,7 +448,8 @@ fn step_cost(
         let per_host_batch = (s.attn_tokens as f64 / tokens_per_seq).floor().max(1.0);
         let host_seqs = (seqs * host_share).round();
         let gpu_seqs = seqs - host_seqs;
-        ((gpu_seqs / per_batch).ceil(), (host_seqs / per_host_batch).ceil())
+        let pipelined = (s.host_batches as f64).min(host_seqs);
+        ((gpu_seqs / per_batch).ceil(), (host_seqs / per_host_batch).ceil().max(pipelined))
     });
     let micro_batches = (gpu_batches + host_batches).max(1.0);
     let tm = t / micro_batches;
@@ -471,8 +491,17 @@ fn step_cost(
         // queries down and send their attention outputs up.
         let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { (1.0 - host_share) * kv_past * kv_row * cfg.kv_value_bytes() as f64 * layers };
         let host_tokens = host_share * t;
-        let state_up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers) + host_tokens * heads * vd * 4.0 * layers;
-        let state_down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers + host_tokens * heads * kd * 4.0 * layers;
+        let (state_up, state_down) = if s.gpu_states {
+            // Only row indices, routing and the host's attention traffic cross: per layer the
+            // micro-batches' and chunks' row lists, the combine's rows and weights.
+            let up = t * 4.0 + layers * t * 4.0 * 3.0 + streamed_layers * t * k * 4.0 * 4.0 + host_tokens * heads * vd * 4.0 * layers;
+            let down = t * 4.0 * (kv_row + 2.0 * k) * layers + host_tokens * heads * kd * 4.0 * layers;
+            (up, down)
+        } else {
+            let up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers) + host_tokens * heads * vd * 4.0 * layers;
+            let down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers + host_tokens * heads * kd * 4.0 * layers;
+            (up, down)
+        };
         // Every byte is held to the link's rate: the KV of a layer before its attention can
         // run, the hidden states beside the streamed weights.
         io_serial_bytes += kv_up;
@@ -580,11 +609,15 @@ impl JobPlan {
                 z.expert_chunk
             ),
             Some(z) => s += &format!(
-                "  population {} sequences (limited by {}), {} tokens a step; attention {}, micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens ({})\n",
+                "  population {} sequences (limited by {}), {} tokens a step, hidden states {}; attention {}, micro-batches of up to {} tokens / {} KV rows; expert chunks of up to {} rows; host KV store {} in pages of {} tokens ({})\n",
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
-                z.attention.describe(),
+                if z.gpu_states { "kept on the GPU" } else { "in host memory" },
+                match z.attention {
+                    AttentionSite::Gpu => z.attention.describe(),
+                    _ => format!("{} in at least {} micro-batches a layer", z.attention.describe(), z.host_batches),
+                },
                 z.attn_tokens,
                 z.attn_kv_rows,
                 z.expert_chunk,

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Batch, GpuBuffer, PendingRead, Track};
-use crate::kernels::elementwise::expand_bf16;
+use crate::kernels::elementwise::{copy_rows, expand_bf16};
 use crate::kernels::embedding::embed;
-use crate::kernels::moe::expert_ffn;
+use crate::kernels::moe::{combine_rows, expert_ffn};
 use crate::kernels::softmax::argmax;
 use crate::model::forward::{KvCache, LayerKv, TokenPlaces};
 use crate::model::weights::{Experts, Ffn};
@@ -106,6 +106,13 @@ pub struct ModuleSizes {
     pub gpu_kv_rows: usize,
     /// Where attention runs over the host pages (the GPU when the KV is on the GPU).
     pub attention: AttentionSite,
+    /// The step's hidden states stay on the GPU between modules (the planner's choice when the
+    /// budget holds them): only new keys and values, routing, host queries and attention
+    /// outputs cross the link, not the states themselves.
+    pub gpu_states: bool,
+    /// Host micro-batches per layer at least (when it has sequences enough): the host attends
+    /// one while the GPU computes the next one's inputs and the previous one's outputs.
+    pub host_batches: usize,
 }
 
 /// Where the population's KV lives.
@@ -183,13 +190,34 @@ struct Part {
     completes: bool,
 }
 
-/// The step's hidden states, router choices and new tokens, on the host.
+/// The step's hidden states (on the host, or on the GPU), router choices and new tokens.
 struct StepState {
     n: usize,
     x: Vec<f32>,
     hn: Vec<f32>,
     expert_ids: Vec<u32>,
     expert_weights: Vec<f32>,
+    gpu: Option<GpuStates>,
+}
+
+/// The step's hidden states and their post-attention norms, `[n, hidden]` each, kept on the
+/// GPU: modules gather their rows and scatter their results back there.
+struct GpuStates {
+    x: GpuBuffer,
+    hn: GpuBuffer,
+}
+
+/// The GPU index list of the step rows of `parts`, for gathering and scattering states.
+fn part_rows(model: &Model, parts: &[Part]) -> Result<GpuBuffer> {
+    let rows: Vec<u32> = parts.iter().flat_map(|p| (p.row0..p.row0 + p.count).map(|r| r as u32)).collect();
+    send(model, "state rows", &rows)
+}
+
+/// Rows `idx` of a GPU states buffer gathered into a buffer of their own.
+fn gather_states(b: &mut Batch, from: &GpuBuffer, idx: &GpuBuffer, m: usize, h: usize) -> Result<GpuBuffer> {
+    let to = b.ctx().storage("gathered states", (m * h * 4) as u64)?;
+    copy_rows(b, from, Some(idx), &to, None, m, h)?;
+    Ok(to)
 }
 
 /// Sends hidden states (or routing, queries, attention outputs) to the GPU, traced; the link
@@ -362,8 +390,25 @@ fn run_step(
     for p in parts {
         ids.extend_from_slice(&pop[p.seq].tokens[p.past..p.past + p.count]);
     }
-    let mut st = StepState { n, x: vec![0.0; n * h], hn: vec![0.0; n * h], expert_ids: vec![0; n * k], expert_weights: vec![0.0; n * k] };
-    for (c, rows) in chunks(n, sizes.expert_chunk) {
+    let on_gpu = sizes.gpu_states;
+    let host_rows = if on_gpu { 0 } else { n };
+    let mut st = StepState {
+        n,
+        x: vec![0.0; host_rows * h],
+        hn: vec![0.0; host_rows * h],
+        expert_ids: vec![0; n * k],
+        expert_weights: vec![0.0; n * k],
+        gpu: None,
+    };
+    if on_gpu {
+        let g = GpuStates { x: ctx.storage("step hidden states", (n * h * 4) as u64)?, hn: ctx.storage("step normed states", (n * h * 4) as u64)? };
+        let idb = send(model, "token ids", &ids)?;
+        let mut b = Batch::named(ctx, "embedding");
+        embed(&mut b, &model.weights.embed, &idb, n, &g.x)?;
+        b.submit()?;
+        st.gpu = Some(g);
+    }
+    for (c, rows) in chunks(host_rows, sizes.expert_chunk) {
         let idb = ctx.storage_from("token ids", &ids[c..c + rows])?;
         let xb = ctx.storage("hidden states", (rows * h * 4) as u64)?;
         let mut b = Batch::named(ctx, "embedding");
@@ -394,13 +439,22 @@ fn run_step(
     let vocab = cfg.vocab_size;
     let mut out = Vec::with_capacity(rows.len());
     for (c, m) in chunks(rows.len(), logit_rows) {
-        let mut xs = Vec::with_capacity(m * h);
-        for &r in &rows[c..c + m] {
-            xs.extend_from_slice(&st.x[r * h..(r + 1) * h]);
-        }
-        let xb = send(model, "hidden states for logits", &xs)?;
         let mut b = Batch::named(ctx, "logits");
-        let logits = model.logits_block(&mut b, &xb, None, m)?;
+        let logits = match &st.gpu {
+            Some(g) => {
+                let picks: Vec<u32> = rows[c..c + m].iter().map(|&r| r as u32).collect();
+                let picks = send(model, "rows for logits", &picks)?;
+                model.logits_block(&mut b, &g.x, Some(&picks), m)?
+            }
+            None => {
+                let mut xs = Vec::with_capacity(m * h);
+                for &r in &rows[c..c + m] {
+                    xs.extend_from_slice(&st.x[r * h..(r + 1) * h]);
+                }
+                let xb = send(model, "hidden states for logits", &xs)?;
+                model.logits_block(&mut b, &xb, None, m)?
+            }
+        };
         if greedy {
             let idb = ctx.storage("greedy tokens", (m * 4) as u64)?;
             argmax(&mut b, &logits, &idb, m, vocab)?;
@@ -448,6 +502,8 @@ struct AttnPending {
     read: PendingRead,
     parts: Vec<Part>,
     routed: bool,
+    /// The hidden states and their norms come back (they live on the host).
+    states: bool,
     /// The new keys and values come back for the host pages.
     host_kv: bool,
 }
@@ -458,6 +514,8 @@ struct HostInputs {
     read: PendingRead,
     parts: Vec<Part>,
     xb: GpuBuffer,
+    /// The parts' rows in the GPU states, when the states live there.
+    rows: Option<GpuBuffer>,
     index: usize,
 }
 
@@ -499,7 +557,9 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
     let host_pages = matches!(kv, KvStore::Host(_));
     let share = if host_pages { sizes.attention.host_share() } else { 0.0 };
     let (host_parts, gpu_parts) = split_for_host(parts, share);
-    let mut host_mbs = micro_batches(&host_parts, sizes, false).into_iter().map(MicroBatch::Host);
+    let host_tokens: usize = host_parts.iter().map(|p| p.count).sum();
+    let host_sizes = ModuleSizes { attn_tokens: sizes.attn_tokens.min(host_tokens.div_ceil(sizes.host_batches.max(1)).max(1)), ..*sizes };
+    let mut host_mbs = micro_batches(&host_parts, &host_sizes, false).into_iter().map(MicroBatch::Host);
     let mut gpu_mbs = micro_batches(&gpu_parts, sizes, host_pages).into_iter().map(MicroBatch::Gpu);
     let mut order = Vec::new();
     loop {
@@ -518,7 +578,7 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
             MicroBatch::Host(mb) => {
                 let inputs = host_inputs(model, mb, li, mi, st)?;
                 if let Some(prev) = waiting_host.replace(inputs) {
-                    outputs.push_back(host_attend(model, kv, pop, li, routed, prev)?);
+                    outputs.push_back(host_attend(model, kv, pop, li, routed, prev, st)?);
                 }
             }
         }
@@ -528,7 +588,7 @@ fn attention_layer(model: &Model, kv: &mut KvStore, pop: &[Seq], parts: &[Part],
         }
     }
     if let Some(prev) = waiting_host {
-        outputs.push_back(host_attend(model, kv, pop, li, routed, prev)?);
+        outputs.push_back(host_attend(model, kv, pop, li, routed, prev, st)?);
     }
     while let Some(p) = outputs.pop_front() {
         take_attention(model, kv, pop, li, p, st)?;
@@ -552,7 +612,9 @@ fn token_places(model: &Model, mb: &[Part], st: &StepState, mut start: impl FnMu
             cache_rows.push((start + pos) as u32);
             ranges.extend([(start + seen - len) as u32, len as u32]);
         }
-        xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
+        if st.gpu.is_none() {
+            xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
+        }
     }
     (positions, cache_rows, ranges, xs)
 }
@@ -595,9 +657,13 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
         }
         KvStore::Gpu { cache, .. } => (cache.k[li].clone(), cache.v[li].clone(), cache.rows, None),
     };
-    let xb = send(model, "hidden states", &xs)?;
     let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
+    let rows = st.gpu.as_ref().map(|_| part_rows(model, &mb)).transpose()?;
+    let xb = match (&st.gpu, &rows) {
+        (Some(g), Some(idx)) => gather_states(&mut b, &g.x, idx, m, h)?,
+        _ => send(model, "hidden states", &xs)?,
+    };
     // 16-bit KV pages widen to f32 for the attention (the new rows are written after).
     if let Some([ks, vs]) = &staged {
         for (src, dst, w) in [(ks, &kb, kw), (vs, &vb, vw)] {
@@ -607,7 +673,14 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
         }
     }
     let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
-    let mut back = vec![(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
+    let mut back = Vec::new();
+    match (&st.gpu, &rows) {
+        (Some(g), Some(idx)) => {
+            copy_rows(&mut b, &xb, None, &g.x, Some(idx), m, h)?;
+            copy_rows(&mut b, &hn, None, &g.hn, Some(idx), m, h)?;
+        }
+        _ => back.extend([(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)]),
+    }
     // New keys and values go back to the host pages; a GPU cache has them in place.
     if host_kv {
         back.push((&new.k, (m * kw * 4) as u64));
@@ -620,7 +693,7 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
         back.push((w, kk));
     }
     b.submit()?;
-    Ok(AttnPending { read: ctx.read_later(&back)?, parts: mb, routed, host_kv })
+    Ok(AttnPending { read: ctx.read_later(&back)?, parts: mb, routed, states: st.gpu.is_none(), host_kv })
 }
 
 /// The first GPU half of a host micro-batch: norm and projections; its queries and new keys and
@@ -631,19 +704,23 @@ fn host_inputs(model: &Model, mb: Vec<Part>, li: usize, mi: usize, st: &StepStat
     // The kernel's cache rows and ranges are unused here: the host attends over the pages.
     let (positions, cache_rows, ranges, xs) = token_places(model, &mb, st, |_| 0);
     let m = positions.len();
-    let xb = send(model, "hidden states", &xs)?;
     let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention inputs, micro-batch {mi}"));
+    let rows = st.gpu.as_ref().map(|_| part_rows(model, &mb)).transpose()?;
+    let xb = match (&st.gpu, &rows) {
+        (Some(g), Some(idx)) => gather_states(&mut b, &g.x, idx, m, model.cfg.hidden_size)?,
+        _ => send(model, "hidden states", &xs)?,
+    };
     let inputs = model.attention_inputs(&mut b, li, &xb, &places)?;
     b.submit()?;
     let q_width = model.attention_shape().n_heads * model.attention_shape().head_dim;
     let read = ctx.read_later(&[(&inputs.q, (m * q_width * 4) as u64), (&inputs.new.k, (m * kw * 4) as u64), (&inputs.new.v, (m * vw * 4) as u64)])?;
-    Ok(HostInputs { read, parts: mb, xb, index: mi })
+    Ok(HostInputs { read, parts: mb, xb, rows, index: mi })
 }
 
 /// The host half of a host micro-batch: its new keys and values into the pages, attention over
 /// the pages, the outputs up to the GPU for the output projection and the router.
-fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: bool, hi: HostInputs) -> Result<AttnPending> {
+fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: bool, hi: HostInputs, st: &StepState) -> Result<AttnPending> {
     let ctx = &model.ctx;
     let cfg = &model.cfg;
     let h = cfg.hidden_size;
@@ -678,7 +755,14 @@ fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: 
     let ob = send(model, "attention outputs", &out)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention output, micro-batch {}", hi.index));
     let hn = model.attention_output(&mut b, li, &hi.xb, &ob, m)?;
-    let mut back = vec![(&hi.xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)];
+    let mut back = Vec::new();
+    match (&st.gpu, &hi.rows) {
+        (Some(g), Some(idx)) => {
+            copy_rows(&mut b, &hi.xb, None, &g.x, Some(idx), m, h)?;
+            copy_rows(&mut b, &hn, None, &g.hn, Some(idx), m, h)?;
+        }
+        _ => back.extend([(&hi.xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)]),
+    }
     let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
     if let Some((ids, w)) = &routing {
         let kk = (m * cfg.experts_per_token * 4) as u64;
@@ -686,7 +770,7 @@ fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: 
         back.push((w, kk));
     }
     b.submit()?;
-    Ok(AttnPending { read: ctx.read_later(&back)?, parts: hi.parts, routed, host_kv: false })
+    Ok(AttnPending { read: ctx.read_later(&back)?, parts: hi.parts, routed, states: st.gpu.is_none(), host_kv: false })
 }
 
 fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
@@ -694,16 +778,21 @@ fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: At
     let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
     let [kw, vw] = cfg.kv_widths();
     let got = p.read.wait(&model.ctx)?;
-    let (x, hn) = (floats(&got[0]), floats(&got[1]));
-    let (new_k, new_v) = if p.host_kv { (floats(&got[2]), floats(&got[3])) } else { (Vec::new(), Vec::new()) };
-    let routing_at = if p.host_kv { 4 } else { 2 };
-    let (ids, weights): (Vec<u32>, Vec<f32>) =
-        if p.routed { (bytemuck::pod_collect_to_vec(&got[routing_at]), floats(&got[routing_at + 1])) } else { (Vec::new(), Vec::new()) };
+    let mut at = 0;
+    let mut next = || {
+        at += 1;
+        &got[at - 1]
+    };
+    let (x, hn) = if p.states { (floats(next()), floats(next())) } else { (Vec::new(), Vec::new()) };
+    let (new_k, new_v) = if p.host_kv { (floats(next()), floats(next())) } else { (Vec::new(), Vec::new()) };
+    let (ids, weights): (Vec<u32>, Vec<f32>) = if p.routed { (bytemuck::pod_collect_to_vec(next()), floats(next())) } else { (Vec::new(), Vec::new()) };
     let mut at = 0;
     for part in &p.parts {
         let (r0, c) = (part.row0, part.count);
-        st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
-        st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
+        if p.states {
+            st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
+            st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
+        }
         if p.host_kv {
             if let (KvStore::Host(store), SeqKv::Pages(pages)) = (&mut *kv, &pop[part.seq].kv) {
                 store.write(li, pages, part.past, &new_k[at * kw..(at + c) * kw], &new_v[at * vw..(at + c) * vw]);
@@ -731,9 +820,15 @@ fn chunked_ffn(model: &Model, sizes: &ModuleSizes, li: usize, routed: bool, st: 
         Ok(())
     };
     for (c, rows) in chunks(st.n, sizes.expert_chunk) {
-        let xb = send(model, "hidden states", &st.x[c * h..(c + rows) * h])?;
-        let hb = send(model, "normed hidden states", &st.hn[c * h..(c + rows) * h])?;
         let mut b = Batch::named(ctx, format!("layer {li} ffn, rows {c}.."));
+        let idx = match &st.gpu {
+            Some(_) => Some(send(model, "state rows", &(c as u32..(c + rows) as u32).collect::<Vec<u32>>())?),
+            None => None,
+        };
+        let (xb, hb) = match (&st.gpu, &idx) {
+            (Some(g), Some(idx)) => (gather_states(&mut b, &g.x, idx, rows, h)?, gather_states(&mut b, &g.hn, idx, rows, h)?),
+            _ => (send(model, "hidden states", &st.x[c * h..(c + rows) * h])?, send(model, "normed hidden states", &st.hn[c * h..(c + rows) * h])?),
+        };
         if routed {
             let Ffn::Moe { experts: Experts::Resident(stacked), .. } = &model.weights.layers[li].ffn else { unreachable!() };
             let ids = send(model, "expert ids", &st.expert_ids[c * k..(c + rows) * k])?;
@@ -741,6 +836,12 @@ fn chunked_ffn(model: &Model, sizes: &ModuleSizes, li: usize, routed: bool, st: 
             expert_ffn(&mut b, &hb, &ids, &w, rows, k, stacked, &xb)?;
         }
         model.unrouted_ffn(&mut b, li, &hb, rows, &xb)?;
+        if let (Some(g), Some(idx)) = (&st.gpu, &idx) {
+            // The states stay on the GPU: the chunk's rows go back in place, nothing comes down.
+            copy_rows(&mut b, &xb, None, &g.x, Some(idx), rows, h)?;
+            b.submit()?;
+            continue;
+        }
         b.submit()?;
         let read = ctx.read_later(&[(&xb, (rows * h * 4) as u64)])?;
         if let Some(prev) = pending.replace((read, c, rows)) {
@@ -790,6 +891,8 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         st: &'s mut StepState,
         groups: Vec<Vec<u32>>,
         y: Vec<f32>,
+        /// With the states on the GPU: every assignment's expert output, `[n * top_k, hidden]`.
+        y_gpu: Option<GpuBuffer>,
         pending: std::collections::VecDeque<(PendingRead, Vec<u32>)>,
     }
     let take = |(read, rows): (PendingRead, Vec<u32>), y: &mut Vec<f32>| -> Result<()> {
@@ -809,23 +912,40 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
             None => group_by_expert(st, e),
         };
         log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
-        Ok(Work { st, groups, y: vec![0.0f32; n * k * h], pending: Default::default() })
+        let on_gpu = st.gpu.is_some();
+        let y_gpu = if on_gpu { Some(ctx.storage("step expert outputs", (n * k * h * 4) as u64)?) } else { None };
+        Ok(Work { st, groups, y: if on_gpu { Vec::new() } else { vec![0.0f32; n * k * h] }, y_gpu, pending: Default::default() })
     };
     let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, li, host, &experts, before, |w, u, slot| {
         for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
             let m = rows.len();
-            let mut xs = Vec::with_capacity(m * h);
-            for &a in rows {
-                let t = a as usize / k;
-                xs.extend_from_slice(&w.st.hn[t * h..(t + 1) * h]);
-            }
-            let xg = send(model, "expert rows", &xs)?;
+            let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
+            let xg = match &w.st.gpu {
+                // The GPU gathers the expert's rows from the step's states.
+                Some(g) => {
+                    let tokens: Vec<u32> = rows.iter().map(|&a| a / k as u32).collect();
+                    gather_states(&mut b, &g.hn, &send(model, "expert token rows", &tokens)?, m, h)?
+                }
+                None => {
+                    let mut xs = Vec::with_capacity(m * h);
+                    for &a in rows {
+                        let t = a as usize / k;
+                        xs.extend_from_slice(&w.st.hn[t * h..(t + 1) * h]);
+                    }
+                    send(model, "expert rows", &xs)?
+                }
+            };
             let gate = ctx.storage("expert gate", (m * inter * 4) as u64)?;
             let up = ctx.storage("expert up", (m * inter * 4) as u64)?;
             let act = ctx.storage("expert activations", (m * inter * 4) as u64)?;
             let out = ctx.storage("expert outputs", (m * h * 4) as u64)?;
-            let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
             model.slot_ffn(&mut b, slot, host, &xg, 0, m, [&gate, &up, &act], &out)?;
+            if let Some(y) = &w.y_gpu {
+                // Each output row goes to its assignment's row; the combine sums them later.
+                copy_rows(&mut b, &out, None, y, Some(&send(model, "expert output rows", rows)?), m, h)?;
+                b.submit()?;
+                continue;
+            }
             b.submit()?;
             w.pending.push_back((ctx.read_later(&[(&out, (m * h * 4) as u64)])?, rows.to_vec()));
             // Keep one chunk in flight behind the one just submitted.
@@ -837,6 +957,17 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
     })?;
     while let Some(p) = w.pending.pop_front() {
         take(p, &mut w.y)?;
+    }
+    if let (Some(g), Some(y)) = (&w.st.gpu, &w.y_gpu) {
+        // The GPU combine, in slot order: the same sums as the host's below.
+        let st = &*w.st;
+        let assign_row: Vec<u32> = st.expert_ids.iter().enumerate().map(|(a, &e)| if (e as usize) < cfg.num_experts { a as u32 } else { u32::MAX }).collect();
+        let rows = send(model, "assignment rows", &assign_row)?;
+        let weights = send(model, "expert weights", &st.expert_weights)?;
+        let mut b = Batch::named(ctx, format!("layer {li} combine"));
+        combine_rows(&mut b, y, &rows, st.n * k, &weights, k, h, &g.x)?;
+        b.submit()?;
+        return Ok(());
     }
     let (st, y) = (w.st, w.y);
     // out[t] = fma(w_j, y_j, out[t]) in slot order, as the GPU combine sums.
