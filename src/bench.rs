@@ -203,6 +203,7 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
         "bytes_uploaded": r.bytes_uploaded(),
         "bytes_downloaded": r.bytes_downloaded(),
         "states_on_gpu": r.plan.sizes.as_ref().is_some_and(|z| z.gpu_states),
+        "normed_states_on_gpu_up_to": r.plan.sizes.as_ref().map_or(0, |z| if z.gpu_states { z.step_tokens } else { z.gpu_norm_rows }),
         "attention": r.plan.sizes.as_ref().map_or_else(|| json!({"site": "gpu", "kv": "gpu", "host_share": 0.0}), |z| z.attention.json(z.gpu_kv_rows > 0)),
         "gpu_busy_fraction": r.trace.map(|t| t.gpu_busy),
         "gpu_busy_while_uploading": r.trace.map(|t| t.gpu_busy_while_uploading),

@@ -126,7 +126,11 @@ impl PolicyReport {
         if let Some(z) = &self.plan.sizes {
             s += &format!("; attention {}", z.attention.describe());
             if z.gpu_kv_rows == 0 {
-                s += if z.gpu_states { ", hidden states kept on the GPU" } else { ", hidden states in host memory" };
+                s += &match (z.gpu_states, z.gpu_norm_rows) {
+                    (true, _) => ", hidden states kept on the GPU".to_string(),
+                    (false, 0) => ", hidden states in host memory".to_string(),
+                    (false, rows) => format!(", hidden states in host memory, normed states on the GPU in steps of up to {rows} tokens"),
+                };
             }
         }
         if let Some(t) = &self.trace {

@@ -131,18 +131,19 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     // with the step's hidden states in host memory and kept on the GPU.
     for site in [AttentionSite::Gpu, AttentionSite::Host, AttentionSite::Split { host_permille: 500 }] {
         for (sizing, base) in [("split sizes", sizes), ("whole-job steps", wide)] {
-            for gpu_states in [false, true] {
-                if site == AttentionSite::Gpu && !gpu_states {
+            // States in host memory; normed states on the GPU for steps of up to 4 tokens; all on the GPU.
+            for (gpu_states, gpu_norm_rows) in [(false, 0), (false, 4), (true, 0)] {
+                if site == AttentionSite::Gpu && (gpu_states, gpu_norm_rows) == (false, 0) {
                     continue;
                 }
-                let placed = ModuleSizes { attention: site, gpu_states, ..base };
+                let placed = ModuleSizes { attention: site, gpu_states, gpu_norm_rows, ..base };
                 let mut module = vec![Vec::new(); requests.len()];
                 generate_module(model, &requests, &opts, &placed, |f| {
                     module[f.index] = f.output;
                     Ok(())
                 })
                 .unwrap();
-                let states = if gpu_states { "on the GPU" } else { "in host memory" };
+                let states = if gpu_states { "on the GPU".to_string() } else { format!("in host memory, norms on the GPU up to {gpu_norm_rows} tokens") };
                 assert_eq!(module, want, "{name}: attention {} with {sizing}, states {states}, changed the tokens", site.describe());
             }
         }
@@ -191,6 +192,7 @@ fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
         gpu_kv_rows: 0,
         attention: AttentionSite::Gpu,
         gpu_states: false,
+        gpu_norm_rows: 0,
         host_batches: 2,
     }
 }

@@ -242,20 +242,26 @@ pub fn plan_job(
                     gpu_kv_rows: 0,
                     attention: AttentionSite::Gpu,
                     gpu_states: false,
+                    gpu_norm_rows: 0,
                     host_batches: 1,
                 };
                 let shaped = JobShape { max_step_tokens: prefill, ..*job };
                 let step = sizes.step_tokens;
                 let states_fit = (step * k * h * 4) as u64 <= binding_limit;
                 let with_states = if states_fit { Placement::plan(cfg, w, gpu_budget, reserved + state_bytes(step)).ok() } else { None };
-                let placements = std::iter::once((false, placement.clone())).chain(with_states.map(|p| (true, p)));
-                for (gpu_states, placed) in placements {
+                // Else the normed states of a decode step (the population's tokens) on the GPU.
+                let norm_bytes = (population * h * 4) as u64;
+                let with_norms = if norm_bytes <= binding_limit { Placement::plan(cfg, w, gpu_budget, reserved + norm_bytes).ok() } else { None };
+                let placements = std::iter::once(((false, 0), placement.clone()))
+                    .chain(with_norms.map(|p| ((false, population), p)))
+                    .chain(with_states.map(|p| ((true, 0), p)));
+                for ((gpu_states, gpu_norm_rows), placed) in placements {
                     for &site in &sites {
                         // Host attention pipelined over more micro-batches hides more of it, at a
                         // submission each: the depth that predicts fastest.
                         let depths: &[usize] = if site == AttentionSite::Gpu { &[1] } else { &[1, 2, 4, 8, 16] };
                         for &host_batches in depths {
-                            let sizes = ModuleSizes { attention: site, gpu_states, host_batches, ..sizes };
+                            let sizes = ModuleSizes { attention: site, gpu_states, gpu_norm_rows, host_batches, ..sizes };
                             let p = predict(cfg, w, &shaped, &placed, hw, population, Some(&sizes));
                             if best.as_ref().is_none_or(|(_, b, _)| p.tokens_per_s > b.tokens_per_s * 1.01) {
                                 best = Some((sizes, p, placed.clone()));
@@ -291,6 +297,7 @@ pub fn plan_job(
                         gpu_kv_rows: rows,
                         attention: AttentionSite::Gpu,
                         gpu_states: false,
+                        gpu_norm_rows: 0,
                         host_batches: 1,
                         ..sizes
                     };
@@ -491,7 +498,15 @@ fn step_cost(
         // queries down and send their attention outputs up.
         let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { (1.0 - host_share) * kv_past * kv_row * cfg.kv_value_bytes() as f64 * layers };
         let host_tokens = host_share * t;
-        let (state_up, state_down) = if s.gpu_states {
+        let norms_on_gpu = !s.gpu_states && t <= s.gpu_norm_rows as f64;
+        let (state_up, state_down) = if norms_on_gpu {
+            // The states go up for each layer's attention and down after it; experts and FFNs
+            // gather the normed rows on the GPU (row lists up) and their outputs come down.
+            let ffn_layers = layers - streamed_layers;
+            let up = t * h * 4.0 * (layers + 1.0 + ffn_layers) + layers * t * 4.0 * 2.0 + streamed_layers * t * k * 4.0 + host_tokens * heads * vd * 4.0 * layers;
+            let down = t * 4.0 * (h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers + t * h * 4.0 * ffn_layers + host_tokens * heads * kd * 4.0 * layers;
+            (up, down)
+        } else if s.gpu_states {
             // Only row indices, routing and the host's attention traffic cross: per layer the
             // micro-batches' and chunks' row lists, the combine's rows and weights.
             let up = t * 4.0 + layers * t * 4.0 * 3.0 + streamed_layers * t * k * 4.0 * 4.0 + host_tokens * heads * vd * 4.0 * layers;
@@ -613,7 +628,11 @@ impl JobPlan {
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
-                if z.gpu_states { "kept on the GPU" } else { "in host memory" },
+                match (z.gpu_states, z.gpu_norm_rows) {
+                    (true, _) => "kept on the GPU".to_string(),
+                    (false, 0) => "in host memory".to_string(),
+                    (false, rows) => format!("in host memory, normed states on the GPU in steps of up to {rows} tokens"),
+                },
                 match z.attention {
                     AttentionSite::Gpu => z.attention.describe(),
                     _ => format!("{} in at least {} micro-batches a layer", z.attention.describe(), z.host_batches),

@@ -110,6 +110,10 @@ pub struct ModuleSizes {
     /// budget holds them): only new keys and values, routing, host queries and attention
     /// outputs cross the link, not the states themselves.
     pub gpu_states: bool,
+    /// Otherwise, steps of at most this many tokens keep their normed states on the GPU: the
+    /// experts and FFNs gather their rows there, so a token's state goes up once a layer (for
+    /// its attention) instead of once for each expert it visits. 0: never.
+    pub gpu_norm_rows: usize,
     /// Host micro-batches per layer at least (when it has sequences enough): the host attends
     /// one while the GPU computes the next one's inputs and the previous one's outputs.
     pub host_batches: usize,
@@ -200,11 +204,23 @@ struct StepState {
     gpu: Option<GpuStates>,
 }
 
-/// The step's hidden states and their post-attention norms, `[n, hidden]` each, kept on the
-/// GPU: modules gather their rows and scatter their results back there.
+/// The step's post-attention normed states, `[n, hidden]`, kept on the GPU, and with them the
+/// hidden states themselves when they fit too: modules gather their rows and scatter their
+/// results back there.
 struct GpuStates {
-    x: GpuBuffer,
+    x: Option<GpuBuffer>,
     hn: GpuBuffer,
+}
+
+impl StepState {
+    /// The hidden states, when they live on the GPU.
+    fn x_gpu(&self) -> Option<&GpuBuffer> {
+        self.gpu.as_ref().and_then(|g| g.x.as_ref())
+    }
+    /// The normed states, when they live on the GPU.
+    fn hn_gpu(&self) -> Option<&GpuBuffer> {
+        self.gpu.as_ref().map(|g| &g.hn)
+    }
 }
 
 /// The GPU index list of the step rows of `parts`, for gathering and scattering states.
@@ -391,22 +407,29 @@ fn run_step(
         ids.extend_from_slice(&pop[p.seq].tokens[p.past..p.past + p.count]);
     }
     let on_gpu = sizes.gpu_states;
+    let norms_on_gpu = on_gpu || n <= sizes.gpu_norm_rows;
     let host_rows = if on_gpu { 0 } else { n };
     let mut st = StepState {
         n,
         x: vec![0.0; host_rows * h],
-        hn: vec![0.0; host_rows * h],
+        hn: vec![0.0; if norms_on_gpu { 0 } else { n * h }],
         expert_ids: vec![0; n * k],
         expert_weights: vec![0.0; n * k],
         gpu: None,
     };
-    if on_gpu {
-        let g = GpuStates { x: ctx.storage("step hidden states", (n * h * 4) as u64)?, hn: ctx.storage("step normed states", (n * h * 4) as u64)? };
-        let idb = send(model, "token ids", &ids)?;
-        let mut b = Batch::named(ctx, "embedding");
-        embed(&mut b, &model.weights.embed, &idb, n, &g.x)?;
-        b.submit()?;
-        st.gpu = Some(g);
+    if norms_on_gpu {
+        let hn = ctx.storage("step normed states", (n * h * 4) as u64)?;
+        let x = if on_gpu {
+            let x = ctx.storage("step hidden states", (n * h * 4) as u64)?;
+            let idb = send(model, "token ids", &ids)?;
+            let mut b = Batch::named(ctx, "embedding");
+            embed(&mut b, &model.weights.embed, &idb, n, &x)?;
+            b.submit()?;
+            Some(x)
+        } else {
+            None
+        };
+        st.gpu = Some(GpuStates { x, hn });
     }
     for (c, rows) in chunks(host_rows, sizes.expert_chunk) {
         let idb = ctx.storage_from("token ids", &ids[c..c + rows])?;
@@ -440,11 +463,11 @@ fn run_step(
     let mut out = Vec::with_capacity(rows.len());
     for (c, m) in chunks(rows.len(), logit_rows) {
         let mut b = Batch::named(ctx, "logits");
-        let logits = match &st.gpu {
-            Some(g) => {
+        let logits = match st.x_gpu() {
+            Some(x) => {
                 let picks: Vec<u32> = rows[c..c + m].iter().map(|&r| r as u32).collect();
                 let picks = send(model, "rows for logits", &picks)?;
-                model.logits_block(&mut b, &g.x, Some(&picks), m)?
+                model.logits_block(&mut b, x, Some(&picks), m)?
             }
             None => {
                 let mut xs = Vec::with_capacity(m * h);
@@ -502,8 +525,9 @@ struct AttnPending {
     read: PendingRead,
     parts: Vec<Part>,
     routed: bool,
-    /// The hidden states and their norms come back (they live on the host).
-    states: bool,
+    /// The hidden states, and their norms, come back (they live on the host).
+    x_back: bool,
+    hn_back: bool,
     /// The new keys and values come back for the host pages.
     host_kv: bool,
 }
@@ -612,7 +636,7 @@ fn token_places(model: &Model, mb: &[Part], st: &StepState, mut start: impl FnMu
             cache_rows.push((start + pos) as u32);
             ranges.extend([(start + seen - len) as u32, len as u32]);
         }
-        if st.gpu.is_none() {
+        if st.x_gpu().is_none() {
             xs.extend_from_slice(&st.x[p.row0 * h..(p.row0 + p.count) * h]);
         }
     }
@@ -660,8 +684,8 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
     let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
     let rows = st.gpu.as_ref().map(|_| part_rows(model, &mb)).transpose()?;
-    let xb = match (&st.gpu, &rows) {
-        (Some(g), Some(idx)) => gather_states(&mut b, &g.x, idx, m, h)?,
+    let xb = match (st.x_gpu(), &rows) {
+        (Some(x), Some(idx)) => gather_states(&mut b, x, idx, m, h)?,
         _ => send(model, "hidden states", &xs)?,
     };
     // 16-bit KV pages widen to f32 for the attention (the new rows are written after).
@@ -674,13 +698,7 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
     }
     let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
     let mut back = Vec::new();
-    match (&st.gpu, &rows) {
-        (Some(g), Some(idx)) => {
-            copy_rows(&mut b, &xb, None, &g.x, Some(idx), m, h)?;
-            copy_rows(&mut b, &hn, None, &g.hn, Some(idx), m, h)?;
-        }
-        _ => back.extend([(&xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)]),
-    }
+    keep_or_return(&mut b, st, rows.as_ref(), &xb, &hn, m, h, &mut back)?;
     // New keys and values go back to the host pages; a GPU cache has them in place.
     if host_kv {
         back.push((&new.k, (m * kw * 4) as u64));
@@ -693,7 +711,22 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
         back.push((w, kk));
     }
     b.submit()?;
-    Ok(AttnPending { read: ctx.read_later(&back)?, parts: mb, routed, states: st.gpu.is_none(), host_kv })
+    Ok(AttnPending { read: ctx.read_later(&back)?, parts: mb, routed, x_back: st.x_gpu().is_none(), hn_back: st.hn_gpu().is_none(), host_kv })
+}
+
+/// After a micro-batch's attention: its hidden states and their norms scattered back into the
+/// step's GPU states where those live there, else put on the list `back` of what comes down.
+#[allow(clippy::too_many_arguments)]
+fn keep_or_return<'b>(b: &mut Batch, st: &StepState, rows: Option<&GpuBuffer>, xb: &'b GpuBuffer, hn: &'b GpuBuffer, m: usize, h: usize, back: &mut Vec<(&'b GpuBuffer, u64)>) -> Result<()> {
+    match (st.x_gpu(), rows) {
+        (Some(x), Some(idx)) => copy_rows(b, xb, None, x, Some(idx), m, h)?,
+        _ => back.push((xb, (m * h * 4) as u64)),
+    }
+    match (st.hn_gpu(), rows) {
+        (Some(norms), Some(idx)) => copy_rows(b, hn, None, norms, Some(idx), m, h)?,
+        _ => back.push((hn, (m * h * 4) as u64)),
+    }
+    Ok(())
 }
 
 /// The first GPU half of a host micro-batch: norm and projections; its queries and new keys and
@@ -707,8 +740,8 @@ fn host_inputs(model: &Model, mb: Vec<Part>, li: usize, mi: usize, st: &StepStat
     let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention inputs, micro-batch {mi}"));
     let rows = st.gpu.as_ref().map(|_| part_rows(model, &mb)).transpose()?;
-    let xb = match (&st.gpu, &rows) {
-        (Some(g), Some(idx)) => gather_states(&mut b, &g.x, idx, m, model.cfg.hidden_size)?,
+    let xb = match (st.x_gpu(), &rows) {
+        (Some(x), Some(idx)) => gather_states(&mut b, x, idx, m, model.cfg.hidden_size)?,
         _ => send(model, "hidden states", &xs)?,
     };
     let inputs = model.attention_inputs(&mut b, li, &xb, &places)?;
@@ -756,13 +789,7 @@ fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: 
     let mut b = Batch::named(ctx, format!("layer {li} attention output, micro-batch {}", hi.index));
     let hn = model.attention_output(&mut b, li, &hi.xb, &ob, m)?;
     let mut back = Vec::new();
-    match (&st.gpu, &hi.rows) {
-        (Some(g), Some(idx)) => {
-            copy_rows(&mut b, &hi.xb, None, &g.x, Some(idx), m, h)?;
-            copy_rows(&mut b, &hn, None, &g.hn, Some(idx), m, h)?;
-        }
-        _ => back.extend([(&hi.xb, (m * h * 4) as u64), (&hn, (m * h * 4) as u64)]),
-    }
+    keep_or_return(&mut b, st, hi.rows.as_ref(), &hi.xb, &hn, m, h, &mut back)?;
     let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
     if let Some((ids, w)) = &routing {
         let kk = (m * cfg.experts_per_token * 4) as u64;
@@ -770,7 +797,7 @@ fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: 
         back.push((w, kk));
     }
     b.submit()?;
-    Ok(AttnPending { read: ctx.read_later(&back)?, parts: hi.parts, routed, states: st.gpu.is_none(), host_kv: false })
+    Ok(AttnPending { read: ctx.read_later(&back)?, parts: hi.parts, routed, x_back: st.x_gpu().is_none(), hn_back: st.hn_gpu().is_none(), host_kv: false })
 }
 
 fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
@@ -783,14 +810,17 @@ fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: At
         at += 1;
         &got[at - 1]
     };
-    let (x, hn) = if p.states { (floats(next()), floats(next())) } else { (Vec::new(), Vec::new()) };
+    let x = if p.x_back { floats(next()) } else { Vec::new() };
+    let hn = if p.hn_back { floats(next()) } else { Vec::new() };
     let (new_k, new_v) = if p.host_kv { (floats(next()), floats(next())) } else { (Vec::new(), Vec::new()) };
     let (ids, weights): (Vec<u32>, Vec<f32>) = if p.routed { (bytemuck::pod_collect_to_vec(next()), floats(next())) } else { (Vec::new(), Vec::new()) };
     let mut at = 0;
     for part in &p.parts {
         let (r0, c) = (part.row0, part.count);
-        if p.states {
+        if p.x_back {
             st.x[r0 * h..(r0 + c) * h].copy_from_slice(&x[at * h..(at + c) * h]);
+        }
+        if p.hn_back {
             st.hn[r0 * h..(r0 + c) * h].copy_from_slice(&hn[at * h..(at + c) * h]);
         }
         if p.host_kv {
@@ -825,9 +855,13 @@ fn chunked_ffn(model: &Model, sizes: &ModuleSizes, li: usize, routed: bool, st: 
             Some(_) => Some(send(model, "state rows", &(c as u32..(c + rows) as u32).collect::<Vec<u32>>())?),
             None => None,
         };
-        let (xb, hb) = match (&st.gpu, &idx) {
-            (Some(g), Some(idx)) => (gather_states(&mut b, &g.x, idx, rows, h)?, gather_states(&mut b, &g.hn, idx, rows, h)?),
-            _ => (send(model, "hidden states", &st.x[c * h..(c + rows) * h])?, send(model, "normed hidden states", &st.hn[c * h..(c + rows) * h])?),
+        let xb = match (st.x_gpu(), &idx) {
+            (Some(x), Some(idx)) => gather_states(&mut b, x, idx, rows, h)?,
+            _ => send(model, "hidden states", &st.x[c * h..(c + rows) * h])?,
+        };
+        let hb = match (st.hn_gpu(), &idx) {
+            (Some(norms), Some(idx)) => gather_states(&mut b, norms, idx, rows, h)?,
+            _ => send(model, "normed hidden states", &st.hn[c * h..(c + rows) * h])?,
         };
         if routed {
             let Ffn::Moe { experts: Experts::Resident(stacked), .. } = &model.weights.layers[li].ffn else { unreachable!() };
@@ -836,9 +870,9 @@ fn chunked_ffn(model: &Model, sizes: &ModuleSizes, li: usize, routed: bool, st: 
             expert_ffn(&mut b, &hb, &ids, &w, rows, k, stacked, &xb)?;
         }
         model.unrouted_ffn(&mut b, li, &hb, rows, &xb)?;
-        if let (Some(g), Some(idx)) = (&st.gpu, &idx) {
+        if let (Some(x), Some(idx)) = (st.x_gpu(), &idx) {
             // The states stay on the GPU: the chunk's rows go back in place, nothing comes down.
-            copy_rows(&mut b, &xb, None, &g.x, Some(idx), rows, h)?;
+            copy_rows(&mut b, &xb, None, x, Some(idx), rows, h)?;
             b.submit()?;
             continue;
         }
@@ -912,7 +946,7 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
             None => group_by_expert(st, e),
         };
         log::debug!("layer {li}: rows per expert {:?}", groups.iter().map(Vec::len).collect::<Vec<_>>());
-        let on_gpu = st.gpu.is_some();
+        let on_gpu = st.x_gpu().is_some();
         let y_gpu = if on_gpu { Some(ctx.storage("step expert outputs", (n * k * h * 4) as u64)?) } else { None };
         Ok(Work { st, groups, y: if on_gpu { Vec::new() } else { vec![0.0f32; n * k * h] }, y_gpu, pending: Default::default() })
     };
@@ -920,11 +954,11 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
             let m = rows.len();
             let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
-            let xg = match &w.st.gpu {
-                // The GPU gathers the expert's rows from the step's states.
-                Some(g) => {
+            let xg = match w.st.hn_gpu() {
+                // The GPU gathers the expert's rows from the step's normed states.
+                Some(norms) => {
                     let tokens: Vec<u32> = rows.iter().map(|&a| a / k as u32).collect();
-                    gather_states(&mut b, &g.hn, &send(model, "expert token rows", &tokens)?, m, h)?
+                    gather_states(&mut b, norms, &send(model, "expert token rows", &tokens)?, m, h)?
                 }
                 None => {
                     let mut xs = Vec::with_capacity(m * h);
@@ -958,14 +992,14 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
     while let Some(p) = w.pending.pop_front() {
         take(p, &mut w.y)?;
     }
-    if let (Some(g), Some(y)) = (&w.st.gpu, &w.y_gpu) {
+    if let (Some(x), Some(y)) = (w.st.x_gpu(), &w.y_gpu) {
         // The GPU combine, in slot order: the same sums as the host's below.
         let st = &*w.st;
         let assign_row: Vec<u32> = st.expert_ids.iter().enumerate().map(|(a, &e)| if (e as usize) < cfg.num_experts { a as u32 } else { u32::MAX }).collect();
         let rows = send(model, "assignment rows", &assign_row)?;
         let weights = send(model, "expert weights", &st.expert_weights)?;
         let mut b = Batch::named(ctx, format!("layer {li} combine"));
-        combine_rows(&mut b, y, &rows, st.n * k, &weights, k, h, &g.x)?;
+        combine_rows(&mut b, y, &rows, st.n * k, &weights, k, h, x)?;
         b.submit()?;
         return Ok(());
     }
