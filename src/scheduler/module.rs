@@ -697,36 +697,44 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
         }
     }
     let (hn, new) = model.attention_block(&mut b, li, &xb, &places, &LayerKv { k: &kb, v: &vb, rows: kv_rows })?;
-    let mut back = Vec::new();
-    keep_or_return(&mut b, st, rows.as_ref(), &xb, &hn, m, h, &mut back)?;
     // New keys and values go back to the host pages; a GPU cache has them in place.
-    if host_kv {
-        back.push((&new.k, (m * kw * 4) as u64));
-        back.push((&new.v, (m * vw * 4) as u64));
-    }
-    let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
-    if let Some((ids, w)) = &routing {
-        let kk = (m * cfg.experts_per_token * 4) as u64;
-        back.push((ids, kk));
-        back.push((w, kk));
-    }
-    b.submit()?;
-    Ok(AttnPending { read: ctx.read_later(&back)?, parts: mb, routed, x_back: st.x_gpu().is_none(), hn_back: st.hn_gpu().is_none(), host_kv })
+    let new_kv = host_kv.then_some([(&new.k, (m * kw * 4) as u64), (&new.v, (m * vw * 4) as u64)]);
+    finish_micro_batch(model, b, li, st, rows.as_ref(), [&xb, &hn], new_kv, routed, mb)
 }
 
-/// After a micro-batch's attention: its hidden states and their norms scattered back into the
-/// step's GPU states where those live there, else put on the list `back` of what comes down.
+/// The end of a micro-batch's attention on the GPU, whichever device attended: its hidden states
+/// `x` and their norms `hn` scattered back into the step's GPU states where those live there
+/// (else read back), the new keys and values read back when given, the router run on the norms
+/// and its choices read back; submits and starts the readback.
 #[allow(clippy::too_many_arguments)]
-fn keep_or_return<'b>(b: &mut Batch, st: &StepState, rows: Option<&GpuBuffer>, xb: &'b GpuBuffer, hn: &'b GpuBuffer, m: usize, h: usize, back: &mut Vec<(&'b GpuBuffer, u64)>) -> Result<()> {
-    match (st.x_gpu(), rows) {
-        (Some(x), Some(idx)) => copy_rows(b, xb, None, x, Some(idx), m, h)?,
-        _ => back.push((xb, (m * h * 4) as u64)),
+fn finish_micro_batch(
+    model: &Model,
+    mut b: Batch,
+    li: usize,
+    st: &StepState,
+    rows: Option<&GpuBuffer>,
+    [xb, hn]: [&GpuBuffer; 2],
+    new_kv: Option<[(&GpuBuffer, u64); 2]>,
+    routed: bool,
+    parts: Vec<Part>,
+) -> Result<AttnPending> {
+    let (h, k) = (model.cfg.hidden_size, model.cfg.experts_per_token);
+    let m: usize = parts.iter().map(|p| p.count).sum();
+    let mut back = Vec::new();
+    for (home, states) in [(st.x_gpu(), xb), (st.hn_gpu(), hn)] {
+        match (home, rows) {
+            (Some(home), Some(idx)) => copy_rows(&mut b, states, None, home, Some(idx), m, h)?,
+            _ => back.push((states, (m * h * 4) as u64)),
+        }
     }
-    match (st.hn_gpu(), rows) {
-        (Some(norms), Some(idx)) => copy_rows(b, hn, None, norms, Some(idx), m, h)?,
-        _ => back.push((hn, (m * h * 4) as u64)),
+    back.extend(new_kv.into_iter().flatten());
+    let routing = if routed { Some(model.route_block(&mut b, li, hn, m)?) } else { None };
+    if let Some((ids, w)) = &routing {
+        back.extend([(ids, (m * k * 4) as u64), (w, (m * k * 4) as u64)]);
     }
-    Ok(())
+    b.submit()?;
+    let read = model.ctx.read_later(&back)?;
+    Ok(AttnPending { read, parts, routed, x_back: st.x_gpu().is_none(), hn_back: st.hn_gpu().is_none(), host_kv: new_kv.is_some() })
 }
 
 /// The first GPU half of a host micro-batch: norm and projections; its queries and new keys and
@@ -756,7 +764,6 @@ fn host_inputs(model: &Model, mb: Vec<Part>, li: usize, mi: usize, st: &StepStat
 fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: bool, hi: HostInputs, st: &StepState) -> Result<AttnPending> {
     let ctx = &model.ctx;
     let cfg = &model.cfg;
-    let h = cfg.hidden_size;
     let [kw, vw] = cfg.kv_widths();
     let shape = model.attention_shape();
     let got = hi.read.wait(ctx)?;
@@ -788,16 +795,7 @@ fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: 
     let ob = send(model, "attention outputs", &out)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention output, micro-batch {}", hi.index));
     let hn = model.attention_output(&mut b, li, &hi.xb, &ob, m)?;
-    let mut back = Vec::new();
-    keep_or_return(&mut b, st, hi.rows.as_ref(), &hi.xb, &hn, m, h, &mut back)?;
-    let routing = if routed { Some(model.route_block(&mut b, li, &hn, m)?) } else { None };
-    if let Some((ids, w)) = &routing {
-        let kk = (m * cfg.experts_per_token * 4) as u64;
-        back.push((ids, kk));
-        back.push((w, kk));
-    }
-    b.submit()?;
-    Ok(AttnPending { read: ctx.read_later(&back)?, parts: hi.parts, routed, x_back: st.x_gpu().is_none(), hn_back: st.hn_gpu().is_none(), host_kv: false })
+    finish_micro_batch(model, b, li, st, hi.rows.as_ref(), [&hi.xb, &hn], None, routed, hi.parts)
 }
 
 fn take_attention(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, p: AttnPending, st: &mut StepState) -> Result<()> {
