@@ -635,7 +635,8 @@ impl JobPlan {
                 },
                 match z.attention {
                     AttentionSite::Gpu => z.attention.describe(),
-                    _ => format!("{} in at least {} micro-batches a layer", z.attention.describe(), z.host_batches),
+                    _ if z.host_batches > 1 => format!("{}, pipelined in at least {} micro-batches a layer", z.attention.describe(), z.host_batches),
+                    _ => z.attention.describe(),
                 },
                 z.attn_tokens,
                 z.attn_kv_rows,
