@@ -98,13 +98,6 @@ impl<'a> Values<'a> {
             Values::Bf16(v) => Values::Bf16(&v[at..at + n]),
         }
     }
-
-    pub fn get(&self, i: usize) -> f32 {
-        match self {
-            Values::F32(v) => v[i],
-            Values::Bf16(v) => bf16_to_f32(v[i]),
-        }
-    }
 }
 
 #[inline]

@@ -81,10 +81,6 @@ impl Link {
     pub fn downloaded(&self) -> u64 {
         self.downloaded.load(Ordering::Relaxed)
     }
-
-    pub fn upload_rate(&self) -> Option<f64> {
-        self.up.as_ref().map(RateLimit::bytes_per_s)
-    }
 }
 
 #[cfg(test)]

@@ -128,10 +128,6 @@ impl HostKv {
             page_tokens: self.page_tokens,
         }
     }
-
-    pub fn page_tokens(&self) -> usize {
-        self.page_tokens
-    }
 }
 
 #[cfg(test)]

@@ -754,7 +754,8 @@ fn host_inputs(model: &Model, mb: Vec<Part>, li: usize, mi: usize, st: &StepStat
     };
     let inputs = model.attention_inputs(&mut b, li, &xb, &places)?;
     b.submit()?;
-    let q_width = model.attention_shape().n_heads * model.attention_shape().head_dim;
+    let shape = model.attention_shape();
+    let q_width = shape.n_heads * shape.head_dim;
     let read = ctx.read_later(&[(&inputs.q, (m * q_width * 4) as u64), (&inputs.new.k, (m * kw * 4) as u64), (&inputs.new.v, (m * vw * 4) as u64)])?;
     Ok(HostInputs { read, parts: mb, xb, rows, index: mi })
 }
