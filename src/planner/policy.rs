@@ -219,7 +219,7 @@ pub fn plan_job(
             // more where the prediction says larger expert batches pay and host memory holds
             // their hidden states.
             let prompt_tokens = (job.sequences as f64 * job.prompt_len).ceil() as usize;
-            let sites = attention_sites(cfg, hw, attention, job);
+            let sites = attention_sites(cfg, hw, attention);
             // A step's hidden states kept on the GPU: the states and their norms, and every
             // assignment's expert output, each one binding.
             let (h, k) = (cfg.hidden_size, cfg.experts_per_token);
@@ -398,7 +398,7 @@ fn attention_row_s(cfg: &ModelConfig, hw: &HardwareProfile) -> (f64, Option<f64>
 
 /// The attention placements to weigh: the one asked for, or under `auto` the GPU, the host and
 /// the split that makes both finish together (the host ones when the profile knows the host).
-fn attention_sites(cfg: &ModelConfig, hw: &HardwareProfile, choice: AttentionChoice, _job: &JobShape) -> Vec<AttentionSite> {
+fn attention_sites(cfg: &ModelConfig, hw: &HardwareProfile, choice: AttentionChoice) -> Vec<AttentionSite> {
     let split = || {
         let (gpu, host) = attention_row_s(cfg, hw);
         // Both finish together when the host takes gpu / (gpu + host) of the rows.

@@ -229,6 +229,19 @@ fn part_rows(model: &Model, parts: &[Part]) -> Result<GpuBuffer> {
     send(model, "state rows", &rows)
 }
 
+/// A micro-batch's hidden states on the GPU for its attention: gathered from the step's GPU
+/// states where they live (with the index list of the parts' rows, returned for scattering the
+/// results back), else sent up from `xs`.
+fn micro_batch_states(model: &Model, b: &mut Batch, st: &StepState, mb: &[Part], xs: &[f32]) -> Result<(Option<GpuBuffer>, GpuBuffer)> {
+    let rows = st.gpu.as_ref().map(|_| part_rows(model, mb)).transpose()?;
+    let m: usize = mb.iter().map(|p| p.count).sum();
+    let xb = match (st.x_gpu(), &rows) {
+        (Some(x), Some(idx)) => gather_states(b, x, idx, m, model.cfg.hidden_size)?,
+        _ => send(model, "hidden states", xs)?,
+    };
+    Ok((rows, xb))
+}
+
 /// Rows `idx` of a GPU states buffer gathered into a buffer of their own.
 fn gather_states(b: &mut Batch, from: &GpuBuffer, idx: &GpuBuffer, m: usize, h: usize) -> Result<GpuBuffer> {
     let to = b.ctx().storage("gathered states", (m * h * 4) as u64)?;
@@ -540,6 +553,8 @@ struct HostInputs {
     xb: GpuBuffer,
     /// The parts' rows in the GPU states, when the states live there.
     rows: Option<GpuBuffer>,
+    /// Each token's key span as (first position, count): what it attends to in its pages.
+    spans: Vec<u32>,
     index: usize,
 }
 
@@ -648,9 +663,7 @@ fn token_places(model: &Model, mb: &[Part], st: &StepState, mut start: impl FnMu
 #[allow(clippy::too_many_arguments)]
 fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: usize, mi: usize, routed: bool, st: &StepState) -> Result<AttnPending> {
     let ctx = &model.ctx;
-    let cfg = &model.cfg;
-    let h = cfg.hidden_size;
-    let [kw, vw] = cfg.kv_widths();
+    let [kw, vw] = model.cfg.kv_widths();
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     // Each sequence's past rows, followed on the GPU by its new ones: (first row, rows).
     let mut past_runs = Vec::new();
@@ -683,11 +696,7 @@ fn gpu_micro_batch(model: &Model, kv: &KvStore, pop: &[Seq], mb: Vec<Part>, li: 
     };
     let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention, micro-batch {mi}"));
-    let rows = st.gpu.as_ref().map(|_| part_rows(model, &mb)).transpose()?;
-    let xb = match (st.x_gpu(), &rows) {
-        (Some(x), Some(idx)) => gather_states(&mut b, x, idx, m, h)?,
-        _ => send(model, "hidden states", &xs)?,
-    };
+    let (rows, xb) = micro_batch_states(model, &mut b, st, &mb, &xs)?;
     // 16-bit KV pages widen to f32 for the attention (the new rows are written after).
     if let Some([ks, vs]) = &staged {
         for (src, dst, w) in [(ks, &kb, kw), (vs, &vb, vw)] {
@@ -742,22 +751,19 @@ fn finish_micro_batch(
 fn host_inputs(model: &Model, mb: Vec<Part>, li: usize, mi: usize, st: &StepState) -> Result<HostInputs> {
     let ctx = &model.ctx;
     let [kw, vw] = model.cfg.kv_widths();
-    // The kernel's cache rows and ranges are unused here: the host attends over the pages.
+    // With each sequence starting at row 0, the ranges are the tokens' spans in their own
+    // pages, which the host attends over (the GPU half reads only the positions).
     let (positions, cache_rows, ranges, xs) = token_places(model, &mb, st, |_| 0);
     let m = positions.len();
     let places = TokenPlaces::upload(ctx, &positions, &cache_rows, &ranges)?;
     let mut b = Batch::named(ctx, format!("layer {li} attention inputs, micro-batch {mi}"));
-    let rows = st.gpu.as_ref().map(|_| part_rows(model, &mb)).transpose()?;
-    let xb = match (st.x_gpu(), &rows) {
-        (Some(x), Some(idx)) => gather_states(&mut b, x, idx, m, model.cfg.hidden_size)?,
-        _ => send(model, "hidden states", &xs)?,
-    };
+    let (rows, xb) = micro_batch_states(model, &mut b, st, &mb, &xs)?;
     let inputs = model.attention_inputs(&mut b, li, &xb, &places)?;
     b.submit()?;
     let shape = model.attention_shape();
     let q_width = shape.n_heads * shape.head_dim;
     let read = ctx.read_later(&[(&inputs.q, (m * q_width * 4) as u64), (&inputs.new.k, (m * kw * 4) as u64), (&inputs.new.v, (m * vw * 4) as u64)])?;
-    Ok(HostInputs { read, parts: mb, xb, rows, index: mi })
+    Ok(HostInputs { read, parts: mb, xb, rows, spans: ranges, index: mi })
 }
 
 /// The host half of a host micro-batch: its new keys and values into the pages, attention over
@@ -779,12 +785,11 @@ fn host_attend(model: &Model, kv: &mut KvStore, pop: &[Seq], li: usize, routed: 
         at += p.count;
     }
     let mut spans = Vec::with_capacity(at);
+    let mut span = hi.spans.chunks_exact(2);
     for p in &hi.parts {
         let SeqKv::Pages(pages) = &pop[p.seq].kv else { unreachable!("host pages") };
-        for j in 0..p.count {
-            let seen = p.past + j + 1;
-            let len = cfg.sliding_window.map_or(seen, |w| seen.min(w));
-            spans.push(crate::cpu::attention::KeySpan { pages, first: seen - len, len });
+        for [first, len] in span.by_ref().take(p.count).map(|s| [s[0] as usize, s[1] as usize]) {
+            spans.push(crate::cpu::attention::KeySpan { pages, first, len });
         }
     }
     let m = spans.len();
