@@ -127,7 +127,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let cfg = spec.source.config()?.with_kv_bf16(spec.kv_bf16 == Some(true))?;
     check_job(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens)?;
     let ctx = GpuContext::new(&spec.adapter)?;
-    let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, ctx.info().device_type);
+    let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, &ctx);
     eprintln!("{} on {}: {}", spec.source.name(), ctx.info().name, budgets.describe());
     let hw = match &spec.hardware {
         Some(p) => HardwareProfile::load(p)?,
@@ -283,7 +283,7 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         }
         None => {
             let ctx = GpuContext::new(&args.adapter)?;
-            let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, ctx.info().device_type);
+            let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, &ctx);
             (HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?, budgets)
         }
     };

@@ -23,7 +23,7 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    pub fn resolve(gpu: Option<u64>, host: Option<u64>, kind: wgpu::DeviceType) -> Self {
+    pub fn resolve(gpu: Option<u64>, host: Option<u64>, ctx: &GpuContext) -> Self {
         let (host, host_source) = match host {
             Some(h) => (h, "--host-memory".to_string()),
             None => {
@@ -34,7 +34,7 @@ impl Budgets {
         let (gpu, gpu_source) = match gpu {
             Some(g) => (g, "--gpu-memory".to_string()),
             None => {
-                let (g, why) = crate::planner::default_gpu_memory(kind, host);
+                let (g, why) = crate::planner::default_gpu_memory(ctx, host);
                 (g, why.to_string())
             }
         };

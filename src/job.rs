@@ -165,7 +165,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
 
     let checkpoint = Checkpoint::open(&model_dir)?;
     let ctx = GpuContext::new(&args.adapter)?;
-    let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, ctx.info().device_type);
+    let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, &ctx);
     eprintln!("{}: {}", ctx.info().name, budgets.describe());
     let hw = match &args.hardware {
         Some(path) => HardwareProfile::load(path)?,

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use moegen::gpu::{describe_adapters, AdapterChoice, GpuContext};
+use moegen::gpu::{describe_adapters, AdapterChoice, DeviceChoice, GpuContext};
 use moegen::bench::{run_bench, run_plan, BenchArgs, JobSpec, ModelSource};
 use moegen::job::{run_job, JobArgs};
 use moegen::scheduler::{AttentionChoice, Batching};
@@ -17,14 +17,18 @@ struct Cli {
     /// else the fastest kind present). WGPU_BACKEND limits the backends searched.
     #[arg(long, global = true)]
     adapter: Option<String>,
+    /// Where the model runs: `auto` takes a GPU adapter when there is one, else the CPU; `gpu`
+    /// any adapter (a software one too); `cpu` the host's cores. Default: MOEGEN_DEVICE, else auto.
+    #[arg(long, global = true, value_enum)]
+    device: Option<DeviceChoice>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// List every GPU adapter with its backend, type, driver, features and limits, and the one
-    /// moegen would pick.
+    /// List every GPU adapter with its backend, type, driver, features and limits, the CPU (threads,
+    /// vector instructions, memory), and the device moegen would pick.
     Devices,
     /// Generate completions for a JSONL file of prompts. Without --model, runs the embedded
     /// default model on the sample prompts in assets/ and prints readable completions.
@@ -218,7 +222,7 @@ struct GenerateArgs {
     quiet: bool,
 }
 
-fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>, default_kv: KvDtype) -> anyhow::Result<JobSpec> {
+fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>, device: Option<DeviceChoice>, default_kv: KvDtype) -> anyhow::Result<JobSpec> {
     let l = job.limits;
     Ok(JobSpec {
         source: ModelSource::from_flags(model.model, model.synthetic)?,
@@ -233,9 +237,18 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         download_bandwidth: l.download_bandwidth,
         attention: l.attention,
         hardware: l.hardware,
-        adapter: AdapterChoice::from_env(adapter),
+        adapter: choice(adapter, device),
         kv_bf16: KvDtype::bf16(l.kv_dtype, default_kv),
     })
+}
+
+/// The device the flags and the environment name (`--device` over MOEGEN_DEVICE).
+fn choice(adapter: Option<String>, device: Option<DeviceChoice>) -> AdapterChoice {
+    let mut c = AdapterChoice::from_env(adapter);
+    if let Some(d) = device {
+        c.device = d;
+    }
+    c
 }
 
 fn main() -> ExitCode {
@@ -253,14 +266,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Devices => {
-            let choice = AdapterChoice::from_env(cli.adapter);
+            let choice = choice(cli.adapter, cli.device);
             let (report, count) = describe_adapters(choice.backends);
             print!("{report}");
             if count == 0 {
-                anyhow::bail!(
-                    "no GPU adapter found; install a GPU driver, or Mesa's software Vulkan driver \
-                     (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
-                );
+                println!("(no GPU adapter: install a GPU driver, or Mesa's software Vulkan driver, Debian/Ubuntu: apt-get install mesa-vulkan-drivers)");
+            }
+            let host = moegen::cpu::HostInfo::detect();
+            println!("[cpu] {}", host.model);
+            println!("    threads: {}   vector paths: {} (using {})", host.cores, host.paths.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "), host.isa.name());
+            if let Some(m) = host.memory_bytes {
+                println!("    memory: {:.1} GiB", m as f64 / (1u64 << 30) as f64);
             }
             let ctx = GpuContext::new(&choice)?;
             let f = ctx.features();
@@ -298,7 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hardware: g.limits.hardware,
                 trace: g.trace,
                 kv_bf16: KvDtype::bf16(g.limits.kv_dtype, KvDtype::F32),
-                adapter: AdapterChoice::from_env(cli.adapter),
+                adapter: choice(cli.adapter, cli.device),
                 progress: !g.quiet,
             };
             let summary = run_job(&args, demo)?;
@@ -306,12 +322,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(b) => {
-            let spec = job_spec(b.model, b.job, b.batching, cli.adapter, KvDtype::F32)?;
+            let spec = job_spec(b.model, b.job, b.batching, cli.adapter, cli.device, KvDtype::F32)?;
             run_bench(&BenchArgs { spec, json: b.json, trace: b.trace })?;
             Ok(())
         }
         Command::Plan(p) => {
-            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter, KvDtype::Auto)?)?;
+            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter, cli.device, KvDtype::Auto)?)?;
             print!("{plan}");
             if !any {
                 anyhow::bail!("no batching policy fits these budgets (see above)");

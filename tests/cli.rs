@@ -18,8 +18,18 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
+/// The binary on the GPU adapter (`--device cpu` in `args` overrides it).
 fn moegen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moegen")).args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir()).output().unwrap()
+    moegen_with(args, &[("MOEGEN_DEVICE", "gpu")])
+}
+
+fn moegen_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moegen"));
+    c.args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir()).env_remove("MOEGEN_DEVICE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
 }
 
 fn path(p: &Path) -> &str {
@@ -248,7 +258,28 @@ fn a_gpu_budget_streams_experts_with_the_same_results() {
 
 #[test]
 fn the_default_model_completes_the_sample_prompts_readably() {
-    let o = moegen(&["generate", "--max-new-tokens", "12", "--quiet"]);
+    for device in ["gpu", "cpu"] {
+        check_default_model(&moegen(&["--device", device, "generate", "--max-new-tokens", "12", "--quiet"]));
+    }
+}
+
+/// A machine without any GPU driver (here: asked for a backend this build lacks, so no adapter
+/// is found): the default command runs on the CPU and says so; asking for a GPU is an error
+/// with the hint.
+#[test]
+fn without_a_gpu_driver_the_default_command_runs_on_the_cpu() {
+    let no_driver = [("WGPU_BACKEND", "gl")];
+    let o = moegen_with(&["generate", "--max-new-tokens", "6", "--quiet"], &no_driver);
+    check_default_model(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no GPU adapter found, running on the CPU") && err.contains("install its driver"), "{err}");
+    fails_with(&moegen_with(&["--device", "gpu", "generate", "--quiet"], &no_driver), &["no GPU adapter", "mesa-vulkan-drivers"]);
+    let o = moegen_with(&["devices"], &no_driver);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("[cpu]") && out.contains("vector paths: portable") && out.contains("selected: CPU"), "{out}");
+}
+
+fn check_default_model(o: &Output) {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let prompts = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/prompts.jsonl")).unwrap();
@@ -274,10 +305,10 @@ fn the_three_batching_policies_give_the_same_results() {
     let model = fixture("qwen2-moe-bf16");
     let input = write(&dir, "in.jsonl", PROMPTS);
     let mut outputs = Vec::new();
-    for (policy, budget) in [("module", "600KiB"), ("model", "600KiB"), ("continuous", "600KiB"), ("module", "64MiB")] {
-        let out = dir.join(format!("{policy}-{budget}.jsonl"));
+    for (device, policy, budget) in [("gpu", "module", "600KiB"), ("gpu", "model", "600KiB"), ("gpu", "continuous", "600KiB"), ("gpu", "module", "64MiB"), ("cpu", "module", "600KiB"), ("cpu", "model", "600KiB"), ("cpu", "continuous", "64MiB")] {
+        let out = dir.join(format!("{device}-{policy}-{budget}.jsonl"));
         let o = moegen(&[
-            "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "5",
+            "--device", device, "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--max-new-tokens", "5",
             "--ignore-eos", "--quiet", "--batching", policy, "--gpu-memory", budget,
         ]);
         assert!(o.status.success(), "{policy}: {}", String::from_utf8_lossy(&o.stderr));
@@ -288,7 +319,7 @@ fn the_three_batching_policies_give_the_same_results() {
         outputs.push(rows);
     }
     for o in &outputs[1..] {
-        assert_eq!(o, &outputs[0], "a batching policy or budget changed the results");
+        assert_eq!(o, &outputs[0], "a batching policy, budget or device changed the results");
     }
     let o = moegen(&["generate", "--model", path(&model), "--input", path(&input), "--quiet", "--host-memory", "1KiB"]);
     fails_with(&o, &["--host-memory", "minimum"]);

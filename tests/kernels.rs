@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use moegen::gpu::{round_weights, AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
+use moegen::gpu::{round_weights, AdapterChoice, Batch, DeviceChoice, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
 use moegen::kernels::{attention, dequant, elementwise, embedding, head_matmul, matmul, moe, norm, rope, router, softmax};
 use moegen::Error;
 use rand::rngs::StdRng;
@@ -15,21 +15,28 @@ use rand::{Rng, SeedableRng};
 fn gpu() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx = GpuContext::new(&AdapterChoice::from_env(None)).expect("a GPU adapter (install mesa-vulkan-drivers)");
+        let ctx = GpuContext::new(&AdapterChoice { device: DeviceChoice::Gpu, ..AdapterChoice::from_env(None) }).expect("a GPU adapter (install mesa-vulkan-drivers)");
         eprintln!("kernel tests on {} ({:?}), {:?}", ctx.info().name, ctx.info().backend, ctx.features());
         ctx
     })
 }
 
-/// The device as it is, and with every optional feature off.
+/// The CPU device, whose kernels are the host implementations of `src/cpu/ops.rs`.
+fn cpu() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(GpuContext::cpu)
+}
+
+/// The GPU as it is, with every optional feature off, and the CPU device.
 fn variants() -> Vec<GpuContext> {
     let full = gpu().clone();
     let bare = full.with_features(KernelFeatures { f16: false, subgroups: false, timestamps: false });
-    if bare.features() == full.features() {
-        vec![full]
-    } else {
-        vec![full, bare]
+    let mut out = vec![full.clone()];
+    if bare.features() != full.features() {
+        out.push(bare);
     }
+    out.push(cpu().clone());
+    out
 }
 
 fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -109,29 +116,30 @@ fn rms_norm_over_rows_and_head_slices() {
 #[test]
 fn residual_add_and_swiglu() {
     let mut rng = StdRng::seed_from_u64(3);
-    let ctx = gpu();
-    for n in [1, 1001, 70_003] {
-        let a = random(&mut rng, n, 2.0);
-        let x = random(&mut rng, n, 2.0);
-        let acc = upload(ctx, &a);
-        let gate = random(&mut rng, n, 6.0);
-        let up = random(&mut rng, n, 2.0);
-        let out = poisoned(ctx, n);
-        let mut b = Batch::new(ctx);
-        elementwise::add_assign(&mut b, &acc, &upload(ctx, &x), n).unwrap();
-        elementwise::swiglu(&mut b, &upload(ctx, &gate), &upload(ctx, &up), &out, n).unwrap();
-        b.submit().unwrap();
-        assert_close("add", &ctx.read_f32(&acc, n).unwrap(), &elementwise::add_reference(&a, &x), 1e-14);
-        assert_close("swiglu", &ctx.read_f32(&out, n).unwrap(), &elementwise::swiglu_reference(&gate, &up), 1e-12);
-        // A range touches only its own elements.
-        if n > 10 {
-            let part = poisoned(ctx, n);
+    for ctx in &variants() {
+        for n in [1, 1001, 70_003] {
+            let a = random(&mut rng, n, 2.0);
+            let x = random(&mut rng, n, 2.0);
+            let acc = upload(ctx, &a);
+            let gate = random(&mut rng, n, 6.0);
+            let up = random(&mut rng, n, 2.0);
+            let out = poisoned(ctx, n);
             let mut b = Batch::new(ctx);
-            elementwise::swiglu_range(&mut b, &upload(ctx, &gate), &upload(ctx, &up), &part, 3, n - 7).unwrap();
+            elementwise::add_assign(&mut b, &acc, &upload(ctx, &x), n).unwrap();
+            elementwise::swiglu(&mut b, &upload(ctx, &gate), &upload(ctx, &up), &out, n).unwrap();
             b.submit().unwrap();
-            let got = ctx.read_f32(&part, n).unwrap();
-            assert!(got[..3].iter().chain(&got[n - 4..]).all(|v| v.is_nan()));
-            assert_close("swiglu range", &got[3..n - 4], &elementwise::swiglu_reference(&gate, &up)[3..n - 4], 1e-12);
+            assert_close("add", &ctx.read_f32(&acc, n).unwrap(), &elementwise::add_reference(&a, &x), 1e-14);
+            assert_close("swiglu", &ctx.read_f32(&out, n).unwrap(), &elementwise::swiglu_reference(&gate, &up), 1e-12);
+            // A range touches only its own elements.
+            if n > 10 {
+                let part = poisoned(ctx, n);
+                let mut b = Batch::new(ctx);
+                elementwise::swiglu_range(&mut b, &upload(ctx, &gate), &upload(ctx, &up), &part, 3, n - 7).unwrap();
+                b.submit().unwrap();
+                let got = ctx.read_f32(&part, n).unwrap();
+                assert!(got[..3].iter().chain(&got[n - 4..]).all(|v| v.is_nan()));
+                assert_close("swiglu range", &got[3..n - 4], &elementwise::swiglu_reference(&gate, &up)[3..n - 4], 1e-12);
+            }
         }
     }
 }
@@ -139,62 +147,64 @@ fn residual_add_and_swiglu() {
 #[test]
 fn copy_rows_by_index_and_gated_add() {
     let mut rng = StdRng::seed_from_u64(15);
-    let ctx = gpu();
-    let (n, dim, dst_len) = (7, 131, 20);
-    let src = random(&mut rng, 9 * dim, 1.0);
-    let src_rows: Vec<u32> = vec![8, 0, 3, 3, 5, 1, 2];
-    let dst_rows: Vec<u32> = vec![19, 4, 0, 7, 11, 12, 2];
-    let dst = poisoned(ctx, dst_len * dim);
-    let picked = poisoned(ctx, n * dim);
-    let mut b = Batch::new(ctx);
-    let src_buf = upload(ctx, &src);
-    let (sr, dr) = (ctx.storage_from("src rows", &src_rows).unwrap(), ctx.storage_from("dst rows", &dst_rows).unwrap());
-    elementwise::copy_rows(&mut b, &src_buf, Some(&sr), &dst, Some(&dr), n, dim).unwrap();
-    elementwise::copy_rows(&mut b, &src_buf, Some(&sr), &picked, None, n, dim).unwrap();
-    b.submit().unwrap();
-    let got = ctx.read_f32(&dst, dst_len * dim).unwrap();
-    let got_picked = ctx.read_f32(&picked, n * dim).unwrap();
-    for i in 0..n {
-        let want = &src[src_rows[i] as usize * dim..][..dim];
-        assert_eq!(&got[dst_rows[i] as usize * dim..][..dim], want);
-        assert_eq!(&got_picked[i * dim..][..dim], want);
-    }
-    assert!(got[dim..2 * dim].iter().all(|v| v.is_nan()), "an unlisted row was written");
+    for ctx in &variants() {
+        let (n, dim, dst_len) = (7, 131, 20);
+        let src = random(&mut rng, 9 * dim, 1.0);
+        let src_rows: Vec<u32> = vec![8, 0, 3, 3, 5, 1, 2];
+        let dst_rows: Vec<u32> = vec![19, 4, 0, 7, 11, 12, 2];
+        let dst = poisoned(ctx, dst_len * dim);
+        let picked = poisoned(ctx, n * dim);
+        let mut b = Batch::new(ctx);
+        let src_buf = upload(ctx, &src);
+        let (sr, dr) = (ctx.storage_from("src rows", &src_rows).unwrap(), ctx.storage_from("dst rows", &dst_rows).unwrap());
+        elementwise::copy_rows(&mut b, &src_buf, Some(&sr), &dst, Some(&dr), n, dim).unwrap();
+        elementwise::copy_rows(&mut b, &src_buf, Some(&sr), &picked, None, n, dim).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&dst, dst_len * dim).unwrap();
+        let got_picked = ctx.read_f32(&picked, n * dim).unwrap();
+        for i in 0..n {
+            let want = &src[src_rows[i] as usize * dim..][..dim];
+            assert_eq!(&got[dst_rows[i] as usize * dim..][..dim], want);
+            assert_eq!(&got_picked[i * dim..][..dim], want);
+        }
+        assert!(got[dim..2 * dim].iter().all(|v| v.is_nan()), "an unlisted row was written");
 
-    let (tokens, dim) = (33, 77);
-    let acc = random(&mut rng, tokens * dim, 1.0);
-    let x = random(&mut rng, tokens * dim, 1.0);
-    let gate = random(&mut rng, tokens, 4.0);
-    let acc_buf = upload(ctx, &acc);
-    let mut b = Batch::new(ctx);
-    elementwise::add_gated(&mut b, &acc_buf, &upload(ctx, &x), &upload(ctx, &gate), tokens, dim).unwrap();
-    b.submit().unwrap();
-    let want = elementwise::add_gated_reference(&acc, &x, &gate, dim);
-    assert_close("add_gated", &ctx.read_f32(&acc_buf, tokens * dim).unwrap(), &want, 1e-12);
+        let (tokens, dim) = (33, 77);
+        let acc = random(&mut rng, tokens * dim, 1.0);
+        let x = random(&mut rng, tokens * dim, 1.0);
+        let gate = random(&mut rng, tokens, 4.0);
+        let acc_buf = upload(ctx, &acc);
+        let mut b = Batch::new(ctx);
+        elementwise::add_gated(&mut b, &acc_buf, &upload(ctx, &x), &upload(ctx, &gate), tokens, dim).unwrap();
+        b.submit().unwrap();
+        let want = elementwise::add_gated_reference(&acc, &x, &gate, dim);
+        assert_close("add_gated", &ctx.read_f32(&acc_buf, tokens * dim).unwrap(), &want, 1e-12);
+    }
 }
 
 #[test]
 fn rope_half_split_and_interleaved_with_partial_rotation() {
     let mut rng = StdRng::seed_from_u64(4);
-    let ctx = gpu();
-    for layout in [rope::RopeLayout::HalfSplit, rope::RopeLayout::Interleaved] {
-        for (tokens, heads, head_dim, rot_dim) in [(1, 1, 8, 8), (7, 3, 40, 24), (33, 5, 64, 64)] {
-            let inv_freq = rope::default_inv_freq(10000.0, rot_dim);
-            let table = rope::RopeTable::new(ctx, &inv_freq, 1.0, 300).unwrap();
-            let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..300)).collect();
-            let x = random(&mut rng, tokens * heads * head_dim, 1.0);
-            let buf = upload(ctx, &x);
-            let mut b = Batch::new(ctx);
-            let pos = ctx.storage_from("positions", &positions).unwrap();
-            rope::rope(&mut b, &buf, &pos, &table, tokens, heads, head_dim, layout).unwrap();
-            b.submit().unwrap();
-            let got = ctx.read_f32(&buf, x.len()).unwrap();
-            let cs = rope::cos_sin_table(&inv_freq, 1.0, 300);
-            let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, 0, layout);
-            assert_close(&format!("rope {layout:?} {tokens}x{heads}x{head_dim}/{rot_dim}"), &got, &want, 1e-12);
-            // The dims past rot_dim pass through untouched.
-            for h in 0..tokens * heads {
-                assert_eq!(got[h * head_dim + rot_dim..(h + 1) * head_dim], x[h * head_dim + rot_dim..(h + 1) * head_dim]);
+    for ctx in &variants() {
+        for layout in [rope::RopeLayout::HalfSplit, rope::RopeLayout::Interleaved] {
+            for (tokens, heads, head_dim, rot_dim) in [(1, 1, 8, 8), (7, 3, 40, 24), (33, 5, 64, 64)] {
+                let inv_freq = rope::default_inv_freq(10000.0, rot_dim);
+                let table = rope::RopeTable::new(ctx, &inv_freq, 1.0, 300).unwrap();
+                let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..300)).collect();
+                let x = random(&mut rng, tokens * heads * head_dim, 1.0);
+                let buf = upload(ctx, &x);
+                let mut b = Batch::new(ctx);
+                let pos = ctx.storage_from("positions", &positions).unwrap();
+                rope::rope(&mut b, &buf, &pos, &table, tokens, heads, head_dim, layout).unwrap();
+                b.submit().unwrap();
+                let got = ctx.read_f32(&buf, x.len()).unwrap();
+                let cs = rope::cos_sin_table(&inv_freq, 1.0, 300);
+                let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, 0, layout);
+                assert_close(&format!("rope {layout:?} {tokens}x{heads}x{head_dim}/{rot_dim}"), &got, &want, 1e-12);
+                // The dims past rot_dim pass through untouched.
+                for h in 0..tokens * heads {
+                    assert_eq!(got[h * head_dim + rot_dim..(h + 1) * head_dim], x[h * head_dim + rot_dim..(h + 1) * head_dim]);
+                }
             }
         }
     }
@@ -203,23 +213,24 @@ fn rope_half_split_and_interleaved_with_partial_rotation() {
 #[test]
 fn rope_on_a_part_of_each_head_past_an_offset() {
     let mut rng = StdRng::seed_from_u64(41);
-    let ctx = gpu();
-    // DeepSeek's layout: 13 unrotated dims, then 10 rotated, then the rest of the row untouched.
-    let (tokens, heads, head_dim, offset, rot_dim) = (9, 3, 27, 13, 10);
-    let inv_freq = rope::default_inv_freq(10000.0, rot_dim);
-    let table = rope::RopeTable::new(ctx, &inv_freq, 0.9, 50).unwrap();
-    let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..50)).collect();
-    let x = random(&mut rng, tokens * heads * head_dim, 1.0);
-    let buf = upload(ctx, &x);
-    let mut b = Batch::new(ctx);
-    let pos = ctx.storage_from("positions", &positions).unwrap();
-    rope::rope_at(&mut b, &buf, &pos, &table, tokens, heads, head_dim, offset, rope::RopeLayout::Interleaved).unwrap();
-    b.submit().unwrap();
-    let got = ctx.read_f32(&buf, x.len()).unwrap();
-    let cs = rope::cos_sin_table(&inv_freq, 0.9, 50);
-    let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, offset, rope::RopeLayout::Interleaved);
-    assert_close("rope past an offset", &got, &want, 1e-12);
-    assert_ne!(got, x, "nothing rotated");
+    for ctx in &variants() {
+        // DeepSeek's layout: 13 unrotated dims, then 10 rotated, then the rest of the row untouched.
+        let (tokens, heads, head_dim, offset, rot_dim) = (9, 3, 27, 13, 10);
+        let inv_freq = rope::default_inv_freq(10000.0, rot_dim);
+        let table = rope::RopeTable::new(ctx, &inv_freq, 0.9, 50).unwrap();
+        let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..50)).collect();
+        let x = random(&mut rng, tokens * heads * head_dim, 1.0);
+        let buf = upload(ctx, &x);
+        let mut b = Batch::new(ctx);
+        let pos = ctx.storage_from("positions", &positions).unwrap();
+        rope::rope_at(&mut b, &buf, &pos, &table, tokens, heads, head_dim, offset, rope::RopeLayout::Interleaved).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&buf, x.len()).unwrap();
+        let cs = rope::cos_sin_table(&inv_freq, 0.9, 50);
+        let want = rope::reference(&x, &positions, &cs, rot_dim, heads, head_dim, offset, rope::RopeLayout::Interleaved);
+        assert_close("rope past an offset", &got, &want, 1e-12);
+        assert_ne!(got, x, "nothing rotated");
+    }
 }
 
 #[test]
@@ -260,31 +271,32 @@ fn strided_norm_and_column_copies() {
 #[test]
 fn bf16_rounding_and_widening_of_kv_values() {
     let mut rng = StdRng::seed_from_u64(45);
-    let ctx = gpu();
-    // Awkward count, values across magnitudes, exact ties (low half 0x8000) both ways, NaN.
-    let mut x: Vec<f32> = (0..1001).map(|i| rng.random_range(-1.0f32..1.0) * 10f32.powi(i % 9 - 4)).collect();
-    x[3] = f32::from_bits(0x3f80_8000); // tie, rounds down to even
-    x[4] = f32::from_bits(0x3f81_8000); // tie, rounds up to even
-    x[5] = f32::NAN;
-    let buf = upload(ctx, &x);
-    let mut b = Batch::new(ctx);
-    elementwise::round_bf16(&mut b, &buf, x.len()).unwrap();
-    b.submit().unwrap();
-    let got = ctx.read_f32(&buf, x.len()).unwrap();
-    for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
-        let want = elementwise::round_bf16_reference(v);
-        assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "value {i}: {v} rounded to {g}, want {want}");
+    for ctx in &variants() {
+        // Awkward count, values across magnitudes, exact ties (low half 0x8000) both ways, NaN.
+        let mut x: Vec<f32> = (0..1001).map(|i| rng.random_range(-1.0f32..1.0) * 10f32.powi(i % 9 - 4)).collect();
+        x[3] = f32::from_bits(0x3f80_8000); // tie, rounds down to even
+        x[4] = f32::from_bits(0x3f81_8000); // tie, rounds up to even
+        x[5] = f32::NAN;
+        let buf = upload(ctx, &x);
+        let mut b = Batch::new(ctx);
+        elementwise::round_bf16(&mut b, &buf, x.len()).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&buf, x.len()).unwrap();
+        for (i, (&g, &v)) in got.iter().zip(&x).enumerate() {
+            let want = elementwise::round_bf16_reference(v);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "value {i}: {v} rounded to {g}, want {want}");
+        }
+        // Widening: the upper halves as packed bf16, back to the same f32 bits, into a poisoned buffer.
+        let mut packed: Vec<u16> = got.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        packed.push(0); // whole words
+        let src = ctx.storage_from("bf16", &packed).unwrap();
+        let out = poisoned(ctx, x.len());
+        let mut b = Batch::new(ctx);
+        elementwise::expand_bf16(&mut b, &src, &out, x.len()).unwrap();
+        b.submit().unwrap();
+        let wide = ctx.read_f32(&out, x.len()).unwrap();
+        assert!(wide.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
     }
-    // Widening: the upper halves as packed bf16, back to the same f32 bits, into a poisoned buffer.
-    let mut packed: Vec<u16> = got.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-    packed.push(0); // whole words
-    let src = ctx.storage_from("bf16", &packed).unwrap();
-    let out = poisoned(ctx, x.len());
-    let mut b = Batch::new(ctx);
-    elementwise::expand_bf16(&mut b, &src, &out, x.len()).unwrap();
-    b.submit().unwrap();
-    let wide = ctx.read_f32(&out, x.len()).unwrap();
-    assert!(wide.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
 }
 
 #[test]
@@ -331,34 +343,35 @@ fn read_bf16(ctx: &GpuContext, w: &GpuWeight) -> Vec<f32> {
 #[test]
 fn fp8_block_scaled_weights_dequantise_to_the_same_bf16_bits() {
     let mut rng = StdRng::seed_from_u64(44);
-    let ctx = gpu();
-    // Every finite e4m3 code, subnormals and both signs included (0x7f and 0xff are NaN).
-    let byte = |rng: &mut StdRng| loop {
-        let b: u8 = rng.random();
-        if b & 0x7f != 0x7f {
-            break b;
+    for ctx in &variants() {
+        // Every finite e4m3 code, subnormals and both signs included (0x7f and 0xff are NaN).
+        let byte = |rng: &mut StdRng| loop {
+            let b: u8 = rng.random();
+            if b & 0x7f != 0x7f {
+                break b;
+            }
+        };
+        assert_eq!(dequant::e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(dequant::e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(dequant::e4m3_to_f32(0xb8), -1.0);
+        // Awkward shapes: blocks that do not divide the matrix, three experts stacked, a binding
+        // limit that splits the stack between pieces.
+        let (rows, cols, block) = (37, 50, (16, 24));
+        let scale_len: usize = dequant::scale_shape(rows, cols, block).iter().product();
+        let data: Vec<Vec<u8>> = (0..3).map(|_| (0..rows * cols).map(|_| byte(&mut rng)).collect()).collect();
+        let scales: Vec<Vec<f32>> = (0..3).map(|_| (0..scale_len).map(|_| rng.random_range(1e-3f32..0.05)).collect()).collect();
+        let pieces: Vec<dequant::Fp8Matrix> = (0..3).map(|i| dequant::Fp8Matrix { data: &data[i], scales: &scales[i], block }).collect();
+        for (label, c) in [("one binding", ctx.clone()), ("split", ctx.with_binding_limit((rows * cols * 2 * 2 + 4) as u64))] {
+            let w = dequant::upload_fp8(&c, "experts", &pieces, rows, cols).unwrap();
+            assert_eq!(w.parts.len(), if label == "split" { 2 } else { 1 });
+            let got = read_bf16(ctx, &w);
+            let want: Vec<f32> = pieces.iter().flat_map(|p| dequant::reference(p, rows, cols)).collect();
+            assert_eq!(got.len(), want.len());
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: dequantised bits differ");
         }
-    };
-    assert_eq!(dequant::e4m3_to_f32(0x7e), 448.0);
-    assert_eq!(dequant::e4m3_to_f32(0x01), 2f32.powi(-9));
-    assert_eq!(dequant::e4m3_to_f32(0xb8), -1.0);
-    // Awkward shapes: blocks that do not divide the matrix, three experts stacked, a binding
-    // limit that splits the stack between pieces.
-    let (rows, cols, block) = (37, 50, (16, 24));
-    let scale_len: usize = dequant::scale_shape(rows, cols, block).iter().product();
-    let data: Vec<Vec<u8>> = (0..3).map(|_| (0..rows * cols).map(|_| byte(&mut rng)).collect()).collect();
-    let scales: Vec<Vec<f32>> = (0..3).map(|_| (0..scale_len).map(|_| rng.random_range(1e-3f32..0.05)).collect()).collect();
-    let pieces: Vec<dequant::Fp8Matrix> = (0..3).map(|i| dequant::Fp8Matrix { data: &data[i], scales: &scales[i], block }).collect();
-    for (label, c) in [("one binding", ctx.clone()), ("split", ctx.with_binding_limit((rows * cols * 2 * 2 + 4) as u64))] {
-        let w = dequant::upload_fp8(&c, "experts", &pieces, rows, cols).unwrap();
-        assert_eq!(w.parts.len(), if label == "split" { 2 } else { 1 });
-        let got = read_bf16(ctx, &w);
-        let want: Vec<f32> = pieces.iter().flat_map(|p| dequant::reference(p, rows, cols)).collect();
-        assert_eq!(got.len(), want.len());
-        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: dequantised bits differ");
+        let odd = dequant::upload_fp8(ctx, "odd", &[dequant::Fp8Matrix { data: &[1, 2, 3], scales: &[1.0], block }], 1, 3);
+        assert!(odd.unwrap_err().to_string().contains("even number of columns"));
     }
-    let odd = dequant::upload_fp8(ctx, "odd", &[dequant::Fp8Matrix { data: &[1, 2, 3], scales: &[1.0], block }], 1, 3);
-    assert!(odd.unwrap_err().to_string().contains("even number of columns"));
 }
 
 #[test]
@@ -439,9 +452,10 @@ fn matmul_paths_give_every_row_the_same_bits() {
 #[test]
 fn matmul_awkward_token_counts_on_the_chosen_path() {
     let mut rng = StdRng::seed_from_u64(6);
-    let ctx = gpu();
-    for (i, m) in [1, 2, 7, 9, 33, 257].into_iter().enumerate() {
-        check_matmul(ctx, &mut rng, m, 97, 129, DTYPES[i % 3], i % 2 == 0, None);
+    for ctx in &variants() {
+        for (i, m) in [1, 2, 7, 9, 33, 257].into_iter().enumerate() {
+            check_matmul(ctx, &mut rng, m, 97, 129, DTYPES[i % 3], i % 2 == 0, None);
+        }
     }
 }
 
@@ -517,30 +531,31 @@ fn spaced_logits(rng: &mut StdRng, tokens: usize, n_experts: usize) -> Vec<f32> 
 #[test]
 fn router_softmax_sigmoid_renormalised_and_biased() {
     let mut rng = StdRng::seed_from_u64(9);
-    let ctx = gpu();
-    let configs = [
-        router::RouterConfig::softmax(8, 2, true),
-        router::RouterConfig::softmax(60, 4, false),
-        router::RouterConfig::softmax(7, 7, true),
-        router::RouterConfig { sigmoid: true, scale: 2.5, ..router::RouterConfig::softmax(33, 6, true) },
-        // DeepSeek-V2's group-limited greedy: 3 of 5 groups by their best expert, scaled.
-        router::RouterConfig { n_group: 5, topk_group: 3, scale: 16.0, ..router::RouterConfig::softmax(40, 6, false) },
-        // DeepSeek-V3: sigmoid, biased choice, 2 of 7 groups by the sum of their two best.
-        router::RouterConfig { sigmoid: true, n_group: 7, topk_group: 2, group_by_top_two: true, scale: 2.5, ..router::RouterConfig::softmax(49, 5, true) },
-    ];
-    for (i, cfg) in configs.iter().enumerate() {
-        let tokens = [1, 37, 5, 300, 61, 45][i];
-        let logits = spaced_logits(&mut rng, tokens, cfg.n_experts);
-        let bias = cfg.sigmoid.then(|| random(&mut rng, cfg.n_experts, 0.3));
-        let bias_buf = bias.as_ref().map(|b| upload(ctx, b));
-        let ids = ctx.storage_from("ids", &vec![u32::MAX; tokens * cfg.top_k]).unwrap();
-        let weights = poisoned(ctx, tokens * cfg.top_k);
-        let mut b = Batch::new(ctx);
-        router::route(&mut b, cfg, &upload(ctx, &logits), bias_buf.as_ref(), &ids, &weights, tokens).unwrap();
-        b.submit().unwrap();
-        let (want_ids, want_w) = router::reference(cfg, &logits, bias.as_deref());
-        assert_eq!(ctx.read_u32(&ids, tokens * cfg.top_k).unwrap(), want_ids, "router {cfg:?}");
-        assert_close(&format!("router {cfg:?}"), &ctx.read_f32(&weights, tokens * cfg.top_k).unwrap(), &want_w, 1e-12);
+    for ctx in &variants() {
+        let configs = [
+            router::RouterConfig::softmax(8, 2, true),
+            router::RouterConfig::softmax(60, 4, false),
+            router::RouterConfig::softmax(7, 7, true),
+            router::RouterConfig { sigmoid: true, scale: 2.5, ..router::RouterConfig::softmax(33, 6, true) },
+            // DeepSeek-V2's group-limited greedy: 3 of 5 groups by their best expert, scaled.
+            router::RouterConfig { n_group: 5, topk_group: 3, scale: 16.0, ..router::RouterConfig::softmax(40, 6, false) },
+            // DeepSeek-V3: sigmoid, biased choice, 2 of 7 groups by the sum of their two best.
+            router::RouterConfig { sigmoid: true, n_group: 7, topk_group: 2, group_by_top_two: true, scale: 2.5, ..router::RouterConfig::softmax(49, 5, true) },
+        ];
+        for (i, cfg) in configs.iter().enumerate() {
+            let tokens = [1, 37, 5, 300, 61, 45][i];
+            let logits = spaced_logits(&mut rng, tokens, cfg.n_experts);
+            let bias = cfg.sigmoid.then(|| random(&mut rng, cfg.n_experts, 0.3));
+            let bias_buf = bias.as_ref().map(|b| upload(ctx, b));
+            let ids = ctx.storage_from("ids", &vec![u32::MAX; tokens * cfg.top_k]).unwrap();
+            let weights = poisoned(ctx, tokens * cfg.top_k);
+            let mut b = Batch::new(ctx);
+            router::route(&mut b, cfg, &upload(ctx, &logits), bias_buf.as_ref(), &ids, &weights, tokens).unwrap();
+            b.submit().unwrap();
+            let (want_ids, want_w) = router::reference(cfg, &logits, bias.as_deref());
+            assert_eq!(ctx.read_u32(&ids, tokens * cfg.top_k).unwrap(), want_ids, "router {cfg:?}");
+            assert_close(&format!("router {cfg:?}"), &ctx.read_f32(&weights, tokens * cfg.top_k).unwrap(), &want_w, 1e-12);
+        }
     }
 }
 
@@ -610,33 +625,34 @@ fn attention_over_a_latent_cache_whose_keys_hold_the_values() {
 #[test]
 fn moe_plan_groups_assignments_by_expert() {
     let mut rng = StdRng::seed_from_u64(12);
-    let ctx = gpu();
-    let (tokens, top_k, n_experts) = (257, 3, 13);
-    let mut ids: Vec<u32> = (0..tokens * top_k).map(|_| rng.random_range(0..n_experts as u32)).collect();
-    ids[5] = 999; // an id out of range gets no row
-    for tile in moe::GroupTile::ALL {
-        let mut b = Batch::new(ctx);
-        let plan = moe::plan(&mut b, &ctx.storage_from("ids", &ids).unwrap(), ids.len(), n_experts, tile).unwrap();
-        b.submit().unwrap();
-        let offsets = ctx.read_u32(&plan.offsets, n_experts + 1).unwrap();
-        assert_eq!(offsets, moe::offsets_reference(&ids, n_experts));
-        let tiles = ctx.read_u32(&plan.tile_starts, n_experts + 1).unwrap();
-        for e in 0..n_experts {
-            let rows = offsets[e + 1] - offsets[e];
-            assert_eq!(tiles[e + 1] - tiles[e], rows.div_ceil(tile.rows()));
-        }
-        let assign_row = ctx.read_u32(&plan.assign_row, ids.len()).unwrap();
-        let row_assign = ctx.read_u32(&plan.row_assign, ids.len()).unwrap();
-        let mut seen = vec![false; ids.len()];
-        for (a, &e) in ids.iter().enumerate() {
-            if e as usize >= n_experts {
-                assert_eq!(assign_row[a], u32::MAX);
-                continue;
+    for ctx in &variants() {
+        let (tokens, top_k, n_experts) = (257, 3, 13);
+        let mut ids: Vec<u32> = (0..tokens * top_k).map(|_| rng.random_range(0..n_experts as u32)).collect();
+        ids[5] = 999; // an id out of range gets no row
+        for tile in moe::GroupTile::ALL {
+            let mut b = Batch::new(ctx);
+            let plan = moe::plan(&mut b, &ctx.storage_from("ids", &ids).unwrap(), ids.len(), n_experts, tile).unwrap();
+            b.submit().unwrap();
+            let offsets = ctx.read_u32(&plan.offsets, n_experts + 1).unwrap();
+            assert_eq!(offsets, moe::offsets_reference(&ids, n_experts));
+            let tiles = ctx.read_u32(&plan.tile_starts, n_experts + 1).unwrap();
+            for e in 0..n_experts {
+                let rows = offsets[e + 1] - offsets[e];
+                assert_eq!(tiles[e + 1] - tiles[e], rows.div_ceil(tile.rows()));
             }
-            let row = assign_row[a];
-            assert!(offsets[e as usize] <= row && row < offsets[e as usize + 1], "assignment {a} outside its expert's rows");
-            assert_eq!(row_assign[row as usize], a as u32);
-            assert!(!std::mem::replace(&mut seen[row as usize], true), "row {row} given twice");
+            let assign_row = ctx.read_u32(&plan.assign_row, ids.len()).unwrap();
+            let row_assign = ctx.read_u32(&plan.row_assign, ids.len()).unwrap();
+            let mut seen = vec![false; ids.len()];
+            for (a, &e) in ids.iter().enumerate() {
+                if e as usize >= n_experts {
+                    assert_eq!(assign_row[a], u32::MAX);
+                    continue;
+                }
+                let row = assign_row[a];
+                assert!(offsets[e as usize] <= row && row < offsets[e as usize + 1], "assignment {a} outside its expert's rows");
+                assert_eq!(row_assign[row as usize], a as u32);
+                assert!(!std::mem::replace(&mut seen[row as usize], true), "row {row} given twice");
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use moegen::gpu::{AdapterChoice, GpuContext};
+use moegen::gpu::{AdapterChoice, DeviceChoice, GpuContext};
 use moegen::model::Model;
 use moegen::planner::Placement;
 use moegen::scheduler::{generate, generate_module, prompt_logits, AttentionSite, GenerateOptions, ModuleSizes, Request};
@@ -14,7 +14,15 @@ use serde_json::Value;
 
 fn gpu() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
-    CTX.get_or_init(|| GpuContext::new(&AdapterChoice::from_env(None)).expect("a GPU adapter (install mesa-vulkan-drivers)"))
+    CTX.get_or_init(|| {
+        GpuContext::new(&AdapterChoice { device: DeviceChoice::Gpu, ..AdapterChoice::from_env(None) }).expect("a GPU adapter (install mesa-vulkan-drivers)")
+    })
+}
+
+/// The CPU device: the same forward pass on the host kernels.
+fn cpu() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(GpuContext::cpu)
 }
 
 fn fixture(name: &str) -> (PathBuf, Value) {
@@ -33,9 +41,16 @@ fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
     ours.iter().zip(theirs).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
 }
 
+/// Every check of [`check_on`] on the GPU and on the CPU device.
 fn check(name: &str) {
+    check_on(gpu(), name);
+    check_on(cpu(), name);
+}
+
+fn check_on(ctx: &GpuContext, name: &str) {
     let (dir, expected) = fixture(name);
-    let resident_logits = check_model(name, &Model::load(gpu(), &dir, 64).unwrap(), &expected);
+    let name = &format!("{name} on {}", if ctx.is_cpu() { "the CPU" } else { "the GPU" });
+    let resident_logits = check_model(name, &Model::load(ctx, &dir, 64).unwrap(), &expected);
     // Streaming forced: every MoE layer's experts in host memory, two slots; then the first MoE
     // layer resident and three slots.
     let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();
@@ -45,7 +60,7 @@ fn check(name: &str) {
     for (resident, slots, streamed_attention) in [(vec![], 2, all_layers), (vec![moe_layers[0]], 3, vec![])] {
         let placement = Placement { resident_layers: resident, slots, streamed_attention, budget: None, resident_bytes: 0, reserved_bytes: 0 };
         let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
-        let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &placement).unwrap();
+        let model = Model::load_placed(ctx, cfg.clone(), &checkpoint, 64, &placement).unwrap();
         assert_eq!(model.slots.len(), slots);
         let streamed = check_model(&format!("{name} streamed through {slots} slots"), &model, &expected);
         assert!(streamed == resident_logits, "{name}: streaming changed the logits' bits");
@@ -201,10 +216,16 @@ fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
 /// GPU cache (model-based) and the host pages (module-based) give the same tokens, since every
 /// policy rounds what it caches the same way. Host pages hold half the bytes.
 fn check_bf16_kv(name: &str) {
+    check_bf16_kv_on(gpu(), name);
+    check_bf16_kv_on(cpu(), name);
+}
+
+fn check_bf16_kv_on(ctx: &GpuContext, name: &str) {
     let (dir, expected) = fixture(name);
+    let name = &format!("{name} on {}", if ctx.is_cpu() { "the CPU" } else { "the GPU" });
     let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap().with_kv_bf16(true).unwrap();
     let checkpoint = moegen::loader::checkpoint::Checkpoint::open(&dir).unwrap();
-    let model = Model::load_placed(gpu(), cfg.clone(), &checkpoint, 64, &Placement::all_resident(&cfg)).unwrap();
+    let model = Model::load_placed(ctx, cfg.clone(), &checkpoint, 64, &Placement::all_resident(&cfg)).unwrap();
     let prompts: Vec<Vec<u32>> = expected["prompts"].as_array().unwrap().iter().map(ids).collect();
     let logits = prompt_logits(&model, &prompts).unwrap();
     let mut worst = 0f64;

@@ -13,9 +13,13 @@ use crate::gpu::{GpuBuffer, GpuContext, UNIFORM};
 /// Dispatches per parameter buffer before another is taken.
 const PARAMS_PER_BUFFER: u64 = 256;
 
+/// A kernel's Rust implementation over host memory, run at submit (the CPU device).
+type HostOp = Box<dyn FnOnce() -> Result<()> + Send>;
+
 enum Op {
     Dispatch { pipeline: Arc<wgpu::ComputePipeline>, bind_group: wgpu::BindGroup, groups: [u32; 3], label: String },
     Copy { src: GpuBuffer, src_offset: u64, dst: GpuBuffer, dst_offset: u64, bytes: u64 },
+    Host { run: HostOp, label: &'static str },
 }
 
 pub struct Batch {
@@ -42,6 +46,18 @@ impl Batch {
 
     pub fn ctx(&self) -> &GpuContext {
         &self.ctx
+    }
+
+    /// Whether the batch runs on the CPU device: kernels then record [`Batch::host`] ops.
+    pub fn on_host(&self) -> bool {
+        self.ctx.is_cpu()
+    }
+
+    /// Records a kernel's host implementation, run in order with the rest at submit, as the
+    /// GPU would run its dispatch: writes made before the submit are seen by it.
+    pub fn host(&mut self, label: &'static str, run: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+        self.ops.push(Op::Host { run: Box::new(run), label });
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -78,6 +94,9 @@ impl Batch {
         buffers: &[&GpuBuffer],
         groups: [u32; 3],
     ) -> Result<()> {
+        if self.on_host() {
+            return Err(Error::invalid(label, "this kernel has no host implementation for the CPU device"));
+        }
         if groups.contains(&0) {
             return Ok(());
         }
@@ -109,8 +128,20 @@ impl Batch {
 
     /// Records a copy of `bytes` (a multiple of 4) between buffers.
     pub fn copy(&mut self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, bytes: u64) -> Result<()> {
-        if src_offset + bytes > src.raw().size() || dst_offset + bytes > dst.raw().size() || !bytes.is_multiple_of(4) {
+        if src_offset + bytes > src.capacity() || dst_offset + bytes > dst.capacity() || !bytes.is_multiple_of(4) {
             return Err(Error::invalid("buffer copy", format!("{bytes} bytes from offset {src_offset} to {dst_offset}")));
+        }
+        if self.on_host() {
+            let (src, dst) = (src.clone(), dst.clone());
+            let (s0, d0, n) = ((src_offset / 4) as usize, (dst_offset / 4) as usize, (bytes / 4) as usize);
+            return self.host("copy", move || {
+                if src.same(&dst) {
+                    dst.write_host().copy_within(s0..s0 + n, d0);
+                } else {
+                    dst.write_host()[d0..d0 + n].copy_from_slice(&src.read_host()[s0..s0 + n]);
+                }
+                Ok(())
+            });
         }
         self.ops.push(Op::Copy { src: src.clone(), src_offset, dst: dst.clone(), dst_offset, bytes });
         Ok(())
@@ -126,6 +157,7 @@ impl Batch {
                     enc.copy_buffer_to_buffer(src.raw(), *src_offset, dst.raw(), *dst_offset, *bytes);
                     i += 1;
                 }
+                Op::Host { label, .. } => unreachable!("host op {label} in a GPU batch"),
                 Op::Dispatch { .. } => {
                     // One compute pass for a run of dispatches; wgpu orders them by their bindings.
                     let timestamp_writes = timestamps.map(|q| wgpu::ComputePassTimestampWrites {
@@ -169,12 +201,32 @@ impl Batch {
         }
     }
 
-    /// Submits the recorded work without waiting for it.
-    pub fn submit(mut self) -> Result<wgpu::SubmissionIndex> {
+    /// On the CPU device: runs the recorded ops in order, now.
+    fn run_host(&mut self) -> Result<()> {
+        let tracer = self.ctx.tracer();
+        let start = tracer.as_ref().map(|t| t.now_ns());
+        for op in std::mem::take(&mut self.ops) {
+            match op {
+                Op::Host { run, .. } => run()?,
+                _ => unreachable!("GPU ops are not recorded on the CPU device"),
+            }
+        }
+        if let (Some(t), Some(start)) = (tracer, start) {
+            t.finish(crate::gpu::Track::Compute, self.name.clone(), start);
+        }
+        Ok(())
+    }
+
+    /// Submits the recorded work without waiting for it (on the CPU device: runs it).
+    pub fn submit(mut self) -> Result<()> {
+        if self.on_host() {
+            return self.run_host();
+        }
         self.write_params();
         let tracer = self.ctx.tracer();
         let passes = self.passes();
-        let index = match tracer {
+        // The submission index is not needed: readbacks wait on their own copies.
+        match tracer {
             Some(t) if passes > 0 && self.ctx.features().timestamps => {
                 let count = 2 * passes;
                 let queries = self.ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
@@ -204,12 +256,17 @@ impl Batch {
             }
         };
         self.ctx.check("submitting GPU work")?;
-        Ok(index)
+        Ok(())
     }
 
     /// Submits and waits. Returns the GPU time from timestamp queries where the device has them,
     /// else the wall time from submit to completion.
     pub fn submit_timed(mut self) -> Result<Duration> {
+        if self.on_host() {
+            let start = Instant::now();
+            self.run_host()?;
+            return Ok(start.elapsed());
+        }
         self.write_params();
         let passes = self.passes();
         if !self.ctx.features().timestamps || passes == 0 {

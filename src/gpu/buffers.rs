@@ -2,7 +2,7 @@
 //! into parts that each fit one storage binding.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{ensure, Error, Result};
 use crate::gpu::GpuContext;
@@ -74,34 +74,90 @@ fn size_class(bytes: u64, max: u64) -> u64 {
 pub struct GpuBuffer(Arc<Pooled>);
 
 struct Pooled {
-    buffer: wgpu::Buffer,
+    memory: Memory,
     size: u64,
     key: Key,
     pool: BufferPool,
 }
 
+/// A GPU allocation, or on the CPU device host memory in 4-byte words (what every kernel
+/// indexes).
+enum Memory {
+    Gpu(wgpu::Buffer),
+    Host(RwLock<Vec<u32>>),
+}
+
 impl GpuBuffer {
     pub fn raw(&self) -> &wgpu::Buffer {
-        &self.0.buffer
+        match &self.0.memory {
+            Memory::Gpu(b) => b,
+            Memory::Host(_) => panic!("a host buffer used as a GPU buffer"),
+        }
     }
     /// Bytes asked for (the allocation may be larger).
     pub fn size(&self) -> u64 {
         self.0.size
     }
+    /// Bytes allocated (at least `size`).
+    pub fn capacity(&self) -> u64 {
+        match &self.0.memory {
+            Memory::Gpu(b) => b.size(),
+            Memory::Host(words) => words.read().unwrap().len() as u64 * 4,
+        }
+    }
     pub fn binding(&self) -> wgpu::BindingResource<'_> {
         self.raw().as_entire_binding()
+    }
+
+    /// Whether both handles are the same allocation.
+    pub fn same(&self, other: &GpuBuffer) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    fn host(&self) -> &RwLock<Vec<u32>> {
+        match &self.0.memory {
+            Memory::Host(words) => words,
+            Memory::Gpu(_) => panic!("a GPU buffer read as host memory"),
+        }
+    }
+
+    /// The words of a CPU-device buffer, for reading.
+    pub fn read_host(&self) -> RwLockReadGuard<'_, Vec<u32>> {
+        self.host().read().unwrap()
+    }
+
+    /// The words of a CPU-device buffer, for writing.
+    pub fn write_host(&self) -> RwLockWriteGuard<'_, Vec<u32>> {
+        self.host().write().unwrap()
+    }
+
+    /// Writes bytes into a CPU-device buffer at `offset`.
+    pub(crate) fn write_host_bytes(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut words = self.write_host();
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words[..]);
+        let at = offset as usize;
+        ensure!(at + data.len() <= bytes.len(), "upload", "{} bytes at offset {offset} overrun a buffer of {}", data.len(), bytes.len());
+        bytes[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_host_bytes(&self, offset: u64, len: u64) -> Vec<u8> {
+        let words = self.read_host();
+        let bytes: &[u8] = bytemuck::cast_slice(&words[..]);
+        bytes[offset as usize..(offset + len) as usize].to_vec()
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
+        let Memory::Gpu(buffer) = &self.memory else { return };
         let mut s = self.pool.state.lock().unwrap();
         if s.idle_bytes + self.key.0 <= DEFAULT_IDLE_CAP {
             s.idle_bytes += self.key.0;
-            s.free.entry(self.key).or_default().push(self.buffer.clone());
+            s.free.entry(self.key).or_default().push(buffer.clone());
         } else {
             s.allocated_bytes -= self.key.0;
-            self.buffer.destroy();
+            buffer.destroy();
         }
     }
 }
@@ -120,6 +176,11 @@ impl GpuContext {
             return Err(Error::BindingTooLarge { what: what.to_string(), needed: bytes, limit });
         }
         let pool = &self.shared.pool;
+        if self.is_cpu() {
+            // Host memory comes zeroed from the allocator; no pool (nothing to reuse cheaply).
+            let words = RwLock::new(vec![0u32; (bytes.max(4) as usize).div_ceil(4)]);
+            return Ok(GpuBuffer(Arc::new(Pooled { memory: Memory::Host(words), size: bytes, key: (0, 0), pool: pool.clone() })));
+        }
         let key = (size_class(bytes, limit), usage.bits());
         let reused = {
             let mut s = pool.state.lock().unwrap();
@@ -147,7 +208,7 @@ impl GpuContext {
                 b
             }
         };
-        Ok(GpuBuffer(Arc::new(Pooled { buffer, size: bytes, key, pool: pool.clone() })))
+        Ok(GpuBuffer(Arc::new(Pooled { memory: Memory::Gpu(buffer), size: bytes, key, pool: pool.clone() })))
     }
 
     /// A storage buffer of `bytes`, which must fit one binding.
@@ -170,13 +231,16 @@ impl GpuContext {
     pub fn upload(&self, buf: &GpuBuffer, offset: u64, data: &[u8]) -> Result<()> {
         ensure!(offset.is_multiple_of(4), "upload", "offset {offset} is not a multiple of 4");
         ensure!(
-            offset + data.len() as u64 <= buf.raw().size(),
+            offset + data.len() as u64 <= buf.capacity(),
             "upload",
             "{} bytes at offset {offset} overrun a buffer of {}",
             data.len(),
-            buf.raw().size()
+            buf.capacity()
         );
         self.link_send(data.len());
+        if self.is_cpu() {
+            return buf.write_host_bytes(offset, data);
+        }
         let queue = self.queue();
         let mut at = 0usize;
         while at < data.len() {
@@ -206,13 +270,17 @@ impl GpuContext {
     pub fn read_bytes(&self, buf: &GpuBuffer, offset: u64, len: u64) -> Result<Vec<u8>> {
         let padded = len.next_multiple_of(4);
         ensure!(
-            offset.is_multiple_of(4) && offset + padded <= buf.raw().size(),
+            offset.is_multiple_of(4) && offset + padded <= buf.capacity(),
             "readback",
             "{len} bytes at offset {offset} of a {}-byte buffer",
-            buf.raw().size()
+            buf.capacity()
         );
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if self.is_cpu() {
+            self.link_receive(len as usize);
+            return Ok(buf.read_host_bytes(offset, len));
         }
         let staging = self.buffer(
             "readback staging",
@@ -248,7 +316,14 @@ impl GpuContext {
         let mut lens = Vec::new();
         let mut total = 0u64;
         for (buf, len) in pieces {
-            ensure!(*len <= buf.raw().size(), "readback", "{len} bytes of a {}-byte buffer", buf.raw().size());
+            ensure!(*len <= buf.capacity(), "readback", "{len} bytes of a {}-byte buffer", buf.capacity());
+        }
+        if self.is_cpu() {
+            // Submitted work has run already: the bytes are there.
+            let ready = pieces.iter().map(|(buf, len)| buf.read_host_bytes(0, *len)).collect();
+            return Ok(PendingRead(Pending::Ready(ready)));
+        }
+        for (_, len) in pieces {
             let padded = len.next_multiple_of(4);
             lens.push((total, *len));
             total += padded;
@@ -265,7 +340,7 @@ impl GpuContext {
         staging.raw().map_async(wgpu::MapMode::Read, 0..total.max(4), move |r| {
             let _ = tx.send(r);
         });
-        Ok(PendingRead { staging, lens, total: total.max(4), index, rx })
+        Ok(PendingRead(Pending::Gpu { staging, lens, total: total.max(4), index, rx }))
     }
 
     pub fn read_f32(&self, buf: &GpuBuffer, count: usize) -> Result<Vec<f32>> {
@@ -282,28 +357,40 @@ impl GpuContext {
 }
 
 /// Buffers on their way back to the host: [`GpuContext::read_later`].
-pub struct PendingRead {
-    staging: GpuBuffer,
-    lens: Vec<(u64, u64)>,
-    total: u64,
-    index: wgpu::SubmissionIndex,
-    rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+pub struct PendingRead(Pending);
+
+enum Pending {
+    Gpu {
+        staging: GpuBuffer,
+        lens: Vec<(u64, u64)>,
+        total: u64,
+        index: wgpu::SubmissionIndex,
+        rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    },
+    /// On the CPU device, copied when asked for.
+    Ready(Vec<Vec<u8>>),
 }
 
 impl PendingRead {
     /// Waits for the copies (not for later submissions) and returns each piece's bytes.
     pub fn wait(self, ctx: &GpuContext) -> Result<Vec<Vec<u8>>> {
-        ctx.wait_for(self.index, "reading back results")?;
-        self.rx
-            .recv()
+        let (staging, lens, total, index, rx) = match self.0 {
+            Pending::Ready(out) => {
+                ctx.link_receive(out.iter().map(Vec::len).sum());
+                return Ok(out);
+            }
+            Pending::Gpu { staging, lens, total, index, rx } => (staging, lens, total, index, rx),
+        };
+        ctx.wait_for(index, "reading back results")?;
+        rx.recv()
             .map_err(|_| Error::Gpu("readback: map callback never ran".into()))?
             .map_err(|e| Error::Gpu(format!("readback: {e}")))?;
         let out = {
-            let view = self.staging.raw().get_mapped_range(0..self.total).map_err(|e| Error::Gpu(format!("readback: {e:?}")))?;
-            self.lens.iter().map(|&(at, len)| view[at as usize..(at + len) as usize].to_vec()).collect::<Vec<_>>()
+            let view = staging.raw().get_mapped_range(0..total).map_err(|e| Error::Gpu(format!("readback: {e:?}")))?;
+            lens.iter().map(|&(at, len)| view[at as usize..(at + len) as usize].to_vec()).collect::<Vec<_>>()
         };
-        self.staging.raw().unmap();
-        ctx.link_receive(self.lens.iter().map(|&(_, len)| len as usize).sum());
+        staging.raw().unmap();
+        ctx.link_receive(lens.iter().map(|&(_, len)| len as usize).sum());
         Ok(out)
     }
 }

@@ -14,9 +14,22 @@ pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::SUBGROUP)
     .union(wgpu::Features::TIMESTAMP_QUERY);
 
-/// How to pick an adapter. `WGPU_BACKEND` and `WGPU_ADAPTER_NAME` are read by [`AdapterChoice::from_env`].
+/// Which kind of device runs the model (`--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// A GPU adapter when the machine has one, else the CPU. A software adapter (Mesa's
+    /// llvmpipe) runs on the same cores as the CPU device, slower: it is taken only when asked
+    /// for (`--device gpu`, or `--adapter`).
+    #[default]
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+/// How to pick an adapter. `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and `MOEGEN_DEVICE` are read by [`AdapterChoice::from_env`].
 #[derive(Clone, Debug, Default)]
 pub struct AdapterChoice {
+    pub device: DeviceChoice,
     /// Backends to consider (`WGPU_BACKEND`, e.g. `vulkan`, `metal`, `dx12`).
     pub backends: Option<wgpu::Backends>,
     /// An index into `moegen devices`, or a case-insensitive part of the adapter name.
@@ -28,7 +41,13 @@ pub struct AdapterChoice {
 impl AdapterChoice {
     /// The choice the environment makes, with `flag` (the `--adapter` value) taking precedence.
     pub fn from_env(flag: Option<String>) -> Self {
+        let device = match std::env::var("MOEGEN_DEVICE").as_deref().map(str::trim) {
+            Ok("gpu") => DeviceChoice::Gpu,
+            Ok("cpu") => DeviceChoice::Cpu,
+            _ => DeviceChoice::Auto,
+        };
         AdapterChoice {
+            device,
             backends: wgpu::Backends::from_env(),
             adapter: flag.or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()),
             disabled_features: disabled_from_env(),
@@ -120,19 +139,26 @@ pub struct KernelFeatures {
 }
 
 pub(crate) struct Shared {
-    pub device: wgpu::Device,
-    pub queue: wgpu::Queue,
+    /// None on the CPU device.
+    pub gpu: Option<GpuDevice>,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub pool: BufferPool,
     pub tracer: Mutex<Option<Arc<Tracer>>>,
     pub pipelines: PipelineCache,
+}
+
+pub(crate) struct GpuDevice {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
     /// Errors no error scope caught (reported at the next sync point instead of panicking).
     pub uncaptured: Arc<Mutex<Vec<String>>>,
     pub lost: Arc<Mutex<Option<(String, String)>>>,
 }
 
-/// A device and queue with the caches that go with them. Cheap to clone.
+/// The device every kernel runs on, with the caches that go with it: a GPU adapter's device and
+/// queue, or the host CPU ([`GpuContext::cpu`]), where each kernel runs its Rust
+/// implementation over host memory. Cheap to clone.
 #[derive(Clone)]
 pub struct GpuContext {
     pub(crate) shared: Arc<Shared>,
@@ -143,7 +169,28 @@ pub struct GpuContext {
 }
 
 impl GpuContext {
+    /// The device `choice` names: under `auto`, a hardware GPU adapter if there is one, else
+    /// the CPU, said in one line on stderr with the hint for installing a driver.
     pub fn new(choice: &AdapterChoice) -> Result<Self> {
+        let auto = choice.device == DeviceChoice::Auto && choice.adapter.is_none();
+        match choice.device {
+            DeviceChoice::Cpu => return Ok(Self::cpu()),
+            _ if auto => {
+                let found = select_adapter(choice).ok();
+                let software = found.as_ref().filter(|a| a.get_info().device_type == wgpu::DeviceType::Cpu).map(|a| a.get_info().name);
+                if let Some(adapter) = found.filter(|_| software.is_none()) {
+                    return Self::from_adapter(adapter, choice.disabled_features);
+                }
+                let ctx = Self::cpu();
+                let hint = match software {
+                    Some(name) => format!("the software adapter {name} runs on these same cores, slower; --device gpu takes it"),
+                    None => "for a GPU, install its driver".to_string(),
+                };
+                eprintln!("device: no GPU adapter found, running on the CPU: {} ({hint})", ctx.info().name);
+                return Ok(ctx);
+            }
+            _ => {}
+        }
         let adapter = select_adapter(choice)?;
         Self::from_adapter(adapter, choice.disabled_features)
     }
@@ -183,15 +230,12 @@ impl GpuContext {
         log::info!("GPU: {} ({:?}, {:?}), features {:?}", info.name, info.backend, info.device_type, features);
         Ok(GpuContext {
             shared: Arc::new(Shared {
-                device,
-                queue,
+                gpu: Some(GpuDevice { device, queue, uncaptured, lost }),
                 info,
                 limits,
                 pool: BufferPool::default(),
                 tracer: Mutex::new(None),
                 pipelines: PipelineCache::default(),
-                uncaptured,
-                lost,
             }),
             features: KernelFeatures {
                 f16: features.contains(wgpu::Features::SHADER_F16),
@@ -203,11 +247,43 @@ impl GpuContext {
         })
     }
 
+    /// The host CPU as the device: buffers are host memory, each kernel runs its Rust
+    /// implementation (`src/cpu/`) on rayon's threads when its batch is submitted.
+    pub fn cpu() -> Self {
+        let host = crate::cpu::HostInfo::detect();
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::Noop);
+        info.name = format!("CPU ({})", host.describe());
+        info.driver = "moegen host kernels".into();
+        info.driver_info = host.isa.name().into();
+        info.subgroup_min_size = 1;
+        info.subgroup_max_size = 1;
+        let mut limits = wgpu::Limits::default();
+        // Host memory bounds a buffer, not a binding: one part per weight.
+        limits.max_buffer_size = 1 << 40;
+        limits.max_storage_buffer_binding_size = 1 << 40;
+        limits.max_compute_workgroups_per_dimension = u32::MAX;
+        log::info!("device: {}", info.name);
+        GpuContext {
+            shared: Arc::new(Shared { gpu: None, info, limits, pool: BufferPool::default(), tracer: Mutex::new(None), pipelines: PipelineCache::default() }),
+            features: KernelFeatures { f16: false, subgroups: false, timestamps: false },
+            binding_limit: 1 << 40,
+            link: None,
+        }
+    }
+
+    /// Whether this is the host CPU rather than a GPU adapter.
+    pub fn is_cpu(&self) -> bool {
+        self.shared.gpu.is_none()
+    }
+
+    pub(crate) fn gpu(&self) -> &GpuDevice {
+        self.shared.gpu.as_ref().expect("GPU work recorded on the CPU device (a kernel lacks its host branch)")
+    }
     pub fn device(&self) -> &wgpu::Device {
-        &self.shared.device
+        &self.gpu().device
     }
     pub fn queue(&self) -> &wgpu::Queue {
-        &self.shared.queue
+        &self.gpu().queue
     }
     pub fn info(&self) -> &wgpu::AdapterInfo {
         &self.shared.info
@@ -226,7 +302,7 @@ impl GpuContext {
     /// Whether storage buffers can also be mapped for writing (unified memory): streamed weights
     /// then go straight into their slot, without a staging copy.
     pub fn unified_memory(&self) -> bool {
-        self.device().features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
+        self.is_cpu() || self.device().features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
     }
 
     /// Writes `data` at the start of `buf`, a buffer created with MAP_WRITE: waits until the GPU
@@ -240,6 +316,9 @@ impl GpuContext {
             &padded[..]
         };
         self.link_send(data.len());
+        if self.is_cpu() {
+            return buf.write_host_bytes(0, data);
+        }
         let len = data.len() as u64;
         let state = Arc::new(Mutex::new(None));
         let sink = state.clone();
@@ -314,7 +393,7 @@ impl GpuContext {
 
     /// Blocks until submission `index` has finished.
     pub fn wait_for(&self, index: wgpu::SubmissionIndex, what: &str) -> Result<()> {
-        self.shared
+        self.gpu()
             .device
             .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
             .map_err(|e| Error::Gpu(format!("{what}: {e}")))?;
@@ -323,10 +402,11 @@ impl GpuContext {
 
     /// Turns errors reported asynchronously (uncaptured, device lost) into a Rust error.
     pub fn check(&self, what: &str) -> Result<()> {
-        if let Some((reason, detail)) = self.shared.lost.lock().unwrap().clone() {
+        let Some(gpu) = &self.shared.gpu else { return Ok(()) };
+        if let Some((reason, detail)) = gpu.lost.lock().unwrap().clone() {
             return Err(Error::DeviceLost { reason, detail: format!("{detail} (during {what})") });
         }
-        let mut errors = self.shared.uncaptured.lock().unwrap();
+        let mut errors = gpu.uncaptured.lock().unwrap();
         if !errors.is_empty() {
             let detail = errors.join("; ");
             errors.clear();
@@ -337,7 +417,8 @@ impl GpuContext {
 
     /// Runs `f` inside out-of-memory and validation error scopes, naming `what` in the error.
     pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
-        let device = &self.shared.device;
+        let Some(gpu) = &self.shared.gpu else { return Ok(f()) };
+        let device = &gpu.device;
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f();
@@ -354,8 +435,8 @@ impl GpuContext {
 
     /// Blocks until all submitted work has finished, then reports any error it raised.
     pub fn wait_idle(&self, what: &str) -> Result<()> {
-        self.shared
-            .device
+        let Some(gpu) = &self.shared.gpu else { return Ok(()) };
+        gpu.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("{what}: {e}")))?;
         self.check(what)

@@ -104,6 +104,9 @@ pub struct PipelineCache {
 impl GpuContext {
     /// The compute pipeline for `src`, compiled on first use.
     pub fn pipeline(&self, src: &ShaderSource) -> Result<Arc<wgpu::ComputePipeline>> {
+        if self.is_cpu() {
+            return Err(crate::error::Error::invalid(&src.key, "no shaders on the CPU device (the kernel lacks its host branch)"));
+        }
         let cache = &self.shared.pipelines;
         if let Some(p) = cache.compiled.lock().unwrap().get(&src.key) {
             return Ok(p.clone());

@@ -80,7 +80,7 @@ impl Tracer {
             events: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             gpu_offset_ns: Mutex::new(0.0),
-            period_ns: ctx.queue().get_timestamp_period(),
+            period_ns: if ctx.is_cpu() { 1.0 } else { ctx.queue().get_timestamp_period() },
             last_done_ns: Mutex::new(0),
         });
         if ctx.features().timestamps {

@@ -133,6 +133,15 @@ pub fn attention(
     );
     ensure!(head_dim > 0 && head_dim <= 1024 && v_dim > 0 && v_dim <= 1024, "attention", "head dims {head_dim}/{v_dim} outside 1..=1024");
     ensure!(!shape.values_in_keys || v_dim <= head_dim, "attention", "values of {v_dim} inside keys of {head_dim}");
+    if b.on_host() {
+        need(q, n_queries * n_heads * head_dim, "attention queries")?;
+        need(out, n_queries * n_heads * v_dim, "attention output")?;
+        need(k, kv_rows * n_kv_heads * head_dim, "attention keys")?;
+        need(v, kv_rows * shape.v_stride(), "attention values")?;
+        need(ranges, 2 * n_queries, "attention key ranges")?;
+        let (shape, q, k, v, ranges, out) = (*shape, q.clone(), k.clone(), v.clone(), ranges.clone(), out.clone());
+        return b.host("attention", move || crate::cpu::ops::attention(&shape, &q, &k, &v, &ranges, &out, n_queries, kv_rows));
+    }
     let wg_bytes = b.ctx().limits().max_compute_workgroup_storage_size;
     let slots = slots(shape);
     let group = n_heads / n_kv_heads;

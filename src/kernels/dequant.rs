@@ -88,6 +88,10 @@ pub fn dequant_fp8(b: &mut Batch, src: &GpuBuffer, scales: &GpuBuffer, dst: &Gpu
     ensure!(block.0 > 0 && block.1 > 0, "fp8 weights", "empty scale block");
     let n = run.rows * cols;
     ensure!(src.size() >= (run.src_byte0 + n) as u64 && dst.size() >= (run.dst_byte0 + 2 * n) as u64, "fp8 weights", "run past its buffers");
+    if b.on_host() {
+        let (src, scales, dst) = (src.clone(), scales.clone(), dst.clone());
+        return b.host("dequant_fp8", move || crate::cpu::ops::dequant_fp8(&src, &scales, &dst, run.rows, run.row0, run.src_byte0, run.scale0, run.dst_byte0, cols, block));
+    }
     let params = Params {
         rows: u32_of(run.rows, "fp8 rows")?,
         cols: u32_of(cols, "fp8 columns")?,

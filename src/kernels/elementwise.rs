@@ -30,6 +30,10 @@ pub fn add_assign(b: &mut Batch, acc: &GpuBuffer, x: &GpuBuffer, n: usize) -> Re
     ensure!(n > 0, "add", "no elements");
     need(acc, n, "add accumulator")?;
     need(x, n, "add input")?;
+    if b.on_host() {
+        let (acc, x) = (acc.clone(), x.clone());
+        return b.host("add", move || crate::cpu::ops::add_assign(&acc, &x, n));
+    }
     let pipeline = b.ctx().pipeline(&add_shader())?;
     let params = Dims4 { a: u32_of(n, "add elements")?, b: 0, c: 0, d: 0 };
     let g = groups(b, n)?;
@@ -47,6 +51,10 @@ pub fn swiglu_range(b: &mut Batch, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBu
     need(gate, offset + n, "swiglu gate")?;
     need(up, offset + n, "swiglu up")?;
     need(out, offset + n, "swiglu output")?;
+    if b.on_host() {
+        let (gate, up, out) = (gate.clone(), up.clone(), out.clone());
+        return b.host("swiglu", move || crate::cpu::ops::swiglu(&gate, &up, &out, offset, n));
+    }
     let pipeline = b.ctx().pipeline(&swiglu_shader())?;
     let params = Dims4 { a: u32_of(n, "swiglu elements")?, b: u32_of(offset, "swiglu offset")?, c: 0, d: 0 };
     let g = groups(b, n)?;
@@ -59,6 +67,10 @@ pub fn add_gated(b: &mut Batch, acc: &GpuBuffer, x: &GpuBuffer, gate: &GpuBuffer
     need(acc, tokens * dim, "add_gated accumulator")?;
     need(x, tokens * dim, "add_gated input")?;
     need(gate, tokens, "add_gated gate")?;
+    if b.on_host() {
+        let (acc, x, gate) = (acc.clone(), x.clone(), gate.clone());
+        return b.host("add_gated", move || crate::cpu::ops::add_gated(&acc, &x, &gate, tokens, dim));
+    }
     let pipeline = b.ctx().pipeline(&add_gated_shader())?;
     let params = Dims4 { a: u32_of(tokens, "add_gated rows")?, b: u32_of(dim, "add_gated width")?, c: 0, d: 0 };
     let g = grid(b.ctx(), params.a);
@@ -87,6 +99,10 @@ pub fn copy_rows(
         need(rows, n, "copy_rows destination rows")?;
     } else {
         need(dst, n * dim, "copy_rows destination")?;
+    }
+    if b.on_host() {
+        let (src, src_rows, dst, dst_rows) = (src.clone(), src_rows.cloned(), dst.clone(), dst_rows.cloned());
+        return b.host("copy_rows", move || crate::cpu::ops::copy_rows(&src, src_rows.as_ref(), &dst, dst_rows.as_ref(), n, dim));
     }
     let ctx = b.ctx().clone();
     let placeholder = unused_binding(&ctx)?;
@@ -152,6 +168,10 @@ pub fn copy_cols(b: &mut Batch, src: &GpuBuffer, from: Cols, dst: &GpuBuffer, to
     ensure!(from.col0 + width <= from.stride && to.col0 + width <= to.stride, "copy_cols", "columns past the row");
     need(src, (rows - 1) * from.stride + from.col0 + width, "copy_cols source")?;
     need(dst, (rows - 1) * to.stride + to.col0 + width, "copy_cols destination")?;
+    if b.on_host() {
+        let (src, dst) = (src.clone(), dst.clone());
+        return b.host("copy_cols", move || crate::cpu::ops::copy_cols(&src, from, &dst, to, rows, width));
+    }
     let params = CopyColsParams {
         rows: u32_of(rows, "copy_cols rows")?,
         width: u32_of(width, "copy_cols width")?,
@@ -188,6 +208,10 @@ pub fn expand_bf16_shader() -> ShaderSource {
 pub fn round_bf16(b: &mut Batch, x: &GpuBuffer, n: usize) -> Result<()> {
     ensure!(n > 0, "round_bf16", "no elements");
     need(x, n, "round_bf16 values")?;
+    if b.on_host() {
+        let x = x.clone();
+        return b.host("round_bf16", move || crate::cpu::ops::round_bf16(&x, n));
+    }
     let pipeline = b.ctx().pipeline(&round_bf16_shader())?;
     let params = Dims4 { a: u32_of(n, "round_bf16 count")?, b: 0, c: 0, d: 0 };
     let g = groups(b, n)?;
@@ -199,6 +223,10 @@ pub fn expand_bf16(b: &mut Batch, src: &GpuBuffer, dst: &GpuBuffer, n: usize) ->
     ensure!(n > 0, "expand_bf16", "no elements");
     ensure!(src.size() >= n as u64 * 2, "expand_bf16", "{n} values need {} bytes, the source has {}", n * 2, src.size());
     need(dst, n, "expand_bf16 output")?;
+    if b.on_host() {
+        let (src, dst) = (src.clone(), dst.clone());
+        return b.host("expand_bf16", move || crate::cpu::ops::expand_bf16(&src, &dst, n));
+    }
     let pipeline = b.ctx().pipeline(&expand_bf16_shader())?;
     let params = Dims4 { a: u32_of(n, "expand_bf16 count")?, b: 0, c: 0, d: 0 };
     let g = groups(b, n)?;

@@ -16,6 +16,10 @@ pub fn embed(b: &mut Batch, table: &GpuWeight, ids: &GpuBuffer, n_tokens: usize,
     need(ids, n_tokens, "embedding ids")?;
     need(out, n_tokens * table.cols, "embedding output")?;
     ensure!(n_tokens > 0, "embedding", "no tokens");
+    if b.on_host() {
+        let (table, ids, out) = (table.clone(), ids.clone(), out.clone());
+        return b.host("embedding", move || crate::cpu::ops::embed(&table, &ids, n_tokens, &out));
+    }
     let pipeline = b.ctx().pipeline(&shader(table.dtype, b.ctx().features()))?;
     let groups = grid(b.ctx(), u32_of(n_tokens, "token count")?);
     for part in &table.parts {

@@ -51,6 +51,10 @@ pub fn head_matmul(b: &mut Batch, x: &GpuBuffer, xl: HeadLayout, w: &GpuWeight, 
     ensure!(tokens.div_ceil(TOK as usize) <= 65535 && heads <= 65535, "head_matmul", "{tokens} tokens of {heads} heads exceed one dispatch");
     need(x, (tokens - 1) * xl.stride + (heads - 1) * xl.head_stride + xl.col0 + inner, "head_matmul input")?;
     need(y, (tokens - 1) * yl.stride + (heads - 1) * yl.head_stride + yl.col0 + out, "head_matmul output")?;
+    if b.on_host() {
+        let (x, w, y) = (x.clone(), w.clone(), y.clone());
+        return b.host("head_matmul", move || crate::cpu::ops::head_matmul(&x, xl, &w, heads, &y, yl, tokens));
+    }
     let params = Params {
         tokens: u32_of(tokens, "head_matmul tokens")?,
         heads: heads as u32,

@@ -116,6 +116,10 @@ pub fn matmul_rows(
     if let Some(bias) = bias {
         need(bias, n, "matmul bias")?;
     }
+    if b.on_host() {
+        let (x, w, bias, y) = (x.clone(), w.clone(), bias.cloned(), y.clone());
+        return b.host("matmul", move || crate::cpu::ops::matmul(&x, &w, bias.as_ref(), &y, m, rows.x_row0, rows.y_row0, y_stride));
+    }
     let path = path.unwrap_or_else(|| MatmulPath::for_rows(m));
     let ctx = b.ctx().clone();
     let pipeline = ctx.pipeline(&shader(path, w.dtype, ctx.features()))?;

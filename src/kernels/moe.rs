@@ -95,6 +95,12 @@ pub fn plan(b: &mut Batch, expert_ids: &GpuBuffer, n_assign: usize, n_experts: u
         n_experts,
         tile,
     };
+    if b.on_host() {
+        let (ids, o, t, ar, ra) = (expert_ids.clone(), plan.offsets.clone(), plan.tile_starts.clone(), plan.assign_row.clone(), plan.row_assign.clone());
+        let tile_rows = tile.rows() as usize;
+        b.host("moe_plan", move || crate::cpu::ops::moe_plan(&ids, n_assign, n_experts, tile_rows, &o, &t, &ar, &ra))?;
+        return Ok(plan);
+    }
     let params = Dims4 { a: u32_of(n_assign, "moe assignments")?, b: n_experts as u32, c: tile.rows(), d: 0 };
     let pipeline = ctx.pipeline(&plan_shader())?;
     b.dispatch(
@@ -113,6 +119,12 @@ pub fn gather(b: &mut Batch, x: &GpuBuffer, plan: &MoePlan, dim: usize, top_k: u
     need(x, plan.n_assign / top_k * dim, "moe gather input")?;
     let ctx = b.ctx().clone();
     let xg = ctx.storage("moe gathered rows", plan.n_assign as u64 * dim as u64 * 4)?;
+    if b.on_host() {
+        let (x, ra, o, out) = (x.clone(), plan.row_assign.clone(), plan.offsets.clone(), xg.clone());
+        let (n_experts, n_rows) = (plan.n_experts, plan.n_assign);
+        b.host("moe_gather", move || crate::cpu::ops::moe_gather(&x, &ra, &o, n_experts, n_rows, dim, top_k, &out))?;
+        return Ok(xg);
+    }
     let params = Dims4 { a: plan.n_assign as u32, b: u32_of(dim, "moe width")?, c: top_k as u32, d: plan.n_experts as u32 };
     let pipeline = ctx.pipeline(&gather_shader())?;
     let groups = grid(&ctx, params.a);
@@ -135,6 +147,11 @@ pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePl
     need(xg, plan.n_assign * k, "grouped matmul input")?;
     let ctx = b.ctx().clone();
     let y = ctx.storage("grouped matmul output", plan.n_assign as u64 * n as u64 * 4)?;
+    if b.on_host() {
+        let (xg, w, o, out, n_experts) = (xg.clone(), w.clone(), plan.offsets.clone(), y.clone(), plan.n_experts);
+        b.host("moe_matmul", move || crate::cpu::ops::grouped_matmul(&xg, &w, &o, n_experts, &out))?;
+        return Ok(y);
+    }
     let pipeline = ctx.pipeline(&grouped_matmul_shader(plan.tile, w.dtype, ctx.features()))?;
     for part in &w.parts {
         ensure!(
@@ -168,6 +185,10 @@ pub fn combine_rows(b: &mut Batch, y: &GpuBuffer, assign_row: &GpuBuffer, n_assi
     need(assign_row, n_assign, "moe combine rows")?;
     need(weights, n_assign, "moe combine weights")?;
     need(out, tokens * dim, "moe combine output")?;
+    if b.on_host() {
+        let (y, rows, weights, out) = (y.clone(), assign_row.clone(), weights.clone(), out.clone());
+        return b.host("moe_combine", move || crate::cpu::ops::combine(&y, &rows, n_assign, &weights, top_k, dim, &out));
+    }
     let params = Dims4 { a: u32_of(tokens, "moe combine tokens")?, b: dim as u32, c: top_k as u32, d: 0 };
     let pipeline = b.ctx().pipeline(&combine_shader())?;
     let groups = grid(b.ctx(), params.a);

@@ -33,6 +33,10 @@ pub fn rms_norm_strided(b: &mut Batch, x: &GpuBuffer, gamma: &GpuBuffer, y: &Gpu
     need(x, (rows - 1) * stride + dim, "rms_norm input")?;
     need(gamma, dim, "rms_norm weight")?;
     need(y, (rows - 1) * stride + dim, "rms_norm output")?;
+    if b.on_host() {
+        let (x, gamma, y) = (x.clone(), gamma.clone(), y.clone());
+        return b.host("rms_norm", move || crate::cpu::ops::rms_norm(&x, &gamma, &y, rows, dim, stride, eps));
+    }
     let pipeline = b.ctx().pipeline(&rms_norm_shader(b.ctx().features()))?;
     let params = Params { rows: u32_of(rows, "rms_norm rows")?, dim: u32_of(dim, "rms_norm dim")?, eps, stride: u32_of(stride, "rms_norm stride")? };
     let groups = grid(b.ctx(), params.rows);

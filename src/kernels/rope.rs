@@ -101,6 +101,10 @@ pub fn rope_at(
     ensure!(offset + table.rot_dim <= head_dim, "rope", "rotary dims {}..{} exceed the head dim {head_dim}", offset, offset + table.rot_dim);
     need(x, tokens * heads * head_dim, "rope input")?;
     need(positions, tokens, "rope positions")?;
+    if b.on_host() {
+        let (x, positions, cs, rows, rot) = (x.clone(), positions.clone(), table.buffer.clone(), table.positions, table.rot_dim);
+        return b.host("rope", move || crate::cpu::ops::rope(&x, &positions, &cs, rows, rot, tokens, heads, head_dim, offset, layout));
+    }
     let params = Params {
         tokens: u32_of(tokens, "rope tokens")?,
         heads: heads as u32,

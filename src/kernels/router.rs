@@ -83,6 +83,10 @@ pub fn route(
         cfg.topk_group
     );
     ensure!(cfg.topk_group * (cfg.n_experts / cfg.n_group) >= cfg.top_k, "router", "the chosen groups hold fewer than top_k experts");
+    if b.on_host() {
+        let (cfg, logits, bias, ids, weights) = (*cfg, logits.clone(), bias.cloned(), ids.clone(), weights.clone());
+        return b.host("router", move || crate::cpu::ops::route(&cfg, &logits, bias.as_ref(), &ids, &weights, tokens));
+    }
     let params = Params {
         tokens: u32_of(tokens, "router tokens")?,
         n_experts: cfg.n_experts as u32,

@@ -28,6 +28,10 @@ pub fn softmax(b: &mut Batch, x: &GpuBuffer, y: &GpuBuffer, rows: usize, dim: us
     let params = row_params(rows, dim, "softmax")?;
     need(x, rows * dim, "softmax input")?;
     need(y, rows * dim, "softmax output")?;
+    if b.on_host() {
+        let (x, y) = (x.clone(), y.clone());
+        return b.host("softmax", move || crate::cpu::ops::softmax(&x, &y, rows, dim));
+    }
     let pipeline = b.ctx().pipeline(&softmax_shader(b.ctx().features()))?;
     let groups = grid(b.ctx(), params.a);
     b.dispatch("softmax", &pipeline, &params, &[x, y], groups)
@@ -38,6 +42,10 @@ pub fn argmax(b: &mut Batch, x: &GpuBuffer, ids: &GpuBuffer, rows: usize, dim: u
     let params = row_params(rows, dim, "argmax")?;
     need(x, rows * dim, "argmax input")?;
     need(ids, rows, "argmax output")?;
+    if b.on_host() {
+        let (x, ids) = (x.clone(), ids.clone());
+        return b.host("argmax", move || crate::cpu::ops::argmax(&x, &ids, rows, dim));
+    }
     let pipeline = b.ctx().pipeline(&argmax_shader(b.ctx().features()))?;
     let groups = grid(b.ctx(), params.a);
     b.dispatch("argmax", &pipeline, &params, &[x, ids], groups)

@@ -197,9 +197,13 @@ pub fn default_host_memory() -> (u64, &'static str) {
 
 /// GPU memory the job may use when `--gpu-memory` is not given. wgpu does not report an
 /// adapter's memory, so this is a stated conservative default: 4 GiB, or for adapters that share
-/// host memory (integrated, software) a quarter of the host budget up to 4 GiB.
-pub fn default_gpu_memory(kind: wgpu::DeviceType, host_budget: u64) -> (u64, &'static str) {
-    match kind {
+/// host memory (integrated, software) a quarter of the host budget up to 4 GiB. The CPU device's
+/// memory is host memory: half the host budget, the rest left for the KV store and states.
+pub fn default_gpu_memory(ctx: &crate::gpu::GpuContext, host_budget: u64) -> (u64, &'static str) {
+    if ctx.is_cpu() {
+        return (host_budget / 2, "half the host budget (the CPU device's memory is host memory)");
+    }
+    match ctx.info().device_type {
         wgpu::DeviceType::DiscreteGpu => (4 << 30, "a conservative default of 4 GiB (wgpu does not report the adapter's memory)"),
         _ => ((host_budget / 4).min(4 << 30), "a quarter of the host budget up to 4 GiB (this adapter shares host memory)"),
     }
