@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use moegen::gpu::{AdapterChoice, Batch, GpuBuffer, GpuContext, GpuWeight, WeightDtype};
+use moegen::gpu::{AdapterChoice, Batch, DeviceChoice, GpuBuffer, GpuContext, GpuWeight, WeightDtype};
 use moegen::cpu::attention::{attention_with, KeySpan, PagedRows};
 use moegen::cpu::simd::{Isa, Values};
 use moegen::kernels::{attention, matmul};
@@ -36,12 +36,61 @@ fn filled(ctx: &GpuContext, n: usize, seed: u32) -> GpuBuffer {
     ctx.storage_from("bench data", &v).expect("upload")
 }
 
+/// The CPU device's matmul (the op the forward pass records, on the host) at the GPU table's
+/// shapes, beside this machine's f32 peak measured in the same run: the `gemm` crate's sgemm on
+/// f32 matrices of the same shape, called directly.
+fn cpu_matmul(quick: bool) {
+    let cpu = GpuContext::cpu();
+    let (n, k) = (5632, 2048);
+    let threads = rayon::current_num_threads();
+    let peak = {
+        let m = 2048;
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut c = vec![0f32; m * n];
+        let run = |c: &mut Vec<f32>| {
+            let t = std::time::Instant::now();
+            // SAFETY: [m, k] x [k, n] (read from [n, k] rows) into [m, n], all within the vectors.
+            unsafe {
+                gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(threads));
+            }
+            t.elapsed()
+        };
+        run(&mut c);
+        // The best of five: the peak this machine reaches, not a typical run.
+        let t = (0..5).map(|_| run(&mut c)).min().expect("five runs");
+        2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9
+    };
+    println!("\nCPU device matmul y = x W^T, W {n}x{k}, {threads} threads, {}; f32 peak (gemm crate sgemm, 2048 x {n} x {k}): {peak:.1} GFLOP/s", cpu.info().name);
+    println!("{:>6} {:>5} {:>12} {:>10} {:>10} {:>8}", "tokens", "W", "time", "GFLOP/s", "W GB/s", "of peak");
+    for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+        let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
+        let w = GpuWeight::from_f32(&cpu, "bench weight", &wv, dtype, n, k).expect("weight");
+        for m in [1, 4, 16, 64, 256, 2048] {
+            let x = filled(&cpu, m * k, 1);
+            let y = cpu.storage("bench out", (m * n * 4) as u64).expect("out");
+            let reps = if quick || m >= 256 { 3 } else { 10 };
+            let t = time(&cpu, reps, |b| matmul::matmul(b, &x, &w, None, &y, m).expect("matmul"));
+            let gflops = 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
+            let bytes = (n * k * dtype.bytes()) as f64;
+            println!(
+                "{m:>6} {:>5} {:>10.3}ms {:>10.1} {:>10.1} {:>7.0}%",
+                dtype.name(),
+                t.as_secs_f64() * 1e3,
+                gflops,
+                bytes / t.as_secs_f64() / 1e9,
+                100.0 * gflops / peak
+            );
+        }
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; any other argument is a filter on the section names.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let quick = std::env::var("MOEGEN_BENCH_QUICK").is_ok();
-    let ctx = GpuContext::new(&AdapterChoice::from_env(None)).expect("a GPU adapter");
+    let ctx = GpuContext::new(&AdapterChoice { device: DeviceChoice::Gpu, ..AdapterChoice::from_env(None) }).expect("a GPU adapter");
     let f = ctx.features();
     println!(
         "adapter: {} ({:?}, {:?}), driver {} {}; f16 {}, subgroups {}, timestamps {}",
@@ -83,6 +132,10 @@ fn main() {
                 );
             }
         }
+    }
+
+    if wants("cpu matmul") {
+        cpu_matmul(quick);
     }
 
     if wants("attention") {

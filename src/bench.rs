@@ -13,7 +13,7 @@ use crate::loader::config::ModelConfig;
 use crate::loader::synthetic::{preset_config, synthetic_checkpoint};
 use crate::planner::{plan_job, HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{AttentionChoice, Batching, Request};
+use crate::scheduler::{AttentionChoice, Batching, CpuExperts, Request};
 
 /// Which model: a checkpoint directory or a synthetic preset.
 #[derive(Clone, Debug)]
@@ -75,8 +75,9 @@ pub struct JobSpec {
     pub max_step_tokens: usize,
     pub upload_bandwidth: Option<u64>,
     pub download_bandwidth: Option<u64>,
-    /// Module-based batching runs once per placement listed.
+    /// Module-based batching runs once per placement listed, and per `--cpu-experts` choice.
     pub attention: Vec<AttentionChoice>,
+    pub cpu_experts: Vec<CpuExperts>,
     pub hardware: Option<PathBuf>,
     pub adapter: AdapterChoice,
     /// Keys and values in 16 bits in host memory and over the link (None: the planner's choice
@@ -140,6 +141,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
         upload_bandwidth: spec.upload_bandwidth,
         download_bandwidth: spec.download_bandwidth,
         attention: AttentionChoice::Auto,
+        cpu_experts: CpuExperts::Auto,
         max_step_tokens: spec.max_step_tokens,
         sampling: SamplingParams::default(),
         ignore_eos: true,
@@ -148,9 +150,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let mut reports = Vec::new();
     let mut traces = Vec::new();
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    for (b, attention) in runs(&spec.batching, &spec.attention) {
-        let settings = RunSettings { attention, ..settings.clone() };
-        let what = run_name(b, attention, &spec.attention);
+    for (b, attention, cpu_experts) in runs(&spec.batching, &spec.attention, &spec.cpu_experts) {
+        let settings = RunSettings { attention, cpu_experts, ..settings.clone() };
+        let what = run_name(b, attention, cpu_experts, &spec.attention, &spec.cpu_experts);
         let (cfg, plan) = plan_kv_dtype(&cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", plan.describe(&cfg, &weights));
         let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
@@ -172,24 +174,34 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     Ok(reports)
 }
 
-/// The runs of a bench or plan: each policy once, module-based once per attention placement.
-fn runs(batching: &[Batching], attention: &[AttentionChoice]) -> Vec<(Batching, AttentionChoice)> {
+/// The runs of a bench or plan: each policy once, module-based once per attention placement
+/// and CPU-experts choice.
+fn runs(batching: &[Batching], attention: &[AttentionChoice], cpu_experts: &[CpuExperts]) -> Vec<(Batching, AttentionChoice, CpuExperts)> {
     let placements = if attention.is_empty() { &[AttentionChoice::Auto][..] } else { attention };
+    let experts = if cpu_experts.is_empty() { &[CpuExperts::Auto][..] } else { cpu_experts };
     batching
         .iter()
         .flat_map(|&b| match b {
-            Batching::Module => placements.iter().map(|&a| (b, a)).collect::<Vec<_>>(),
-            _ => vec![(b, AttentionChoice::Auto)],
+            Batching::Module => placements.iter().flat_map(|&a| experts.iter().map(move |&c| (b, a, c))).collect::<Vec<_>>(),
+            _ => vec![(b, AttentionChoice::Auto, CpuExperts::Never)],
         })
         .collect()
 }
 
-/// A run's name: the policy, with its attention placement when several are compared.
-fn run_name(b: Batching, attention: AttentionChoice, all: &[AttentionChoice]) -> String {
+/// A run's name: the policy, with its attention placement and CPU-experts choice when several
+/// are compared.
+fn run_name(b: Batching, attention: AttentionChoice, cpu_experts: CpuExperts, all: &[AttentionChoice], all_experts: &[CpuExperts]) -> String {
+    let mut parts = Vec::new();
     if b == Batching::Module && all.len() > 1 {
-        format!("{} (attention {})", b.name(), attention.name())
-    } else {
+        parts.push(format!("attention {}", attention.name()));
+    }
+    if b == Batching::Module && all_experts.len() > 1 {
+        parts.push(format!("cpu experts {}", cpu_experts.name()));
+    }
+    if parts.is_empty() {
         b.name().to_string()
+    } else {
+        format!("{} ({})", b.name(), parts.join(", "))
     }
 }
 
@@ -311,8 +323,8 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         args.new_tokens
     );
     let mut any = false;
-    for (b, attention) in runs(&args.batching, &args.attention) {
-        match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
+    for (b, attention, cpu_experts) in runs(&args.batching, &args.attention, &args.cpu_experts) {
+        match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, cpu_experts, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
             Ok((cfg, plan)) => {
                 any = true;
                 out += &format!("{}\n", plan.describe(&cfg, &weights));

@@ -11,7 +11,7 @@ use crate::loader::config::ModelConfig;
 use crate::model::{Model, StreamStats};
 use crate::planner::{format_size, plan_job, HardwareProfile, JobPlan, JobShape, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{generate, generate_module, AttentionChoice, Batching, Finished, GenerateOptions, GenerateStats, Request};
+use crate::scheduler::{generate, generate_module, AttentionChoice, CpuExperts, Batching, Finished, GenerateOptions, GenerateStats, Request};
 
 /// The memory a job may use, and where each figure came from.
 #[derive(Clone, Debug)]
@@ -61,6 +61,8 @@ pub struct RunSettings {
     pub download_bandwidth: Option<u64>,
     /// Where module-based batching runs attention (`auto`: the planner's choice).
     pub attention: AttentionChoice,
+    /// Whether module-based batching may compute streamed experts on the host.
+    pub cpu_experts: CpuExperts,
     pub max_step_tokens: usize,
     pub sampling: SamplingParams,
     pub ignore_eos: bool,
@@ -108,7 +110,7 @@ impl PolicyReport {
     pub fn describe(&self) -> String {
         let p = &self.plan.prediction;
         let mut s = format!(
-            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot), downloaded {}",
+            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot, {} computed on the host), downloaded {}",
             self.batching.name(),
             self.tokens_per_s(),
             p.tokens_per_s,
@@ -121,6 +123,7 @@ impl PolicyReport {
             format_size(self.streaming.bytes),
             self.streaming.uploads,
             self.streaming.hits,
+            self.streaming.on_host,
             format_size(self.bytes_downloaded()),
         );
         if let Some(z) = &self.plan.sizes {
@@ -176,7 +179,7 @@ pub fn plan_policy(
 ) -> Result<JobPlan> {
     let shape = job_shape(requests, settings.max_step_tokens);
     let hw = hw.with_link_caps(settings.upload_bandwidth, settings.download_bandwidth);
-    plan_job(cfg, weights, &shape, batching, settings.attention, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)
+    plan_job(cfg, weights, &shape, batching, settings.attention, settings.cpu_experts, settings.budgets.gpu, settings.budgets.host, ctx.binding_limit(), &hw)
 }
 
 /// The config and plan under `--kv-dtype`: `Some` keeps what it says; `None` (auto) plans with

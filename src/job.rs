@@ -15,7 +15,7 @@ use crate::engine::{plan_kv_dtype, plan_policy, run_policy, Budgets, RunSettings
 use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
 use crate::planner::{HardwareProfile, WeightBytes};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{AttentionChoice, Batching, Request};
+use crate::scheduler::{AttentionChoice, Batching, CpuExperts, Request};
 
 /// The embedded default model and its sample prompts, in the source tree's `assets/`.
 pub fn default_assets() -> PathBuf {
@@ -42,6 +42,7 @@ pub struct JobArgs {
     pub download_bandwidth: Option<u64>,
     /// Where module-based batching runs attention.
     pub attention: AttentionChoice,
+    pub cpu_experts: CpuExperts,
     pub batching: Batching,
     /// A hardware profile to plan with instead of this adapter's calibration.
     pub hardware: Option<PathBuf>,
@@ -176,6 +177,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         upload_bandwidth: args.upload_bandwidth,
         download_bandwidth: args.download_bandwidth,
         attention: args.attention,
+        cpu_experts: args.cpu_experts,
         max_step_tokens: args.max_step_tokens,
         sampling: args.sampling,
         ignore_eos: args.ignore_eos,

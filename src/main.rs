@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use moegen::gpu::{describe_adapters, AdapterChoice, DeviceChoice, GpuContext};
 use moegen::bench::{run_bench, run_plan, BenchArgs, JobSpec, ModelSource};
 use moegen::job::{run_job, JobArgs};
-use moegen::scheduler::{AttentionChoice, Batching};
+use moegen::scheduler::{AttentionChoice, Batching, CpuExperts};
 use moegen::planner::{parse_rate, parse_size};
 use moegen::sampler::SamplingParams;
 
@@ -123,6 +123,11 @@ struct LimitFlags {
     /// bench and plan take a list (gpu,host) and run module-based batching once per placement.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
     attention: Vec<AttentionChoice>,
+    /// Whether module-based batching may compute a streamed expert on the host from host memory
+    /// instead of sending it, when it received few tokens in a step: auto (where the calibrated
+    /// host matmul beats the link), never, always. bench and plan take a list (never,auto).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    cpu_experts: Vec<CpuExperts>,
     /// How keys and values are kept in host memory and sent over the link: f32 (exact), bf16
     /// (half the bytes; every policy then rounds keys and values to bf16 as it caches them), or
     /// auto (the planner's faster choice). Default: auto for plan, f32 for generate and bench.
@@ -236,6 +241,7 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         upload_bandwidth: l.upload_bandwidth,
         download_bandwidth: l.download_bandwidth,
         attention: l.attention,
+        cpu_experts: l.cpu_experts,
         hardware: l.hardware,
         adapter: choice(adapter, device),
         kv_bf16: KvDtype::bf16(l.kv_dtype, default_kv),
@@ -309,6 +315,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 attention: match g.limits.attention[..] {
                     [one] => one,
                     _ => anyhow::bail!("--attention takes one placement for generate (gpu, host, split or auto)"),
+                },
+                cpu_experts: match g.limits.cpu_experts[..] {
+                    [one] => one,
+                    _ => anyhow::bail!("--cpu-experts takes one choice for generate (auto, never or always)"),
                 },
                 batching: g.batching,
                 hardware: g.limits.hardware,

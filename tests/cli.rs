@@ -248,6 +248,15 @@ fn a_gpu_budget_streams_experts_with_the_same_results() {
     for row in &a {
         assert_eq!(&by_id(&b, &row["id"]), row, "streaming changed a result");
     }
+    // Streamed experts computed on the host instead: the same file, and the summary says so.
+    let (o, never) = run(&["--gpu-memory", "420KiB", "--cpu-experts", "never"], "never.jsonl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, always) = run(&["--gpu-memory", "420KiB", "--cpu-experts", "always"], "always.jsonl");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !err.contains(" 0 computed on the host"), "{err}");
+    assert_eq!(std::fs::read(&never).unwrap(), std::fs::read(&always).unwrap(), "--cpu-experts always and never wrote different files");
+    let (o, _) = run(&["--cpu-experts", "sometimes"], "bad-experts.jsonl");
+    fails_with(&o, &["--cpu-experts", "sometimes"]);
     let (o, _) = run(&["--gpu-memory", "100KiB"], "small.jsonl");
     fails_with(&o, &["--gpu-memory", "minimum"]);
     let (o, _) = run(&["--gpu-memory", "lots"], "bad.jsonl");

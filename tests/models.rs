@@ -164,6 +164,22 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
         }
     }
 
+    // Streamed experts computed on the host (every one, or those of at most 2 rows a step), with
+    // the states in host memory, normed states on the GPU, and all states on the GPU: the same
+    // tokens (the host matmul sums in another order than the GPU's, which no greedy token feels).
+    for host_expert_rows in [usize::MAX, 2] {
+        for (gpu_states, gpu_norm_rows) in [(false, 0), (false, 4), (true, 0)] {
+            let placed = ModuleSizes { host_expert_rows, gpu_states, gpu_norm_rows, attention: AttentionSite::Host, ..sizes };
+            let mut module = vec![Vec::new(); requests.len()];
+            generate_module(model, &requests, &opts, &placed, |f| {
+                module[f.index] = f.output;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(module, want, "{name}: experts of up to {host_expert_rows} rows on the host, states on the GPU {gpu_states}, norms up to {gpu_norm_rows}, changed the tokens");
+        }
+    }
+
     // The same with the population's KV kept on the GPU: three sequences' rows at a time.
     let on_gpu = ModuleSizes { gpu_kv_rows: 3 * longest, ..sizes };
     let mut module = vec![Vec::new(); requests.len()];
@@ -209,6 +225,7 @@ fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
         gpu_states: false,
         gpu_norm_rows: 0,
         host_batches: 2,
+        host_expert_rows: 0,
     }
 }
 

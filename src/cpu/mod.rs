@@ -3,6 +3,8 @@
 //! work is spread over rayon's threads.
 
 pub mod attention;
+pub mod experts;
+pub mod matmul;
 pub mod simd;
 pub mod ops;
 

@@ -9,9 +9,10 @@ use std::sync::RwLockReadGuard;
 
 use rayon::prelude::*;
 
+use crate::cpu::matmul::{self as cpu_matmul, WeightRows};
 use crate::cpu::simd::{dot, Isa, Values};
 use crate::error::{ensure, Result};
-use crate::gpu::{GpuBuffer, GpuWeight, WeightDtype};
+use crate::gpu::{GpuBuffer, GpuWeight};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::elementwise::Cols;
 use crate::kernels::head_matmul::HeadLayout;
@@ -59,49 +60,9 @@ fn rows_per_task(width: usize) -> usize {
     (MIN_TASK_ELEMENTS / width.max(1)).max(1)
 }
 
-/// A weight's rows `r0..r0 + n` widened to f32 into `out` (`n * cols`).
-fn widen_rows(words: &[u32], dtype: WeightDtype, cols: usize, r0: usize, n: usize, out: &mut Vec<f32>) {
-    out.clear();
-    match dtype {
-        WeightDtype::F32 => out.extend_from_slice(&f32s(words)[r0 * cols..(r0 + n) * cols]),
-        WeightDtype::Bf16 => {
-            let h: &[u16] = bytemuck::cast_slice(words);
-            out.extend(h[r0 * cols..(r0 + n) * cols].iter().map(|&b| f32::from_bits((b as u32) << 16)));
-        }
-        WeightDtype::F16 => {
-            let h: &[u16] = bytemuck::cast_slice(words);
-            out.extend(h[r0 * cols..(r0 + n) * cols].iter().map(|&b| half::f16::from_bits(b).to_f32()));
-        }
-    }
-}
-
-/// Weight rows handled by one task of the matmul: a block that stays in cache while every input
-/// row passes over it.
-const W_BLOCK: usize = 16;
-
-/// `x[r] . w[w_row0 + c] (+ bias[c])` for `rows` weight rows of one part, as blocks
-/// `(first weight row, [m, block] outputs)`: tasks take blocks of weight rows, widen them once,
-/// and run every input row over them.
-#[allow(clippy::too_many_arguments)]
-fn matmul_part(isa: Isa, x: &[f32], k: usize, m: usize, w: &[u32], dtype: WeightDtype, w_row0: usize, rows: usize, bias: Option<&[f32]>) -> Vec<(usize, Vec<f32>)> {
-    (0..rows.div_ceil(W_BLOCK))
-        .into_par_iter()
-        .map_init(Vec::new, |wide, blk| {
-            let r0 = blk * W_BLOCK;
-            let n = W_BLOCK.min(rows - r0);
-            widen_rows(w, dtype, k, w_row0 + r0, n, wide);
-            // Output block [m, n], row-major by input row.
-            let mut out = vec![0f32; m * n];
-            for r in 0..m {
-                let xr = &x[r * k..(r + 1) * k];
-                for c in 0..n {
-                    let b = bias.map_or(0.0, |b| b[r0 + c]);
-                    out[r * n + c] = dot(isa, xr, Values::F32(&wide[c * k..(c + 1) * k])) + b;
-                }
-            }
-            (r0, out)
-        })
-        .collect()
+/// A weight part's stored rows.
+fn rows_of<'a>(words: &'a [u32], w: &GpuWeight) -> WeightRows<'a> {
+    WeightRows { words, dtype: w.dtype, cols: w.cols }
 }
 
 /// [`crate::kernels::matmul::matmul_rows`] on the host.
@@ -113,20 +74,12 @@ pub fn matmul(x: &GpuBuffer, w: &GpuWeight, bias: Option<&GpuBuffer>, y: &GpuBuf
     let xr = &f32s(&xs)[x_row0 * k..(x_row0 + m) * k];
     let bias_words = bias.map(|b| input(b, &[y]));
     let bias = bias_words.as_deref().map(f32s);
-    let mut blocks = Vec::new();
-    for part in &w.parts {
-        let words = input(&part.buffer, &[y]);
-        for (r0, out) in matmul_part(isa, xr, k, m, &words, w.dtype, 0, part.rows, bias.map(|b| &b[part.first_row..])) {
-            blocks.push((part.first_row + r0, out));
-        }
-    }
+    let parts: Vec<_> = w.parts.iter().map(|p| (p.first_row, p.rows, input(&p.buffer, &[y]))).collect();
     let mut yw = y.write_host();
-    let ys = f32s_mut(&mut yw);
-    for (c0, out) in blocks {
-        let n = out.len() / m;
-        for r in 0..m {
-            ys[(y_row0 + r) * y_stride + c0..][..n].copy_from_slice(&out[r * n..(r + 1) * n]);
-        }
+    let ys = &mut f32s_mut(&mut yw)[y_row0 * y_stride..];
+    for (first, rows, words) in &parts {
+        let out = &mut ys[*first..];
+        cpu_matmul::matmul(isa, xr, m, rows_of(words, w), 0, *rows, bias.map(|b| &b[*first..]), out, y_stride);
     }
     Ok(())
 }
@@ -142,7 +95,7 @@ pub fn head_matmul(x: &GpuBuffer, xl: HeadLayout, w: &GpuWeight, heads: usize, y
     let results: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
         .map_init(Vec::new, |wide, h| {
-            widen_rows(&words, w.dtype, inner, h * out_dim, out_dim, wide);
+            rows_of(&words, w).widen(h * out_dim, out_dim, wide);
             let mut out = vec![0f32; tokens * out_dim];
             for t in 0..tokens {
                 let xv = &xs[t * xl.stride + h * xl.head_stride + xl.col0..][..inner];
@@ -175,7 +128,7 @@ pub fn embed(table: &GpuWeight, ids: &GpuBuffer, n: usize, out: &GpuBuffer) -> R
         for (t, &id) in ids.iter().enumerate() {
             let id = id as usize;
             if id >= part.first_row && id < part.first_row + part.rows {
-                widen_rows(&words, table.dtype, dim, id - part.first_row, 1, &mut wide);
+                rows_of(&words, table).widen(id - part.first_row, 1, &mut wide);
                 os[t * dim..(t + 1) * dim].copy_from_slice(&wide);
             }
         }
@@ -447,27 +400,15 @@ pub fn grouped_matmul(xg: &GpuBuffer, w: &GpuWeight, offsets: &GpuBuffer, n_expe
     let off: Vec<u32> = offsets.read_host()[..=n_experts].to_vec();
     let xs = input(xg, &[y]);
     let xs = f32s(&xs);
-    let mut blocks = Vec::new();
-    for part in &w.parts {
-        let words = input(&part.buffer, &[y]);
-        for pe in 0..part.rows / n {
-            let e = part.first_row / n + pe;
-            let (r0, r1) = (off[e] as usize, off[e + 1] as usize);
-            if r1 == r0 {
-                continue;
-            }
-            let m = r1 - r0;
-            let out = matmul_part(isa, &xs[r0 * k..r1 * k], k, m, &words, w.dtype, pe * n, n, None);
-            blocks.push((r0, m, out));
-        }
-    }
+    let parts: Vec<_> = w.parts.iter().map(|p| (p.first_row, p.rows, input(&p.buffer, &[y]))).collect();
     let mut yw = y.write_host();
     let ys = f32s_mut(&mut yw);
-    for (r0, m, out) in blocks {
-        for (c0, block) in out {
-            let bn = block.len() / m;
-            for r in 0..m {
-                ys[(r0 + r) * n + c0..][..bn].copy_from_slice(&block[r * bn..(r + 1) * bn]);
+    for (first, rows, words) in &parts {
+        for pe in 0..rows / n {
+            let e = first / n + pe;
+            let (r0, r1) = (off[e] as usize, off[e + 1] as usize);
+            if r1 > r0 {
+                cpu_matmul::matmul(isa, &xs[r0 * k..r1 * k], r1 - r0, rows_of(words, w), pe * n, n, None, &mut ys[r0 * n..], n);
             }
         }
     }

@@ -17,6 +17,8 @@ pub enum Track {
     Compute,
     /// Attention computed on the host over the KV pages.
     HostAttention,
+    /// Streamed experts computed on the host from host memory instead of being sent.
+    HostExperts,
     Host,
 }
 
@@ -26,6 +28,7 @@ impl Track {
             Track::Upload => "host-to-GPU uploads",
             Track::Compute => "GPU compute",
             Track::HostAttention => "host attention",
+            Track::HostExperts => "host experts",
             Track::Host => "host",
         }
     }
@@ -235,7 +238,7 @@ impl Tracer {
     /// The Chrome trace JSON (`{"traceEvents": [...]}`), microseconds.
     pub fn chrome_json(&self) -> String {
         let mut out = Vec::new();
-        for t in [Track::Upload, Track::Compute, Track::HostAttention, Track::Host] {
+        for t in [Track::Upload, Track::Compute, Track::HostAttention, Track::HostExperts, Track::Host] {
             out.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t as u32, "args": {"name": t.name()}}));
         }
         for e in self.events() {

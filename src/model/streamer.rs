@@ -90,6 +90,8 @@ pub struct StreamStats {
     pub bytes: u64,
     /// Experts found already in a slot.
     pub hits: u64,
+    /// Experts computed on the host from host memory instead (`--cpu-experts`).
+    pub on_host: u64,
 }
 
 impl StreamStats {
@@ -97,6 +99,7 @@ impl StreamStats {
         self.uploads += o.uploads;
         self.bytes += o.bytes;
         self.hits += o.hits;
+        self.on_host += o.on_host;
     }
 }
 
@@ -127,6 +130,11 @@ pub struct SlotUse {
 impl SlotCache {
     pub fn new(slots: usize) -> Self {
         SlotCache { held: vec![None; slots], last_used: vec![0; slots], ..Default::default() }
+    }
+
+    /// Whether a slot holds expert `expert` of `layer` now.
+    pub fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.held.contains(&Some((layer, expert)))
     }
 
     /// The run order for `experts` of `layer` and the slot of each: experts still held run

@@ -13,7 +13,7 @@ use crate::kernels::attention::{attention, AttentionShape};
 use crate::kernels::matmul::matmul;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 10;
+const CALIBRATION_VERSION: u32 = 11;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -72,8 +72,35 @@ pub struct HostProfile {
     pub memory_bytes_per_s: f64,
     /// Decode attention over KV pages by thread count, ascending.
     pub attention: Vec<HostAttentionPoint>,
+    /// The host matmul on bf16 weights, every thread (none in files that predate it).
+    #[serde(default)]
+    pub matmul: Option<HostMatmul>,
     /// Measured, or the assumptions of a file.
     pub source: String,
+}
+
+/// The host matmul (`src/cpu/matmul.rs`) on bf16 weights with every thread.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostMatmul {
+    /// Weight bytes read per second for one input row (decode: bound by reading the weights).
+    pub weight_bytes_per_s: f64,
+    /// FLOP/s of the dot path at 64 rows, and of the gemm path at 256.
+    pub dot_flops: f64,
+    pub gemm_flops: f64,
+}
+
+impl HostMatmul {
+    /// Seconds for `rows` rows through a `[n, k]` bf16 matrix.
+    pub fn matmul_s(&self, rows: f64, n: f64, k: f64) -> f64 {
+        let flops = 2.0 * rows * n * k;
+        let rate = if rows >= crate::cpu::matmul::GEMM_MIN_ROWS as f64 { self.gemm_flops } else { self.dot_flops };
+        (n * k * 2.0 / self.weight_bytes_per_s.max(1.0)).max(flops / rate.max(1.0))
+    }
+
+    /// Seconds for one expert (gate, up, down of `inter x hidden`) over `rows` rows.
+    pub fn expert_s(&self, rows: f64, hidden: f64, inter: f64) -> f64 {
+        2.0 * self.matmul_s(rows, inter, hidden) + self.matmul_s(rows, hidden, inter)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -501,6 +528,35 @@ pub fn calibrate_host() -> HostProfile {
         cores,
         memory_bytes_per_s: (big.len() * 8) as f64 / read.as_secs_f64(),
         attention: points,
+        matmul: Some(calibrate_host_matmul()),
         source: format!("measured by moegen's calibration ({} path), {}", crate::cpu::simd::Isa::detected().name(), crate::planner::today()),
+    }
+}
+
+/// The host matmul on a bf16 matrix larger than the caches: one row (the weight read rate), 64
+/// rows (the dot path) and 256 (gemm).
+pub fn calibrate_host_matmul() -> HostMatmul {
+    use crate::cpu::matmul::{matmul, WeightRows};
+    let (n, k) = (4096usize, 2048usize);
+    let words: Vec<u32> = (0..n * k / 2).map(|i| 0x3c00_3c00u32 ^ (i as u32 & 0x00ff_00ff)).collect();
+    let w = WeightRows { words: &words, dtype: crate::gpu::WeightDtype::Bf16, cols: k };
+    let isa = crate::cpu::simd::Isa::detected();
+    let time = |m: usize| -> f64 {
+        let x = values(m * k, 21);
+        let mut y = vec![0f32; m * n];
+        let mut run = || {
+            let t = Instant::now();
+            matmul(isa, &x, m, w, 0, n, None, &mut y, n);
+            Ok(t.elapsed())
+        };
+        let _ = run();
+        best_of(3, run).unwrap_or(Duration::from_secs(1)).as_secs_f64()
+    };
+    let one = time(1);
+    let (dot, gemm) = (time(64), time(256));
+    HostMatmul {
+        weight_bytes_per_s: (n * k * 2) as f64 / one,
+        dot_flops: 2.0 * (64 * n * k) as f64 / dot,
+        gemm_flops: 2.0 * (256 * n * k) as f64 / gemm,
     }
 }

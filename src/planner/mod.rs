@@ -338,6 +338,11 @@ impl Placement {
         cfg.is_moe_layer(layer) && !self.resident_layers.contains(&layer)
     }
 
+    /// Whether any layer's experts stream.
+    pub fn streams_any(&self, cfg: &ModelConfig) -> bool {
+        (0..cfg.num_layers).any(|l| self.streams(l, cfg))
+    }
+
     pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
         let streamed = (0..cfg.num_layers).filter(|&l| self.streams(l, cfg)).count();
         let budget = self.budget.map(format_size).unwrap_or_else(|| "none set".into());

@@ -8,7 +8,7 @@ use crate::loader::config::ModelConfig;
 use crate::planner::hardware::HardwareProfile;
 use crate::planner::{activation_bytes, budget_too_small, format_size, kv_row_bytes, Placement, WeightBytes};
 use crate::scheduler::host_kv::HostKv;
-use crate::scheduler::{AttentionChoice, AttentionSite, Batching, ModuleSizes};
+use crate::scheduler::{AttentionChoice, AttentionSite, Batching, CpuExperts, ModuleSizes};
 
 /// KV page size of the host store, in tokens.
 pub const PAGE_TOKENS: usize = 16;
@@ -42,6 +42,8 @@ pub enum Bound {
     Host,
     /// Attention computed on the host over the KV pages.
     HostAttention,
+    /// Streamed experts computed on the host.
+    HostExperts,
 }
 
 impl Bound {
@@ -51,6 +53,7 @@ impl Bound {
             Bound::Gpu => "GPU compute",
             Bound::Host => "host work",
             Bound::HostAttention => "host attention",
+            Bound::HostExperts => "host experts",
         }
     }
 }
@@ -114,6 +117,7 @@ pub fn plan_job(
     job: &JobShape,
     batching: Batching,
     attention: AttentionChoice,
+    cpu_experts: CpuExperts,
     gpu_budget: u64,
     host_budget: u64,
     binding_limit: u64,
@@ -244,6 +248,7 @@ pub fn plan_job(
                     gpu_states: false,
                     gpu_norm_rows: 0,
                     host_batches: 1,
+                    host_expert_rows: host_expert_rows(cfg, w, hw, cpu_experts),
                 };
                 let shaped = JobShape { max_step_tokens: prefill, ..*job };
                 let step = sizes.step_tokens;
@@ -344,6 +349,8 @@ struct StepCost {
     /// the GPU's work but for about one micro-batch's worth a layer.
     host_attn: f64,
     host_batches: f64,
+    /// Streamed experts computed on the host, beside the GPU's experts.
+    host_experts: f64,
     /// Kernels and host work share the CPU (software adapter): they add up.
     shared: bool,
 }
@@ -352,16 +359,18 @@ impl StepCost {
     fn time(&self) -> f64 {
         self.io_serial
             + if self.shared {
-                self.io.max(self.gpu + self.host + self.host_attn)
+                self.io.max(self.gpu + self.host + self.host_attn + self.host_experts)
             } else {
                 let unhidden = self.gpu.min(self.host_attn) / self.host_batches.max(1.0);
-                self.io.max(self.gpu.max(self.host_attn) + unhidden) + self.host
+                self.io.max(self.gpu.max(self.host_attn + self.host_experts) + unhidden) + self.host
             }
     }
     fn bound(&self) -> Bound {
-        let compute = if self.shared { self.gpu + self.host + self.host_attn } else { self.gpu.max(self.host_attn) };
+        let compute = if self.shared { self.gpu + self.host + self.host_attn + self.host_experts } else { self.gpu.max(self.host_attn + self.host_experts) };
         if self.io + self.io_serial > compute {
             Bound::Link
+        } else if self.host_experts > self.gpu && self.host_experts >= self.host_attn {
+            Bound::HostExperts
         } else if self.host_attn > self.gpu && self.host_attn >= self.host {
             Bound::HostAttention
         } else if self.host > self.gpu {
@@ -414,6 +423,46 @@ fn attention_sites(cfg: &ModelConfig, hw: &HardwareProfile, choice: AttentionCho
     }
 }
 
+/// The most rows a streamed expert may have in a step to be computed on the host instead: where
+/// reading its weights from host memory and its rows' matmuls take less than sending it (0 when
+/// the profile does not know the host's matmul).
+pub fn host_expert_rows(cfg: &ModelConfig, w: &WeightBytes, hw: &HardwareProfile, choice: CpuExperts) -> usize {
+    let Some(m) = hw.host.as_ref().and_then(|h| h.matmul) else { return if choice == CpuExperts::Always { usize::MAX } else { 0 } };
+    match choice {
+        CpuExperts::Never => 0,
+        CpuExperts::Always => usize::MAX,
+        CpuExperts::Auto => {
+            let (h, inter) = (cfg.hidden_size as f64, cfg.moe_intermediate_size as f64);
+            let send_s = w.per_expert_stream as f64 / hw.upload_bytes_per_s.max(1.0);
+            // Its rows go down and its outputs come back up.
+            let rows_s = |x: f64| x * h * 4.0 * (1.0 / hw.readback_bytes_per_s.max(1.0) + 1.0 / hw.upload_bytes_per_s.max(1.0));
+            (1..=4096).take_while(|&x| m.expert_s(x as f64, h, inter) + rows_s(x as f64) < send_s).last().unwrap_or(0)
+        }
+    }
+}
+
+/// Of the `active` experts a layer's `t` tokens reach (top-k of `e`, uniform routing: an
+/// expert's rows are close to Poisson with mean `t k / e`), those with at most `max_rows` rows:
+/// their expected number, and the host time of their matmuls.
+fn host_expert_share(cfg: &ModelConfig, hw: &HardwareProfile, t: f64, active: f64, max_rows: usize) -> (f64, f64) {
+    let Some(m) = hw.host.as_ref().and_then(|h| h.matmul) else { return (0.0, 0.0) };
+    let (e, k) = (cfg.num_experts as f64, cfg.experts_per_token as f64);
+    // The scheduler chooses host experts only when the step leaves some expert unused.
+    if max_rows == 0 || e * (1.0 - k / e).powf(t) < 0.01 {
+        return (0.0, 0.0);
+    }
+    let (h, inter) = (cfg.hidden_size as f64, cfg.moe_intermediate_size as f64);
+    let lambda = t * k / e;
+    let (mut p, mut share, mut secs) = ((-lambda).exp(), 0.0, 0.0);
+    let reached = 1.0 - p;
+    for x in 1..=max_rows.min(4096) {
+        p *= lambda / x as f64;
+        share += p / reached.max(1e-12);
+        secs += p / reached.max(1e-12) * m.expert_s(x as f64, h, inter);
+    }
+    (active * share.min(1.0), active * secs)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn step_cost(
     cfg: &ModelConfig,
@@ -441,6 +490,9 @@ fn step_cost(
     let active = e * (1.0 - (1.0 - k / e).powf(t));
     let per_expert_rows = t * k / active.max(1.0);
     let streamed_layers = (0..cfg.num_layers).filter(|&l| placement.streams(l, cfg)).count() as f64;
+    // Streamed experts computed on the host instead: not sent, and their work beside the GPU's.
+    let (host_experts, host_expert_s) = module.map_or((0.0, 0.0), |s| host_expert_share(cfg, hw, t, active, s.host_expert_rows));
+    let host_experts = host_experts.min(active);
     // The share of the KV rows attended on the host (module-based over host pages).
     let host_share = module.map_or(0.0, |s| if s.gpu_kv_rows > 0 { 0.0 } else { s.attention.host_share() });
     // Attention runs in micro-batches under module-based batching, once per step otherwise.
@@ -480,7 +532,8 @@ fn step_cost(
             // Each active expert runs its three matrices over its rows (per chunk in module-based).
             let chunks = module.map_or(1.0, |s| (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0));
             let rows = per_expert_rows / chunks;
-            gpu += active * chunks * (2.0 * hw.matmul_s(rows, inter, h) + hw.matmul_s(rows, h, inter) + hw.dispatch_s);
+            let on_gpu = if placement.streams(l, cfg) { active - host_experts } else { active };
+            gpu += on_gpu * chunks * (2.0 * hw.matmul_s(rows, inter, h) + hw.matmul_s(rows, h, inter) + hw.dispatch_s);
             if let Some(si) = cfg.shared_expert_intermediate_size {
                 gpu += 3.0 * hw.matmul_s(t, si as f64, h);
             }
@@ -488,7 +541,7 @@ fn step_cost(
             gpu += 3.0 * hw.matmul_s(t, cfg.intermediate_size as f64, h);
         }
     }
-    let streamed_bytes = streamed_layers * active * w.per_expert_stream as f64 + placement.streamed_attention.len() as f64 * w.attention_per_layer_stream as f64;
+    let streamed_bytes = streamed_layers * (active - host_experts) * w.per_expert_stream as f64 + placement.streamed_attention.len() as f64 * w.attention_per_layer_stream as f64;
     io_bytes += streamed_bytes;
     gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
     let layers = cfg.num_layers as f64;
@@ -498,6 +551,9 @@ fn step_cost(
         // queries down and send their attention outputs up.
         let kv_up = if s.gpu_kv_rows > 0 { 0.0 } else { (1.0 - host_share) * kv_past * kv_row * cfg.kv_value_bytes() as f64 * layers };
         let host_tokens = host_share * t;
+        // Assignments of host experts: their rows and outputs stay on the host when the states
+        // live there, and cross once each way when the states are on the GPU.
+        let host_rows = t * k * streamed_layers * host_experts / active.max(1e-9);
         let norms_on_gpu = !s.gpu_states && t <= s.gpu_norm_rows as f64;
         let (state_up, state_down) = if norms_on_gpu {
             // The states go up for each layer's attention and down after it; experts and FFNs
@@ -509,12 +565,13 @@ fn step_cost(
         } else if s.gpu_states {
             // Only row indices, routing and the host's attention traffic cross: per layer the
             // micro-batches' and chunks' row lists, the combine's rows and weights.
-            let up = t * 4.0 + layers * t * 4.0 * 3.0 + streamed_layers * t * k * 4.0 * 4.0 + host_tokens * heads * vd * 4.0 * layers;
-            let down = t * 4.0 * (kv_row + 2.0 * k) * layers + host_tokens * heads * kd * 4.0 * layers;
+            let up = t * 4.0 + layers * t * 4.0 * 3.0 + streamed_layers * t * k * 4.0 * 4.0 + host_tokens * heads * vd * 4.0 * layers + host_rows * h * 4.0;
+            let down = t * 4.0 * (kv_row + 2.0 * k) * layers + host_tokens * heads * kd * 4.0 * layers + host_rows * h * 4.0;
             (up, down)
         } else {
-            let up = t * h * 4.0 * (layers + 1.0) + t * k * h * 4.0 * streamed_layers + t * h * 8.0 * (layers - streamed_layers) + host_tokens * heads * vd * 4.0 * layers;
-            let down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers + host_tokens * heads * kd * 4.0 * layers;
+            let sent_rows = t * k * streamed_layers - host_rows;
+            let up = t * h * 4.0 * (layers + 1.0) + sent_rows * h * 4.0 + t * h * 8.0 * (layers - streamed_layers) + host_tokens * heads * vd * 4.0 * layers;
+            let down = t * 4.0 * (2.0 * h + kv_row + 2.0 * k) * layers + sent_rows * h * 4.0 + host_tokens * heads * kd * 4.0 * layers;
             (up, down)
         };
         // Every byte is held to the link's rate: the KV of a layer before its attention can
@@ -566,6 +623,7 @@ fn step_cost(
         host,
         host_attn,
         host_batches,
+        host_experts: streamed_layers * host_expert_s,
         shared: hw.shares_cpu,
     }
 }
@@ -649,6 +707,12 @@ impl JobPlan {
                 "  {} sequences at once (limited by {}), GPU KV cache of {} rows, steps of up to {} tokens\n",
                 self.sequences_in_flight, self.prediction.batch_limit, self.cache_rows, self.step_tokens
             ),
+        }
+        if let Some(z) = self.sizes.as_ref().filter(|z| z.host_expert_rows > 0 && self.placement.streams_any(cfg)) {
+            s += &match z.host_expert_rows {
+                usize::MAX => "  streamed experts computed on the host in decode steps (--cpu-experts always), unless a slot holds them\n".to_string(),
+                r => format!("  a streamed expert with at most {r} rows in a step computed on the host instead of sent (the host matmul beats the link)\n"),
+            };
         }
         let p = &self.prediction;
         s += &format!(

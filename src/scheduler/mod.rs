@@ -10,7 +10,7 @@
 pub mod host_kv;
 pub mod module;
 
-pub use module::{generate_module, AttentionChoice, AttentionSite, ModuleSizes};
+pub use module::{generate_module, AttentionChoice, AttentionSite, CpuExperts, ModuleSizes};
 
 use std::time::{Duration, Instant};
 

@@ -14,7 +14,7 @@ use crate::kernels::embedding::embed;
 use crate::kernels::moe::{combine_rows, expert_ffn};
 use crate::kernels::softmax::argmax;
 use crate::model::forward::{KvCache, LayerKv, TokenPlaces};
-use crate::model::weights::{Experts, Ffn};
+use crate::model::weights::{Experts, Ffn, HostExperts};
 use crate::model::Model;
 use crate::output::FinishReason;
 use crate::sampler::SequenceSampler;
@@ -35,6 +35,16 @@ pub enum AttentionChoice {
     Split,
 }
 
+impl CpuExperts {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuExperts::Auto => "auto",
+            CpuExperts::Never => "never",
+            CpuExperts::Always => "always",
+        }
+    }
+}
+
 impl AttentionChoice {
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +54,19 @@ impl AttentionChoice {
             AttentionChoice::Split => "split",
         }
     }
+}
+
+/// Whether module-based batching may compute streamed experts on the host (`--cpu-experts`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum CpuExperts {
+    /// An expert with few rows in a step runs on the host when the calibrated rates say reading
+    /// its weights there costs less than sending them.
+    #[default]
+    Auto,
+    Never,
+    /// Every streamed expert of a step that runs its attention first (decode), unless a slot
+    /// holds it already.
+    Always,
 }
 
 /// Where a plan runs attention: the share of each layer's KV rows attended on the host.
@@ -117,6 +140,11 @@ pub struct ModuleSizes {
     /// Host micro-batches per layer at least (when it has sequences enough): the host attends
     /// one while the GPU computes the next one's inputs and the previous one's outputs.
     pub host_batches: usize,
+    /// A streamed expert that received at most this many rows in a step, and that no slot holds,
+    /// is computed on the host from host memory instead of being sent (0: never; the planner
+    /// sets it where the host's calibrated matmul beats the link). Only for steps that run
+    /// their attention before choosing experts (those whose tokens leave some unused).
+    pub host_expert_rows: usize,
 }
 
 /// Where the population's KV lives.
@@ -916,14 +944,24 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
     let mut attention = Some(attention);
     // Grouped here when the attention runs first, else once it has run inside the stream.
     let mut grouped = None;
+    // Experts computed on the host this step: few rows, and no slot holding them.
+    let mut on_host: Vec<usize> = Vec::new();
     let experts: Vec<usize> = if unused < 0.01 {
         (0..e).collect()
     } else {
         attention.take().expect("not run yet")(st)?;
         let groups = group_by_expert(st, e);
-        let active = (0..e).filter(|&x| !groups[x].is_empty()).collect();
+        let cache = model.slot_cache.lock().unwrap();
+        let (host_side, gpu_side): (Vec<usize>, Vec<usize>) =
+            (0..e).filter(|&x| !groups[x].is_empty()).partition(|&x| groups[x].len() <= sizes.host_expert_rows && !cache.holds(li, x));
+        drop(cache);
+        on_host = host_side;
         grouped = Some(groups);
-        active
+        gpu_side
+    };
+    let host_work = match &grouped {
+        Some(groups) if !on_host.is_empty() => host_expert_inputs(model, li, st, groups, &on_host)?,
+        _ => Vec::new(),
     };
     struct Work<'s> {
         st: &'s mut StepState,
@@ -954,6 +992,9 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         let y_gpu = if on_gpu { Some(ctx.storage("step expert outputs", (n * k * h * 4) as u64)?) } else { None };
         Ok(Work { st, groups, y: if on_gpu { Vec::new() } else { vec![0.0f32; n * k * h] }, y_gpu, pending: Default::default() })
     };
+    let (w, host_out) = std::thread::scope(|scope| -> Result<_> {
+    // The host experts run beside the streamed ones (their uploads and GPU work).
+    let host_job = (!host_work.is_empty()).then(|| scope.spawn(|| host_experts(ctx, host, li, &host_work)));
     let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, li, host, &experts, before, |w, u, slot| {
         for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
             let m = rows.len();
@@ -996,6 +1037,17 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
     while let Some(p) = w.pending.pop_front() {
         take(p, &mut w.y)?;
     }
+    let host_out = match host_job {
+        Some(j) => j.join().map_err(|_| crate::error::Error::invalid("host experts", "the host expert thread panicked"))??,
+        None => Vec::new(),
+    };
+    Ok((w, host_out))
+    })?;
+    let mut w = w;
+    if !host_out.is_empty() {
+        model.slot_cache.lock().unwrap().stats.on_host += host_out.len() as u64;
+        put_host_outputs(model, &mut w.y, w.y_gpu.as_ref(), h, host_out)?;
+    }
     if let (Some(x), Some(y)) = (w.st.x_gpu(), &w.y_gpu) {
         // The GPU combine, in slot order: the same sums as the host's below.
         let st = &*w.st;
@@ -1022,4 +1074,76 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         }
     }
     Ok(())
+}
+
+/// One host expert's work: its assignments and their normed input rows `[m, hidden]`.
+struct HostExpertWork {
+    expert: usize,
+    assignments: Vec<u32>,
+    rows: Vec<f32>,
+}
+
+/// The inputs of the experts computed on the host: each one's rows of the normed states, read
+/// back in one piece when those live on the GPU.
+fn host_expert_inputs(model: &Model, li: usize, st: &StepState, groups: &[Vec<u32>], experts: &[usize]) -> Result<Vec<HostExpertWork>> {
+    let (h, k) = (model.cfg.hidden_size, model.cfg.experts_per_token);
+    let tokens: Vec<u32> = experts.iter().flat_map(|&x| groups[x].iter().map(|&a| a / k as u32)).collect();
+    let rows: Vec<f32> = match st.hn_gpu() {
+        Some(norms) => {
+            let ctx = &model.ctx;
+            let m = tokens.len();
+            let mut b = Batch::named(ctx, format!("layer {li} rows for host experts"));
+            let picked = gather_states(&mut b, norms, &send(model, "host expert token rows", &tokens)?, m, h)?;
+            b.submit()?;
+            floats(&ctx.read_later(&[(&picked, (m * h * 4) as u64)])?.wait(ctx)?[0])
+        }
+        None => tokens.iter().flat_map(|&t| st.hn[t as usize * h..(t as usize + 1) * h].iter().copied()).collect(),
+    };
+    let mut at = 0;
+    Ok(experts
+        .iter()
+        .map(|&x| {
+            let m = groups[x].len();
+            let work = HostExpertWork { expert: x, assignments: groups[x].clone(), rows: rows[at * h..(at + m) * h].to_vec() };
+            at += m;
+            work
+        })
+        .collect())
+}
+
+/// Runs the host experts, each over its rows; returns `(assignments, outputs [m, hidden])`.
+fn host_experts(ctx: &crate::gpu::GpuContext, host: &HostExperts, li: usize, work: &[HostExpertWork]) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
+    let tracer = ctx.tracer();
+    let start = tracer.as_ref().map(|t| t.now_ns());
+    let out = work
+        .iter()
+        .map(|w| Ok((w.assignments.clone(), crate::cpu::experts::expert_ffn(host, w.expert, &w.rows, w.assignments.len())?)))
+        .collect::<Result<Vec<_>>>()?;
+    if let (Some(t), Some(s)) = (tracer, start) {
+        t.finish(Track::HostExperts, format!("layer {li}: {} experts on the host", work.len()), s);
+    }
+    Ok(out)
+}
+
+/// Puts the host experts' outputs where the streamed experts' go: each assignment's row of the
+/// step's outputs, on the host or (states on the GPU) sent up and copied into place.
+fn put_host_outputs(model: &Model, y: &mut [f32], y_gpu: Option<&GpuBuffer>, h: usize, outs: Vec<(Vec<u32>, Vec<f32>)>) -> Result<()> {
+    match y_gpu {
+        Some(yb) => {
+            let assignments: Vec<u32> = outs.iter().flat_map(|(a, _)| a.iter().copied()).collect();
+            let rows: Vec<f32> = outs.into_iter().flat_map(|(_, o)| o).collect();
+            let mut b = Batch::named(&model.ctx, "host expert outputs");
+            let src = send(model, "host expert outputs", &rows)?;
+            copy_rows(&mut b, &src, None, yb, Some(&send(model, "host expert output rows", &assignments)?), assignments.len(), h)?;
+            b.submit()
+        }
+        None => {
+            for (assignments, o) in outs {
+                for (j, &a) in assignments.iter().enumerate() {
+                    y[a as usize * h..(a as usize + 1) * h].copy_from_slice(&o[j * h..(j + 1) * h]);
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine too: the GPU tests need a Vulkan adapter, so when no
+# Vulkan driver is installed this installs Mesa's software one (llvmpipe) first, then runs
+# `cargo test` (the CPU-device tests need nothing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_vulkan() {
+    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 && ldconfig -p | grep -q 'libvulkan\.so\.1'
+}
+if [ "$(uname -s)" = Linux ] && ! have_vulkan; then
+    echo "No Vulkan driver found: installing Mesa's software Vulkan driver (mesa-vulkan-drivers)"
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null || { echo "run as root, or install mesa-vulkan-drivers and libvulkan1 yourself" >&2; exit 1; }
+        sudo=sudo
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update
+    $sudo apt-get install -y mesa-vulkan-drivers libvulkan1
+fi
+# Mesa's window-system code complains without it; nothing here draws to a screen.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
+# Fails (non-zero) when no GPU adapter is found, instead of passing with the GPU untested.
+cargo run --locked --quiet -- --device gpu devices
+cargo test --locked "$@"

@@ -1,0 +1,102 @@
+//! A streamed expert computed on the host from its pack in host memory, instead of being sent
+//! to a GPU slot: `down(silu(gate(x)) * up(x))` over the rows routed to it, on the host matmul.
+//! Worth it when an expert received few tokens in a step and the link is the bottleneck: reading
+//! its weights from host memory costs less than sending them (the planner decides from the
+//! calibrated rates). FP8 packs are dequantised to the same bf16 values the GPU's slots hold.
+
+use crate::cpu::matmul::{matmul, WeightRows};
+use crate::cpu::simd::Isa;
+use crate::error::{ensure, Result};
+use crate::gpu::WeightDtype;
+use crate::kernels::dequant::{reference as dequant_reference, scale_shape, Fp8Matrix};
+use crate::model::weights::HostExperts;
+
+/// A pack's matrices as the host matmul reads them: 4-byte words (copied when the pack's bytes
+/// are not word-aligned, and widened to bf16-valued f32 when FP8).
+fn matrices(host: &HostExperts, pack: &[u8]) -> Result<[(Vec<u32>, WeightDtype); 3]> {
+    let shapes = [(host.inter, host.hidden), (host.inter, host.hidden), (host.hidden, host.inter)];
+    let sections = host.sections();
+    match (host.fp8_block, host.scale_offsets()) {
+        (Some(block), Some(scale0)) => {
+            let mut out = Vec::new();
+            for ((range, s0), (rows, cols)) in sections.into_iter().zip(scale0).zip(shapes) {
+                let n: usize = scale_shape(rows, cols, block).iter().product();
+                let scale_bytes = &pack[s0 * 4..(s0 + n) * 4];
+                let scales: Vec<f32> = bytemuck::pod_collect_to_vec(scale_bytes);
+                let values = dequant_reference(&Fp8Matrix { data: &pack[range], scales: &scales, block }, rows, cols);
+                out.push((bytemuck::cast_slice::<f32, u32>(&values).to_vec(), WeightDtype::F32));
+            }
+            Ok(out.try_into().expect("three matrices"))
+        }
+        _ => Ok(sections.map(|r| {
+            let bytes = &pack[r];
+            let mut words = vec![0u32; bytes.len().div_ceil(4)];
+            bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+            (words, host.dtype)
+        })),
+    }
+}
+
+/// Expert `e`'s outputs `[m, hidden]` for the rows `x` (`[m, hidden]`).
+pub fn expert_ffn(host: &HostExperts, e: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    let (h, inter) = (host.hidden, host.inter);
+    ensure!(e < host.packs.len(), "host expert", "expert {e} of {}", host.packs.len());
+    ensure!(m > 0 && x.len() == m * h, "host expert", "{} values for {m} rows of {h}", x.len());
+    let isa = Isa::detected();
+    let [(g, gd), (u, ud), (d, dd)] = matrices(host, &host.packs[e])?;
+    let mut gate = vec![0f32; m * inter];
+    let mut up = vec![0f32; m * inter];
+    matmul(isa, x, m, WeightRows { words: &g, dtype: gd, cols: h }, 0, inter, None, &mut gate, inter);
+    matmul(isa, x, m, WeightRows { words: &u, dtype: ud, cols: h }, 0, inter, None, &mut up, inter);
+    for (g, &u) in gate.iter_mut().zip(&up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    let mut out = vec![0f32; m * h];
+    matmul(isa, &gate, m, WeightRows { words: &d, dtype: dd, cols: inter }, 0, h, None, &mut out, h);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::moe::expert_reference;
+
+    /// bf16 and FP8 packs, awkward shapes, against the per-row reference on the values the GPU
+    /// slots would hold.
+    #[test]
+    fn matches_the_reference_on_bf16_and_fp8_packs() {
+        let (h, inter, m) = (40, 24, 5);
+        let mut s = 11u64;
+        let mut rand = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let mats: Vec<Vec<f32>> = (0..3).map(|_| (0..h * inter).map(|_| rand() * 0.3).collect()).collect();
+        let x: Vec<f32> = (0..m * h).map(|_| rand()).collect();
+        // bf16
+        let pack: Vec<u8> = mats.iter().flat_map(|v| crate::gpu::encode_weights(v, WeightDtype::Bf16)).collect();
+        let host = HostExperts { packs: vec![vec![0u8; 6], pack], dtype: WeightDtype::Bf16, fp8_block: None, inter, hidden: h };
+        let got = expert_ffn(&host, 1, &x, m).unwrap();
+        let r: Vec<Vec<f32>> = mats.iter().map(|v| crate::gpu::round_weights(v, WeightDtype::Bf16)).collect();
+        check(&got, &x, &r, inter, h);
+        // FP8 with 8 x 8 blocks: bytes, then every matrix's scales.
+        let block = (8, 8);
+        let bytes: Vec<Vec<u8>> = (0..3).map(|_| (0..h * inter).map(|i| ((i * 37 + 11) % 120) as u8 | if i % 3 == 0 { 0x80 } else { 0 }).collect()).collect();
+        let shapes = [(inter, h), (inter, h), (h, inter)];
+        let scales: Vec<Vec<f32>> = shapes.iter().map(|&(r, c)| (0..scale_shape(r, c, block).iter().product::<usize>()).map(|i| 0.01 + i as f32 * 0.003).collect()).collect();
+        let mut pack: Vec<u8> = bytes.concat();
+        for sc in &scales {
+            pack.extend(bytemuck::cast_slice::<f32, u8>(sc));
+        }
+        let host = HostExperts { packs: vec![pack], dtype: WeightDtype::Bf16, fp8_block: Some(block), inter, hidden: h };
+        let got = expert_ffn(&host, 0, &x, m).unwrap();
+        let r: Vec<Vec<f32>> = (0..3).map(|i| dequant_reference(&Fp8Matrix { data: &bytes[i], scales: &scales[i], block }, shapes[i].0, shapes[i].1)).collect();
+        check(&got, &x, &r, inter, h);
+    }
+
+    fn check(got: &[f32], x: &[f32], w: &[Vec<f32>], inter: usize, h: usize) {
+        let want: Vec<f32> = x.chunks(h).flat_map(|row| expert_reference(row, &w[0], &w[1], &w[2], inter)).collect();
+        let err: f64 = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>();
+        assert!(err < 1e-10, "nmse {err:e}");
+    }
+}
