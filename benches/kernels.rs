@@ -83,6 +83,18 @@ fn cpu_matmul(quick: bool) {
             );
         }
     }
+    // What the planner's calibration measures for CPU experts, by thread count.
+    for t in [1, threads] {
+        let Ok(pool) = rayon::ThreadPoolBuilder::new().num_threads(t).build() else { continue };
+        let m = pool.install(moegen::planner::hardware::calibrate_host_matmul);
+        println!(
+            "host matmul calibration, {t} thread(s), {} path: bf16 weights read at 1 row {:.1} GB/s, dot path at 64 rows {:.1} GFLOP/s, gemm at 256 rows {:.1} GFLOP/s",
+            Isa::detected().name(),
+            m.weight_bytes_per_s / 1e9,
+            m.dot_flops / 1e9,
+            m.gemm_flops / 1e9
+        );
+    }
 }
 
 fn main() {

@@ -50,6 +50,16 @@ impl WeightRows<'_> {
         }
     }
 
+    /// Row `r` as the vector primitives read it (f16 has no such form: widened first).
+    fn row_values(&self, r: usize) -> Values<'_> {
+        let (a, b) = (r * self.cols, (r + 1) * self.cols);
+        match self.dtype {
+            WeightDtype::F32 => Values::F32(&bytemuck::cast_slice::<u32, f32>(self.words)[a..b]),
+            WeightDtype::Bf16 => Values::Bf16(&bytemuck::cast_slice::<u32, u16>(self.words)[a..b]),
+            WeightDtype::F16 => unreachable!("f16 rows are widened before the dot products"),
+        }
+    }
+
     /// Rows `r0..r0 + n` widened in parallel (the gemm path's blocks).
     fn widen_par(&self, r0: usize, n: usize, out: &mut Vec<f32>) {
         let k = self.cols;
@@ -131,17 +141,195 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
     (0..n.div_ceil(DOT_BLOCK)).into_par_iter().for_each_init(Vec::new, |wide, blk| {
         let c0 = blk * DOT_BLOCK;
         let nb = DOT_BLOCK.min(n - c0);
-        w.widen(w_row0 + c0, nb, wide);
         let out = out;
-        for r in 0..m {
-            let xr = &x[r * k..(r + 1) * k];
+        // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
+        let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };
+        if m == 1 && w.dtype != WeightDtype::F16 {
+            // One row: each weight row widened in registers as the dot product reads it.
             for c in 0..nb {
-                let v = dot(isa, xr, Values::F32(&wide[c * k..(c + 1) * k])) + bias.map_or(0.0, |b| b[c0 + c]);
-                // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
-                unsafe { *out.0.add(r * y_stride + c0 + c) = v };
+                put(0, c, dot(isa, &x[..k], w.row_values(w_row0 + c0 + c)));
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && w.dtype != WeightDtype::F16 {
+            // Straight from the stored rows, bf16 widened in registers.
+            let (full_m, full_n) = (m / 4 * 4, nb / 4 * 4);
+            for c in (0..full_n).step_by(4) {
+                for r in (0..full_m).step_by(4) {
+                    let mut tile = [[0f32; 4]; 4];
+                    // SAFETY: AVX-512 was detected; the tile reads 4 rows of x from row r and 4
+                    // weight rows from c0 + c, each of k values, inside their slices.
+                    unsafe { avx512::tile(&x[r * k..(r + 4) * k], w, w_row0 + c0 + c, &mut tile) };
+                    for (i, row) in tile.iter().enumerate() {
+                        for (j, &v) in row.iter().enumerate() {
+                            put(r + i, c + j, v);
+                        }
+                    }
+                }
+            }
+            for r in 0..m {
+                let cols = if r < full_m { full_n..nb } else { 0..nb };
+                for c in cols {
+                    put(r, c, dot(isa, &x[r * k..(r + 1) * k], w.row_values(w_row0 + c0 + c)));
+                }
+            }
+            return;
+        }
+        w.widen(w_row0 + c0, nb, wide);
+        let (mr, nr) = tile_shape(isa);
+        let (full_m, full_n) = (m / mr * mr, nb / nr * nr);
+        for r in (0..full_m).step_by(mr) {
+            for c in (0..full_n).step_by(nr) {
+                let mut tile = [[0f32; 4]; 4];
+                dot_tile(isa, &x[r * k..], &wide[c * k..], k, &mut tile);
+                for (i, row) in tile.iter().enumerate().take(mr) {
+                    for (j, &v) in row.iter().enumerate().take(nr) {
+                        put(r + i, c + j, v);
+                    }
+                }
+            }
+        }
+        // What the tiles leave: the last rows, and the last weight rows of the block.
+        for r in 0..m {
+            let cols = if r < full_m { full_n..nb } else { 0..nb };
+            for c in cols {
+                put(r, c, dot(isa, &x[r * k..(r + 1) * k], Values::F32(&wide[c * k..(c + 1) * k])));
             }
         }
     });
+}
+
+/// Input rows and weight rows of one register tile on each path: every (row, weight row) pair
+/// of the tile shares the loads of both, so the tile does mr x nr multiply-adds per mr + nr loads.
+fn tile_shape(isa: Isa) -> (usize, usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (4, 4),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => (3, 4),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => (4, 4),
+        Isa::Portable => (2, 2),
+    }
+}
+
+/// `out[i][j] = x[i * k..][..k] . w[j * k..][..k]` for the tile of [`tile_shape`].
+fn dot_tile(isa: Isa, x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
+    match isa {
+        // SAFETY: the path is only chosen where detection found its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { tile_avx512(x, w, k, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { tile_avx2(x, w, k, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => tile::<4, 4, 4, true>(x, w, k, out),
+        Isa::Portable => tile::<2, 2, 8, false>(x, w, k, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn tile_avx512(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
+    tile::<4, 4, 16, true>(x, w, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
+    tile::<3, 4, 8, true>(x, w, k, out)
+}
+
+/// The register tile: `MR x NR` accumulators of `L` lanes (one vector register each once the
+/// compiler vectorises the lane loops for the enclosing function's instructions), then reduced.
+#[inline(always)]
+fn tile<const MR: usize, const NR: usize, const L: usize, const FMA: bool>(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
+    let mut acc = [[[0f32; L]; NR]; MR];
+    let body = k / L * L;
+    let mut at = 0;
+    while at < body {
+        let mut xv = [[0f32; L]; MR];
+        for (i, v) in xv.iter_mut().enumerate() {
+            v.copy_from_slice(&x[i * k + at..i * k + at + L]);
+        }
+        for j in 0..NR {
+            let mut wv = [0f32; L];
+            wv.copy_from_slice(&w[j * k + at..j * k + at + L]);
+            for i in 0..MR {
+                for l in 0..L {
+                    acc[i][j][l] = if FMA { xv[i][l].mul_add(wv[l], acc[i][j][l]) } else { xv[i][l] * wv[l] + acc[i][j][l] };
+                }
+            }
+        }
+        at += L;
+    }
+    for i in 0..MR {
+        for j in 0..NR {
+            let mut s: f32 = acc[i][j].iter().sum();
+            for t in body..k {
+                s += x[i * k + t] * w[j * k + t];
+            }
+            out[i][j] = s;
+        }
+    }
+}
+
+/// The AVX-512 register tile over stored weight rows: 4 input rows by 4 weight rows, sixteen
+/// 16-lane accumulators, bf16 widened by a shift as it is loaded.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::WeightRows;
+    use crate::gpu::WeightDtype;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+        let k = w.cols;
+        assert!(x.len() >= 4 * k && (w_row + 4) * k * w.dtype.bytes() <= w.words.len() * 4);
+        let xp = x.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let body = k / 16 * 16;
+        let load_w = |j: usize, at: usize| -> __m512 {
+            let i = (w_row + j) * k + at;
+            match w.dtype {
+                WeightDtype::Bf16 => {
+                    let h = (w.words.as_ptr() as *const u16).add(i);
+                    let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(h as *const __m256i));
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+                }
+                _ => _mm512_loadu_ps((w.words.as_ptr() as *const f32).add(i)),
+            }
+        };
+        let mut at = 0;
+        while at < body {
+            let x0 = _mm512_loadu_ps(xp.add(at));
+            let x1 = _mm512_loadu_ps(xp.add(k + at));
+            let x2 = _mm512_loadu_ps(xp.add(2 * k + at));
+            let x3 = _mm512_loadu_ps(xp.add(3 * k + at));
+            for j in 0..4 {
+                let wv = load_w(j, at);
+                acc[j] = _mm512_fmadd_ps(x0, wv, acc[j]);
+                acc[4 + j] = _mm512_fmadd_ps(x1, wv, acc[4 + j]);
+                acc[8 + j] = _mm512_fmadd_ps(x2, wv, acc[8 + j]);
+                acc[12 + j] = _mm512_fmadd_ps(x3, wv, acc[12 + j]);
+            }
+            at += 16;
+        }
+        for i in 0..4 {
+            for j in 0..4 {
+                let mut s = _mm512_reduce_add_ps(acc[4 * i + j]);
+                for t in body..k {
+                    let wv = match w.dtype {
+                        WeightDtype::Bf16 => f32::from_bits((*(w.words.as_ptr() as *const u16).add((w_row + j) * k + t) as u32) << 16),
+                        _ => *(w.words.as_ptr() as *const f32).add((w_row + j) * k + t),
+                    };
+                    s += x[i * k + t] * wv;
+                }
+                out[i][j] = s;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

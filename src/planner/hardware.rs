@@ -294,7 +294,8 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     // On a software adapter the kernels share the cores with the engine's own threads (the
     // upload thread, the host's gathers and readbacks), so they are timed with one such thread
     // busy beside them, as they run in a job.
-    let load = (ctx.info().device_type == wgpu::DeviceType::Cpu).then(HostLoad::start);
+    // (Not on the CPU device itself: there the kernels are the engine's work.)
+    let load = (ctx.info().device_type == wgpu::DeviceType::Cpu && !ctx.is_cpu()).then(HostLoad::start);
 
     // Matmul with bf16 weights at rows from 1 to 512: a large weight (1024 x 1024) gives the
     // rate, a small one (128 x 64) the fixed cost of a dispatch on each path.
