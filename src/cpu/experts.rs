@@ -11,9 +11,25 @@ use crate::gpu::WeightDtype;
 use crate::kernels::dequant::{reference as dequant_reference, scale_shape, Fp8Matrix};
 use crate::model::weights::HostExperts;
 
-/// A pack's matrices as the host matmul reads them: 4-byte words (copied when the pack's bytes
-/// are not word-aligned, and widened to bf16-valued f32 when FP8).
-fn matrices(host: &HostExperts, pack: &[u8]) -> Result<[(Vec<u32>, WeightDtype); 3]> {
+/// A pack's matrix as the host matmul reads it: its 4-byte words in place, or a copy when the
+/// bytes are not word-aligned or FP8 (widened to bf16-valued f32).
+#[derive(Debug)]
+enum Words<'a> {
+    InPlace(&'a [u32]),
+    Copied(Vec<u32>),
+}
+
+impl std::ops::Deref for Words<'_> {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        match self {
+            Words::InPlace(w) => w,
+            Words::Copied(w) => w,
+        }
+    }
+}
+
+fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Words<'a>, WeightDtype); 3]> {
     let shapes = [(host.inter, host.hidden), (host.inter, host.hidden), (host.hidden, host.inter)];
     let sections = host.sections();
     match (host.fp8_block, host.scale_offsets()) {
@@ -24,14 +40,20 @@ fn matrices(host: &HostExperts, pack: &[u8]) -> Result<[(Vec<u32>, WeightDtype);
                 let scale_bytes = &pack[s0 * 4..(s0 + n) * 4];
                 let scales: Vec<f32> = bytemuck::pod_collect_to_vec(scale_bytes);
                 let values = dequant_reference(&Fp8Matrix { data: &pack[range], scales: &scales, block }, rows, cols);
-                out.push((bytemuck::cast_slice::<f32, u32>(&values).to_vec(), WeightDtype::F32));
+                out.push((Words::Copied(bytemuck::cast_slice::<f32, u32>(&values).to_vec()), WeightDtype::F32));
             }
             Ok(out.try_into().expect("three matrices"))
         }
         _ => Ok(sections.map(|r| {
             let bytes = &pack[r];
-            let mut words = vec![0u32; bytes.len().div_ceil(4)];
-            bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+            let words = match bytemuck::try_cast_slice::<u8, u32>(bytes) {
+                Ok(w) => Words::InPlace(w),
+                Err(_) => {
+                    let mut words = vec![0u32; bytes.len().div_ceil(4)];
+                    bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                    Words::Copied(words)
+                }
+            };
             (words, host.dtype)
         })),
     }

@@ -9,9 +9,16 @@ use rayon::prelude::*;
 use crate::cpu::simd::{dot, Isa, Values};
 use crate::gpu::WeightDtype;
 
-/// From this many input rows the gemm path pays for its packing and widening (measured with
-/// `cargo bench -- "cpu matmul"`: at 64 rows the dot path is faster, at 256 gemm is).
-pub const GEMM_MIN_ROWS: usize = 128;
+/// From this many input rows the gemm path pays for its packing and widening, on each path
+/// (measured with `cargo bench -- "cpu matmul"`: the AVX-512 register tile beats gemm up to a
+/// few hundred rows; the other paths' tiles lose to it from about 128).
+pub fn gemm_min_rows(isa: Isa) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => 512,
+        _ => 128,
+    }
+}
 /// Weight elements widened at once on the gemm path (16 MiB of f32).
 const WIDE_BLOCK: usize = 4 << 20;
 /// Weight rows one task of the dot path takes.
@@ -80,7 +87,7 @@ unsafe impl Sync for Out {}
 pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
     let k = w.cols;
     assert!(x.len() >= m * k && y.len() >= (m - 1) * y_stride + n && y_stride >= n, "matmul shapes");
-    if m >= GEMM_MIN_ROWS {
+    if m >= gemm_min_rows(isa) {
         gemm_path(x, m, w, w_row0, n, bias, y, y_stride);
     } else {
         dot_path(isa, x, m, w, w_row0, n, bias, y, y_stride);
@@ -352,7 +359,7 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         for isa in Isa::available() {
-            for (m, n, k) in [(1, 1, 1), (3, 17, 33), (15, 40, 130), (16, 9, 7), (37, 70, 129), (130, 21, 40)] {
+            for (m, n, k) in [(1, 1, 1), (3, 17, 33), (15, 40, 130), (16, 9, 7), (37, 70, 129), (130, 21, 40), (515, 18, 33)] {
                 for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
                     let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
                     let wv: Vec<f32> = (0..(n + 3) * k).map(|_| rand()).collect();

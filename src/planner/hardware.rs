@@ -87,19 +87,23 @@ pub struct HostMatmul {
     /// FLOP/s of the dot path at 64 rows, and of the gemm path at 256.
     pub dot_flops: f64,
     pub gemm_flops: f64,
+    /// What one host expert costs beyond its arithmetic (its matrices found, buffers, the
+    /// activation), measured on a tiny expert.
+    #[serde(default)]
+    pub expert_fixed_s: f64,
 }
 
 impl HostMatmul {
     /// Seconds for `rows` rows through a `[n, k]` bf16 matrix.
     pub fn matmul_s(&self, rows: f64, n: f64, k: f64) -> f64 {
         let flops = 2.0 * rows * n * k;
-        let rate = if rows >= crate::cpu::matmul::GEMM_MIN_ROWS as f64 { self.gemm_flops } else { self.dot_flops };
+        let rate = if rows >= crate::cpu::matmul::gemm_min_rows(crate::cpu::simd::Isa::detected()) as f64 { self.gemm_flops } else { self.dot_flops };
         (n * k * 2.0 / self.weight_bytes_per_s.max(1.0)).max(flops / rate.max(1.0))
     }
 
     /// Seconds for one expert (gate, up, down of `inter x hidden`) over `rows` rows.
     pub fn expert_s(&self, rows: f64, hidden: f64, inter: f64) -> f64 {
-        2.0 * self.matmul_s(rows, inter, hidden) + self.matmul_s(rows, hidden, inter)
+        self.expert_fixed_s + 2.0 * self.matmul_s(rows, inter, hidden) + self.matmul_s(rows, hidden, inter)
     }
 }
 
@@ -555,9 +559,26 @@ pub fn calibrate_host_matmul() -> HostMatmul {
     };
     let one = time(1);
     let (dot, gemm) = (time(64), time(256));
-    HostMatmul {
+    let mut m = HostMatmul {
         weight_bytes_per_s: (n * k * 2) as f64 / one,
         dot_flops: 2.0 * (64 * n * k) as f64 / dot,
         gemm_flops: 2.0 * (256 * n * k) as f64 / gemm,
-    }
+        expert_fixed_s: 0.0,
+    };
+    // A tiny bf16 expert over one row: what its arithmetic does not explain is fixed cost.
+    let (h, inter) = (64usize, 32usize);
+    let pack: Vec<u8> = crate::gpu::encode_weights(&values(3 * h * inter, 5), crate::gpu::WeightDtype::Bf16);
+    let host = crate::model::weights::HostExperts { packs: vec![pack], dtype: crate::gpu::WeightDtype::Bf16, fp8_block: None, inter, hidden: h };
+    let x = values(h, 6);
+    let run = || {
+        let t = Instant::now();
+        for _ in 0..16 {
+            std::hint::black_box(crate::cpu::experts::expert_ffn(&host, 0, &x, 1)?);
+        }
+        Ok(t.elapsed() / 16)
+    };
+    let _ = run();
+    let tiny = best_of(3, run).unwrap_or(Duration::from_millis(1)).as_secs_f64();
+    m.expert_fixed_s = (tiny - m.expert_s(1.0, h as f64, inter as f64)).max(0.0);
+    m
 }
