@@ -21,8 +21,10 @@ pub fn gemm_min_rows(isa: Isa) -> usize {
 }
 /// Weight elements widened at once on the gemm path (16 MiB of f32).
 const WIDE_BLOCK: usize = 4 << 20;
-/// Weight rows one task of the dot path takes.
+/// Weight rows one task of the dot path takes (at least).
 const DOT_BLOCK: usize = 16;
+/// Multiply-adds worth a rayon task.
+const MIN_TASK_MACS: usize = 1 << 18;
 
 /// A weight matrix's stored elements, `[rows, cols]` row-major.
 #[derive(Clone, Copy)]
@@ -145,7 +147,9 @@ fn gemm_path(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: 
 fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
     let k = w.cols;
     let out = Out(y.as_mut_ptr());
-    (0..n.div_ceil(DOT_BLOCK)).into_par_iter().for_each_init(Vec::new, |wide, blk| {
+    // Small matrices in few tasks: a task costs more than a few thousand multiply-adds.
+    let per_task = (MIN_TASK_MACS / (DOT_BLOCK * k * m).max(1)).max(1);
+    (0..n.div_ceil(DOT_BLOCK)).into_par_iter().with_min_len(per_task).for_each_init(Vec::new, |wide, blk| {
         let c0 = blk * DOT_BLOCK;
         let nb = DOT_BLOCK.min(n - c0);
         let out = out;
