@@ -50,7 +50,20 @@ fn check(name: &str) {
 fn check_on(ctx: &GpuContext, name: &str) {
     let (dir, expected) = fixture(name);
     let name = &format!("{name} on {}", if ctx.is_cpu() { "the CPU" } else { "the GPU" });
-    let resident_logits = check_model(name, &Model::load(ctx, &dir, 64).unwrap(), &expected);
+    let resident = Model::load(ctx, &dir, 64).unwrap();
+    if ctx.is_cpu() && resident.cfg.weight_block.is_none() {
+        // The CPU device reads the checkpoint's matrices in place (no second copy): the
+        // embedding and every layer's first attention projection, at least (FP8 ones are
+        // dequantised into buffers of their own).
+        let lent = |w: &moegen::gpu::GpuWeight| w.parts.iter().all(|p| p.buffer.is_lent());
+        assert!(lent(&resident.weights.embed), "{name}: the embedding was copied");
+        for (l, layer) in resident.weights.layers.iter().enumerate() {
+            if let moegen::model::weights::Projections::Resident(w) = &layer.attn {
+                assert!(lent(&w[0]), "{name}: layer {l}'s first projection was copied");
+            }
+        }
+    }
+    let resident_logits = check_model(name, &resident, &expected);
     // Streaming forced: every MoE layer's experts in host memory, two slots; then the first MoE
     // layer resident and three slots.
     let cfg = moegen::loader::config::ModelConfig::load(&dir).unwrap();

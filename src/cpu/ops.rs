@@ -5,14 +5,13 @@
 //! hold each to the same reference as its GPU kernel.
 
 use std::ops::Deref;
-use std::sync::RwLockReadGuard;
 
 use rayon::prelude::*;
 
 use crate::cpu::matmul::{self as cpu_matmul, WeightRows};
 use crate::cpu::simd::{dot, Isa, Values};
 use crate::error::{ensure, Result};
-use crate::gpu::{GpuBuffer, GpuWeight};
+use crate::gpu::{GpuBuffer, GpuWeight, HostRead};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::elementwise::Cols;
 use crate::kernels::head_matmul::HeadLayout;
@@ -24,7 +23,7 @@ const MIN_TASK_ELEMENTS: usize = 1 << 14;
 
 /// An input's words: locked for reading, or copied when the op also writes that buffer.
 pub(crate) enum Words<'a> {
-    Locked(RwLockReadGuard<'a, Vec<u32>>),
+    Locked(HostRead<'a>),
     Copied(Vec<u32>),
 }
 
@@ -41,7 +40,7 @@ impl Deref for Words<'_> {
 /// `input`'s words, copied first when it is one of `written` (so the write lock can be taken).
 pub(crate) fn input<'a>(input: &'a GpuBuffer, written: &[&GpuBuffer]) -> Words<'a> {
     if written.iter().any(|w| w.same(input)) {
-        Words::Copied(input.read_host().clone())
+        Words::Copied(input.read_host().to_vec())
     } else {
         Words::Locked(input.read_host())
     }

@@ -85,13 +85,31 @@ struct Pooled {
 enum Memory {
     Gpu(wgpu::Buffer),
     Host(RwLock<Vec<u32>>),
+    /// Read-only words inside memory lent to the CPU device (a checkpoint file), kept alive here.
+    Lent { bytes: Arc<dyn AsRef<[u8]> + Send + Sync>, offset: usize, words: usize },
+}
+
+/// A CPU-device buffer's words, for reading.
+pub enum HostRead<'a> {
+    Owned(RwLockReadGuard<'a, Vec<u32>>),
+    Lent(&'a [u32]),
+}
+
+impl std::ops::Deref for HostRead<'_> {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        match self {
+            HostRead::Owned(g) => g,
+            HostRead::Lent(w) => w,
+        }
+    }
 }
 
 impl GpuBuffer {
     pub fn raw(&self) -> &wgpu::Buffer {
         match &self.0.memory {
             Memory::Gpu(b) => b,
-            Memory::Host(_) => panic!("a host buffer used as a GPU buffer"),
+            _ => panic!("a host buffer used as a GPU buffer"),
         }
     }
     /// Bytes asked for (the allocation may be larger).
@@ -103,6 +121,7 @@ impl GpuBuffer {
         match &self.0.memory {
             Memory::Gpu(b) => b.size(),
             Memory::Host(words) => words.read().unwrap().len() as u64 * 4,
+            Memory::Lent { words, .. } => *words as u64 * 4,
         }
     }
     pub fn binding(&self) -> wgpu::BindingResource<'_> {
@@ -117,13 +136,25 @@ impl GpuBuffer {
     fn host(&self) -> &RwLock<Vec<u32>> {
         match &self.0.memory {
             Memory::Host(words) => words,
+            Memory::Lent { .. } => panic!("a checkpoint's weights written on the CPU device (they are read in place)"),
             Memory::Gpu(_) => panic!("a GPU buffer read as host memory"),
         }
     }
 
     /// The words of a CPU-device buffer, for reading.
-    pub fn read_host(&self) -> RwLockReadGuard<'_, Vec<u32>> {
-        self.host().read().unwrap()
+    pub fn read_host(&self) -> HostRead<'_> {
+        match &self.0.memory {
+            Memory::Lent { bytes, offset, words } => {
+                let b = &(**bytes).as_ref()[*offset..*offset + *words * 4];
+                HostRead::Lent(bytemuck::cast_slice(b))
+            }
+            _ => HostRead::Owned(self.host().read().unwrap()),
+        }
+    }
+
+    /// Whether the buffer reads lent memory in place (a checkpoint's weights on the CPU device).
+    pub fn is_lent(&self) -> bool {
+        matches!(self.0.memory, Memory::Lent { .. })
     }
 
     /// The words of a CPU-device buffer, for writing.
@@ -445,7 +476,24 @@ impl GpuWeight {
 
     /// Uploads matrices of `rows_each x cols` stacked into one `[pieces * rows_each, cols]` weight
     /// (the experts of a layer), straight from each piece's bytes. Parts split only between pieces.
+    /// On the CPU device, pieces inside memory lent to it (the checkpoint) are read in place,
+    /// a part each.
     pub fn stack(ctx: &GpuContext, what: &str, pieces: &[&[u8]], dtype: WeightDtype, rows_each: usize, cols: usize) -> Result<Self> {
+        let lent: Vec<_> = pieces.iter().map_while(|p| ctx.lent_holding(p)).collect();
+        if !pieces.is_empty() && lent.len() == pieces.len() && pieces.iter().all(|p| p.len() == rows_each * cols * dtype.bytes()) {
+            let parts = pieces
+                .iter()
+                .zip(lent)
+                .enumerate()
+                .map(|(i, (p, bytes))| {
+                    let offset = p.as_ptr() as usize - (*bytes).as_ref().as_ptr() as usize;
+                    let buffer = GpuBuffer(Arc::new(Pooled { memory: Memory::Lent { bytes, offset, words: p.len() / 4 }, size: p.len() as u64, key: (0, 0), pool: ctx.shared.pool.clone() }));
+                    WeightPart { buffer, first_row: i * rows_each, rows: rows_each }
+                })
+                .collect();
+            log::debug!("{what}: read in place from the checkpoint");
+            return Ok(GpuWeight { parts, rows: rows_each * pieces.len(), cols, dtype });
+        }
         let row_bytes = cols * dtype.bytes();
         ensure!(rows_each > 0 && cols > 0 && !pieces.is_empty(), what, "empty weight {rows_each}x{cols}");
         for (i, piece) in pieces.iter().enumerate() {

@@ -146,6 +146,8 @@ pub(crate) struct Shared {
     pub pool: BufferPool,
     pub tracer: Mutex<Option<Arc<Tracer>>>,
     pub pipelines: PipelineCache,
+    /// Host memory lent to the CPU device (checkpoint files): weights inside it are read in place.
+    pub lent: Mutex<Vec<std::sync::Weak<dyn AsRef<[u8]> + Send + Sync>>>,
 }
 
 pub(crate) struct GpuDevice {
@@ -236,6 +238,7 @@ impl GpuContext {
                 pool: BufferPool::default(),
                 tracer: Mutex::new(None),
                 pipelines: PipelineCache::default(),
+                lent: Mutex::new(Vec::new()),
             }),
             features: KernelFeatures {
                 f16: features.contains(wgpu::Features::SHADER_F16),
@@ -264,11 +267,34 @@ impl GpuContext {
         limits.max_compute_workgroups_per_dimension = u32::MAX;
         log::info!("device: {}", info.name);
         GpuContext {
-            shared: Arc::new(Shared { gpu: None, info, limits, pool: BufferPool::default(), tracer: Mutex::new(None), pipelines: PipelineCache::default() }),
+            shared: Arc::new(Shared { gpu: None, info, limits, pool: BufferPool::default(), tracer: Mutex::new(None), pipelines: PipelineCache::default(), lent: Mutex::new(Vec::new()) }),
             features: KernelFeatures { f16: false, subgroups: false, timestamps: false },
             binding_limit: 1 << 40,
             link: None,
         }
+    }
+
+    /// Lends `bytes` to the CPU device: weights whose bytes lie inside them are read in place
+    /// (kept alive by the buffers that read them). A GPU copies as always.
+    pub fn lend_host_bytes(&self, bytes: Arc<dyn AsRef<[u8]> + Send + Sync>) {
+        if self.is_cpu() {
+            let mut lent = self.shared.lent.lock().unwrap();
+            lent.retain(|w| w.strong_count() > 0);
+            lent.push(Arc::downgrade(&bytes));
+        }
+    }
+
+    /// The lent memory holding `data`, when `data` can be read in place as 4-byte words.
+    pub(crate) fn lent_holding(&self, data: &[u8]) -> Option<Arc<dyn AsRef<[u8]> + Send + Sync>> {
+        if !self.is_cpu() || data.is_empty() || !(data.as_ptr() as usize).is_multiple_of(4) || !data.len().is_multiple_of(4) {
+            return None;
+        }
+        let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+        self.shared.lent.lock().unwrap().iter().filter_map(std::sync::Weak::upgrade).find(|b| {
+            let r = (**b).as_ref();
+            let (s, e) = (r.as_ptr() as usize, r.as_ptr() as usize + r.len());
+            s <= start && end <= e
+        })
     }
 
     /// Whether this is the host CPU rather than a GPU adapter.

@@ -11,7 +11,7 @@ mod trace;
 pub use batch::{grid, Batch};
 pub(crate) use buffers::stacked_parts;
 pub use buffers::{
-    encode_weights, round_weights, BufferPool, PendingRead, GpuBuffer, GpuWeight, PoolStats, WeightDtype, WeightPart, STORAGE,
+    encode_weights, round_weights, BufferPool, HostRead, PendingRead, GpuBuffer, GpuWeight, PoolStats, WeightDtype, WeightPart, STORAGE,
     UNIFORM,
 };
 pub use context::{instance, list_adapters, AdapterChoice, DeviceChoice, GpuContext, KernelFeatures, WANTED_FEATURES};

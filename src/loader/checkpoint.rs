@@ -48,19 +48,15 @@ struct Entry {
     end: usize,
 }
 
-/// A checkpoint file's bytes: mapped from disk, or built in memory (synthetic models).
-enum Bytes {
-    Mapped(Mmap),
-    Owned(Vec<u8>),
-}
+/// A checkpoint file's bytes: mapped from disk, or built in memory (synthetic models). Shared,
+/// so that the CPU device's weight buffers can read them in place and keep them alive.
+#[derive(Clone)]
+struct Bytes(std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>);
 
 impl std::ops::Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
+        (*self.0).as_ref()
     }
 }
 
@@ -94,6 +90,14 @@ fn bad(path: &Path, detail: impl Into<String>) -> Error {
 }
 
 impl Checkpoint {
+    /// Lends the files' bytes to the CPU device, whose weight buffers then read them in place
+    /// instead of copying them (no effect on a GPU).
+    pub fn lend_to(&self, ctx: &crate::gpu::GpuContext) {
+        for (_, bytes) in &self.files {
+            ctx.lend_host_bytes(bytes.0.clone());
+        }
+    }
+
     /// Opens `model.safetensors`, or the shards that `model.safetensors.index.json` lists.
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
@@ -152,7 +156,7 @@ impl Checkpoint {
             }
             self.tensors.insert(name.clone(), Entry { file: index, dtype, shape: info.shape.clone(), start, end });
         }
-        self.files.push((path, Bytes::Mapped(map)));
+        self.files.push((path, Bytes(std::sync::Arc::new(MapBytes(map)))));
         Ok(())
     }
 
@@ -173,7 +177,7 @@ impl Checkpoint {
             }
             map.insert(name, Entry { file: 0, dtype, shape, start: starts[blob], end: starts[blob] + len });
         }
-        Ok(Checkpoint { files: vec![(PathBuf::from(label), Bytes::Owned(data))], tensors: map })
+        Ok(Checkpoint { files: vec![(PathBuf::from(label), Bytes(std::sync::Arc::new(data)))], tensors: map })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -212,5 +216,14 @@ impl Checkpoint {
         } else {
             Ok(None)
         }
+    }
+}
+
+/// A mapping as bytes.
+struct MapBytes(Mmap);
+
+impl AsRef<[u8]> for MapBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..]
     }
 }

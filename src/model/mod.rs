@@ -34,6 +34,8 @@ impl Model {
         max_positions: usize,
         placement: &Placement,
     ) -> Result<Self> {
+        // The CPU device reads the checkpoint's weights in place where it can.
+        checkpoint.lend_to(ctx);
         let weights = Weights::load(ctx, checkpoint, &cfg, placement)?;
         let positions = max_positions.clamp(1, cfg.max_position_embeddings.max(1));
         let rope = RopeTable::new(ctx, &cfg.inv_freq, cfg.rope_attention_scaling, positions)?;
