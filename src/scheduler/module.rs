@@ -992,58 +992,57 @@ fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepSt
         let y_gpu = if on_gpu { Some(ctx.storage("step expert outputs", (n * k * h * 4) as u64)?) } else { None };
         Ok(Work { st, groups, y: if on_gpu { Vec::new() } else { vec![0.0f32; n * k * h] }, y_gpu, pending: Default::default() })
     };
-    let (w, host_out) = std::thread::scope(|scope| -> Result<_> {
-    // The host experts run beside the streamed ones (their uploads and GPU work).
-    let host_job = (!host_work.is_empty()).then(|| scope.spawn(|| host_experts(ctx, host, li, &host_work)));
-    let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, li, host, &experts, before, |w, u, slot| {
-        for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
-            let m = rows.len();
-            let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
-            let xg = match w.st.hn_gpu() {
-                // The GPU gathers the expert's rows from the step's normed states.
-                Some(norms) => {
-                    let tokens: Vec<u32> = rows.iter().map(|&a| a / k as u32).collect();
-                    gather_states(&mut b, norms, &send(model, "expert token rows", &tokens)?, m, h)?
-                }
-                None => {
-                    let mut xs = Vec::with_capacity(m * h);
-                    for &a in rows {
-                        let t = a as usize / k;
-                        xs.extend_from_slice(&w.st.hn[t * h..(t + 1) * h]);
+    let (mut w, host_out) = std::thread::scope(|scope| -> Result<_> {
+        // The host experts run beside the streamed ones (their uploads and GPU work).
+        let host_job = (!host_work.is_empty()).then(|| scope.spawn(|| host_experts(ctx, host, li, &host_work)));
+        let (_, mut w) = crate::model::streamer::stream_layer(ctx, &model.slots, &model.slot_cache, li, host, &experts, before, |w, u, slot| {
+            for rows in w.groups[u.expert].chunks(sizes.expert_chunk.max(1)) {
+                let m = rows.len();
+                let mut b = Batch::named(ctx, format!("layer {li} expert {} ({m} rows)", u.expert));
+                let xg = match w.st.hn_gpu() {
+                    // The GPU gathers the expert's rows from the step's normed states.
+                    Some(norms) => {
+                        let tokens: Vec<u32> = rows.iter().map(|&a| a / k as u32).collect();
+                        gather_states(&mut b, norms, &send(model, "expert token rows", &tokens)?, m, h)?
                     }
-                    send(model, "expert rows", &xs)?
+                    None => {
+                        let mut xs = Vec::with_capacity(m * h);
+                        for &a in rows {
+                            let t = a as usize / k;
+                            xs.extend_from_slice(&w.st.hn[t * h..(t + 1) * h]);
+                        }
+                        send(model, "expert rows", &xs)?
+                    }
+                };
+                let gate = ctx.storage("expert gate", (m * inter * 4) as u64)?;
+                let up = ctx.storage("expert up", (m * inter * 4) as u64)?;
+                let act = ctx.storage("expert activations", (m * inter * 4) as u64)?;
+                let out = ctx.storage("expert outputs", (m * h * 4) as u64)?;
+                model.slot_ffn(&mut b, slot, host, &xg, 0, m, [&gate, &up, &act], &out)?;
+                if let Some(y) = &w.y_gpu {
+                    // Each output row goes to its assignment's row; the combine sums them later.
+                    copy_rows(&mut b, &out, None, y, Some(&send(model, "expert output rows", rows)?), m, h)?;
+                    b.submit()?;
+                    continue;
                 }
-            };
-            let gate = ctx.storage("expert gate", (m * inter * 4) as u64)?;
-            let up = ctx.storage("expert up", (m * inter * 4) as u64)?;
-            let act = ctx.storage("expert activations", (m * inter * 4) as u64)?;
-            let out = ctx.storage("expert outputs", (m * h * 4) as u64)?;
-            model.slot_ffn(&mut b, slot, host, &xg, 0, m, [&gate, &up, &act], &out)?;
-            if let Some(y) = &w.y_gpu {
-                // Each output row goes to its assignment's row; the combine sums them later.
-                copy_rows(&mut b, &out, None, y, Some(&send(model, "expert output rows", rows)?), m, h)?;
                 b.submit()?;
-                continue;
+                w.pending.push_back((ctx.read_later(&[(&out, (m * h * 4) as u64)])?, rows.to_vec()));
+                // Keep one chunk in flight behind the one just submitted.
+                while w.pending.len() > 2 {
+                    take(w.pending.pop_front().expect("non-empty"), &mut w.y)?;
+                }
             }
-            b.submit()?;
-            w.pending.push_back((ctx.read_later(&[(&out, (m * h * 4) as u64)])?, rows.to_vec()));
-            // Keep one chunk in flight behind the one just submitted.
-            while w.pending.len() > 2 {
-                take(w.pending.pop_front().expect("non-empty"), &mut w.y)?;
-            }
+            Ok(())
+        })?;
+        while let Some(p) = w.pending.pop_front() {
+            take(p, &mut w.y)?;
         }
-        Ok(())
+        let host_out = match host_job {
+            Some(j) => j.join().map_err(|_| crate::error::Error::invalid("host experts", "the host expert thread panicked"))??,
+            None => Vec::new(),
+        };
+        Ok((w, host_out))
     })?;
-    while let Some(p) = w.pending.pop_front() {
-        take(p, &mut w.y)?;
-    }
-    let host_out = match host_job {
-        Some(j) => j.join().map_err(|_| crate::error::Error::invalid("host experts", "the host expert thread panicked"))??,
-        None => Vec::new(),
-    };
-    Ok((w, host_out))
-    })?;
-    let mut w = w;
     if !host_out.is_empty() {
         model.slot_cache.lock().unwrap().stats.on_host += host_out.len() as u64;
         put_host_outputs(model, &mut w.y, w.y_gpu.as_ref(), h, host_out)?;
