@@ -1,8 +1,9 @@
 //! `y = x W^T (+ bias)` on the host, for every weight type the GPU kernels read. Many input rows
 //! (prefill, expert chunks): the `gemm` crate's f32 kernel, with bf16/f16 weights widened to f32
 //! a bounded block of rows at a time (f32 weights are read in place). Few rows (decode): dot
-//! products on the [`simd`](super::simd) path, each weight row widened once and read by every
-//! input row while it is in cache; this is bound by reading the weights, as decode is.
+//! products in register tiles (AVX-512 and AVX2 intrinsics reading bf16 rows directly, NEON and
+//! portable tiles left to the compiler over widened rows), one row through the
+//! [`simd`](super::simd) primitives; this is bound by reading the weights, as decode is.
 
 use rayon::prelude::*;
 
@@ -10,12 +11,12 @@ use crate::cpu::simd::{dot, Isa, Values};
 use crate::gpu::WeightDtype;
 
 /// From this many input rows the gemm path pays for its packing and widening, on each path
-/// (measured with `cargo bench -- "cpu matmul"`: the AVX-512 register tile beats gemm up to a
-/// few hundred rows; the other paths' tiles lose to it from about 128).
+/// (measured with `cargo bench -- "cpu matmul"`: the AVX-512 and AVX2 register tiles match or
+/// beat gemm up to a few hundred rows; the compiler-vectorised tiles lose to it from about 128).
 pub fn gemm_min_rows(isa: Isa) -> usize {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => 512,
+        Isa::Avx512 | Isa::Avx2 => 512,
         _ => 128,
     }
 }
@@ -163,16 +164,24 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && w.dtype != WeightDtype::F16 {
+        if matches!(isa, Isa::Avx512 | Isa::Avx2) && w.dtype != WeightDtype::F16 {
             // Straight from the stored rows, bf16 widened in registers.
-            let (full_m, full_n) = (m / 4 * 4, nb / 4 * 4);
+            let mr = if isa == Isa::Avx512 { 4 } else { 3 };
+            let (full_m, full_n) = (m / mr * mr, nb / 4 * 4);
             for c in (0..full_n).step_by(4) {
-                for r in (0..full_m).step_by(4) {
+                for r in (0..full_m).step_by(mr) {
                     let mut tile = [[0f32; 4]; 4];
-                    // SAFETY: AVX-512 was detected; the tile reads 4 rows of x from row r and 4
-                    // weight rows from c0 + c, each of k values, inside their slices.
-                    unsafe { avx512::tile(&x[r * k..(r + 4) * k], w, w_row0 + c0 + c, &mut tile) };
-                    for (i, row) in tile.iter().enumerate() {
+                    let rows = &x[r * k..(r + mr) * k];
+                    // SAFETY: the path's instructions were detected; the tile reads mr rows of x
+                    // from row r and 4 weight rows from c0 + c, each of k values, inside their slices.
+                    unsafe {
+                        if isa == Isa::Avx512 {
+                            avx512::tile(rows, w, w_row0 + c0 + c, &mut tile)
+                        } else {
+                            avx2::tile(rows, w, w_row0 + c0 + c, &mut tile)
+                        }
+                    };
+                    for (i, row) in tile.iter().enumerate().take(mr) {
                         for (j, &v) in row.iter().enumerate() {
                             put(r + i, c + j, v);
                         }
@@ -330,6 +339,65 @@ mod avx512 {
         for i in 0..4 {
             for j in 0..4 {
                 let mut s = _mm512_reduce_add_ps(acc[4 * i + j]);
+                for t in body..k {
+                    let wv = match w.dtype {
+                        WeightDtype::Bf16 => f32::from_bits((*(w.words.as_ptr() as *const u16).add((w_row + j) * k + t) as u32) << 16),
+                        _ => *(w.words.as_ptr() as *const f32).add((w_row + j) * k + t),
+                    };
+                    s += x[i * k + t] * wv;
+                }
+                out[i][j] = s;
+            }
+        }
+    }
+}
+
+/// The AVX2 register tile over stored weight rows: 3 input rows by 4 weight rows, twelve 8-lane
+/// accumulators (with the three rows and one weight vector, the sixteen registers).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::WeightRows;
+    use crate::gpu::WeightDtype;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+        let k = w.cols;
+        assert!(x.len() >= 3 * k && (w_row + 4) * k * w.dtype.bytes() <= w.words.len() * 4);
+        let xp = x.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 12];
+        let body = k / 8 * 8;
+        let load_w = |j: usize, at: usize| -> __m256 {
+            let i = (w_row + j) * k + at;
+            match w.dtype {
+                WeightDtype::Bf16 => {
+                    let h = (w.words.as_ptr() as *const u16).add(i);
+                    let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(h as *const __m128i));
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+                }
+                _ => _mm256_loadu_ps((w.words.as_ptr() as *const f32).add(i)),
+            }
+        };
+        let mut at = 0;
+        while at < body {
+            let x0 = _mm256_loadu_ps(xp.add(at));
+            let x1 = _mm256_loadu_ps(xp.add(k + at));
+            let x2 = _mm256_loadu_ps(xp.add(2 * k + at));
+            for j in 0..4 {
+                let wv = load_w(j, at);
+                acc[j] = _mm256_fmadd_ps(x0, wv, acc[j]);
+                acc[4 + j] = _mm256_fmadd_ps(x1, wv, acc[4 + j]);
+                acc[8 + j] = _mm256_fmadd_ps(x2, wv, acc[8 + j]);
+            }
+            at += 8;
+        }
+        for i in 0..3 {
+            for j in 0..4 {
+                let v = acc[4 * i + j];
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
                 for t in body..k {
                     let wv = match w.dtype {
                         WeightDtype::Bf16 => f32::from_bits((*(w.words.as_ptr() as *const u16).add((w_row + j) * k + t) as u32) << 16),
