@@ -932,8 +932,9 @@ fn group_by_expert(st: &StepState, n_experts: usize) -> Vec<Vec<u32>> {
 }
 
 /// Layer `li` with streamed experts: `attention`, then each expert uploaded once and run over all
-/// of its rows in chunks, the outputs summed into the hidden states on the host in the same order
-/// as the GPU combine. When the step has so many tokens that every expert is all but sure to be
+/// of its rows in chunks (or, with few rows and no slot holding it, computed on the host from its
+/// pack meanwhile: [`ModuleSizes::host_expert_rows`]), the outputs summed into the hidden states
+/// in the same order as the GPU combine. When the step has so many tokens that every expert is all but sure to be
 /// chosen, the experts start uploading before the attention runs, so the link works meanwhile.
 fn streamed_layer(model: &Model, sizes: &ModuleSizes, li: usize, st: &mut StepState, attention: impl FnOnce(&mut StepState) -> Result<()>) -> Result<()> {
     let ctx = &model.ctx;
