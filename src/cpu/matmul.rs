@@ -70,6 +70,22 @@ impl WeightRows<'_> {
         }
     }
 
+    /// Element `c` of row `r`, as f32.
+    fn at(&self, r: usize, c: usize) -> f32 {
+        let i = r * self.cols + c;
+        match self.dtype {
+            WeightDtype::F32 => bytemuck::cast_slice::<u32, f32>(self.words)[i],
+            WeightDtype::Bf16 => f32::from_bits((bytemuck::cast_slice::<u32, u16>(self.words)[i] as u32) << 16),
+            WeightDtype::F16 => half::f16::from_bits(bytemuck::cast_slice::<u32, u16>(self.words)[i]).to_f32(),
+        }
+    }
+
+    /// Rows `r0..r0 + n` of an f32 weight, in place.
+    fn f32_rows(&self, r0: usize, n: usize) -> &[f32] {
+        assert_eq!(self.dtype, WeightDtype::F32, "the compiler-vectorised tiles read f32 rows");
+        &bytemuck::cast_slice::<u32, f32>(self.words)[r0 * self.cols..(r0 + n) * self.cols]
+    }
+
     /// Rows `r0..r0 + n` widened in parallel (the gemm path's blocks).
     fn widen_par(&self, r0: usize, n: usize, out: &mut Vec<f32>) {
         let k = self.cols;
@@ -156,55 +172,30 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         let out = out;
         // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
         let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };
-        if m == 1 && w.dtype != WeightDtype::F16 {
-            // One row: each weight row widened in registers as the dot product reads it.
+        // One row: each weight row widened in registers as the dot product reads it. More: the
+        // tiles read the stored rows where their path widens bf16 in registers; else the block's
+        // rows widened to f32 first.
+        let direct = w.dtype != WeightDtype::F16 && (m == 1 || reads_stored_rows(isa));
+        let (rows, row0) = if direct {
+            (w, w_row0 + c0)
+        } else {
+            w.widen(w_row0 + c0, nb, wide);
+            (WeightRows { words: bytemuck::cast_slice(&wide[..]), dtype: WeightDtype::F32, cols: k }, 0)
+        };
+        if m == 1 {
             for c in 0..nb {
-                put(0, c, dot(isa, &x[..k], w.row_values(w_row0 + c0 + c)));
+                put(0, c, dot(isa, &x[..k], rows.row_values(row0 + c)));
             }
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        if matches!(isa, Isa::Avx512 | Isa::Avx2) && w.dtype != WeightDtype::F16 {
-            // Straight from the stored rows, bf16 widened in registers.
-            let mr = if isa == Isa::Avx512 { 4 } else { 3 };
-            let (full_m, full_n) = (m / mr * mr, nb / 4 * 4);
-            for c in (0..full_n).step_by(4) {
-                for r in (0..full_m).step_by(mr) {
-                    let mut tile = [[0f32; 4]; 4];
-                    let rows = &x[r * k..(r + mr) * k];
-                    // SAFETY: the path's instructions were detected; the tile reads mr rows of x
-                    // from row r and 4 weight rows from c0 + c, each of k values, inside their slices.
-                    unsafe {
-                        if isa == Isa::Avx512 {
-                            avx512::tile(rows, w, w_row0 + c0 + c, &mut tile)
-                        } else {
-                            avx2::tile(rows, w, w_row0 + c0 + c, &mut tile)
-                        }
-                    };
-                    for (i, row) in tile.iter().enumerate().take(mr) {
-                        for (j, &v) in row.iter().enumerate() {
-                            put(r + i, c + j, v);
-                        }
-                    }
-                }
-            }
-            for r in 0..m {
-                let cols = if r < full_m { full_n..nb } else { 0..nb };
-                for c in cols {
-                    put(r, c, dot(isa, &x[r * k..(r + 1) * k], w.row_values(w_row0 + c0 + c)));
-                }
-            }
-            return;
-        }
-        w.widen(w_row0 + c0, nb, wide);
-        let (mr, nr) = tile_shape(isa);
-        let (full_m, full_n) = (m / mr * mr, nb / nr * nr);
-        for r in (0..full_m).step_by(mr) {
-            for c in (0..full_n).step_by(nr) {
+        let mr = tile_rows(isa);
+        let (full_m, full_n) = (m / mr * mr, nb / 4 * 4);
+        for c in (0..full_n).step_by(4) {
+            for r in (0..full_m).step_by(mr) {
                 let mut tile = [[0f32; 4]; 4];
-                dot_tile(isa, &x[r * k..], &wide[c * k..], k, &mut tile);
+                dot_tile(isa, &x[r * k..(r + mr) * k], rows, row0 + c, &mut tile);
                 for (i, row) in tile.iter().enumerate().take(mr) {
-                    for (j, &v) in row.iter().enumerate().take(nr) {
+                    for (j, &v) in row.iter().enumerate() {
                         put(r + i, c + j, v);
                     }
                 }
@@ -214,57 +205,64 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         for r in 0..m {
             let cols = if r < full_m { full_n..nb } else { 0..nb };
             for c in cols {
-                put(r, c, dot(isa, &x[r * k..(r + 1) * k], Values::F32(&wide[c * k..(c + 1) * k])));
+                put(r, c, dot(isa, &x[r * k..(r + 1) * k], rows.row_values(row0 + c)));
             }
         }
     });
 }
 
-/// Input rows and weight rows of one register tile on each path: every (row, weight row) pair
-/// of the tile shares the loads of both, so the tile does mr x nr multiply-adds per mr + nr loads.
-fn tile_shape(isa: Isa) -> (usize, usize) {
+/// Whether the path's tile reads stored f32/bf16 rows itself (the intrinsics tiles do).
+fn reads_stored_rows(isa: Isa) -> bool {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => (4, 4),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => (3, 4),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => (4, 4),
-        Isa::Portable => (2, 2),
+        Isa::Avx512 | Isa::Avx2 => true,
+        _ => false,
     }
 }
 
-/// `out[i][j] = x[i * k..][..k] . w[j * k..][..k]` for the tile of [`tile_shape`].
-fn dot_tile(isa: Isa, x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
+/// Input rows of one register tile on each path (by 4 weight rows): every (row, weight row) pair
+/// of the tile shares the loads of both.
+fn tile_rows(isa: Isa) -> usize {
     match isa {
-        // SAFETY: the path is only chosen where detection found its instructions.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { tile_avx512(x, w, k, out) },
+        Isa::Avx512 => 4,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { tile_avx2(x, w, k, out) },
+        Isa::Avx2 => 3,
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => tile::<4, 4, 4, true>(x, w, k, out),
-        Isa::Portable => tile::<2, 2, 8, false>(x, w, k, out),
+        Isa::Neon => 4,
+        Isa::Portable => 2,
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn tile_avx512(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
-    tile::<4, 4, 16, true>(x, w, k, out)
+/// `out[i][j] = x[i * k..][..k] . w[w_row + j]` for the [`tile_rows`] rows of `x` and 4 weight
+/// rows (f32 rows on the paths that do not [`reads_stored_rows`]).
+fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+    let k = w.cols;
+    assert!(x.len() >= tile_rows(isa) * k && (w_row + 4) * k * w.dtype.bytes() <= w.words.len() * 4, "tile shapes");
+    match isa {
+        // SAFETY: the path is only chosen where detection found its instructions; the bounds are
+        // checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::tile(x, w, w_row, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::tile(x, w, w_row, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => tile::<4, 4, true>(x, w.f32_rows(w_row, 4), k, out),
+        Isa::Portable => tile::<2, 8, false>(x, w.f32_rows(w_row, 4), k, out),
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
-    tile::<3, 4, 8, true>(x, w, k, out)
+/// The `k % lanes` last products of `x[i]` and weight row `w_row + j` the vector loop left.
+fn tail(x: &[f32], w: WeightRows, w_row: usize, i: usize, j: usize, body: usize) -> f32 {
+    let k = w.cols;
+    (body..k).map(|t| x[i * k + t] * w.at(w_row + j, t)).sum()
 }
 
-/// The register tile: `MR x NR` accumulators of `L` lanes (one vector register each once the
-/// compiler vectorises the lane loops for the enclosing function's instructions), then reduced.
+/// The compiler-vectorised tile: `MR x 4` accumulators of `L` lanes (one vector register each
+/// once the lane loops are vectorised), over f32 weight rows, then reduced.
 #[inline(always)]
-fn tile<const MR: usize, const NR: usize, const L: usize, const FMA: bool>(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
-    let mut acc = [[[0f32; L]; NR]; MR];
+fn tile<const MR: usize, const L: usize, const FMA: bool>(x: &[f32], w: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
+    let mut acc = [[[0f32; L]; 4]; MR];
     let body = k / L * L;
     let mut at = 0;
     while at < body {
@@ -272,7 +270,7 @@ fn tile<const MR: usize, const NR: usize, const L: usize, const FMA: bool>(x: &[
         for (i, v) in xv.iter_mut().enumerate() {
             v.copy_from_slice(&x[i * k + at..i * k + at + L]);
         }
-        for j in 0..NR {
+        for j in 0..4 {
             let mut wv = [0f32; L];
             wv.copy_from_slice(&w[j * k + at..j * k + at + L]);
             for i in 0..MR {
@@ -284,18 +282,15 @@ fn tile<const MR: usize, const NR: usize, const L: usize, const FMA: bool>(x: &[
         at += L;
     }
     for i in 0..MR {
-        for j in 0..NR {
-            let mut s: f32 = acc[i][j].iter().sum();
-            for t in body..k {
-                s += x[i * k + t] * w[j * k + t];
-            }
-            out[i][j] = s;
+        for j in 0..4 {
+            let tail: f32 = (body..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+            out[i][j] = acc[i][j].iter().sum::<f32>() + tail;
         }
     }
 }
 
 /// The AVX-512 register tile over stored weight rows: 4 input rows by 4 weight rows, sixteen
-/// 16-lane accumulators, bf16 widened by a shift as it is loaded.
+/// 16-lane accumulators, bf16 widened by a shift as it is loaded. The caller checks the bounds.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -306,7 +301,6 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
-        assert!(x.len() >= 4 * k && (w_row + 4) * k * w.dtype.bytes() <= w.words.len() * 4);
         let xp = x.as_ptr();
         let mut acc = [_mm512_setzero_ps(); 16];
         let body = k / 16 * 16;
@@ -338,22 +332,15 @@ mod avx512 {
         }
         for i in 0..4 {
             for j in 0..4 {
-                let mut s = _mm512_reduce_add_ps(acc[4 * i + j]);
-                for t in body..k {
-                    let wv = match w.dtype {
-                        WeightDtype::Bf16 => f32::from_bits((*(w.words.as_ptr() as *const u16).add((w_row + j) * k + t) as u32) << 16),
-                        _ => *(w.words.as_ptr() as *const f32).add((w_row + j) * k + t),
-                    };
-                    s += x[i * k + t] * wv;
-                }
-                out[i][j] = s;
+                out[i][j] = _mm512_reduce_add_ps(acc[4 * i + j]) + super::tail(x, w, w_row, i, j, body);
             }
         }
     }
 }
 
 /// The AVX2 register tile over stored weight rows: 3 input rows by 4 weight rows, twelve 8-lane
-/// accumulators (with the three rows and one weight vector, the sixteen registers).
+/// accumulators (with the three rows and one weight vector, the sixteen registers). The caller
+/// checks the bounds.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -364,7 +351,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
-        assert!(x.len() >= 3 * k && (w_row + 4) * k * w.dtype.bytes() <= w.words.len() * 4);
         let xp = x.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 12];
         let body = k / 8 * 8;
@@ -397,15 +383,7 @@ mod avx2 {
                 let v = acc[4 * i + j];
                 let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
                 let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
-                for t in body..k {
-                    let wv = match w.dtype {
-                        WeightDtype::Bf16 => f32::from_bits((*(w.words.as_ptr() as *const u16).add((w_row + j) * k + t) as u32) << 16),
-                        _ => *(w.words.as_ptr() as *const f32).add((w_row + j) * k + t),
-                    };
-                    s += x[i * k + t] * wv;
-                }
-                out[i][j] = s;
+                out[i][j] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2))) + super::tail(x, w, w_row, i, j, body);
             }
         }
     }
