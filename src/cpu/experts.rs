@@ -4,6 +4,8 @@
 //! its weights from host memory costs less than sending them (the planner decides from the
 //! calibrated rates). FP8 packs are dequantised to the same bf16 values the GPU's slots hold.
 
+use std::borrow::Cow;
+
 use crate::cpu::matmul::{matmul, WeightRows};
 use crate::cpu::simd::Isa;
 use crate::error::{ensure, Result};
@@ -11,25 +13,9 @@ use crate::gpu::WeightDtype;
 use crate::kernels::dequant::{reference as dequant_reference, scale_shape, Fp8Matrix};
 use crate::model::weights::HostExperts;
 
-/// A pack's matrix as the host matmul reads it: its 4-byte words in place, or a copy when the
-/// bytes are not word-aligned or FP8 (widened to bf16-valued f32).
-#[derive(Debug)]
-enum Words<'a> {
-    InPlace(&'a [u32]),
-    Copied(Vec<u32>),
-}
-
-impl std::ops::Deref for Words<'_> {
-    type Target = [u32];
-    fn deref(&self) -> &[u32] {
-        match self {
-            Words::InPlace(w) => w,
-            Words::Copied(w) => w,
-        }
-    }
-}
-
-fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Words<'a>, WeightDtype); 3]> {
+/// A pack's matrices as the host matmul reads them: their 4-byte words in place, or a copy when
+/// the bytes are not word-aligned or FP8 (widened to bf16-valued f32).
+fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Cow<'a, [u32]>, WeightDtype); 3]> {
     let shapes = [(host.inter, host.hidden), (host.inter, host.hidden), (host.hidden, host.inter)];
     let sections = host.sections();
     match (host.fp8_block, host.scale_offsets()) {
@@ -40,18 +26,18 @@ fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Words<'a>, Weigh
                 let scale_bytes = &pack[s0 * 4..(s0 + n) * 4];
                 let scales: Vec<f32> = bytemuck::pod_collect_to_vec(scale_bytes);
                 let values = dequant_reference(&Fp8Matrix { data: &pack[range], scales: &scales, block }, rows, cols);
-                out.push((Words::Copied(bytemuck::cast_slice::<f32, u32>(&values).to_vec()), WeightDtype::F32));
+                out.push((Cow::Owned(bytemuck::cast_slice::<f32, u32>(&values).to_vec()), WeightDtype::F32));
             }
             Ok(out.try_into().expect("three matrices"))
         }
         _ => Ok(sections.map(|r| {
             let bytes = &pack[r];
             let words = match bytemuck::try_cast_slice::<u8, u32>(bytes) {
-                Ok(w) => Words::InPlace(w),
+                Ok(w) => Cow::Borrowed(w),
                 Err(_) => {
                     let mut words = vec![0u32; bytes.len().div_ceil(4)];
                     bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-                    Words::Copied(words)
+                    Cow::Owned(words)
                 }
             };
             (words, host.dtype)
