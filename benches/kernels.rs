@@ -72,7 +72,7 @@ fn cpu_matmul(quick: bool) {
             let reps = if quick || m >= 256 { 3 } else { 10 };
             let t = time(&cpu, reps, |b| matmul::matmul(b, &x, &w, None, &y, m).expect("matmul"));
             let gflops = 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
-            let bytes = (n * k * dtype.bytes()) as f64;
+            let bytes = dtype.bytes_of(n * k) as f64;
             println!(
                 "{m:>6} {:>5} {:>10.3}ms {:>10.1} {:>10.1} {:>7.0}%",
                 dtype.name(),
@@ -133,7 +133,7 @@ fn main() {
                 let reps = if quick || m >= 256 { 3 } else { 10 };
                 let t = time(&ctx, reps, |b| matmul::matmul(b, &x, &w, None, &y, m).expect("matmul"));
                 let flops = 2.0 * (m * n * k) as f64;
-                let bytes = (n * k * dtype.bytes()) as f64;
+                let bytes = dtype.bytes_of(n * k) as f64;
                 println!(
                     "{m:>6} {:>5} {:>22} {:>10.3}ms {:>10.1} {:>10.1}",
                     dtype.name(),

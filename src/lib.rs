@@ -12,6 +12,7 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod planner;
+pub mod quant;
 pub mod sampler;
 pub mod scheduler;
 

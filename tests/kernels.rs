@@ -81,7 +81,7 @@ fn embedding_gathers_rows_from_split_tables() {
             let table = random(&mut rng, vocab * dim, 1.0);
             let ids: Vec<u32> = (0..33).map(|_| rng.random_range(0..vocab as u32)).collect();
             // A binding limit of ~20 rows splits the table into six parts.
-            let small = ctx.with_binding_limit((20 * dim * dtype.bytes()) as u64 + 4);
+            let small = ctx.with_binding_limit((20 * dtype.row_bytes(dim)) as u64 + 4);
             let w = GpuWeight::from_f32(&small, "table", &table, dtype, vocab, dim).unwrap();
             assert!(w.parts.len() >= 5, "table not split: {} parts", w.parts.len());
             let ids_buf = ctx.storage_from("ids", &ids).unwrap();
@@ -401,6 +401,69 @@ fn check_matmul(ctx: &GpuContext, rng: &mut StdRng, m: usize, n: usize, k: usize
     assert_close(&format!("matmul {m}x{n}x{k} {dtype:?} bias={bias} {path:?} {:?}", ctx.features()), &got, &want, 1e-10);
 }
 
+/// Block-quantised weights of `rows x cols`: from llama.cpp's quantisers where we have them
+/// (Q8_0, Q4_0, Q4_K), else random blocks; with the f32 values every kernel must decode them to.
+fn block_weights(rng: &mut StdRng, dtype: WeightDtype, rows: usize, cols: usize, extremes: bool) -> (Vec<u8>, Vec<f32>) {
+    let bytes = match dtype {
+        WeightDtype::Q5K | WeightDtype::Q6K => moegen::quant::random_blocks(dtype, rows * cols / dtype.block_elems(), rng.random(), extremes),
+        _ if extremes => moegen::quant::random_blocks(dtype, rows * cols / dtype.block_elems(), rng.random(), true),
+        _ => moegen::quant::quantize(dtype, &random(rng, rows * cols, 0.5), cols).unwrap(),
+    };
+    let mut values = vec![0f32; rows * cols];
+    moegen::quant::dequantize(dtype, &bytes, &mut values);
+    (bytes, values)
+}
+
+#[test]
+fn block_formats_decode_to_the_reference_bits_on_every_device() {
+    // The embedding lookup returns load_w's values as they are: each element of random blocks
+    // (extreme scales included) must equal the host decoder's bits. Rows of an odd number of
+    // 34-, 18- and 210-byte blocks put fields at every byte offset of a word.
+    let mut rng = StdRng::seed_from_u64(40);
+    for ctx in variants() {
+        for dtype in WeightDtype::QUANTISED {
+            let (rows, cols) = (7, 3 * dtype.block_elems());
+            let (bytes, values) = block_weights(&mut rng, dtype, rows, cols, true);
+            let w = GpuWeight::upload(&ctx, "blocks", &bytes, dtype, rows, cols).unwrap();
+            let ids: Vec<u32> = vec![6, 0, 3, 1, 5, 2, 4, 6];
+            let out = poisoned(&ctx, ids.len() * cols);
+            let mut b = Batch::new(&ctx);
+            embedding::embed(&mut b, &w, &ctx.storage_from("ids", &ids).unwrap(), ids.len(), &out).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&out, ids.len() * cols).unwrap();
+            let want: Vec<u32> = ids.iter().flat_map(|&r| values[r as usize * cols..(r as usize + 1) * cols].iter().map(|v| v.to_bits())).collect();
+            let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+                panic!("{dtype:?} {:?}: element {i} decodes to {} not {}", ctx.features(), f32::from_bits(got[i]), f32::from_bits(want[i]));
+            }
+        }
+    }
+}
+
+#[test]
+fn block_quantised_matmul_on_every_path() {
+    let mut rng = StdRng::seed_from_u64(41);
+    for ctx in variants() {
+        for dtype in WeightDtype::QUANTISED {
+            // Odd block counts per row and an awkward number of rows and columns.
+            let (n, k) = (67, 3 * dtype.block_elems());
+            let (bytes, values) = block_weights(&mut rng, dtype, n, k, false);
+            let w = GpuWeight::upload(&ctx, "w", &bytes, dtype, n, k).unwrap();
+            for (m, path) in [(1, None), (3, Some(matmul::MatmulPath::Vector { tok: 4 })), (7, None), (40, None)] {
+                let x = random(&mut rng, m * k, 1.0);
+                let bv = random(&mut rng, n, 1.0);
+                let y = poisoned(&ctx, m * n);
+                let mut b = Batch::new(&ctx);
+                matmul::matmul_rows(&mut b, &upload(&ctx, &x), &w, Some(&upload(&ctx, &bv)), &y, matmul::Rows::all(m), path).unwrap();
+                b.submit().unwrap();
+                let got = ctx.read_f32(&y, m * n).unwrap();
+                let want = matmul::reference(&x, &values, Some(&bv), m, n, k);
+                assert_close(&format!("matmul {m}x{n}x{k} {dtype:?} {path:?} {:?}", ctx.features()), &got, &want, 1e-10);
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_every_path_and_weight_type() {
     let mut rng = StdRng::seed_from_u64(5);
@@ -662,7 +725,14 @@ fn moe_expert_ffn_grouped_matches_per_token_reference() {
     let mut rng = StdRng::seed_from_u64(13);
     for ctx in variants() {
         for (tokens, n_experts, top_k, dim, inter, dtype) in
-            [(1, 5, 2, 40, 24, WeightDtype::Bf16), (33, 5, 2, 40, 24, WeightDtype::F16), (257, 7, 3, 72, 40, WeightDtype::F32)]
+            [
+                (1, 5, 2, 40, 24, WeightDtype::Bf16),
+                (33, 5, 2, 40, 24, WeightDtype::F16),
+                (257, 7, 3, 72, 40, WeightDtype::F32),
+                (9, 5, 2, 64, 96, WeightDtype::Q8_0),
+                (3, 4, 2, 256, 256, WeightDtype::Q4K),
+                (40, 3, 2, 96, 32, WeightDtype::Q4_0),
+            ]
         {
             let x = random(&mut rng, tokens * dim, 1.0);
             let base = random(&mut rng, tokens * dim, 1.0);
@@ -677,10 +747,10 @@ fn moe_expert_ffn_grouped_matches_per_token_reference() {
             );
             // The largest case stacks its experts in parts of two experts each.
             let split = tokens == 257;
-            let wctx = if split { ctx.with_binding_limit((2 * inter * dim * dtype.bytes() + 8) as u64) } else { ctx.clone() };
+            let wctx = if split { ctx.with_binding_limit((2 * dtype.bytes_of(inter * dim) + 8) as u64) } else { ctx.clone() };
             let stack = |what: &str, values: &[f32], rows_each: usize, cols: usize| {
                 let bytes = moegen::gpu::encode_weights(values, dtype);
-                let pieces: Vec<&[u8]> = bytes.chunks(rows_each * cols * dtype.bytes()).collect();
+                let pieces: Vec<&[u8]> = bytes.chunks(dtype.bytes_of(rows_each * cols)).collect();
                 GpuWeight::stack(&wctx, what, &pieces, dtype, rows_each, cols).unwrap()
             };
             let experts = moe::StackedExperts {

@@ -57,6 +57,10 @@ impl WeightRows<'_> {
                     *o = half::f16::from_bits(h).to_f32();
                 }
             }
+            q => {
+                let start = r0 * q.row_bytes(self.cols);
+                crate::quant::dequantize(q, &bytemuck::cast_slice::<u32, u8>(self.words)[start..], out);
+            }
         }
     }
 
@@ -66,7 +70,7 @@ impl WeightRows<'_> {
         match self.dtype {
             WeightDtype::F32 => Values::F32(&bytemuck::cast_slice::<u32, f32>(self.words)[a..b]),
             WeightDtype::Bf16 => Values::Bf16(&bytemuck::cast_slice::<u32, u16>(self.words)[a..b]),
-            WeightDtype::F16 => unreachable!("f16 rows are widened before the dot products"),
+            _ => unreachable!("f16 and block-quantised rows are widened before the dot products"),
         }
     }
 
@@ -77,6 +81,12 @@ impl WeightRows<'_> {
             WeightDtype::F32 => bytemuck::cast_slice::<u32, f32>(self.words)[i],
             WeightDtype::Bf16 => f32::from_bits((bytemuck::cast_slice::<u32, u16>(self.words)[i] as u32) << 16),
             WeightDtype::F16 => half::f16::from_bits(bytemuck::cast_slice::<u32, u16>(self.words)[i]).to_f32(),
+            q => {
+                let (be, bb) = (q.block_elems(), q.block_bytes());
+                let mut block = vec![0f32; be];
+                crate::quant::dequantize(q, &bytemuck::cast_slice::<u32, u8>(self.words)[i / be * bb..], &mut block);
+                block[i % be]
+            }
         }
     }
 
@@ -175,7 +185,7 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         // One row: each weight row widened in registers as the dot product reads it. More: the
         // tiles read the stored rows where their path widens bf16 in registers; else the block's
         // rows widened to f32 first.
-        let direct = w.dtype != WeightDtype::F16 && (m == 1 || reads_stored_rows(isa));
+        let direct = matches!(w.dtype, WeightDtype::F32 | WeightDtype::Bf16) && (m == 1 || reads_stored_rows(isa));
         let (rows, row0) = if direct {
             (w, w_row0 + c0)
         } else {
@@ -238,7 +248,7 @@ fn tile_rows(isa: Isa) -> usize {
 /// rows (f32 rows on the paths that do not [`reads_stored_rows`]).
 fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
     let k = w.cols;
-    assert!(x.len() >= tile_rows(isa) * k && (w_row + 4) * k * w.dtype.bytes() <= w.words.len() * 4, "tile shapes");
+    assert!(x.len() >= tile_rows(isa) * k && (w_row + 4) * w.dtype.row_bytes(k) <= w.words.len() * 4, "tile shapes");
     match isa {
         // SAFETY: the path is only chosen where detection found its instructions; the bounds are
         // checked above.
@@ -409,8 +419,11 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         for isa in Isa::available() {
-            for (m, n, k) in [(1, 1, 1), (3, 17, 33), (15, 40, 130), (16, 9, 7), (37, 70, 129), (130, 21, 40), (515, 18, 33)] {
-                for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16] {
+            for (m, n, k) in [(1, 1, 1), (3, 17, 33), (15, 40, 130), (16, 9, 7), (37, 70, 129), (130, 21, 40), (515, 18, 33), (1, 9, 96), (5, 13, 768), (515, 6, 256)] {
+                for dtype in crate::gpu::WeightDtype::ALL {
+                    if !dtype.fits_cols(k) || matches!(dtype, WeightDtype::Q5K | WeightDtype::Q6K) {
+                        continue; // those two have no quantiser: tested on random blocks below
+                    }
                     let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
                     let wv: Vec<f32> = (0..(n + 3) * k).map(|_| rand()).collect();
                     let bytes = crate::gpu::encode_weights(&wv, dtype);
@@ -427,6 +440,27 @@ mod tests {
                     let e = nmse(&got, &want);
                     assert!(e < 1e-10, "{} {m}x{n}x{k} {dtype:?}: nmse {e:e}", isa.name());
                     assert!(y[..2].iter().all(|v| v.is_nan()), "wrote before the output");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_without_a_quantiser_match_the_reference() {
+        for isa in Isa::available() {
+            for dtype in [WeightDtype::Q5K, WeightDtype::Q6K] {
+                for (m, n) in [(1, 7), (6, 9), (515, 5)] {
+                    let k = 512;
+                    let bytes = crate::quant::random_blocks(dtype, n * k / 256, 3, false);
+                    let mut words = vec![0u32; bytes.len().div_ceil(4)];
+                    bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+                    let mut values = vec![0f32; n * k];
+                    crate::quant::dequantize(dtype, &bytes, &mut values);
+                    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0).collect();
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul(isa, &x, m, WeightRows { words: &words, dtype, cols: k }, 0, n, None, &mut y, n);
+                    let e = nmse(&y, &reference(&x, &values, None, m, n, k));
+                    assert!(e < 1e-10, "{} {m}x{n}x{k} {dtype:?}: nmse {e:e}", isa.name());
                 }
             }
         }

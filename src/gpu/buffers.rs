@@ -426,26 +426,90 @@ impl PendingRead {
     }
 }
 
-/// How weight elements are stored on the GPU. Activations are always f32.
+/// How weight elements are stored, on the GPU and in host memory. Activations are always f32.
+/// The block formats are llama.cpp's (see [`crate::quant`]): a matrix's rows are each a whole
+/// number of blocks, read by the kernels as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WeightDtype {
     F32,
     F16,
     Bf16,
+    Q8_0,
+    Q4_0,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl WeightDtype {
-    pub fn bytes(self) -> usize {
+    pub const QUANTISED: [WeightDtype; 5] = [WeightDtype::Q8_0, WeightDtype::Q4_0, WeightDtype::Q4K, WeightDtype::Q5K, WeightDtype::Q6K];
+    pub const ALL: [WeightDtype; 8] = [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::Bf16,
+        WeightDtype::Q8_0,
+        WeightDtype::Q4_0,
+        WeightDtype::Q4K,
+        WeightDtype::Q5K,
+        WeightDtype::Q6K,
+    ];
+
+    /// Elements per block (1 for the float types).
+    pub fn block_elems(self) -> usize {
+        match self {
+            WeightDtype::F32 | WeightDtype::F16 | WeightDtype::Bf16 => 1,
+            WeightDtype::Q8_0 | WeightDtype::Q4_0 => 32,
+            WeightDtype::Q4K | WeightDtype::Q5K | WeightDtype::Q6K => crate::quant::QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
         match self {
             WeightDtype::F32 => 4,
             WeightDtype::F16 | WeightDtype::Bf16 => 2,
+            WeightDtype::Q8_0 => 34,
+            WeightDtype::Q4_0 => 18,
+            WeightDtype::Q4K => 144,
+            WeightDtype::Q5K => 176,
+            WeightDtype::Q6K => 210,
         }
     }
+
+    pub fn is_quantised(self) -> bool {
+        self.block_elems() > 1
+    }
+
+    /// Bytes of `elements` stored elements (a whole number of blocks; rounded up otherwise).
+    pub fn bytes_of(self, elements: usize) -> usize {
+        elements.div_ceil(self.block_elems()) * self.block_bytes()
+    }
+
+    /// Bytes of one row of `cols` elements.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        self.bytes_of(cols)
+    }
+
+    /// Bits per element, for messages and the planner.
+    pub fn bits(self) -> f64 {
+        self.block_bytes() as f64 * 8.0 / self.block_elems() as f64
+    }
+
+    /// Whether rows of `cols` elements are whole blocks.
+    pub fn fits_cols(self, cols: usize) -> bool {
+        cols.is_multiple_of(self.block_elems())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
             WeightDtype::Bf16 => "bf16",
+            WeightDtype::Q8_0 => "q8_0",
+            WeightDtype::Q4_0 => "q4_0",
+            WeightDtype::Q4K => "q4_k",
+            WeightDtype::Q5K => "q5_k",
+            WeightDtype::Q6K => "q6_k",
         }
     }
 }
@@ -480,7 +544,7 @@ impl GpuWeight {
     /// a part each.
     pub fn stack(ctx: &GpuContext, what: &str, pieces: &[&[u8]], dtype: WeightDtype, rows_each: usize, cols: usize) -> Result<Self> {
         let lent: Vec<_> = pieces.iter().map_while(|p| ctx.lent_holding(p)).collect();
-        if !pieces.is_empty() && lent.len() == pieces.len() && pieces.iter().all(|p| p.len() == rows_each * cols * dtype.bytes()) {
+        if !pieces.is_empty() && lent.len() == pieces.len() && pieces.iter().all(|p| p.len() == rows_each * dtype.row_bytes(cols)) {
             let parts = pieces
                 .iter()
                 .zip(lent)
@@ -494,8 +558,9 @@ impl GpuWeight {
             log::debug!("{what}: read in place from the checkpoint");
             return Ok(GpuWeight { parts, rows: rows_each * pieces.len(), cols, dtype });
         }
-        let row_bytes = cols * dtype.bytes();
+        let row_bytes = dtype.row_bytes(cols);
         ensure!(rows_each > 0 && cols > 0 && !pieces.is_empty(), what, "empty weight {rows_each}x{cols}");
+        ensure!(dtype.fits_cols(cols), what, "{} rows need a multiple of {} columns, this matrix has {cols}", dtype.name(), dtype.block_elems());
         for (i, piece) in pieces.iter().enumerate() {
             ensure!(
                 piece.len() == rows_each * row_bytes,
@@ -583,7 +648,8 @@ pub(crate) fn stacked_parts(ctx: &GpuContext, what: &str, pieces: usize, rows_ea
     Ok(parts)
 }
 
-/// Encodes f32 values as `dtype` bytes (little-endian).
+/// Encodes f32 values as `dtype` bytes (little-endian; the block formats through llama.cpp's
+/// reference quantisers, which exist for q8_0, q4_0 and q4_k).
 pub fn encode_weights(values: &[f32], dtype: WeightDtype) -> Vec<u8> {
     match dtype {
         WeightDtype::F32 => bytemuck::cast_slice(values).to_vec(),
@@ -595,6 +661,7 @@ pub fn encode_weights(values: &[f32], dtype: WeightDtype) -> Vec<u8> {
             let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
             bytemuck::cast_slice(&v).to_vec()
         }
+        q => crate::quant::quantize(q, values, q.block_elems()).expect("values of whole blocks, a format with a quantiser"),
     }
 }
 
@@ -604,5 +671,10 @@ pub fn round_weights(values: &[f32], dtype: WeightDtype) -> Vec<f32> {
         WeightDtype::F32 => values.to_vec(),
         WeightDtype::F16 => values.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
         WeightDtype::Bf16 => values.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+        q => {
+            let mut out = vec![0f32; values.len()];
+            crate::quant::dequantize(q, &encode_weights(values, q), &mut out);
+            out
+        }
     }
 }

@@ -39,17 +39,22 @@ impl ShaderBuilder {
 
     /// `fn load_w(i: u32) -> f32` and the element type `WStore` of the weight binding `w`.
     pub fn weights(mut self, dtype: WeightDtype, features: KernelFeatures) -> Self {
-        let (name, snippet) = match dtype {
-            WeightDtype::F32 => ("f32", WEIGHTS_F32),
-            WeightDtype::Bf16 => ("bf16", WEIGHTS_BF16),
-            WeightDtype::F16 if features.f16 => ("f16", WEIGHTS_F16),
-            WeightDtype::F16 => ("f16packed", WEIGHTS_F16_PACKED),
+        let (name, snippets): (&str, &[&'static str]) = match dtype {
+            WeightDtype::F32 => ("f32", &[WEIGHTS_F32]),
+            WeightDtype::Bf16 => ("bf16", &[WEIGHTS_BF16]),
+            WeightDtype::F16 if features.f16 => ("f16", &[WEIGHTS_F16]),
+            WeightDtype::F16 => ("f16packed", &[HALF_BITS, WEIGHTS_F16_PACKED]),
+            WeightDtype::Q8_0 => ("q8_0", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q8_0]),
+            WeightDtype::Q4_0 => ("q4_0", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q4_0]),
+            WeightDtype::Q4K => ("q4_k", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q4_K]),
+            WeightDtype::Q5K => ("q5_k", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q5_K]),
+            WeightDtype::Q6K => ("q6_k", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q6_K]),
         };
         if name == "f16" {
             self.enable("f16");
         }
         let _ = write!(self.key, ",w={name}");
-        self.snippets.push(snippet);
+        self.snippets.extend_from_slice(snippets);
         self
     }
 
@@ -93,6 +98,13 @@ const WEIGHTS_F32: &str = include_str!("../../shaders/lib/weights_f32.wgsl");
 const WEIGHTS_F16: &str = include_str!("../../shaders/lib/weights_f16.wgsl");
 const WEIGHTS_F16_PACKED: &str = include_str!("../../shaders/lib/weights_f16_packed.wgsl");
 const WEIGHTS_BF16: &str = include_str!("../../shaders/lib/weights_bf16.wgsl");
+const HALF_BITS: &str = include_str!("../../shaders/lib/half_bits.wgsl");
+const WEIGHTS_BLOCKS: &str = include_str!("../../shaders/lib/weights_blocks.wgsl");
+const WEIGHTS_Q8_0: &str = include_str!("../../shaders/lib/weights_q8_0.wgsl");
+const WEIGHTS_Q4_0: &str = include_str!("../../shaders/lib/weights_q4_0.wgsl");
+const WEIGHTS_Q4_K: &str = include_str!("../../shaders/lib/weights_q4_k.wgsl");
+const WEIGHTS_Q5_K: &str = include_str!("../../shaders/lib/weights_q5_k.wgsl");
+const WEIGHTS_Q6_K: &str = include_str!("../../shaders/lib/weights_q6_k.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/lib/reduce_subgroup.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../shaders/lib/reduce_shared.wgsl");
 

@@ -53,7 +53,7 @@ pub(crate) fn unused_binding(ctx: &GpuContext) -> Result<GpuBuffer> {
 /// Every shader specialisation the engine can compile on a device with `features`: what the
 /// cross-compiler test validates for Vulkan, Metal and DX12.
 pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
-    let dtypes = [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16];
+    let dtypes = WeightDtype::ALL;
     let mut out = vec![
         norm::rms_norm_shader(features),
         elementwise::add_shader(),

@@ -19,14 +19,18 @@ pub enum Dtype {
     Bf16,
     /// FP8 e4m3 (fn: no infinities), with block scales in a `*_scale_inv` tensor beside it.
     F8E4M3,
+    /// One of llama.cpp's block formats (GGUF files), read by the kernels as stored.
+    Block(WeightDtype),
 }
 
 impl Dtype {
-    pub fn bytes(self) -> usize {
+    /// Bytes of `elements` stored elements.
+    pub fn bytes_of(self, elements: usize) -> usize {
         match self {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::Bf16 => 2,
-            Dtype::F8E4M3 => 1,
+            Dtype::F32 => 4 * elements,
+            Dtype::F16 | Dtype::Bf16 => 2 * elements,
+            Dtype::F8E4M3 => elements,
+            Dtype::Block(q) => q.bytes_of(elements),
         }
     }
 
@@ -36,6 +40,7 @@ impl Dtype {
             Dtype::F32 => WeightDtype::F32,
             Dtype::F16 => WeightDtype::F16,
             Dtype::Bf16 | Dtype::F8E4M3 => WeightDtype::Bf16,
+            Dtype::Block(q) => q,
         }
     }
 }
@@ -81,6 +86,11 @@ impl TensorRef<'_> {
             Dtype::F16 => self.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::Bf16 => self.data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F8E4M3 => self.data.iter().map(|&b| crate::kernels::dequant::e4m3_to_f32(b)).collect(),
+            Dtype::Block(q) => {
+                let mut out = vec![0f32; self.shape.iter().product()];
+                crate::quant::dequantize(q, self.data, &mut out);
+                out
+            }
         }
     }
 }
@@ -151,7 +161,7 @@ impl Checkpoint {
                 return Err(bad(&path, format!("truncated: tensor `{name}` ends at byte {end}, the file has {}", map.len())));
             }
             let elements: usize = info.shape.iter().product();
-            if elements * dtype.bytes() != end - start {
+            if dtype.bytes_of(elements) != end - start {
                 return Err(bad(&path, format!("tensor `{name}`: shape {:?} does not match its {} bytes", info.shape, end - start)));
             }
             self.tensors.insert(name.clone(), Entry { file: index, dtype, shape: info.shape.clone(), start, end });
@@ -171,7 +181,7 @@ impl Checkpoint {
         }
         let mut map = HashMap::new();
         for (name, dtype, shape, blob) in tensors {
-            let len = shape.iter().product::<usize>() * dtype.bytes();
+            let len = dtype.bytes_of(shape.iter().product::<usize>());
             if blobs[blob].len() != len {
                 return Err(Error::invalid(label, format!("tensor `{name}` needs {len} bytes, its blob has {}", blobs[blob].len())));
             }

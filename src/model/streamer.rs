@@ -28,7 +28,7 @@ impl ExpertSlot {
     /// A slot for experts whose matrices the kernels read as `dtype`; FP8 packs of
     /// `fp8_pack_bytes` also get a staging buffer.
     pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: WeightDtype, fp8_pack_bytes: Option<usize>) -> Result<Self> {
-        let bytes = ((cfg.moe_intermediate_size * cfg.hidden_size * dtype.bytes()) as u64).next_multiple_of(8);
+        let bytes = (dtype.bytes_of(cfg.moe_intermediate_size * cfg.hidden_size) as u64).next_multiple_of(8);
         // FP8 slots are written by the GPU's dequantisation, not by the host.
         let mapped = ctx.unified_memory() && fp8_pack_bytes.is_none() && std::env::var_os("MOEGEN_NO_MAPPED_SLOTS").is_none();
         log::debug!("expert slot of 3 x {bytes} bytes, {}", if mapped { "written in place (unified memory)" } else { "written through staging" });

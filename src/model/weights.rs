@@ -55,7 +55,7 @@ pub struct HostExperts {
 impl HostExperts {
     /// Byte ranges of the gate, up and down matrices within a pack (FP8 values for FP8 packs).
     pub fn sections(&self) -> [std::ops::Range<usize>; 3] {
-        let m = self.inter * self.hidden * if self.fp8_block.is_some() { 1 } else { self.dtype.bytes() };
+        let m = if self.fp8_block.is_some() { self.inter * self.hidden } else { self.dtype.bytes_of(self.inter * self.hidden) };
         [0..m, m..2 * m, 2 * m..3 * m]
     }
 
@@ -105,7 +105,7 @@ impl HostProjections {
     /// Bytes matrix `i` takes in its GPU slot.
     pub fn gpu_bytes(&self, i: usize) -> usize {
         match self.fp8[i] {
-            Some(_) => self.shapes[i].0 * self.shapes[i].1 * self.dtype.bytes(),
+            Some(_) => self.dtype.bytes_of(self.shapes[i].0 * self.shapes[i].1),
             None => self.data[i].len(),
         }
     }
@@ -201,6 +201,8 @@ impl Loader<'_> {
             Some((scales, block)) => {
                 (Cow::Owned(to_bf16_bytes(&Fp8Matrix { data: t.data, scales: &scales, block }, t.shape[0], t.shape[1])), WeightDtype::Bf16)
             }
+            // Block formats hold no single element's bytes: widened for rearranging.
+            None if t.dtype.weight().is_quantised() => (Cow::Owned(bytemuck::cast_slice(&t.to_f32()).to_vec()), WeightDtype::F32),
             None => (Cow::Borrowed(t.data), t.dtype.weight()),
         })
     }
@@ -230,7 +232,7 @@ impl Loader<'_> {
         if self.ck.contains(&fused) {
             let gate_up = self.ck.get(&fused, &[n, 2 * inter, h])?;
             let down = self.ck.get(&format!("{prefix}.experts.down_proj"), &[n, h, inter])?;
-            let each = inter * h * gate_up.dtype.bytes();
+            let each = gate_up.dtype.bytes_of(inter * h);
             let halves: Vec<&[u8]> = gate_up.data.chunks(each).collect();
             if gate_up.dtype == Dtype::F8E4M3 || down.dtype == Dtype::F8E4M3 {
                 return Err(Error::invalid(&fused, "FP8 experts in the fused layout are not supported (per-expert tensors are)"));
@@ -239,7 +241,7 @@ impl Loader<'_> {
                 kinds: [
                     halves.iter().step_by(2).copied().collect(),
                     halves.iter().skip(1).step_by(2).copied().collect(),
-                    down.data.chunks(h * inter * down.dtype.bytes()).collect(),
+                    down.data.chunks(down.dtype.bytes_of(h * inter)).collect(),
                 ],
                 scales: Default::default(),
                 dtypes: [gate_up.dtype.weight(), gate_up.dtype.weight(), down.dtype.weight()],
@@ -339,7 +341,7 @@ impl Loader<'_> {
             let scales = self.fp8_scales(&t)?;
             let aligned = scales.as_ref().is_some_and(|(_, (br, bc))| dn % br == 0 && dv % br == 0 && r % bc == 0);
             let (data, dtype) = if aligned { (Cow::Borrowed(t.data), WeightDtype::Bf16) } else { self.host_bytes(&t)? };
-            let e = if aligned { 1 } else { dtype.bytes() };
+            let e = if aligned { 1 } else { dtype.block_bytes() };
             let (mut absorb_k, mut absorb_v) = (Vec::with_capacity(heads * r * dn * e), Vec::with_capacity(heads * dv * r * e));
             for h in 0..heads {
                 let head = &data[h * (dn + dv) * r * e..(h + 1) * (dn + dv) * r * e];
