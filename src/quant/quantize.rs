@@ -240,6 +240,22 @@ mod tests {
         }
     }
 
+    /// Bytes llama.cpp's quantiser wrote (scripts/make_llama_fixtures.sh) for rows of every kind of
+    /// data: normal, tiny, huge, constant, zero, one outlier, all negative, all positive, ...
+    #[test]
+    fn the_same_bytes_as_llama_cpp() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant");
+        let x: Vec<f32> = bytemuck::pod_collect_to_vec(&std::fs::read(dir.join("input.f32")).unwrap());
+        for dtype in [WeightDtype::Q8_0, WeightDtype::Q4_0, WeightDtype::Q4K] {
+            let theirs = std::fs::read(dir.join(format!("{}.bin", dtype.name()))).unwrap();
+            let ours = quantize(dtype, &x, 512).unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{}", dtype.name());
+            if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
+                panic!("{}: byte {i} (block {}) is {:#04x}, llama.cpp wrote {:#04x}", dtype.name(), i / dtype.block_bytes(), ours[i], theirs[i]);
+            }
+        }
+    }
+
     #[test]
     fn rows_not_a_whole_number_of_blocks_are_refused() {
         let e = quantize(WeightDtype::Q4K, &[0.0; 128], 128).unwrap_err().to_string();

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""GGUF fixtures, written by llama.cpp's own converter (convert_hf_to_gguf.py, imported from the
+llama.cpp tree on PYTHONPATH): run by scripts/make_llama_fixtures.sh, which pins the versions.
+
+    make_gguf_fixtures.py convert SRC_DIR OUT.gguf OUTTYPE   # f32 | f16 | bf16
+    make_gguf_fixtures.py model256 DIR                       # the K-quant fixture's checkpoint
+
+The tiny fixtures have a 256-token vocabulary and no tokenizer files; the converter needs a
+vocabulary, so it is given a byte-level one of 256 tokens (GPT-2 style, one merge), the weights
+and hyperparameters being converted exactly as for any checkpoint.
+"""
+import json, os, sys
+
+import torch
+
+
+def byte_tokens():
+    """GPT-2's printable stand-ins for the 256 byte values."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def convert(src, out, outtype):
+    import gguf
+    import convert_hf_to_gguf as c
+    config = json.load(open(os.path.join(src, "config.json")))
+    assert config["vocab_size"] == 256, "the fixture vocabulary is 256 byte tokens"
+    original = c.get_model_class
+
+    def with_byte_vocab(name, mmproj=False):
+        base = original(name, mmproj)
+
+        class Fixture(base):
+            model_arch = base.model_arch
+
+            def set_vocab(self):
+                w = self.gguf_writer
+                w.add_tokenizer_model("gpt2")
+                w.add_tokenizer_pre("default")
+                w.add_token_list(byte_tokens())
+                w.add_token_types([gguf.TokenType.NORMAL] * 256)
+                # llama.cpp refuses a BPE vocabulary without merges: one, unused by ids.
+                w.add_token_merges(["! !"])
+                w.add_bos_token_id(config.get("bos_token_id") or 1)
+                w.add_eos_token_id(config.get("eos_token_id") or 2)
+
+        Fixture.__name__ = base.__name__
+        return Fixture
+
+    c.get_model_class = with_byte_vocab
+    sys.argv = ["convert_hf_to_gguf.py", src, "--outtype", outtype, "--outfile", out]
+    c.main()
+
+
+def model256(out_dir):
+    """A Mixtral checkpoint whose inner dimensions are whole K-quant super-blocks (256), in bf16,
+    with transformers' prompts from the same generator as the other fixtures."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_fixtures as mf
+    from transformers import MixtralConfig, MixtralForCausalLM
+    mf.OUT = out_dir
+    _, gen, out = mf.saved_model("mixtral-256", MixtralConfig, MixtralForCausalLM,
+                                 dict(hidden_size=256, intermediate_size=256, num_local_experts=4, head_dim=64,
+                                      rope_theta=10000.0, initializer_range=0.05), torch.bfloat16)
+    prompts = [torch.randint(3, mf.VOCAB, (n,), generator=gen).tolist() for n in mf.PROMPT_LENS]
+    json.dump({"prompts": prompts, "max_new_tokens": mf.NEW_TOKENS}, open(os.path.join(out, "prompts.json"), "w"))
+    print(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "convert":
+        convert(*sys.argv[2:5])
+    elif sys.argv[1] == "model256":
+        model256(sys.argv[2])
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The fixtures that come from llama.cpp (pinned in scripts/llama_cpp.sh: llama.cpp from
+# llama-cpp-python 0.3.36, torch 2.15.0, transformers 5.23.0):
+#   tests/fixtures/quant/  f32 rows and the bytes llama.cpp's quantiser writes for them
+#                          (Q8_0, Q4_0, Q4_K; ggml_quantize_chunk without an importance matrix,
+#                          the call llama-quantize makes), for moegen's bit-exact quantisers;
+#   tests/fixtures/gguf/   transformers fixtures converted by convert_hf_to_gguf.py (f32, f16,
+#                          bf16; not qwen2-moe-bf16, whose dense first layer llama.cpp cannot
+#                          hold), and a Mixtral of 256-wide dimensions quantised by
+#                          llama-quantize (Q8_0, Q4_0, Q4_K_M, Q5_K_M) with llama.cpp's greedy
+#                          tokens for its prompts.
+#   WORK=/tmp/moegen-peer scripts/make_llama_fixtures.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/llama_cpp.sh
+llama_cpp_build llama-quantize llama ggml-base
+LIB="$BUILD/bin"
+gcc -O2 -o "$WORK/quantize_ref" scripts/llama/quantize_ref.c -I"$LLAMA/ggml/include" -L"$LIB" -lggml-base -Wl,-rpath,"$LIB"
+g++ -O2 -o "$WORK/greedy" scripts/llama/greedy.cpp -I"$LLAMA/include" -I"$LLAMA/ggml/include" -L"$LIB" -lllama -lggml -lggml-base -Wl,-rpath,"$LIB"
+
+# Quantiser fixtures: 24 rows of 512, each 256-block a different kind of data.
+Q=tests/fixtures/quant
+mkdir -p "$Q"
+"$PY" - "$Q/input.f32" <<'PYEOF'
+import sys, numpy as np
+rng = np.random.default_rng(12)
+blocks = []
+for i in range(48):
+    kind = i % 12
+    x = rng.standard_normal(256).astype(np.float32)
+    x = {0: x, 1: x * 1e-3, 2: x * 1e3, 3: np.full(256, 0.37, np.float32), 4: np.zeros(256, np.float32),
+         5: np.where(np.arange(256) == 77, 40.0, x * 0.01), 6: -np.abs(x), 7: np.abs(x) + 0.5,
+         8: x * 1e-6, 9: rng.uniform(-1, 1, 256), 10: np.round(x * 4) / 4, 11: x ** 3}[kind]
+    blocks.append(np.asarray(x, np.float32))
+np.concatenate(blocks).tofile(sys.argv[1])
+PYEOF
+for t in q8_0 q4_0 q4_k; do
+    "$WORK/quantize_ref" $t 512 "$Q/input.f32" "$Q/$t.bin"
+done
+
+G=tests/fixtures/gguf
+mkdir -p "$G"
+convert() { PYTHONPATH="$LLAMA:$LLAMA/gguf-py" "$PY" scripts/make_gguf_fixtures.py convert "$@" >"$WORK/convert.log" 2>&1 || { tail -20 "$WORK/convert.log"; exit 1; }; }
+convert tests/fixtures/mixtral-f32 "$G/mixtral-f32.gguf" f32
+convert tests/fixtures/qwen3-moe-f16 "$G/qwen3-moe-f16.gguf" f16
+convert tests/fixtures/olmoe-bf16 "$G/olmoe-bf16.gguf" bf16
+
+M="$WORK/fixtures/mixtral-256"
+"$PY" scripts/make_gguf_fixtures.py model256 "$WORK/fixtures"
+convert "$M" "$WORK/mixtral-256-bf16.gguf" bf16
+for t in Q8_0 Q4_0 Q4_K_M Q5_K_M; do
+    lower=$(echo $t | tr A-Z a-z)
+    "$LIB/llama-quantize" "$WORK/mixtral-256-bf16.gguf" "$G/mixtral-256-$lower.gguf" $t >"$WORK/quantize-$t.log" 2>&1
+done
+# llama.cpp's greedy tokens on each, beside the prompts.
+"$PY" - "$M/prompts.json" "$G" "$WORK/greedy" <<'PYEOF'
+import json, subprocess, sys
+prompts_file, g, greedy = sys.argv[1:]
+p = json.load(open(prompts_file))
+lines = "".join(json.dumps(x) + "\n" for x in p["prompts"])
+out = {"prompts": p["prompts"], "max_new_tokens": p["max_new_tokens"], "llama_cpp": {}}
+for t in ["q8_0", "q4_0", "q4_k_m", "q5_k_m"]:
+    r = subprocess.run([greedy, f"{g}/mixtral-256-{t}.gguf", str(p["max_new_tokens"])], input=lines,
+                       capture_output=True, text=True, check=True)
+    out["llama_cpp"][t] = [json.loads(l) for l in r.stdout.splitlines()]
+json.dump(out, open(f"{g}/mixtral-256.json", "w"), indent=1)
+print(json.dumps(out["llama_cpp"]))
+PYEOF
+ls -la "$Q" "$G"
