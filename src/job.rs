@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::gpu::{AdapterChoice, GpuContext};
-use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
 use crate::engine::{plan_kv_dtype, plan_policy, run_policy, Budgets, RunSettings};
@@ -139,18 +138,16 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     let started = Instant::now();
     check_flags(args)?;
     let model_dir = args.model.clone().unwrap_or_else(|| default_assets().join("default-model"));
-    if !model_dir.join("config.json").exists() {
-        bail!("{}: not a model directory (no config.json)", model_dir.display());
-    }
     let input = match &args.input {
         Some(p) => p.clone(),
         None if args.model.is_none() => default_assets().join("prompts.jsonl"),
         None => bail!("--input is required with --model (a JSONL file of prompts)"),
     };
     // The KV dtype (auto: the planner's choice) is settled with the plan below.
-    let cfg = ModelConfig::load(&model_dir)?.with_kv_bf16(args.kv_bf16 == Some(true))?;
-    let tokenizer_path = model_dir.join("tokenizer.json");
-    let codec = if tokenizer_path.exists() { Some(TextCodec::load(&tokenizer_path)?) } else { None };
+    // Every tensor the model needs is checked when it loads, before any output is written.
+    let files = crate::loader::ModelFiles::open(&model_dir)?;
+    let cfg = files.config.clone().with_kv_bf16(args.kv_bf16 == Some(true))?;
+    let codec = files.codec;
     let lines = read_prompts(&input)?;
     let (mut sink, done) = match &args.output {
         Some(p) => ResultSink::open(p, args.resume).with_context(|| format!("--output {}", p.display()))?,
@@ -164,7 +161,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         return Ok(summary);
     }
 
-    let checkpoint = Checkpoint::open(&model_dir)?;
+    let checkpoint = files.checkpoint;
     let ctx = GpuContext::new(&args.adapter)?;
     let budgets = Budgets::resolve(args.gpu_memory, args.host_memory, &ctx);
     eprintln!("{}: {}", ctx.info().name, budgets.describe());

@@ -385,3 +385,68 @@ fn deepseek_v3_fp8_block_scaled_weights_against_their_dequantised_reference() {
     std::fs::remove_dir_all(&broken).ok();
 }
 
+
+/// GGUF files written by llama.cpp's converter from the transformers fixtures
+/// (scripts/make_llama_fixtures.sh): the same logits and greedy tokens as transformers, on both
+/// devices. The Mixtral one has its query and key rows interleaved by the converter.
+#[test]
+fn gguf_conversions_of_the_fixtures_match_transformers() {
+    for (file, fixture_name) in [("mixtral-f32.gguf", "mixtral-f32"), ("qwen3-moe-f16.gguf", "qwen3-moe-f16"), ("olmoe-bf16.gguf", "olmoe-bf16")] {
+        let (_, expected) = fixture(fixture_name);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(file);
+        for ctx in [gpu(), cpu()] {
+            let model = Model::load(ctx, &path, 64).unwrap();
+            check_model(&format!("gguf/{file} on {}", if ctx.is_cpu() { "the CPU" } else { "the GPU" }), &model, &expected);
+        }
+    }
+}
+
+fn greedy(model: &Model, prompts: &[Vec<u32>], max_new: usize) -> Vec<Vec<u32>> {
+    let requests: Vec<Request> =
+        prompts.iter().enumerate().map(|(i, p)| Request { id: Value::from(i), prompt: p.clone(), max_new_tokens: max_new }).collect();
+    let mut outputs = vec![Vec::new(); requests.len()];
+    let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
+    generate(model, &requests, &opts, |f| {
+        outputs[f.index] = f.output;
+        Ok(())
+    })
+    .unwrap();
+    outputs
+}
+
+/// llama-quantize's Q8_0, Q4_0, Q4_K_M (Q4_K with Q6_K) and Q5_K_M (Q5_K with Q6_K) files: the
+/// kernels reading the blocks give the logits (to f32 rounding) and the greedy tokens of the same
+/// model on the weights dequantised to f32, resident or with every expert streamed, on both
+/// devices. llama.cpp's own greedy tokens on each file are reported beside ours.
+#[test]
+fn quantised_gguf_files_match_their_dequantised_weights() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mixtral-256.json")).unwrap()).unwrap();
+    let prompts: Vec<Vec<u32>> = recorded["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let max_new = recorded["max_new_tokens"].as_u64().unwrap() as usize;
+    for format in ["q8_0", "q4_0", "q4_k_m", "q5_k_m"] {
+        let path = dir.join(format!("mixtral-256-{format}.gguf"));
+        let files = moegen::loader::ModelFiles::open(&path).unwrap();
+        let dtypes: std::collections::BTreeSet<String> =
+            files.checkpoint.names().filter_map(|n| files.checkpoint.dtype_of(n)).map(|d| d.weight().name().to_string()).collect();
+        let reference = files.checkpoint.dequantized().unwrap();
+        for ctx in [gpu(), cpu()] {
+            let name = format!("{format} ({dtypes:?}) on {}", if ctx.is_cpu() { "the CPU" } else { "the GPU" });
+            let resident = Placement::all_resident(&files.config);
+            let packed = Model::load_placed(ctx, files.config.clone(), &files.checkpoint, 64, &resident).unwrap();
+            let wide = Model::load_placed(ctx, files.config.clone(), &reference, 64, &resident).unwrap();
+            let (a, b) = (prompt_logits(&packed, &prompts).unwrap(), prompt_logits(&wide, &prompts).unwrap());
+            let worst = a.iter().zip(&b).map(|(x, y)| relative_error(x, y)).fold(0f64, f64::max);
+            assert!(worst < 1e-6, "{name}: logits {worst:e} from the dequantised model's");
+            let ours = greedy(&packed, &prompts, max_new);
+            assert_eq!(ours, greedy(&wide, &prompts, max_new), "{name}: greedy tokens differ from the dequantised weights'");
+            let streamed = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![1], budget: None, resident_bytes: 0, reserved_bytes: 0 };
+            let model = Model::load_placed(ctx, files.config.clone(), &files.checkpoint, 64, &streamed).unwrap();
+            assert_eq!(greedy(&model, &prompts, max_new), ours, "{name}: streamed experts changed the tokens");
+            let theirs: Vec<Vec<u32>> = recorded["llama_cpp"][format].as_array().unwrap().iter().map(ids).collect();
+            let same = ours.iter().flatten().zip(theirs.iter().flatten()).filter(|(a, b)| a == b).count();
+            let first = ours.iter().zip(&theirs).filter(|(a, b)| a[0] == b[0]).count();
+            eprintln!("{name}: greedy agreement with llama.cpp {same}/{} tokens, first tokens {first}/{}", ours.len() * max_new, ours.len());
+        }
+    }
+}

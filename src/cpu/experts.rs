@@ -30,7 +30,8 @@ fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Cow<'a, [u32]>, 
             }
             Ok(out.try_into().expect("three matrices"))
         }
-        _ => Ok(sections.map(|r| {
+        _ => Ok([0, 1, 2].map(|i| {
+            let (r, dtype) = (sections[i].clone(), host.dtypes[i]);
             let bytes = &pack[r];
             let words = match bytemuck::try_cast_slice::<u8, u32>(bytes) {
                 Ok(w) => Cow::Borrowed(w),
@@ -40,7 +41,7 @@ fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Cow<'a, [u32]>, 
                     Cow::Owned(words)
                 }
             };
-            (words, host.dtype)
+            (words, dtype)
         })),
     }
 }
@@ -83,7 +84,7 @@ mod tests {
         let x: Vec<f32> = (0..m * h).map(|_| rand()).collect();
         // bf16
         let pack: Vec<u8> = mats.iter().flat_map(|v| crate::gpu::encode_weights(v, WeightDtype::Bf16)).collect();
-        let host = HostExperts { packs: vec![vec![0u8; 6], pack], dtype: WeightDtype::Bf16, fp8_block: None, inter, hidden: h };
+        let host = HostExperts { packs: vec![vec![0u8; 6], pack], dtypes: [WeightDtype::Bf16; 3], fp8_block: None, inter, hidden: h };
         let got = expert_ffn(&host, 1, &x, m).unwrap();
         let r: Vec<Vec<f32>> = mats.iter().map(|v| crate::gpu::round_weights(v, WeightDtype::Bf16)).collect();
         check(&got, &x, &r, inter, h);
@@ -96,7 +97,7 @@ mod tests {
         for sc in &scales {
             pack.extend(bytemuck::cast_slice::<f32, u8>(sc));
         }
-        let host = HostExperts { packs: vec![pack], dtype: WeightDtype::Bf16, fp8_block: Some(block), inter, hidden: h };
+        let host = HostExperts { packs: vec![pack], dtypes: [WeightDtype::Bf16; 3], fp8_block: Some(block), inter, hidden: h };
         let got = expert_ffn(&host, 0, &x, m).unwrap();
         let r: Vec<Vec<f32>> = (0..3).map(|i| dequant_reference(&Fp8Matrix { data: &bytes[i], scales: &scales[i], block }, shapes[i].0, shapes[i].1)).collect();
         check(&got, &x, &r, inter, h);

@@ -190,6 +190,42 @@ impl Checkpoint {
         Ok(Checkpoint { files: vec![(PathBuf::from(label), Bytes(std::sync::Arc::new(data)))], tensors: map })
     }
 
+    /// A checkpoint over files already read (GGUF models): `tensors` are (name, file index,
+    /// dtype, shape, byte range in that file), each checked against its file and its size.
+    pub(crate) fn assemble(
+        files: Vec<(PathBuf, std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>)>,
+        tensors: Vec<(String, usize, Dtype, Vec<usize>, usize, usize)>,
+    ) -> Result<Self> {
+        let mut map = HashMap::new();
+        for (name, file, dtype, shape, start, end) in tensors {
+            let (path, bytes) = &files[file];
+            let len = dtype.bytes_of(shape.iter().product::<usize>());
+            if end > (**bytes).as_ref().len() || end < start || end - start != len {
+                return Err(bad(path, format!("tensor `{name}`: bytes {start}..{end} do not hold shape {shape:?}")));
+            }
+            map.insert(name, Entry { file, dtype, shape, start, end });
+        }
+        Ok(Checkpoint { files: files.into_iter().map(|(p, b)| (p, Bytes(b))).collect(), tensors: map })
+    }
+
+    /// The same checkpoint with every block-quantised tensor widened to f32 (`--dequantize`: the
+    /// reference the packed kernels are checked against), in memory.
+    pub fn dequantized(&self) -> Result<Self> {
+        let mut blobs = Vec::new();
+        let mut tensors = Vec::new();
+        for (name, e) in &self.tensors {
+            let t = TensorRef { name, dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.start..e.end] };
+            let (dtype, bytes) = match e.dtype {
+                Dtype::Block(_) => (Dtype::F32, bytemuck::cast_slice(&t.to_f32()).to_vec()),
+                d => (d, t.data.to_vec()),
+            };
+            tensors.push((name.clone(), dtype, e.shape.clone(), blobs.len()));
+            blobs.push(bytes);
+        }
+        let label = self.files.first().map(|(p, _)| format!("{} (dequantised)", p.display())).unwrap_or_default();
+        Self::in_memory(&label, blobs, tensors)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

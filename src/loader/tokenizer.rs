@@ -2,7 +2,12 @@
 
 use std::path::Path;
 
+use std::str::FromStr;
+
 use crate::error::{Error, Result};
+
+#[path = "gguf_vocab.rs"]
+mod gguf_vocab;
 
 pub struct TextCodec {
     inner: tokenizers::Tokenizer,
@@ -26,6 +31,14 @@ impl TextCodec {
     /// over several byte tokens come out whole.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| Error::invalid(&self.path, format!("decoding failed: {e}")))
+    }
+
+    /// The tokenizer embedded in a GGUF file's metadata, or None when it has none.
+    pub fn from_gguf(metadata: &std::collections::BTreeMap<String, crate::loader::gguf::Meta>, file: &str) -> Result<Option<Self>> {
+        let Some(json) = gguf_vocab::tokenizer_json(metadata, file)? else { return Ok(None) };
+        let inner = tokenizers::Tokenizer::from_str(&json.to_string())
+            .map_err(|e| Error::invalid(file, format!("cannot build the tokenizer from the embedded vocabulary: {e}")))?;
+        Ok(Some(TextCodec { inner, path: file.to_string() }))
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -330,7 +330,8 @@ impl Model {
         Ok(slot
             .iter()
             .zip(&host.shapes)
-            .map(|(buffer, &(rows, cols))| GpuWeight { parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }], rows, cols, dtype: host.dtype })
+            .zip(&host.dtypes)
+            .map(|((buffer, &(rows, cols)), &dtype)| GpuWeight { parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }], rows, cols, dtype })
             .collect())
     }
 
@@ -446,7 +447,7 @@ impl Model {
     pub(crate) fn slot_ffn(&self, b: &mut Batch, slot: &ExpertSlot, host: &HostExperts, xg: &GpuBuffer, row0: usize, m: usize, scratch: [&GpuBuffer; 3], y: &GpuBuffer) -> Result<()> {
         let (h, inter) = (host.hidden, host.inter);
         let [gate, up, act] = scratch;
-        let [wg, wu, wd] = slot.weights(inter, h, host.dtype);
+        let [wg, wu, wd] = slot.weights(inter, h, host.dtypes);
         let rows = Rows { m, x_row0: row0, y_row0: row0, y_stride: None };
         matmul_rows(b, xg, &wg, None, gate, rows, None)?;
         matmul_rows(b, xg, &wu, None, up, rows, None)?;

@@ -20,9 +20,9 @@ impl Model {
     /// Loads the model in `dir` onto `ctx`, every weight resident, with rope positions for
     /// sequences up to `max_positions` tokens (capped at the model's `max_position_embeddings`).
     pub fn load(ctx: &GpuContext, dir: &Path, max_positions: usize) -> Result<Self> {
-        let cfg = ModelConfig::load(dir)?;
-        let placement = Placement::all_resident(&cfg);
-        Self::load_placed(ctx, cfg, &Checkpoint::open(dir)?, max_positions, &placement)
+        let files = crate::loader::ModelFiles::open(dir)?;
+        let placement = Placement::all_resident(&files.config);
+        Self::load_placed(ctx, files.config, &files.checkpoint, max_positions, &placement)
     }
 
     /// [`Model::load`] from a config and checkpoint already read, the experts placed as
@@ -39,12 +39,24 @@ impl Model {
         let weights = Weights::load(ctx, checkpoint, &cfg, placement)?;
         let positions = max_positions.clamp(1, cfg.max_position_embeddings.max(1));
         let rope = RopeTable::new(ctx, &cfg.inv_freq, cfg.rope_attention_scaling, positions)?;
-        let streamed = weights.layers.iter().find_map(|l| match &l.ffn {
-            Ffn::Moe { experts: Experts::Streamed(h), .. } => Some((h.dtype, h.fp8_block.map(|_| h.packs[0].len()))),
-            _ => None,
-        });
-        let slots = match streamed {
-            Some((dtype, fp8_pack)) => (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, &cfg, dtype, fp8_pack)).collect::<Result<_>>()?,
+        // Slots as large as the largest streamed layer's matrices (layers may differ in format).
+        let streamed: Vec<&weights::HostExperts> = weights
+            .layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                Ffn::Moe { experts: Experts::Streamed(h), .. } => Some(h),
+                _ => None,
+            })
+            .collect();
+        let slots = match streamed.first() {
+            Some(first) => {
+                let bytes = streamed.iter().fold([0usize; 3], |m, h| {
+                    let b = h.slot_bytes();
+                    [m[0].max(b[0]), m[1].max(b[1]), m[2].max(b[2])]
+                });
+                let fp8_pack = first.fp8_block.map(|_| first.packs[0].len());
+                (0..placement.slots.max(2)).map(|_| ExpertSlot::new(ctx, bytes, fp8_pack)).collect::<Result<_>>()?
+            }
             None => Vec::new(),
         };
         let slot_cache = std::sync::Mutex::new(SlotCache::new(slots.len()));

@@ -10,7 +10,6 @@ use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, GpuContext, GpuWeight, Track, WeightDtype, WeightPart};
-use crate::loader::config::ModelConfig;
 use crate::model::weights::HostExperts;
 
 /// Room on the GPU for one streamed expert's three matrices.
@@ -25,14 +24,14 @@ pub struct ExpertSlot {
 }
 
 impl ExpertSlot {
-    /// A slot for experts whose matrices the kernels read as `dtype`; FP8 packs of
-    /// `fp8_pack_bytes` also get a staging buffer.
-    pub fn new(ctx: &GpuContext, cfg: &ModelConfig, dtype: WeightDtype, fp8_pack_bytes: Option<usize>) -> Result<Self> {
-        let bytes = (dtype.bytes_of(cfg.moe_intermediate_size * cfg.hidden_size) as u64).next_multiple_of(8);
+    /// A slot whose gate, up and down matrices take `bytes` each (the most any streamed layer's
+    /// need); FP8 packs of `fp8_pack_bytes` also get a staging buffer.
+    pub fn new(ctx: &GpuContext, bytes: [usize; 3], fp8_pack_bytes: Option<usize>) -> Result<Self> {
+        let sizes = bytes.map(|b| (b as u64).next_multiple_of(8));
         // FP8 slots are written by the GPU's dequantisation, not by the host.
         let mapped = ctx.unified_memory() && fp8_pack_bytes.is_none() && std::env::var_os("MOEGEN_NO_MAPPED_SLOTS").is_none();
-        log::debug!("expert slot of 3 x {bytes} bytes, {}", if mapped { "written in place (unified memory)" } else { "written through staging" });
-        let make = |what: &str| -> Result<GpuBuffer> {
+        log::debug!("expert slot of {sizes:?} bytes, {}", if mapped { "written in place (unified memory)" } else { "written through staging" });
+        let make = |what: &str, bytes: u64| -> Result<GpuBuffer> {
             if bytes > ctx.binding_limit() {
                 return Err(crate::error::Error::BindingTooLarge { what: what.to_string(), needed: bytes, limit: ctx.binding_limit() });
             }
@@ -43,7 +42,13 @@ impl ExpertSlot {
             }
         };
         let fp8_staging = fp8_pack_bytes.map(|b| ctx.storage("expert slot (FP8 pack)", (b as u64).next_multiple_of(4))).transpose()?;
-        Ok(ExpertSlot { gate: make("expert slot (gate)")?, up: make("expert slot (up)")?, down: make("expert slot (down)")?, mapped, fp8_staging })
+        Ok(ExpertSlot {
+            gate: make("expert slot (gate)", sizes[0])?,
+            up: make("expert slot (up)", sizes[1])?,
+            down: make("expert slot (down)", sizes[2])?,
+            mapped,
+            fp8_staging,
+        })
     }
 
     /// Writes an expert's pack into the slot: its three matrices, or for FP8 the pack into the
@@ -72,14 +77,14 @@ impl ExpertSlot {
     }
 
     /// The slot's matrices as one-part weights of `inter x hidden` (gate, up) and `hidden x inter` (down).
-    pub fn weights(&self, inter: usize, hidden: usize, dtype: WeightDtype) -> [GpuWeight; 3] {
-        let view = |buffer: &GpuBuffer, rows: usize, cols: usize| GpuWeight {
+    pub fn weights(&self, inter: usize, hidden: usize, dtypes: [WeightDtype; 3]) -> [GpuWeight; 3] {
+        let view = |buffer: &GpuBuffer, rows: usize, cols: usize, dtype: WeightDtype| GpuWeight {
             parts: vec![WeightPart { buffer: buffer.clone(), first_row: 0, rows }],
             rows,
             cols,
             dtype,
         };
-        [view(&self.gate, inter, hidden), view(&self.up, inter, hidden), view(&self.down, hidden, inter)]
+        [view(&self.gate, inter, hidden, dtypes[0]), view(&self.up, inter, hidden, dtypes[1]), view(&self.down, hidden, inter, dtypes[2])]
     }
 }
 

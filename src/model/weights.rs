@@ -44,8 +44,9 @@ pub enum Experts {
 /// expert is one contiguous read when it streams to a slot.
 pub struct HostExperts {
     pub packs: Vec<Vec<u8>>,
-    /// The dtype the kernels read from the slots (bf16 for FP8 packs).
-    pub dtype: WeightDtype,
+    /// The dtypes the kernels read from the slots, of gate, up and down (bf16 for FP8 packs;
+    /// GGUF files mix block formats, such as Q4_K gates with Q6_K downs).
+    pub dtypes: [WeightDtype; 3],
     /// FP8 packs: the scale block; each pack holds the three FP8 matrices, then their f32 scales.
     pub fp8_block: Option<(usize, usize)>,
     pub inter: usize,
@@ -55,8 +56,19 @@ pub struct HostExperts {
 impl HostExperts {
     /// Byte ranges of the gate, up and down matrices within a pack (FP8 values for FP8 packs).
     pub fn sections(&self) -> [std::ops::Range<usize>; 3] {
-        let m = if self.fp8_block.is_some() { self.inter * self.hidden } else { self.dtype.bytes_of(self.inter * self.hidden) };
-        [0..m, m..2 * m, 2 * m..3 * m]
+        let [g, u, d] = self.matrix_bytes();
+        [0..g, g..g + u, g + u..g + u + d]
+    }
+
+    /// Bytes of the gate, up and down matrices in a pack.
+    pub fn matrix_bytes(&self) -> [usize; 3] {
+        let n = self.inter * self.hidden;
+        self.dtypes.map(|d| if self.fp8_block.is_some() { n } else { d.bytes_of(n) })
+    }
+
+    /// Bytes of the gate, up and down matrices in a GPU slot.
+    pub fn slot_bytes(&self) -> [usize; 3] {
+        self.dtypes.map(|d| d.bytes_of(self.inter * self.hidden))
     }
 
     /// Float offsets, within a pack read as floats, of the gate, up and down scales.
@@ -88,8 +100,8 @@ pub enum Projections {
 pub struct HostProjections {
     /// Each matrix's bytes; an FP8 one's values, padded to 4 bytes, then its f32 block scales.
     pub data: Vec<Vec<u8>>,
-    /// The dtype the kernels read (bf16 for FP8 matrices, dequantised in the slot).
-    pub dtype: WeightDtype,
+    /// The dtype the kernels read of each (bf16 for FP8 matrices, dequantised in the slot).
+    pub dtypes: Vec<WeightDtype>,
     /// (rows, cols) of each.
     pub shapes: Vec<(usize, usize)>,
     /// The scale block of each FP8 matrix.
@@ -105,7 +117,7 @@ impl HostProjections {
     /// Bytes matrix `i` takes in its GPU slot.
     pub fn gpu_bytes(&self, i: usize) -> usize {
         match self.fp8[i] {
-            Some(_) => self.dtype.bytes_of(self.shapes[i].0 * self.shapes[i].1),
+            Some(_) => self.dtypes[i].bytes_of(self.shapes[i].0 * self.shapes[i].1),
             None => self.data[i].len(),
         }
     }
@@ -300,8 +312,8 @@ impl Loader<'_> {
                 n_experts: n,
             })));
         }
-        if p.dtypes.iter().any(|&d| d != p.dtypes[0]) {
-            return Err(Error::invalid(&p.names[2], format!("streamed experts need one dtype for all three matrices, found {:?}", p.dtypes)));
+        if p.fp8 && p.dtypes.iter().any(|&d| d != p.dtypes[0]) {
+            return Err(Error::invalid(&p.names[2], format!("streamed FP8 experts need one dtype for all three matrices, found {:?}", p.dtypes)));
         }
         if p.fp8 && (inter * h) % 4 != 0 {
             return Err(Error::invalid(&p.names[0], format!("streamed FP8 experts need {inter} x {h} to be a multiple of 4")));
@@ -317,7 +329,7 @@ impl Loader<'_> {
                 pack
             })
             .collect();
-        Ok(Experts::Streamed(HostExperts { packs, dtype: p.dtypes[0], fp8_block: p.fp8.then_some(block), inter, hidden: h }))
+        Ok(Experts::Streamed(HostExperts { packs, dtypes: p.dtypes, fp8_block: p.fp8.then_some(block), inter, hidden: h }))
     }
 
     /// Each attention matrix the forward pass uses, checked against the config. MLA's
@@ -393,10 +405,7 @@ impl Loader<'_> {
                 .collect::<Result<Vec<_>>>()
                 .map(Projections::Resident);
         }
-        let dtype = data[0].dtype;
-        if let Some(m) = data.iter().find(|m| m.dtype != dtype) {
-            return Err(Error::invalid(&m.name, format!("streamed attention needs one dtype for all its matrices; found {:?} and {dtype:?}", m.dtype)));
-        }
+        let dtypes = data.iter().map(|m| m.dtype).collect();
         for (m, &(_, cols)) in data.iter().zip(&shapes) {
             if m.fp8.is_some() && !cols.is_multiple_of(2) {
                 return Err(Error::invalid(&m.name, format!("FP8 weights need an even number of columns, found {cols}")));
@@ -416,7 +425,7 @@ impl Loader<'_> {
                 None => m.bytes.into_owned(),
             })
             .collect();
-        Ok(Projections::Streamed(HostProjections { data, dtype, shapes, fp8 }))
+        Ok(Projections::Streamed(HostProjections { data, dtypes, shapes, fp8 }))
     }
 
     fn layer(&self, i: usize, placement: &Placement) -> Result<Layer> {

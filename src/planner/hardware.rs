@@ -568,7 +568,7 @@ pub fn calibrate_host_matmul() -> HostMatmul {
     // A tiny bf16 expert over one row: what its arithmetic does not explain is fixed cost.
     let (h, inter) = (64usize, 32usize);
     let pack: Vec<u8> = crate::gpu::encode_weights(&values(3 * h * inter, 5), crate::gpu::WeightDtype::Bf16);
-    let host = crate::model::weights::HostExperts { packs: vec![pack], dtype: crate::gpu::WeightDtype::Bf16, fp8_block: None, inter, hidden: h };
+    let host = crate::model::weights::HostExperts { packs: vec![pack], dtypes: [crate::gpu::WeightDtype::Bf16; 3], fp8_block: None, inter, hidden: h };
     let x = values(h, 6);
     let run = || {
         let t = Instant::now();
