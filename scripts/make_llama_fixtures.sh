@@ -8,7 +8,8 @@
 #                          bf16; not qwen2-moe-bf16, whose dense first layer llama.cpp cannot
 #                          hold), and a Mixtral of 256-wide dimensions quantised by
 #                          llama-quantize (Q8_0, Q4_0, Q4_K_M, Q5_K_M) with llama.cpp's greedy
-#                          tokens for its prompts.
+#                          tokens for its prompts; the real Mixtral and Qwen2 vocabularies
+#                          as the converter embeds them.
 #   WORK=/tmp/moegen-peer scripts/make_llama_fixtures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,28 @@ convert() { PYTHONPATH="$LLAMA:$LLAMA/gguf-py" "$PY" scripts/make_gguf_fixtures.
 convert tests/fixtures/mixtral-f32 "$G/mixtral-f32.gguf" f32
 convert tests/fixtures/qwen3-moe-f16 "$G/qwen3-moe-f16.gguf" f16
 convert tests/fixtures/olmoe-bf16 "$G/olmoe-bf16.gguf" bf16
+
+# The real Mixtral and Qwen2 vocabularies, as the converter embeds them (--vocab-only).
+for v in mixtral qwen2; do
+    d="$WORK/vocab/$v"
+    mkdir -p "$d"
+    "$PY" - "$v" "$d" <<'PYEOF'
+import json, shutil, sys
+name, d = sys.argv[1:]
+if name == "mixtral":
+    shutil.copy("tests/fixtures/tokenizers/mixtral-v1.tokenizer.json", f"{d}/tokenizer.json")
+    c = json.load(open("tests/fixtures/mixtral-f32/config.json")); c["vocab_size"] = 32000
+    t = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+         "tokenizer_class": "LlamaTokenizer"}
+else:
+    shutil.copy("tests/fixtures/tokenizers/qwen2.tokenizer.json", f"{d}/tokenizer.json")
+    c = json.load(open("tests/fixtures/qwen3-moe-f16/config.json")); c["vocab_size"] = 151936
+    t = {"bos_token": None, "eos_token": "<|endoftext|>", "add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer"}
+json.dump(c, open(f"{d}/config.json", "w"))
+json.dump(t, open(f"{d}/tokenizer_config.json", "w"))
+PYEOF
+    PYTHONPATH="$LLAMA/gguf-py" "$PY" "$LLAMA/convert_hf_to_gguf.py" "$d" --vocab-only --outfile "$G/$v-vocab.gguf" >"$WORK/convert.log" 2>&1
+done
 
 M="$WORK/fixtures/mixtral-256"
 "$PY" scripts/make_gguf_fixtures.py model256 "$WORK/fixtures"

@@ -51,3 +51,28 @@ fn a_broken_tokenizer_file_is_an_error_naming_it() {
     assert!(e.contains("tokenizer.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The same vocabularies embedded in GGUF files by llama.cpp's converter (`--vocab-only`,
+/// scripts/make_llama_fixtures.sh): the tokenizer built from the metadata encodes and decodes as
+/// the tokenizer.json does.
+#[test]
+fn gguf_vocabularies_tokenize_as_their_tokenizer_json() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let more = [
+        "  leading spaces and trailing  ",
+        "code: fn main() { println!(\"{}\", 1 + 2); }",
+        "Numbers 1234567 and 3.14159, URLs https://example.com/a?b=c",
+        "<|im_start|>user\nHi<|im_end|>",
+        "",
+    ];
+    for (json, gguf) in [("mixtral-v1.tokenizer.json", "mixtral-vocab.gguf"), ("qwen2.tokenizer.json", "qwen2-vocab.gguf")] {
+        let want = codec(json);
+        let g = moegen::loader::gguf::open(&dir.join(gguf)).unwrap();
+        let got = TextCodec::from_gguf(&g.metadata, gguf).unwrap().expect("an embedded vocabulary");
+        for text in TEXTS.iter().chain(&more) {
+            let (a, b) = (got.encode(text).unwrap(), want.encode(text).unwrap());
+            assert_eq!(a, b, "{gguf}: {text:?}");
+            assert_eq!(got.decode(&a).unwrap(), want.decode(&b).unwrap(), "{gguf}: decoding {text:?}");
+        }
+    }
+}
