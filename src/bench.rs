@@ -83,6 +83,25 @@ pub struct JobSpec {
     /// Keys and values in 16 bits in host memory and over the link (None: the planner's choice
     /// per run).
     pub kv_bf16: Option<bool>,
+    /// `--quantize`: each run list is run once per format (None: as stored).
+    pub quantize: Vec<Option<crate::gpu::WeightDtype>>,
+    pub quantize_attention: bool,
+}
+
+impl JobSpec {
+    /// The formats to run, at least the stored one.
+    fn formats(&self) -> Vec<Option<crate::gpu::WeightDtype>> {
+        if self.quantize.is_empty() {
+            vec![None]
+        } else {
+            self.quantize.clone()
+        }
+    }
+}
+
+/// The name of a `--quantize` choice.
+fn format_name(q: Option<crate::gpu::WeightDtype>) -> &'static str {
+    q.map_or("as stored", |d| d.name())
 }
 
 #[derive(Clone, Debug)]
@@ -148,25 +167,36 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
         trace: true,
     };
     let mut reports = Vec::new();
+    let mut labels = Vec::new();
     let mut traces = Vec::new();
+    let formats = spec.formats();
+    for q in formats.iter().copied() {
+    let cfg = cfg.clone().with_quantize(q, spec.quantize_attention)?;
     let weights = WeightBytes::of(&checkpoint, &cfg);
     for (b, attention, cpu_experts) in runs(&spec.batching, &spec.attention, &spec.cpu_experts) {
         let settings = RunSettings { attention, cpu_experts, ..settings.clone() };
-        let what = run_name(b, attention, cpu_experts, &spec.attention, &spec.cpu_experts);
+        let mut what = run_name(b, attention, cpu_experts, &spec.attention, &spec.cpu_experts);
+        if formats.len() > 1 {
+            what = format!("{what}, experts {}", format_name(q));
+        }
         let (cfg, plan) = plan_kv_dtype(&cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", plan.describe(&cfg, &weights));
         let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
         eprintln!("{}", report.describe());
         if args.json {
-            println!("{}", report_json(&report));
+            let mut j = report_json(&report);
+            j["experts"] = json!(format_name(q));
+            println!("{j}");
         }
         if let Some(t) = &report.trace_json {
             traces.push((what, t.clone()));
         }
         reports.push(report);
+        labels.push(format_name(q));
+    }
     }
     if !args.json {
-        print!("{}", table(&reports));
+        print!("{}", table(&reports, if formats.len() > 1 { Some(&labels) } else { None }));
     }
     if let Some(path) = &args.trace {
         write_traces(path, &traces).with_context(|| format!("--trace {}", path.display()))?;
@@ -225,13 +255,19 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
     })
 }
 
-pub fn table(reports: &[PolicyReport]) -> String {
+/// The runs side by side; `formats` names each run's expert format when several were run (the
+/// ratio is then to the first run of the same policy).
+pub fn table(reports: &[PolicyReport], formats: Option<&[&str]>) -> String {
     let mut s = format!(
-        "{:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>8}\n",
-        "batching", "attention", "tokens/s", "predicted", "prefill", "decode", "uploaded", "downloaded", "GPU busy", "in flight", "ratio"
+        "{:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>8}\n",
+        "batching", "experts", "attention", "tokens/s", "predicted", "prefill", "decode", "uploaded", "downloaded", "GPU busy", "in flight", "ratio"
     );
-    let base = reports.iter().find(|r| r.batching == Batching::Model).map(|r| r.tokens_per_s());
-    for r in reports {
+    for (i, r) in reports.iter().enumerate() {
+        let base = match formats {
+            Some(_) => reports.iter().find(|o| o.batching == r.batching).map(|o| o.tokens_per_s()),
+            None => reports.iter().find(|r| r.batching == Batching::Model).map(|r| r.tokens_per_s()),
+        };
+        let format = formats.map_or("", |f| f[i]);
         let ratio = base.map(|b| format!("{:.1}x", r.tokens_per_s() / b.max(1e-12))).unwrap_or_default();
         let site = match &r.plan.sizes {
             Some(z) if z.gpu_kv_rows == 0 && z.attention != crate::scheduler::AttentionSite::Gpu => match z.attention {
@@ -241,8 +277,9 @@ pub fn table(reports: &[PolicyReport]) -> String {
             _ => "gpu".into(),
         };
         s += &format!(
-            "{:<11} {:>9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>8.0}% {:>9} {:>8}\n",
+            "{:<11} {:>9} {:>10} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>8.0}% {:>9} {:>8}\n",
             r.batching.name(),
+            format,
             site,
             r.tokens_per_s(),
             r.plan.prediction.tokens_per_s,
@@ -323,6 +360,13 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         args.new_tokens
     );
     let mut any = false;
+    let formats = args.formats();
+    for q in formats.iter().copied() {
+    let cfg = cfg.clone().with_quantize(q, args.quantize_attention)?;
+    let weights = args.source.weight_bytes(&cfg)?;
+    if formats.len() > 1 || q.is_some() {
+        out += &format!("experts {}: {} each\n", format_name(q), crate::planner::format_size(weights.per_expert));
+    }
     for (b, attention, cpu_experts) in runs(&args.batching, &args.attention, &args.cpu_experts) {
         match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, cpu_experts, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
             Ok((cfg, plan)) => {
@@ -334,6 +378,7 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
             }
             Err(e) => out += &format!("batching {}: {e}\n", b.name()),
         }
+    }
     }
     Ok((out, any))
 }

@@ -49,6 +49,9 @@ pub struct JobArgs {
     pub trace: Option<PathBuf>,
     /// Keys and values in 16 bits in host memory and over the link (None: the planner's choice).
     pub kv_bf16: Option<bool>,
+    /// `--quantize`: the experts' block format, and whether attention is quantised too.
+    pub quantize: Option<crate::gpu::WeightDtype>,
+    pub quantize_attention: bool,
     pub adapter: AdapterChoice,
     pub progress: bool,
 }
@@ -146,7 +149,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     // The KV dtype (auto: the planner's choice) is settled with the plan below.
     // Every tensor the model needs is checked when it loads, before any output is written.
     let files = crate::loader::ModelFiles::open(&model_dir)?;
-    let cfg = files.config.clone().with_kv_bf16(args.kv_bf16 == Some(true))?;
+    let cfg = files.config.clone().with_kv_bf16(args.kv_bf16 == Some(true))?.with_quantize(args.quantize, args.quantize_attention)?;
     let codec = files.codec;
     let lines = read_prompts(&input)?;
     let (mut sink, done) = match &args.output {

@@ -133,6 +133,39 @@ struct LimitFlags {
     /// auto (the planner's faster choice). Default: auto for plan, f32 for generate and bench.
     #[arg(long, value_enum)]
     kv_dtype: Option<KvDtype>,
+    /// Quantise the routed experts at load into one of llama.cpp's block formats (the bytes
+    /// llama.cpp's own quantiser writes): they stay packed in host memory, over the link and on
+    /// the GPU. none, q8_0, q4_0, q4_k. Weights already quantised (GGUF) stay as they are. bench
+    /// and plan take a list (none,q8_0,q4_k) and run each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    quantize: Vec<QuantizeChoice>,
+    /// With --quantize, quantise the attention projections too.
+    #[arg(long)]
+    quantize_attention: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum QuantizeChoice {
+    None,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k")]
+    Q4K,
+}
+
+use moegen::gpu::WeightDtype;
+
+impl QuantizeChoice {
+    fn dtype(self) -> Option<WeightDtype> {
+        match self {
+            QuantizeChoice::None => None,
+            QuantizeChoice::Q8_0 => Some(WeightDtype::Q8_0),
+            QuantizeChoice::Q4_0 => Some(WeightDtype::Q4_0),
+            QuantizeChoice::Q4K => Some(WeightDtype::Q4K),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -245,6 +278,8 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         hardware: l.hardware,
         adapter: choice(adapter, device),
         kv_bf16: KvDtype::bf16(l.kv_dtype, default_kv),
+        quantize: l.quantize.iter().map(|q| q.dtype()).collect(),
+        quantize_attention: l.quantize_attention,
     })
 }
 
@@ -324,6 +359,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hardware: g.limits.hardware,
                 trace: g.trace,
                 kv_bf16: KvDtype::bf16(g.limits.kv_dtype, KvDtype::F32),
+                quantize: match g.limits.quantize[..] {
+                    [one] => one.dtype(),
+                    _ => anyhow::bail!("--quantize takes one format for generate (none, q8_0, q4_0 or q4_k)"),
+                },
+                quantize_attention: g.limits.quantize_attention,
                 adapter: choice(cli.adapter, cli.device),
                 progress: !g.quiet,
             };

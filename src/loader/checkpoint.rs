@@ -235,6 +235,11 @@ impl Checkpoint {
         self.tensors.get(name).map_or(0, |e| (e.end - e.start) as u64)
     }
 
+    /// Elements of a tensor (0 for a name not in the checkpoint).
+    pub fn elements_of(&self, name: &str) -> usize {
+        self.tensors.get(name).map_or(0, |e| e.shape.iter().product())
+    }
+
     pub fn dtype_of(&self, name: &str) -> Option<Dtype> {
         self.tensors.get(name).map(|e| e.dtype)
     }

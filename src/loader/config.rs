@@ -136,6 +136,11 @@ pub struct ModelConfig {
     /// Keys and values are rounded to bf16 as they are cached, and kept and sent over the link
     /// in 16 bits (`--kv-dtype bf16`; a run setting, not from config.json).
     pub kv_bf16: bool,
+    /// Routed experts (and with `quantize_attention` the attention projections) quantised at
+    /// load into this block format (`--quantize`; a run setting). Weights already in a block
+    /// format (GGUF) stay as they are.
+    pub quantize: Option<crate::gpu::WeightDtype>,
+    pub quantize_attention: bool,
     pub attention_bias: bool,
     pub qk_norm: QkNorm,
     pub tie_word_embeddings: bool,
@@ -372,6 +377,8 @@ impl ModelConfig {
             rope_layout,
             weight_block,
             kv_bf16: false,
+            quantize: None,
+            quantize_attention: false,
             attention_bias,
             qk_norm,
             tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
@@ -404,6 +411,31 @@ impl ModelConfig {
             return Err(Error::invalid("--kv-dtype", format!("bf16 KV needs even key and value widths; this model's are {:?}", self.kv_widths())));
         }
         self.kv_bf16 = on;
+        Ok(self)
+    }
+
+    /// The config with experts (and, with `attention`, the attention projections) quantised
+    /// at load to `q` (`--quantize`), checked against the model's dimensions.
+    pub fn with_quantize(mut self, q: Option<crate::gpu::WeightDtype>, attention: bool) -> Result<Self> {
+        if let Some(q) = q {
+            let mut cols = vec![("hidden_size", self.hidden_size), ("moe_intermediate_size", self.moe_intermediate_size)];
+            if attention && self.mla.is_some() {
+                return Err(Error::invalid("--quantize-attention", "MLA's attention (DeepSeek) keeps its stored dtype; quantise the experts only"));
+            }
+            if attention {
+                cols.extend(self.attention_matrices().iter().map(|&(name, _, c)| (name, c)));
+            }
+            if let Some((name, c)) = cols.into_iter().find(|&(_, c)| !q.fits_cols(c)) {
+                return Err(Error::invalid(
+                    "--quantize",
+                    format!("{} works on rows of {}-element blocks; this model's {name} rows have {c} elements", q.name(), q.block_elems()),
+                ));
+            }
+        } else if attention {
+            return Err(Error::invalid("--quantize-attention", "needs --quantize"));
+        }
+        self.quantize = q;
+        self.quantize_attention = attention && q.is_some();
         Ok(self)
     }
 

@@ -7,9 +7,10 @@ use crate::loader::checkpoint::{Checkpoint, Dtype};
 use crate::loader::config::ModelConfig;
 
 /// (name, what it is, config.json of the preset).
-pub const PRESETS: [(&str, &str); 10] = [
+pub const PRESETS: [(&str, &str); 11] = [
     ("ci-small", "4 layers, 32 experts of 64x128, top-2: experts 95% of the weights, fits CI"),
     ("mixtral-small", "2 layers, 8 experts of 128x448, top-2: Mixtral's expert ratios at 5.3 MiB of experts"),
+    ("mixtral-256", "2 layers, 8 experts of 256x256, top-2: every dimension whole K-quant blocks, for --quantize"),
     ("mixtral-8x7b", "Mixtral-8x7B's shapes (46.7 B parameters, 87 GiB in bf16)"),
     ("mixtral-8x22b", "Mixtral-8x22B's shapes (141 B parameters, 262 GiB in bf16)"),
     ("qwen3-30b-a3b", "Qwen3-30B-A3B's shapes (128 experts, top-8)"),
@@ -34,6 +35,7 @@ fn preset_json(name: &str) -> Option<serde_json::Value> {
     Some(match name {
         "ci-small" => mixtral(64, 4, 4, 2, 128, 32, 2, 256),
         "mixtral-small" => mixtral(128, 2, 4, 1, 448, 8, 2, 256),
+        "mixtral-256" => mixtral(256, 2, 4, 2, 256, 8, 2, 256),
         "mixtral-8x7b" => mixtral(4096, 32, 32, 8, 14336, 8, 2, 32000),
         "mixtral-8x22b" => mixtral(6144, 56, 48, 8, 16384, 8, 2, 32768),
         "qwen3-30b-a3b" => json!({

@@ -83,7 +83,7 @@ impl HostExperts {
 /// The experts' matrices in place in the checkpoint, one slice per expert and kind (with their
 /// scales when FP8).
 struct ExpertPieces<'a> {
-    kinds: [Vec<&'a [u8]>; 3],
+    kinds: [Vec<Cow<'a, [u8]>>; 3],
     scales: [Vec<Vec<f32>>; 3],
     dtypes: [WeightDtype; 3],
     fp8: bool,
@@ -251,9 +251,9 @@ impl Loader<'_> {
             }
             return Ok(ExpertPieces {
                 kinds: [
-                    halves.iter().step_by(2).copied().collect(),
-                    halves.iter().skip(1).step_by(2).copied().collect(),
-                    down.data.chunks(down.dtype.bytes_of(h * inter)).collect(),
+                    halves.iter().step_by(2).map(|&b| Cow::Borrowed(b)).collect(),
+                    halves.iter().skip(1).step_by(2).map(|&b| Cow::Borrowed(b)).collect(),
+                    down.data.chunks(down.dtype.bytes_of(h * inter)).map(Cow::Borrowed).collect(),
                 ],
                 scales: Default::default(),
                 dtypes: [gate_up.dtype.weight(), gate_up.dtype.weight(), down.dtype.weight()],
@@ -265,7 +265,7 @@ impl Loader<'_> {
             Arch::Mixtral => ["w1", "w3", "w2"],
             _ => ["gate_proj", "up_proj", "down_proj"],
         };
-        let mut kinds: [Vec<&[u8]>; 3] = Default::default();
+        let mut kinds: [Vec<Cow<[u8]>>; 3] = Default::default();
         let mut scales: [Vec<Vec<f32>>; 3] = Default::default();
         let mut fp8 = [false; 3];
         let mut dtypes = [WeightDtype::F32; 3];
@@ -278,7 +278,7 @@ impl Loader<'_> {
             if let Some(t) = tensors.iter().find(|t| t.dtype != dtype) {
                 return Err(Error::invalid(t.name, format!("dtype {:?} differs from the layer's other experts ({dtype:?})", t.dtype)));
             }
-            kinds[kind] = tensors.iter().map(|t| t.data).collect();
+            kinds[kind] = tensors.iter().map(|t| Cow::Borrowed(t.data)).collect();
             dtypes[kind] = dtype.weight();
             fp8[kind] = dtype == Dtype::F8E4M3;
             if fp8[kind] {
@@ -292,17 +292,45 @@ impl Loader<'_> {
         Ok(ExpertPieces { kinds, scales, dtypes, fp8: fp8[0], names })
     }
 
+    /// The experts quantised to `--quantize`'s format (from their stored values; FP8 through
+    /// its scales), unless they are in a block format already.
+    fn quantize_experts<'p>(&self, mut p: ExpertPieces<'p>) -> Result<ExpertPieces<'p>> {
+        let Some(q) = self.cfg.quantize else { return Ok(p) };
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size);
+        let block = self.cfg.weight_block.unwrap_or((1, 1));
+        for k in 0..3 {
+            if p.dtypes[k].is_quantised() {
+                continue;
+            }
+            let (rows, cols) = if k == 2 { (h, inter) } else { (inter, h) };
+            for e in 0..p.kinds[k].len() {
+                let values = if p.fp8 {
+                    crate::kernels::dequant::reference(&Fp8Matrix { data: &p.kinds[k][e], scales: &p.scales[k][e], block }, rows, cols)
+                } else {
+                    let mut v = vec![0f32; rows * cols];
+                    crate::quant::dequantize(p.dtypes[k], &p.kinds[k][e], &mut v);
+                    v
+                };
+                p.kinds[k][e] = Cow::Owned(crate::quant::quantize(q, &values, cols)?);
+            }
+            p.dtypes[k] = q;
+        }
+        p.fp8 = false;
+        Ok(p)
+    }
+
     fn experts(&self, prefix: &str, stream: bool) -> Result<Experts> {
         let (h, inter, n) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts);
-        let p = self.expert_pieces(prefix)?;
+        let p = self.quantize_experts(self.expert_pieces(prefix)?)?;
         let block = self.cfg.weight_block.unwrap_or((1, 1));
         if !stream {
             let stack = |k: usize, rows: usize, cols: usize| {
                 if p.fp8 {
-                    let pieces: Vec<Fp8Matrix> = (0..n).map(|e| Fp8Matrix { data: p.kinds[k][e], scales: &p.scales[k][e], block }).collect();
+                    let pieces: Vec<Fp8Matrix> = (0..n).map(|e| Fp8Matrix { data: &p.kinds[k][e], scales: &p.scales[k][e], block }).collect();
                     upload_fp8(self.ctx, &p.names[k], &pieces, rows, cols)
                 } else {
-                    GpuWeight::stack(self.ctx, &p.names[k], &p.kinds[k], p.dtypes[k], rows, cols)
+                    let pieces: Vec<&[u8]> = p.kinds[k].iter().map(|c| &c[..]).collect();
+                    GpuWeight::stack(self.ctx, &p.names[k], &pieces, p.dtypes[k], rows, cols)
                 }
             };
             return Ok(Experts::Resident(Box::new(StackedExperts {
@@ -320,7 +348,7 @@ impl Loader<'_> {
         }
         let packs = (0..n)
             .map(|e| {
-                let mut pack = [p.kinds[0][e], p.kinds[1][e], p.kinds[2][e]].concat();
+                let mut pack = [&p.kinds[0][e][..], &p.kinds[1][e][..], &p.kinds[2][e][..]].concat();
                 if p.fp8 {
                     for k in 0..3 {
                         pack.extend_from_slice(bytemuck::cast_slice(&p.scales[k][e]));
@@ -393,7 +421,23 @@ impl Loader<'_> {
 
     fn projections(&self, prefix: &str, stream: bool) -> Result<Projections> {
         let shapes: Vec<(usize, usize)> = self.cfg.attention_matrices().iter().map(|&(_, r, c)| (r, c)).collect();
-        let data = self.attention_data(prefix)?;
+        let mut data = self.attention_data(prefix)?;
+        if let (Some(q), true) = (self.cfg.quantize, self.cfg.quantize_attention) {
+            for (m, &(rows, cols)) in data.iter_mut().zip(&shapes) {
+                if m.dtype.is_quantised() {
+                    continue;
+                }
+                let values = match &m.fp8 {
+                    Some((scales, block)) => crate::kernels::dequant::reference(&Fp8Matrix { data: &m.bytes, scales, block: *block }, rows, cols),
+                    None => {
+                        let mut v = vec![0f32; rows * cols];
+                        crate::quant::dequantize(m.dtype, &m.bytes, &mut v);
+                        v
+                    }
+                };
+                (m.bytes, m.dtype, m.fp8) = (Cow::Owned(crate::quant::quantize(q, &values, cols)?), q, None);
+            }
+        }
         if !stream {
             return data
                 .iter()

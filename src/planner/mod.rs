@@ -90,13 +90,22 @@ impl WeightBytes {
             if layer.is_some_and(|l| l >= cfg.num_layers) {
                 continue;
             }
-            let stored = ck.bytes_of(name);
+            let mut stored = ck.bytes_of(name);
             // FP8 weights take two bytes a value on the GPU; their scales stay behind.
-            let gpu = match ck.dtype_of(name) {
+            let mut gpu = match ck.dtype_of(name) {
                 Some(crate::loader::checkpoint::Dtype::F8E4M3) => 2 * stored,
                 _ if name.ends_with("_scale_inv") => 0,
                 _ => stored,
             };
+            // `--quantize`: experts (and attention) at their packed size everywhere, FP8 scales gone.
+            let quantized = is_routed_expert(name) || (cfg.quantize_attention && is_attention_projection(name));
+            if let (Some(q), true, Some(dtype)) = (cfg.quantize, quantized, ck.dtype_of(name)) {
+                if name.ends_with("_scale_inv") {
+                    stored = 0;
+                } else if !dtype.weight().is_quantised() {
+                    (stored, gpu) = (q.bytes_of(ck.elements_of(name)) as u64, q.bytes_of(ck.elements_of(name)) as u64);
+                }
+            }
             if is_routed_expert(name) {
                 experts += gpu;
                 experts_stored += stored;
@@ -144,13 +153,25 @@ impl WeightBytes {
                 })
                 .sum()
         };
-        let per_expert_stream = stored(&[(ii, hh), (ii, hh), (hh, ii)]);
+        let mut per_expert_stream = stored(&[(ii, hh), (ii, hh), (hh, ii)]);
+        let mut per_expert = expert_values * dtype_bytes;
+        if let Some(q) = cfg.quantize {
+            per_expert = q.bytes_of(expert_values as usize) as u64;
+            per_expert_stream = per_expert;
+        }
         let attention_shapes: Vec<(usize, usize)> = cfg.attention_matrices().iter().map(|&(_, r, c)| (r, c)).collect();
+        let (attention_per_layer, attention_per_layer_stream) = match cfg.quantize {
+            Some(q) if cfg.quantize_attention => {
+                let packed: u64 = attention_shapes.iter().map(|&(r, c)| q.bytes_of(r * c) as u64).sum();
+                (packed, packed)
+            }
+            _ => (attn * dtype_bytes, stored(&attention_shapes)),
+        };
         WeightBytes {
             resident,
-            attention_per_layer: attn * dtype_bytes,
-            attention_per_layer_stream: stored(&attention_shapes),
-            per_expert: expert_values * dtype_bytes,
+            attention_per_layer,
+            attention_per_layer_stream,
+            per_expert,
             per_expert_stream,
             experts_per_layer: cfg.num_experts,
             moe_layers,
