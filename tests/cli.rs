@@ -503,3 +503,43 @@ fn deepseek_plans_and_runs_with_fp8_weights_and_a_latent_cache() {
         assert_eq!(&got["output_ids"], want, "{line}");
     }
 }
+
+/// A GGUF file runs as its safetensors source does (same tokens), `--quantize` runs and refuses
+/// dimensions that are not whole blocks, and a broken GGUF file is an error naming it, with
+/// nothing written.
+#[test]
+fn gguf_models_and_quantised_experts_run_from_the_command_line() {
+    let dir = scratch("gguf");
+    let input = write(&dir, "in.jsonl", "{\"id\": 1, \"prompt_ids\": [3, 4, 5]}\n{\"id\": 2, \"prompt_ids\": [9]}\n");
+    let run = |model: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", path(model), "--input", path(&input), "--output", path(out), "--max-new-tokens", "5", "--ignore-eos", "--quiet"];
+        args.extend_from_slice(extra);
+        moegen(&args)
+    };
+    let (a, b) = (dir.join("safetensors.jsonl"), dir.join("gguf.jsonl"));
+    let o = run(&fixture("mixtral-f32"), &a, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&fixture("gguf/mixtral-f32.gguf"), &b, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ids = |p: &Path| lines(p).iter().map(|l| (l["id"].clone(), l["output_ids"].clone())).collect::<Vec<_>>();
+    assert_eq!(ids(&a), ids(&b), "the GGUF conversion generates other tokens");
+
+    // Q8_0 experts on a 256-wide model, on both devices: the same file.
+    let q = fixture("gguf/mixtral-256-q5_k_m.gguf");
+    let (c, d) = (dir.join("q-gpu.jsonl"), dir.join("q-cpu.jsonl"));
+    let o = run(&q, &c, &["--quantize", "q8_0", "--gpu-memory", "1500KiB"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&q, &d, &["--quantize", "q8_0", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(ids(&c), ids(&d));
+
+    let refused = dir.join("refused.jsonl");
+    fails_with(&run(&fixture("mixtral-f32"), &refused, &["--quantize", "q4_k"]), &["--quantize", "q4_k", "256", "64"]);
+    assert!(!refused.exists(), "the output was created before the input was known to be good");
+
+    let broken = dir.join("broken.gguf");
+    let bytes = std::fs::read(fixture("gguf/olmoe-bf16.gguf")).unwrap();
+    std::fs::write(&broken, &bytes[..bytes.len() - 1000]).unwrap();
+    fails_with(&run(&broken, &refused, &[]), &["broken.gguf", "truncated"]);
+    assert!(!refused.exists());
+}
