@@ -63,10 +63,11 @@ fn cpu_matmul(quick: bool) {
     };
     println!("\nCPU device matmul y = x W^T, W {n}x{k}, {threads} threads, {}; f32 peak (gemm crate sgemm, 2048 x {n} x {k}): {peak:.1} GFLOP/s", cpu.info().name);
     println!("{:>6} {:>5} {:>12} {:>10} {:>10} {:>8}", "tokens", "W", "time", "GFLOP/s", "W GB/s", "of peak");
-    for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+    for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0, WeightDtype::Q4K] {
         let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
         let w = GpuWeight::from_f32(&cpu, "bench weight", &wv, dtype, n, k).expect("weight");
-        for m in [1, 4, 16, 64, 256, 2048] {
+        let tokens: &[usize] = if dtype.is_quantised() { &[1, 16, 256] } else { &[1, 4, 16, 64, 256, 2048] };
+        for &m in tokens {
             let x = filled(&cpu, m * k, 1);
             let y = cpu.storage("bench out", (m * n * 4) as u64).expect("out");
             let reps = if quick || m >= 256 { 3 } else { 10 };
@@ -120,7 +121,9 @@ fn main() {
         let (n, k) = (5632, 2048);
         println!("\nmatmul y = x W^T, W {n}x{k}");
         println!("{:>6} {:>5} {:>22} {:>12} {:>10} {:>10}", "tokens", "W", "path", "time", "GFLOP/s", "W GB/s");
-        for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+        // Block formats: what a quantised expert or projection costs the kernels (W GB/s counts
+        // the packed bytes).
+        for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0, WeightDtype::Q4K] {
             let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
             let w = GpuWeight::from_f32(&ctx, "bench weight", &wv, dtype, n, k).expect("weight");
             let counts: Vec<usize> = std::env::var("MOEGEN_BENCH_TOKENS")

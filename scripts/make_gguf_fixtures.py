@@ -4,6 +4,7 @@ llama.cpp tree on PYTHONPATH): run by scripts/make_llama_fixtures.sh, which pins
 
     make_gguf_fixtures.py convert SRC_DIR OUT.gguf OUTTYPE   # f32 | f16 | bf16
     make_gguf_fixtures.py model256 DIR                       # the K-quant fixture's checkpoint
+    make_gguf_fixtures.py qwen2moe DIR                       # Qwen2-MoE without dense layers
 
 The tiny fixtures have a 256-token vocabulary and no tokenizer files; the converter needs a
 vocabulary, so it is given a byte-level one of 256 tokens (GPT-2 style, one merge), the weights
@@ -74,10 +75,29 @@ def model256(out_dir):
     print(out)
 
 
+def qwen2moe(out_dir):
+    """A Qwen2-MoE checkpoint as llama.cpp can hold it (every layer with experts: its qwen2moe
+    graph has no dense layers), with a gated shared expert and q/k/v biases, in bf16, and
+    transformers' expected.json beside it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_fixtures as mf
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    mf.OUT = out_dir
+    model, gen, out = mf.saved_model("qwen2-moe-all-sparse", Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                                     dict(intermediate_size=72, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+                                          num_experts=6, num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[]),
+                                     torch.bfloat16)
+    ref = Qwen2MoeForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    mf.expected(out, ref, gen)
+    print(out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "convert":
         convert(*sys.argv[2:5])
     elif sys.argv[1] == "model256":
         model256(sys.argv[2])
+    elif sys.argv[1] == "qwen2moe":
+        qwen2moe(sys.argv[2])
     else:
         sys.exit(__doc__)

@@ -5,8 +5,8 @@
 #                          (Q8_0, Q4_0, Q4_K; ggml_quantize_chunk without an importance matrix,
 #                          the call llama-quantize makes), for moegen's bit-exact quantisers;
 #   tests/fixtures/gguf/   transformers fixtures converted by convert_hf_to_gguf.py (f32, f16,
-#                          bf16; not qwen2-moe-bf16, whose dense first layer llama.cpp cannot
-#                          hold), and a Mixtral of 256-wide dimensions quantised by
+#                          bf16; Qwen2-MoE without the fixture's dense layer, which llama.cpp
+#                          cannot hold, with transformers' expected figures), and a Mixtral of 256-wide dimensions quantised by
 #                          llama-quantize (Q8_0, Q4_0, Q4_K_M, Q5_K_M) with llama.cpp's greedy
 #                          tokens for its prompts; the real Mixtral and Qwen2 vocabularies
 #                          as the converter embeds them.
@@ -45,6 +45,10 @@ convert() { PYTHONPATH="$LLAMA:$LLAMA/gguf-py" "$PY" scripts/make_gguf_fixtures.
 convert tests/fixtures/mixtral-f32 "$G/mixtral-f32.gguf" f32
 convert tests/fixtures/qwen3-moe-f16 "$G/qwen3-moe-f16.gguf" f16
 convert tests/fixtures/olmoe-bf16 "$G/olmoe-bf16.gguf" bf16
+# Qwen2-MoE without the dense layer (llama.cpp's qwen2moe has none), with transformers' figures.
+"$PY" scripts/make_gguf_fixtures.py qwen2moe "$WORK/fixtures"
+convert "$WORK/fixtures/qwen2-moe-all-sparse" "$G/qwen2-moe-bf16.gguf" bf16
+cp "$WORK/fixtures/qwen2-moe-all-sparse/expected.json" "$G/qwen2-moe-bf16.expected.json"
 
 # The real Mixtral and Qwen2 vocabularies, as the converter embeds them (--vocab-only).
 for v in mixtral qwen2; do
