@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/llama_cpp.sh
-llama_cpp_build llama-quantize llama ggml-base
+llama_cpp_build llama-quantize llama-gguf-split llama ggml-base
 LIB="$BUILD/bin"
 gcc -O2 -o "$WORK/quantize_ref" scripts/llama/quantize_ref.c -I"$LLAMA/ggml/include" -L"$LIB" -lggml-base -Wl,-rpath,"$LIB"
 g++ -O2 -o "$WORK/greedy" scripts/llama/greedy.cpp -I"$LLAMA/include" -I"$LLAMA/ggml/include" -L"$LIB" -lllama -lggml -lggml-base -Wl,-rpath,"$LIB"
@@ -45,6 +45,9 @@ convert() { PYTHONPATH="$LLAMA:$LLAMA/gguf-py" "$PY" scripts/make_gguf_fixtures.
 convert tests/fixtures/mixtral-f32 "$G/mixtral-f32.gguf" f32
 convert tests/fixtures/qwen3-moe-f16 "$G/qwen3-moe-f16.gguf" f16
 convert tests/fixtures/olmoe-bf16 "$G/olmoe-bf16.gguf" bf16
+# The OLMoE file split in three parts.
+rm -rf "$G/olmoe-split" && mkdir -p "$G/olmoe-split"
+"$LIB/llama-gguf-split" --split --split-max-tensors 10 "$G/olmoe-bf16.gguf" "$G/olmoe-split/olmoe-bf16" >"$WORK/split.log"
 # Qwen2-MoE without the dense layer (llama.cpp's qwen2moe has none), with transformers' figures.
 "$PY" scripts/make_gguf_fixtures.py qwen2moe "$WORK/fixtures"
 convert "$WORK/fixtures/qwen2-moe-all-sparse" "$G/qwen2-moe-bf16.gguf" bf16

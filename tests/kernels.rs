@@ -405,13 +405,18 @@ fn check_matmul(ctx: &GpuContext, rng: &mut StdRng, m: usize, n: usize, k: usize
 /// (Q8_0, Q4_0, Q4_K), else random blocks; with the f32 values every kernel must decode them to.
 fn block_weights(rng: &mut StdRng, dtype: WeightDtype, rows: usize, cols: usize, extremes: bool) -> (Vec<u8>, Vec<f32>) {
     let bytes = match dtype {
-        WeightDtype::Q5K | WeightDtype::Q6K => moegen::quant::random_blocks(dtype, rows * cols / dtype.block_elems(), rng.random(), extremes),
+        WeightDtype::Q5K | WeightDtype::Q6K | WeightDtype::Fp8 { .. } => moegen::quant::random_blocks(dtype, rows * cols / dtype.block_elems(), rng.random(), extremes),
         _ if extremes => moegen::quant::random_blocks(dtype, rows * cols / dtype.block_elems(), rng.random(), true),
         _ => moegen::quant::quantize(dtype, &random(rng, rows * cols, 0.5), cols).unwrap(),
     };
     let mut values = vec![0f32; rows * cols];
     moegen::quant::dequantize(dtype, &bytes, &mut values);
     (bytes, values)
+}
+
+/// The block formats and FP8 rows (in 32-wide scale blocks).
+fn block_dtypes() -> Vec<WeightDtype> {
+    WeightDtype::QUANTISED.into_iter().chain([WeightDtype::Fp8 { block: 32 }]).collect()
 }
 
 #[test]
@@ -421,7 +426,7 @@ fn block_formats_decode_to_the_reference_bits_on_every_device() {
     // 34-, 18- and 210-byte blocks put fields at every byte offset of a word.
     let mut rng = StdRng::seed_from_u64(40);
     for ctx in variants() {
-        for dtype in WeightDtype::QUANTISED {
+        for dtype in block_dtypes() {
             let (rows, cols) = (7, 3 * dtype.block_elems());
             let (bytes, values) = block_weights(&mut rng, dtype, rows, cols, true);
             let w = GpuWeight::upload(&ctx, "blocks", &bytes, dtype, rows, cols).unwrap();
@@ -444,7 +449,7 @@ fn block_formats_decode_to_the_reference_bits_on_every_device() {
 fn block_quantised_matmul_on_every_path() {
     let mut rng = StdRng::seed_from_u64(41);
     for ctx in variants() {
-        for dtype in WeightDtype::QUANTISED {
+        for dtype in block_dtypes() {
             // Odd block counts per row and an awkward number of rows and columns.
             let (n, k) = (67, 3 * dtype.block_elems());
             let (bytes, values) = block_weights(&mut rng, dtype, n, k, false);

@@ -70,6 +70,6 @@ fn specialisation_count_is_what_the_engine_uses() {
     let n = all_shaders(KernelFeatures { f16: true, subgroups: true, timestamps: false }).len();
     // 12 single kernels, 7 attention shapes (one latent), column copy, FP8 dequantisation, bf16
     // rounding and widening, and per weight type: embedding, 6 matmul paths, 2 grouped tiles,
-    // the per-head matmul; weight types: f32, f16, bf16 and the five block formats.
-    assert_eq!(n, 12 + 7 + 4 + 8 * (1 + 6 + 2 + 1));
+    // the per-head matmul; weight types: f32, f16, bf16, the five block formats and FP8 rows.
+    assert_eq!(n, 12 + 7 + 4 + 9 * (1 + 6 + 2 + 1));
 }

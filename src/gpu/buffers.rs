@@ -439,6 +439,11 @@ pub enum WeightDtype {
     Q4K,
     Q5K,
     Q6K,
+    /// FP8 e4m3 checkpoints (DeepSeek-V3's) as the kernels read them: each row in runs of
+    /// `block` values (the scale block's width), each run led by its f32 scale (the 2-D block's
+    /// scale, repeated on each of its rows); values decode to `bf16(e4m3 * scale)`, as
+    /// DeepSeek's dequantisation rounds them.
+    Fp8 { block: u32 },
 }
 
 impl WeightDtype {
@@ -460,6 +465,7 @@ impl WeightDtype {
             WeightDtype::F32 | WeightDtype::F16 | WeightDtype::Bf16 => 1,
             WeightDtype::Q8_0 | WeightDtype::Q4_0 => 32,
             WeightDtype::Q4K | WeightDtype::Q5K | WeightDtype::Q6K => crate::quant::QK_K,
+            WeightDtype::Fp8 { block } => block as usize,
         }
     }
 
@@ -473,6 +479,7 @@ impl WeightDtype {
             WeightDtype::Q4K => 144,
             WeightDtype::Q5K => 176,
             WeightDtype::Q6K => 210,
+            WeightDtype::Fp8 { block } => block as usize + 4,
         }
     }
 
@@ -510,6 +517,7 @@ impl WeightDtype {
             WeightDtype::Q4K => "q4_k",
             WeightDtype::Q5K => "q5_k",
             WeightDtype::Q6K => "q6_k",
+            WeightDtype::Fp8 { .. } => "fp8",
         }
     }
 }

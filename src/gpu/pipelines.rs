@@ -49,6 +49,10 @@ impl ShaderBuilder {
             WeightDtype::Q4K => ("q4_k", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q4_K]),
             WeightDtype::Q5K => ("q5_k", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q5_K]),
             WeightDtype::Q6K => ("q6_k", &[HALF_BITS, WEIGHTS_BLOCKS, WEIGHTS_Q6_K]),
+            WeightDtype::Fp8 { block } => {
+                self = self.constant("FP8_BLOCK", block);
+                ("fp8", &[HALF_BITS, WEIGHTS_BLOCKS, FP8, WEIGHTS_FP8])
+            }
         };
         if name == "f16" {
             self.enable("f16");
@@ -105,6 +109,8 @@ const WEIGHTS_Q4_0: &str = include_str!("../../shaders/lib/weights_q4_0.wgsl");
 const WEIGHTS_Q4_K: &str = include_str!("../../shaders/lib/weights_q4_k.wgsl");
 const WEIGHTS_Q5_K: &str = include_str!("../../shaders/lib/weights_q5_k.wgsl");
 const WEIGHTS_Q6_K: &str = include_str!("../../shaders/lib/weights_q6_k.wgsl");
+const FP8: &str = include_str!("../../shaders/lib/fp8.wgsl");
+const WEIGHTS_FP8: &str = include_str!("../../shaders/lib/weights_fp8.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/lib/reduce_subgroup.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../shaders/lib/reduce_shared.wgsl");
 

@@ -6,7 +6,7 @@ use crate::gpu::{grid, stacked_parts, Batch, GpuBuffer, GpuContext, GpuWeight, S
 use crate::kernels::{u32_of, ELEMENT_WG};
 
 pub fn shader() -> ShaderSource {
-    ShaderBuilder::new("dequant_fp8").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/dequant_fp8.wgsl"))
+    ShaderBuilder::new("dequant_fp8").constant("WG", ELEMENT_WG).body(concat!(include_str!("../../shaders/lib/fp8.wgsl"), include_str!("../../shaders/dequant_fp8.wgsl")))
 }
 
 /// One FP8 matrix: its bytes, its `[ceil(rows / block.0), ceil(cols / block.1)]` scales.

@@ -53,7 +53,8 @@ pub(crate) fn unused_binding(ctx: &GpuContext) -> Result<GpuBuffer> {
 /// Every shader specialisation the engine can compile on a device with `features`: what the
 /// cross-compiler test validates for Vulkan, Metal and DX12.
 pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
-    let dtypes = WeightDtype::ALL;
+    // FP8 rows in DeepSeek-V3's 128-wide scale blocks.
+    let dtypes: Vec<WeightDtype> = WeightDtype::ALL.into_iter().chain([WeightDtype::Fp8 { block: 128 }]).collect();
     let mut out = vec![
         norm::rms_norm_shader(features),
         elementwise::add_shader(),
@@ -76,7 +77,7 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
     out.push(dequant::shader());
     out.push(elementwise::round_bf16_shader());
     out.push(elementwise::expand_bf16_shader());
-    for dtype in dtypes {
+    for &dtype in &dtypes {
         out.push(head_matmul::shader(dtype, features));
     }
     for dtype in dtypes {

@@ -235,6 +235,11 @@ impl Checkpoint {
         self.tensors.get(name).map_or(0, |e| (e.end - e.start) as u64)
     }
 
+    /// The shape of a tensor (empty for a name not in the checkpoint).
+    pub fn shape_of(&self, name: &str) -> &[usize] {
+        self.tensors.get(name).map_or(&[], |e| &e.shape)
+    }
+
     /// Elements of a tensor (0 for a name not in the checkpoint).
     pub fn elements_of(&self, name: &str) -> usize {
         self.tensors.get(name).map_or(0, |e| e.shape.iter().product())

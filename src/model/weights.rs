@@ -185,7 +185,11 @@ impl Loader<'_> {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<GpuWeight> {
         let t = self.ck.get(name, &[rows, cols])?;
         match self.fp8_scales(&t)? {
-            Some((scales, block)) => upload_fp8(self.ctx, name, &[Fp8Matrix { data: t.data, scales: &scales, block }], rows, cols),
+            // FP8 stays FP8 on the GPU where the scale blocks divide the rows, else bf16.
+            Some((scales, block)) => match crate::quant::pack_fp8_rows(t.data, &scales, block, rows, cols) {
+                Some((bytes, dtype)) => GpuWeight::upload(self.ctx, name, &bytes, dtype, rows, cols),
+                None => upload_fp8(self.ctx, name, &[Fp8Matrix { data: t.data, scales: &scales, block }], rows, cols),
+            },
             None => matrix(self.ctx, &t),
         }
     }
@@ -319,9 +323,37 @@ impl Loader<'_> {
         Ok(p)
     }
 
+    /// FP8 experts in the layout the kernels read as FP8 ([`WeightDtype::Fp8`]), when the scale
+    /// blocks divide both row lengths (hidden and the expert's width, as in every DeepSeek-V3
+    /// release); else they stay FP8 with 2-D scales, for the GPU to widen to bf16.
+    fn pack_fp8_experts<'p>(&self, mut p: ExpertPieces<'p>) -> ExpertPieces<'p> {
+        let (h, inter) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size);
+        let Some(block) = self.cfg.weight_block.filter(|_| p.fp8) else { return p };
+        let shapes = [(inter, h), (inter, h), (h, inter)];
+        let mut packed: [Vec<Cow<'p, [u8]>>; 3] = Default::default();
+        let mut dtypes = p.dtypes;
+        for k in 0..3 {
+            let (rows, cols) = shapes[k];
+            for e in 0..p.kinds[k].len() {
+                match crate::quant::pack_fp8_rows(&p.kinds[k][e], &p.scales[k][e], block, rows, cols) {
+                    Some((bytes, dtype)) => {
+                        packed[k].push(Cow::Owned(bytes));
+                        dtypes[k] = dtype;
+                    }
+                    None => return p,
+                }
+            }
+        }
+        p.kinds = packed;
+        p.dtypes = dtypes;
+        p.scales = Default::default();
+        p.fp8 = false;
+        p
+    }
+
     fn experts(&self, prefix: &str, stream: bool) -> Result<Experts> {
         let (h, inter, n) = (self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts);
-        let p = self.quantize_experts(self.expert_pieces(prefix)?)?;
+        let p = self.pack_fp8_experts(self.quantize_experts(self.expert_pieces(prefix)?)?);
         let block = self.cfg.weight_block.unwrap_or((1, 1));
         if !stream {
             let stack = |k: usize, rows: usize, cols: usize| {
@@ -436,6 +468,14 @@ impl Loader<'_> {
                     }
                 };
                 (m.bytes, m.dtype, m.fp8) = (Cow::Owned(crate::quant::quantize(q, &values, cols)?), q, None);
+            }
+        }
+        // FP8 matrices whose scale blocks divide their rows stay FP8 on the GPU.
+        for (m, &(rows, cols)) in data.iter_mut().zip(&shapes) {
+            if let Some((scales, block)) = &m.fp8 {
+                if let Some((bytes, dtype)) = crate::quant::pack_fp8_rows(&m.bytes, scales, *block, rows, cols) {
+                    (m.bytes, m.dtype, m.fp8) = (Cow::Owned(bytes), dtype, None);
+                }
             }
         }
         if !stream {

@@ -91,10 +91,25 @@ impl WeightBytes {
                 continue;
             }
             let mut stored = ck.bytes_of(name);
-            // FP8 weights take two bytes a value on the GPU; their scales stay behind.
+            // FP8 weights whose scale blocks divide their rows stay FP8 everywhere, an f32 scale
+            // before each block's run of a row; others take two bytes a value on the GPU and
+            // their 2-D scales stay behind.
+            let fp8_rows = |n: &str| match (cfg.weight_block, ck.shape_of(n)) {
+                (Some((_, bc)), [_, cols]) => bc > 0 && cols % bc == 0 && bc % 4 == 0,
+                _ => false,
+            };
             let mut gpu = match ck.dtype_of(name) {
+                Some(crate::loader::checkpoint::Dtype::F8E4M3) if fp8_rows(name) => {
+                    stored += 4 * stored / cfg.weight_block.map_or(1, |b| b.1) as u64;
+                    stored
+                }
                 Some(crate::loader::checkpoint::Dtype::F8E4M3) => 2 * stored,
-                _ if name.ends_with("_scale_inv") => 0,
+                _ if name.ends_with("_scale_inv") => {
+                    if fp8_rows(name.trim_end_matches("_scale_inv")) {
+                        stored = 0;
+                    }
+                    0
+                }
                 _ => stored,
             };
             // `--quantize`: experts (and attention) at their packed size everywhere, FP8 scales gone.
@@ -133,7 +148,6 @@ impl WeightBytes {
     /// synthetic models and plans without a checkpoint).
     pub fn of_config(cfg: &ModelConfig, dtype_bytes: u64) -> Self {
         let h = cfg.hidden_size as u64;
-        let attn: u64 = cfg.attention_matrices().iter().map(|&(_, r, c)| (r * c) as u64).sum();
         let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
         let dense = (cfg.num_layers - moe_layers) as u64 * 3 * h * cfg.intermediate_size as u64;
         let gate = if cfg.shared_expert_gated { h } else { 0 };
@@ -148,13 +162,16 @@ impl WeightBytes {
             shapes
                 .iter()
                 .map(|&(r, c)| match cfg.weight_block {
+                    Some((_, bc)) if c % bc == 0 && bc % 4 == 0 => (r * c) as u64 + 4 * (r * c / bc) as u64,
                     Some(block) => (r * c) as u64 + 4 * crate::kernels::dequant::scale_shape(r, c, block).iter().product::<usize>() as u64,
                     None => (r * c) as u64 * dtype_bytes,
                 })
                 .sum()
         };
         let mut per_expert_stream = stored(&[(ii, hh), (ii, hh), (hh, ii)]);
-        let mut per_expert = expert_values * dtype_bytes;
+        // FP8 experts read as FP8 on the GPU too where their blocks divide the rows.
+        let fp8_rows = cfg.weight_block.is_some_and(|(_, bc)| hh % bc == 0 && ii % bc == 0 && bc % 4 == 0);
+        let mut per_expert = if fp8_rows { per_expert_stream } else { expert_values * dtype_bytes };
         if let Some(q) = cfg.quantize {
             per_expert = q.bytes_of(expert_values as usize) as u64;
             per_expert_stream = per_expert;
@@ -165,7 +182,16 @@ impl WeightBytes {
                 let packed: u64 = attention_shapes.iter().map(|&(r, c)| q.bytes_of(r * c) as u64).sum();
                 (packed, packed)
             }
-            _ => (attn * dtype_bytes, stored(&attention_shapes)),
+            _ => {
+                let on_gpu: u64 = attention_shapes
+                    .iter()
+                    .map(|&(r, c)| match cfg.weight_block {
+                        Some((_, bc)) if c % bc == 0 && bc % 4 == 0 => (r * c + 4 * (r * c / bc)) as u64,
+                        _ => (r * c) as u64 * dtype_bytes,
+                    })
+                    .sum();
+                (on_gpu, stored(&attention_shapes))
+            }
         };
         WeightBytes {
             resident,

@@ -99,6 +99,15 @@ pub fn dequantize(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightDtype::Fp8 { block } => {
+            let n = block as usize;
+            for (o, b) in out.chunks_exact_mut(n).zip(src.chunks_exact(n + 4)) {
+                let scale = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for (o, &q) in o.iter_mut().zip(&b[4..]) {
+                    *o = half::bf16::from_f32(crate::kernels::dequant::e4m3_to_f32(q) * scale).to_f32();
+                }
+            }
+        }
         WeightDtype::Q6K => {
             for (o, b) in out.chunks_exact_mut(QK_K).zip(src.chunks_exact(210)) {
                 let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], half_at(b, 208));
@@ -119,6 +128,24 @@ pub fn dequantize(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// An FP8 matrix (`rows x cols` e4m3 values, scales per `block` of rows x columns) in the
+/// [`WeightDtype::Fp8`] layout, or None when the scale blocks do not divide the rows' length.
+pub fn pack_fp8_rows(data: &[u8], scales: &[f32], block: (usize, usize), rows: usize, cols: usize) -> Option<(Vec<u8>, WeightDtype)> {
+    let (br, bc) = block;
+    if bc == 0 || !cols.is_multiple_of(bc) || !bc.is_multiple_of(4) || bc > u32::MAX as usize || data.len() != rows * cols {
+        return None;
+    }
+    let scale_cols = cols / bc;
+    let mut out = Vec::with_capacity(rows * (cols + 4 * scale_cols));
+    for r in 0..rows {
+        for j in 0..scale_cols {
+            out.extend_from_slice(&scales[(r / br) * scale_cols + j].to_le_bytes());
+            out.extend_from_slice(&data[r * cols + j * bc..r * cols + (j + 1) * bc]);
+        }
+    }
+    Some((out, WeightDtype::Fp8 { block: bc as u32 }))
 }
 
 /// Random valid blocks of `dtype` for tests: random quants, and f16 scales between 2^-8 and 1,
@@ -152,6 +179,24 @@ pub fn random_blocks(dtype: WeightDtype, blocks: usize, seed: u64, extremes: boo
         WeightDtype::Q4K | WeightDtype::Q5K => &[0, 2],
         WeightDtype::Q6K => &[208],
         WeightDtype::F32 | WeightDtype::F16 | WeightDtype::Bf16 => &[],
+        WeightDtype::Fp8 { .. } => {
+            // f32 scales (extremes: tiny, huge, negative), values without e4m3fn's NaN.
+            for (i, block) in out.chunks_exact_mut(dtype.block_bytes()).enumerate() {
+                let s: f32 = match (next() % 8, extremes) {
+                    (0, true) => 1e-30,
+                    (1, true) => 3e30,
+                    (2, _) => -0.5,
+                    _ => (1 + i % 7) as f32 / 64.0,
+                };
+                block[..4].copy_from_slice(&s.to_le_bytes());
+                for q in &mut block[4..] {
+                    if *q & 0x7f == 0x7f {
+                        *q &= 0xfe;
+                    }
+                }
+            }
+            return out;
+        }
     };
     for (i, block) in out.chunks_exact_mut(dtype.block_bytes()).enumerate() {
         for &at in scale_at {
