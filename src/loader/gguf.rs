@@ -421,6 +421,24 @@ fn config_json(m: &BTreeMap<String, Meta>, tensors: &[&TensorInfo], file: &str) 
     Ok(c)
 }
 
+/// Per-layer tensors renamed one to one: llama.cpp's name, Hugging Face's after
+/// `model.layers.N.` (`MOE` is the architecture's MoE block: `block_sparse_moe` or `mlp`).
+const LAYER_TENSORS: [(&str, &str); 13] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+    ("ffn_gate_inp.weight", "MOE.gate.weight"),
+    ("ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_expert.down_proj.weight"),
+];
+
 /// The tensors under their Hugging Face names. `files` are the mapped parts.
 fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, TensorInfo)>, config: &Value, file: &str) -> Result<Checkpoint> {
     let num = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
@@ -452,22 +470,7 @@ fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, Tens
         let (layer, key) = rest.split_once('.').ok_or_else(|| Error::invalid(file, format!("tensor `{}`: no layer index", t.name)))?;
         let layer: usize = layer.parse().map_err(|_| Error::invalid(file, format!("tensor `{}`: bad layer index", t.name)))?;
         let p = format!("model.layers.{layer}");
-        let simple = match key {
-            "attn_norm.weight" => Some(format!("{p}.input_layernorm.weight")),
-            "ffn_norm.weight" => Some(format!("{p}.post_attention_layernorm.weight")),
-            "attn_v.weight" => Some(format!("{p}.self_attn.v_proj.weight")),
-            "attn_output.weight" => Some(format!("{p}.self_attn.o_proj.weight")),
-            "attn_q.bias" => Some(format!("{p}.self_attn.q_proj.bias")),
-            "attn_k.bias" => Some(format!("{p}.self_attn.k_proj.bias")),
-            "attn_v.bias" => Some(format!("{p}.self_attn.v_proj.bias")),
-            "attn_q_norm.weight" => Some(format!("{p}.self_attn.q_norm.weight")),
-            "attn_k_norm.weight" => Some(format!("{p}.self_attn.k_norm.weight")),
-            "ffn_gate_inp.weight" => Some(format!("{p}.{moe}.gate.weight")),
-            "ffn_gate_shexp.weight" => Some(format!("{p}.mlp.shared_expert.gate_proj.weight")),
-            "ffn_up_shexp.weight" => Some(format!("{p}.mlp.shared_expert.up_proj.weight")),
-            "ffn_down_shexp.weight" => Some(format!("{p}.mlp.shared_expert.down_proj.weight")),
-            _ => None,
-        };
+        let simple = LAYER_TENSORS.iter().find(|(g, _)| *g == key).map(|(_, hf)| format!("{p}.{}", hf.replace("MOE", moe)));
         if let Some(name) = simple {
             put(name, shape, t.start, t.end);
             continue;
