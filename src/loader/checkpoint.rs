@@ -256,7 +256,13 @@ impl Checkpoint {
     /// The tensor `name`, which must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
         let (key, e) = self.tensors.get_key_value(name).ok_or_else(|| {
-            let dir = self.files.first().and_then(|(p, _)| p.parent()).map(|p| p.display().to_string()).unwrap_or_default();
+            // A GGUF model is named by its file, a Hugging Face one by its directory.
+            let first = self.files.first().map(|(p, _)| p.as_path());
+            let dir = match first {
+                Some(p) if p.extension().is_some_and(|e| e == "gguf") => Some(p),
+                _ => first.and_then(|p| p.parent()),
+            };
+            let dir = dir.map(|p| p.display().to_string()).unwrap_or_default();
             Error::invalid(format!("checkpoint {dir}"), format!("tensor `{name}` is missing"))
         })?;
         let (path, map) = &self.files[e.file];
