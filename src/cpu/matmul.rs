@@ -185,6 +185,17 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         // One row: each weight row widened in registers as the dot product reads it. More: the
         // tiles read the stored rows where their path widens bf16 in registers; else the block's
         // rows widened to f32 first.
+        // One row of a block format: each weight row decoded into a row-long buffer that stays in
+        // L1, then its dot product (the same values and products as the widened block's).
+        if m == 1 && w.dtype.is_quantised() {
+            wide.resize(k, 0.0);
+            for c in 0..nb {
+                let start = (w_row0 + c0 + c) * w.dtype.row_bytes(k);
+                decode(isa, w.dtype, &bytemuck::cast_slice::<u32, u8>(w.words)[start..], &mut wide[..k]);
+                put(0, c, dot(isa, &x[..k], Values::F32(&wide[..k])));
+            }
+            return;
+        }
         let direct = matches!(w.dtype, WeightDtype::F32 | WeightDtype::Bf16) && (m == 1 || reads_stored_rows(isa));
         let (rows, row0) = if direct {
             (w, w_row0 + c0)
@@ -219,6 +230,29 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
             }
         }
     });
+}
+
+/// Block-format rows into f32, compiled for the path's vector width (the decoder is inlined
+/// into each wrapper; each enables exactly what `Isa::available` detected for its path).
+fn decode(isa: Isa, dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
+            crate::quant::dequantize(dtype, src, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
+            crate::quant::dequantize(dtype, src, out)
+        }
+        match isa {
+            // SAFETY: the path is only chosen where detection found its instructions.
+            Isa::Avx512 => return unsafe { avx512(dtype, src, out) },
+            Isa::Avx2 => return unsafe { avx2(dtype, src, out) },
+            _ => {}
+        }
+    }
+    crate::quant::dequantize(dtype, src, out)
 }
 
 /// Whether the path's tile reads stored f32/bf16 rows itself (the intrinsics tiles do).
@@ -419,7 +453,7 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         for isa in Isa::available() {
-            for (m, n, k) in [(1, 1, 1), (3, 17, 33), (15, 40, 130), (16, 9, 7), (37, 70, 129), (130, 21, 40), (515, 18, 33), (1, 9, 96), (5, 13, 768), (515, 6, 256)] {
+            for (m, n, k) in [(1, 1, 1), (3, 17, 33), (15, 40, 130), (16, 9, 7), (37, 70, 129), (130, 21, 40), (515, 18, 33), (1, 9, 96), (1, 11, 512), (5, 13, 768), (515, 6, 256)] {
                 for dtype in crate::gpu::WeightDtype::ALL {
                     if !dtype.fits_cols(k) || matches!(dtype, WeightDtype::Q5K | WeightDtype::Q6K) {
                         continue; // those two have no quantiser: tested on random blocks below

@@ -34,7 +34,9 @@ pub fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 /// Decodes whole blocks of `dtype` from `src` into `out` (`out.len()` elements, a multiple of
-/// the block size). f32, f16 and bf16 are one-element blocks.
+/// the block size). f32, f16 and bf16 are one-element blocks. Always inlined, so that the host
+/// matmul's per-instruction-set callers compile it with their vector width.
+#[inline(always)]
 pub fn dequantize(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
     let (be, bb) = (dtype.block_elems(), dtype.block_bytes());
     assert!(out.len().is_multiple_of(be) && src.len() >= out.len() / be * bb, "dequantize: {} elements of {} from {} bytes", out.len(), dtype.name(), src.len());
