@@ -58,8 +58,9 @@ impl WeightRows<'_> {
                 }
             }
             q => {
+                // Element by element, so the vector width changes no bit.
                 let start = r0 * q.row_bytes(self.cols);
-                crate::quant::dequantize(q, &bytemuck::cast_slice::<u32, u8>(self.words)[start..], out);
+                decode(Isa::detected(), q, &bytemuck::cast_slice::<u32, u8>(self.words)[start..], out);
             }
         }
     }
