@@ -34,7 +34,7 @@ impl ModelSource {
 
     pub fn config(&self) -> anyhow::Result<ModelConfig> {
         Ok(match self {
-            ModelSource::Dir(d) => crate::loader::ModelFiles::open(d)?.config,
+            ModelSource::Dir(d) => crate::loader::ModelFiles::config(d)?,
             ModelSource::Synthetic(s) => preset_config(s)?,
         })
     }
@@ -42,14 +42,14 @@ impl ModelSource {
     /// The weights' sizes, without building a synthetic model's values.
     pub fn weight_bytes(&self, cfg: &ModelConfig) -> anyhow::Result<WeightBytes> {
         Ok(match self {
-            ModelSource::Dir(d) => WeightBytes::of(&crate::loader::ModelFiles::open(d)?.checkpoint, cfg),
+            ModelSource::Dir(d) => WeightBytes::of(&crate::loader::ModelFiles::checkpoint(d)?, cfg),
             ModelSource::Synthetic(_) => WeightBytes::of_config(cfg, 2),
         })
     }
 
     pub fn checkpoint(&self, cfg: &ModelConfig) -> anyhow::Result<Checkpoint> {
         Ok(match self {
-            ModelSource::Dir(d) => crate::loader::ModelFiles::open(d)?.checkpoint,
+            ModelSource::Dir(d) => crate::loader::ModelFiles::checkpoint(d)?,
             ModelSource::Synthetic(s) => synthetic_checkpoint(s, cfg)?,
         })
     }

@@ -315,6 +315,21 @@ pub struct GgufModel {
 
 /// Opens the GGUF model at `path` (a file, a part of a split model, or a directory).
 pub fn open(path: &Path) -> Result<GgufModel> {
+    let (parts, files, metadata, tensors, config) = read(path)?;
+    let checkpoint = hf_checkpoint(files, tensors, &config, &parts[0].display().to_string())?;
+    Ok(GgufModel { config, checkpoint, metadata, path: parts[0].clone() })
+}
+
+/// The `config.json` of the GGUF model at `path` and the file it came from, from the headers
+/// alone (no tensor is rearranged).
+pub fn open_config(path: &Path) -> Result<(Value, PathBuf)> {
+    let (parts, _, _, _, config) = read(path)?;
+    Ok((config, parts[0].clone()))
+}
+
+/// Every part mapped and its header validated, and the config built from the metadata.
+#[allow(clippy::type_complexity)]
+fn read(path: &Path) -> Result<(Vec<PathBuf>, Vec<(PathBuf, memmap2::Mmap)>, BTreeMap<String, Meta>, Vec<(usize, TensorInfo)>, Value)> {
     let parts = gguf_parts(path)?;
     if parts.is_empty() {
         return Err(Error::invalid(path.display().to_string(), "no .gguf file"));
@@ -333,10 +348,8 @@ pub fn open(path: &Path) -> Result<GgufModel> {
         tensors.extend(h.tensors.into_iter().map(|t| (i, t)));
         files.push((p.clone(), map));
     }
-    let file0 = parts[0].display().to_string();
-    let config = config_json(&metadata, &tensors.iter().map(|(_, t)| t).collect::<Vec<_>>(), &file0)?;
-    let checkpoint = hf_checkpoint(files, tensors, &config, &file0)?;
-    Ok(GgufModel { config, checkpoint, metadata, path: parts[0].clone() })
+    let config = config_json(&metadata, &tensors.iter().map(|(_, t)| t).collect::<Vec<_>>(), &parts[0].display().to_string())?;
+    Ok((parts, files, metadata, tensors, config))
 }
 
 /// The metadata `key`, required.

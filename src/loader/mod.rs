@@ -24,6 +24,23 @@ pub struct ModelFiles {
 }
 
 impl ModelFiles {
+    /// The config of the model at `path` (either kind), without reading its tensors.
+    pub fn config(path: &Path) -> Result<ModelConfig> {
+        if gguf::is_gguf(path) {
+            let (config, file) = gguf::open_config(path)?;
+            return ModelConfig::parse(&config, &file);
+        }
+        ModelConfig::load(path)
+    }
+
+    /// The checkpoint of the model at `path` (either kind), without its tokenizer.
+    pub fn checkpoint(path: &Path) -> Result<Checkpoint> {
+        if gguf::is_gguf(path) {
+            return Ok(gguf::open(path)?.checkpoint);
+        }
+        Checkpoint::open(path)
+    }
+
     /// Opens `path`: a Hugging Face model directory, a `.gguf` file (or a part of a split one), or a
     /// directory holding a GGUF model.
     pub fn open(path: &Path) -> Result<Self> {

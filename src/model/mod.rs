@@ -20,9 +20,9 @@ impl Model {
     /// Loads the model in `dir` onto `ctx`, every weight resident, with rope positions for
     /// sequences up to `max_positions` tokens (capped at the model's `max_position_embeddings`).
     pub fn load(ctx: &GpuContext, dir: &Path, max_positions: usize) -> Result<Self> {
-        let files = crate::loader::ModelFiles::open(dir)?;
-        let placement = Placement::all_resident(&files.config);
-        Self::load_placed(ctx, files.config, &files.checkpoint, max_positions, &placement)
+        let cfg = crate::loader::ModelFiles::config(dir)?;
+        let placement = Placement::all_resident(&cfg);
+        Self::load_placed(ctx, cfg, &crate::loader::ModelFiles::checkpoint(dir)?, max_positions, &placement)
     }
 
     /// [`Model::load`] from a config and checkpoint already read, the experts placed as
