@@ -53,6 +53,9 @@ struct Entry {
     end: usize,
 }
 
+/// Bytes shared between a checkpoint and the buffers that read them in place.
+pub(crate) type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A checkpoint file's bytes: mapped from disk, or built in memory (synthetic models). Shared,
 /// so that the CPU device's weight buffers can read them in place and keep them alive.
 #[derive(Clone)]
@@ -193,7 +196,7 @@ impl Checkpoint {
     /// A checkpoint over files already read (GGUF models): `tensors` are (name, file index,
     /// dtype, shape, byte range in that file), each checked against its file and its size.
     pub(crate) fn assemble(
-        files: Vec<(PathBuf, std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>)>,
+        files: Vec<(PathBuf, SharedBytes)>,
         tensors: Vec<(String, usize, Dtype, Vec<usize>, usize, usize)>,
     ) -> Result<Self> {
         let mut map = HashMap::new();

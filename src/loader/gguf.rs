@@ -463,7 +463,7 @@ fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, Tens
     // Rewritten tensors (un-interleaved query and key rows) live in one extra in-memory file.
     let mut rewritten: Vec<u8> = Vec::new();
     let extra = files.len();
-    let mut out_files: Vec<(PathBuf, std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>)> = Vec::new();
+    let mut out_files: Vec<(PathBuf, crate::loader::checkpoint::SharedBytes)> = Vec::new();
     for (i, t) in &tensors {
         let data = &files[*i].1[t.start..t.end];
         // HF shape: ne reversed.
