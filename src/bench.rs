@@ -39,11 +39,15 @@ impl ModelSource {
         })
     }
 
-    /// The weights' sizes, without building a synthetic model's values.
-    pub fn weight_bytes(&self, cfg: &ModelConfig) -> anyhow::Result<WeightBytes> {
+    /// The weights' sizes under each of `cfgs` (the same model with other `--quantize` choices),
+    /// reading the checkpoint's index once and never building a synthetic model's values.
+    pub fn weight_bytes(&self, cfgs: &[ModelConfig]) -> anyhow::Result<Vec<WeightBytes>> {
         Ok(match self {
-            ModelSource::Dir(d) => WeightBytes::of(&crate::loader::ModelFiles::checkpoint(d)?, cfg),
-            ModelSource::Synthetic(_) => WeightBytes::of_config(cfg, 2),
+            ModelSource::Dir(d) => {
+                let ck = crate::loader::ModelFiles::checkpoint(d)?;
+                cfgs.iter().map(|c| WeightBytes::of(&ck, c)).collect()
+            }
+            ModelSource::Synthetic(_) => cfgs.iter().map(|c| WeightBytes::of_config(c, 2)).collect(),
         })
     }
 
@@ -146,6 +150,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let spec = &args.spec;
     let cfg = spec.source.config()?.with_kv_bf16(spec.kv_bf16 == Some(true))?;
     check_job(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens)?;
+    // Each --quantize choice checked against the model before any device work.
+    let formats = spec.formats();
+    let variants = formats.iter().map(|&q| cfg.clone().with_quantize(q, spec.quantize_attention)).collect::<crate::Result<Vec<_>>>()?;
     let ctx = GpuContext::new(&spec.adapter)?;
     let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, &ctx);
     eprintln!("{} on {}: {}", spec.source.name(), ctx.info().name, budgets.describe());
@@ -169,31 +176,29 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     let mut reports = Vec::new();
     let mut labels = Vec::new();
     let mut traces = Vec::new();
-    let formats = spec.formats();
-    for q in formats.iter().copied() {
-    let cfg = cfg.clone().with_quantize(q, spec.quantize_attention)?;
-    let weights = WeightBytes::of(&checkpoint, &cfg);
-    for (b, attention, cpu_experts) in runs(&spec.batching, &spec.attention, &spec.cpu_experts) {
-        let settings = RunSettings { attention, cpu_experts, ..settings.clone() };
-        let mut what = run_name(b, attention, cpu_experts, &spec.attention, &spec.cpu_experts);
-        if formats.len() > 1 {
-            what = format!("{what}, experts {}", format_name(q));
+    for (q, cfg) in formats.iter().copied().zip(&variants) {
+        let weights = WeightBytes::of(&checkpoint, cfg);
+        for (b, attention, cpu_experts) in runs(&spec.batching, &spec.attention, &spec.cpu_experts) {
+            let settings = RunSettings { attention, cpu_experts, ..settings.clone() };
+            let mut what = run_name(b, attention, cpu_experts, &spec.attention, &spec.cpu_experts);
+            if formats.len() > 1 {
+                what = format!("{what}, experts {}", format_name(q));
+            }
+            let (cfg, plan) = plan_kv_dtype(&cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
+            eprintln!("{}", plan.describe(&cfg, &weights));
+            let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
+            eprintln!("{}", report.describe());
+            if args.json {
+                let mut j = report_json(&report);
+                j["experts"] = json!(format_name(q));
+                println!("{j}");
+            }
+            if let Some(t) = &report.trace_json {
+                traces.push((what, t.clone()));
+            }
+            reports.push(report);
+            labels.push(format_name(q));
         }
-        let (cfg, plan) = plan_kv_dtype(&cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
-        eprintln!("{}", plan.describe(&cfg, &weights));
-        let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
-        eprintln!("{}", report.describe());
-        if args.json {
-            let mut j = report_json(&report);
-            j["experts"] = json!(format_name(q));
-            println!("{j}");
-        }
-        if let Some(t) = &report.trace_json {
-            traces.push((what, t.clone()));
-        }
-        reports.push(report);
-        labels.push(format_name(q));
-    }
     }
     if !args.json {
         print!("{}", table(&reports, if formats.len() > 1 { Some(&labels) } else { None }));
@@ -318,7 +323,11 @@ fn write_traces(path: &std::path::Path, traces: &[(String, String)]) -> anyhow::
 pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
     let cfg = args.source.config()?.with_kv_bf16(args.kv_bf16 == Some(true))?;
     check_job(&cfg, args.sequences, args.prompt_len, args.new_tokens)?;
-    let weights = args.source.weight_bytes(&cfg)?;
+    let formats = args.formats();
+    let variants = formats.iter().map(|&q| cfg.clone().with_quantize(q, args.quantize_attention)).collect::<crate::Result<Vec<_>>>()?;
+    // The weights as stored (for the header), then under each format.
+    let mut sizes = args.source.weight_bytes(&[std::slice::from_ref(&cfg), &variants[..]].concat())?;
+    let weights = sizes.remove(0);
     let (hw, budgets) = match &args.hardware {
         Some(p) => {
             let hw = HardwareProfile::load(p)?;
@@ -360,25 +369,22 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         args.new_tokens
     );
     let mut any = false;
-    let formats = args.formats();
-    for q in formats.iter().copied() {
-    let cfg = cfg.clone().with_quantize(q, args.quantize_attention)?;
-    let weights = args.source.weight_bytes(&cfg)?;
-    if formats.len() > 1 || q.is_some() {
-        out += &format!("experts {}: {} each\n", format_name(q), crate::planner::format_size(weights.per_expert));
-    }
-    for (b, attention, cpu_experts) in runs(&args.batching, &args.attention, &args.cpu_experts) {
-        match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, cpu_experts, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
-            Ok((cfg, plan)) => {
-                any = true;
-                out += &format!("{}\n", plan.describe(&cfg, &weights));
-                if args.kv_bf16.is_none() {
-                    out += &format!("  KV dtype {} (--kv-dtype auto: the faster prediction)\n", if cfg.kv_bf16 { "bf16" } else { "f32" });
-                }
-            }
-            Err(e) => out += &format!("batching {}: {e}\n", b.name()),
+    for ((q, cfg), weights) in formats.iter().copied().zip(&variants).zip(&sizes) {
+        if formats.len() > 1 || q.is_some() {
+            out += &format!("experts {}: {} each\n", format_name(q), crate::planner::format_size(weights.per_expert));
         }
-    }
+        for (b, attention, cpu_experts) in runs(&args.batching, &args.attention, &args.cpu_experts) {
+            match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, cpu_experts, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
+                Ok((cfg, plan)) => {
+                    any = true;
+                    out += &format!("{}\n", plan.describe(&cfg, &weights));
+                    if args.kv_bf16.is_none() {
+                        out += &format!("  KV dtype {} (--kv-dtype auto: the faster prediction)\n", if cfg.kv_bf16 { "bf16" } else { "f32" });
+                    }
+                }
+                Err(e) => out += &format!("batching {}: {e}\n", b.name()),
+            }
+        }
     }
     Ok((out, any))
 }

@@ -82,12 +82,7 @@ impl WeightRows<'_> {
             WeightDtype::F32 => bytemuck::cast_slice::<u32, f32>(self.words)[i],
             WeightDtype::Bf16 => f32::from_bits((bytemuck::cast_slice::<u32, u16>(self.words)[i] as u32) << 16),
             WeightDtype::F16 => half::f16::from_bits(bytemuck::cast_slice::<u32, u16>(self.words)[i]).to_f32(),
-            q => {
-                let (be, bb) = (q.block_elems(), q.block_bytes());
-                let mut block = vec![0f32; be];
-                crate::quant::dequantize(q, &bytemuck::cast_slice::<u32, u8>(self.words)[i / be * bb..], &mut block);
-                block[i % be]
-            }
+            _ => unreachable!("block-format rows are widened before the tiles read them"),
         }
     }
 

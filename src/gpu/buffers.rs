@@ -497,11 +497,6 @@ impl WeightDtype {
         self.bytes_of(cols)
     }
 
-    /// Bits per element, for messages and the planner.
-    pub fn bits(self) -> f64 {
-        self.block_bytes() as f64 * 8.0 / self.block_elems() as f64
-    }
-
     /// Whether rows of `cols` elements are whole blocks.
     pub fn fits_cols(self, cols: usize) -> bool {
         cols.is_multiple_of(self.block_elems())
