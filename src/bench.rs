@@ -12,7 +12,6 @@ use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::loader::synthetic::{preset_config, synthetic_checkpoint};
 use crate::planner::{plan_job, HardwareProfile, WeightBytes};
-use crate::sampler::SamplingParams;
 use crate::scheduler::{AttentionChoice, Batching, CpuExperts, Request};
 
 /// Which model: a checkpoint directory or a synthetic preset.
@@ -128,7 +127,8 @@ pub fn synthetic_requests(cfg: &ModelConfig, sequences: usize, len: usize, new_t
                     (s % cfg.vocab_size as u64) as u32
                 })
                 .collect();
-            Request { id: serde_json::Value::from(i), prompt, max_new_tokens: new_tokens }
+            // Every sequence runs its whole length, as the plan assumes.
+            Request { ignore_eos: true, ..Request::new(serde_json::Value::from(i), prompt, new_tokens) }
         })
         .collect()
 }
@@ -169,8 +169,6 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
         attention: AttentionChoice::Auto,
         cpu_experts: CpuExperts::Auto,
         max_step_tokens: spec.max_step_tokens,
-        sampling: SamplingParams::default(),
-        ignore_eos: true,
         trace: true,
     };
     let mut reports = Vec::new();

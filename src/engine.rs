@@ -10,7 +10,6 @@ use crate::loader::checkpoint::Checkpoint;
 use crate::loader::config::ModelConfig;
 use crate::model::{Model, StreamStats};
 use crate::planner::{format_size, plan_job, HardwareProfile, JobPlan, JobShape, WeightBytes};
-use crate::sampler::SamplingParams;
 use crate::scheduler::{generate, generate_module, AttentionChoice, CpuExperts, Batching, Finished, GenerateOptions, GenerateStats, Request};
 
 /// The memory a job may use, and where each figure came from.
@@ -64,8 +63,6 @@ pub struct RunSettings {
     /// Whether module-based batching may compute streamed experts on the host.
     pub cpu_experts: CpuExperts,
     pub max_step_tokens: usize,
-    pub sampling: SamplingParams,
-    pub ignore_eos: bool,
     /// Record a timeline (needed for the GPU-busy figure and --trace).
     pub trace: bool,
 }
@@ -223,14 +220,12 @@ pub fn run_policy(
     ctx.set_tracer(tracer.clone());
     let started = Instant::now();
     let opts = GenerateOptions {
-        sampling: settings.sampling,
-        ignore_eos: settings.ignore_eos,
         max_step_tokens: plan.step_tokens,
         cache_rows: plan.cache_rows,
         fixed_batch: batching == Batching::Model,
     };
     let result = match &plan.sizes {
-        Some(sizes) => generate_module(&model, requests, &opts, sizes, on_finish),
+        Some(sizes) => generate_module(&model, requests, sizes, on_finish),
         None => generate(&model, requests, &opts, on_finish),
     };
     ctx.set_tracer(None);

@@ -11,9 +11,14 @@ use crate::gpu::{AdapterChoice, GpuContext};
 use crate::loader::config::ModelConfig;
 use crate::loader::tokenizer::TextCodec;
 use crate::engine::{plan_kv_dtype, plan_policy, run_policy, Budgets, RunSettings};
-use crate::output::{read_prompts, result_line, PromptLine, PromptText, ResultSink};
+use std::sync::Arc;
+
+
+use crate::input::chat::{ChatTemplate, ModelTemplates};
+use crate::input::{read_lines, JobLine, LineFormat, Prompt, Shard};
+use crate::output::{openai, result_line, Choice, ResultSink};
 use crate::planner::{HardwareProfile, WeightBytes};
-use crate::sampler::SamplingParams;
+use crate::sampler::{SamplingParams, StopStrings};
 use crate::scheduler::{AttentionChoice, Batching, CpuExperts, Request};
 
 /// The embedded default model and its sample prompts, in the source tree's `assets/`.
@@ -27,8 +32,15 @@ pub struct JobArgs {
     pub input: Option<PathBuf>,
     pub output: Option<PathBuf>,
     pub max_new_tokens: usize,
+    /// The flags' sampling: what a line of moegen's format leaves out.
     pub sampling: SamplingParams,
+    /// Whether `--temperature` was given: OpenAI lines without a temperature otherwise sample at
+    /// the API's default of 1.
+    pub temperature_given: bool,
     pub ignore_eos: bool,
+    /// `--chat-template`: a template file, or the name of one of the model's templates.
+    pub chat_template: Option<String>,
+    pub shard: Option<Shard>,
     pub resume: bool,
     pub max_step_tokens: usize,
     /// GPU memory the job may use; experts that do not fit stream from host memory.
@@ -108,32 +120,145 @@ fn check_flags(args: &JobArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Turns input lines into requests: tokenised, checked against the vocabulary and the context.
-fn requests(lines: &[PromptLine], input: &Path, codec: Option<&TextCodec>, cfg: &ModelConfig, default_new: usize) -> anyhow::Result<Vec<Request>> {
+/// Where each request's completion goes: the input line (among those to run) and its choice.
+#[derive(Clone, Copy)]
+struct Slot {
+    line: usize,
+    choice: usize,
+}
+
+/// The job's input turned into requests, and the error lines of OpenAI requests that cannot run.
+struct Prepared {
+    requests: Vec<Request>,
+    slots: Vec<Slot>,
+    prompt_tokens: Vec<usize>,
+    /// Per line to run: its index among the input lines given to `prepare`.
+    runs: Vec<usize>,
+    /// Per line to run: the stop strings its text is cut at.
+    stops: Vec<Option<Arc<StopStrings>>>,
+    errors: Vec<String>,
+}
+
+/// The template chat lines are rendered with, compiled when the first one needs it.
+struct Templates<'a> {
+    flag: Option<&'a str>,
+    model: &'a ModelTemplates,
+    compiled: Option<ChatTemplate>,
+}
+
+impl Templates<'_> {
+    fn get(&mut self) -> anyhow::Result<&ChatTemplate> {
+        if self.compiled.is_none() {
+            let t = match self.flag {
+                Some(f) if Path::new(f).exists() => ChatTemplate::from_file(Path::new(f), self.model)?,
+                Some(name) => self.model.pick(Some(name))?,
+                None => self.model.pick(None)?,
+            };
+            self.compiled = Some(t);
+        }
+        Ok(self.compiled.as_ref().expect("set above"))
+    }
+}
+
+/// Turns input lines into requests: rendered, tokenised, checked against the vocabulary and the
+/// context, with each line's own sampling. A bad line of moegen's format fails the job here,
+/// before anything is written; an OpenAI line that cannot run becomes an error line.
+fn prepare(lines: &[JobLine], input: &Path, codec: Option<&Arc<TextCodec>>, templates: &mut Templates, cfg: &ModelConfig, args: &JobArgs) -> anyhow::Result<Prepared> {
     let context = cfg.max_position_embeddings;
-    let mut out = Vec::new();
-    for l in lines {
+    let mut out = Prepared { requests: Vec::new(), slots: Vec::new(), prompt_tokens: Vec::new(), runs: Vec::new(), stops: Vec::new(), errors: Vec::new() };
+    for (index, l) in lines.iter().enumerate() {
         let at = format!("{}:{}", input.display(), l.line);
-        let prompt = match &l.prompt {
-            PromptText::Ids(ids) => ids.clone(),
-            PromptText::Text(text) => match codec {
-                Some(c) => c.encode(text).with_context(|| at.clone())?,
-                None => bail!("{at}: a text prompt needs the model's tokenizer.json, which is missing; give `prompt_ids` instead"),
-            },
+        let openai = matches!(l.format, LineFormat::OpenAi { .. });
+        let checked = (|| -> anyhow::Result<std::result::Result<(Vec<u32>, &crate::input::LineParams), String>> {
+            let (prompt, params) = match &l.request {
+                Ok((p, q)) => (p, q),
+                Err(why) => return Ok(Err(why.clone())),
+            };
+            let need_codec = |what: &str| codec.ok_or_else(|| anyhow::anyhow!("{at}: {what} needs the model's tokenizer, which is missing; give token ids instead"));
+            let ids = match prompt {
+                Prompt::Ids(ids) => ids.clone(),
+                Prompt::Text(text) => need_codec("a text prompt")?.encode(text).with_context(|| at.clone())?,
+                Prompt::Chat(messages) => {
+                    let codec = need_codec("a chat prompt")?;
+                    let text = match templates.get()?.render(messages) {
+                        Ok(t) => t,
+                        Err(e) if openai => return Ok(Err(e.to_string())),
+                        Err(e) => return Err(anyhow::Error::new(e).context(at.clone())),
+                    };
+                    codec.encode_raw(&text).with_context(|| at.clone())?
+                }
+            };
+            if !params.stop.is_empty() && codec.is_none() {
+                bail!("{at}: `stop` strings need the model's tokenizer, which is missing; give `stop_token_ids` instead");
+            }
+            let problem = if ids.is_empty() {
+                Some("the prompt is empty".to_string())
+            } else if let Some(&bad) = ids.iter().chain(&params.stop_token_ids).find(|&&t| t as usize >= cfg.vocab_size) {
+                Some(format!("token id {bad} is outside the model's vocabulary of {}", cfg.vocab_size))
+            } else if ids.len() >= context {
+                Some(format!("the prompt has {} tokens, the model's context holds {context}", ids.len()))
+            } else {
+                None
+            };
+            Ok(match problem {
+                Some(p) => Err(p),
+                None => Ok((ids, params)),
+            })
+        })()?;
+        let (ids, params) = match checked {
+            Ok(ok) => ok,
+            Err(why) if openai => {
+                out.errors.push(openai::error_line(&l.id, &why));
+                continue;
+            }
+            Err(why) => bail!("{at}: {why}"),
         };
-        if prompt.is_empty() {
-            bail!("{at}: the prompt is empty");
+        let line = out.stops.len();
+        let stop = match codec {
+            Some(c) => StopStrings::new(&params.stop, c.clone()).map(Arc::new),
+            None => None,
+        };
+        out.runs.push(index);
+        out.stops.push(stop.clone());
+        out.prompt_tokens.push(ids.len());
+        let default_temperature = if openai && !args.temperature_given { 1.0 } else { args.sampling.temperature };
+        let base = SamplingParams {
+            temperature: params.temperature.unwrap_or(default_temperature),
+            top_k: params.top_k.unwrap_or(args.sampling.top_k),
+            top_p: params.top_p.unwrap_or(args.sampling.top_p),
+            seed: params.seed.unwrap_or(args.sampling.seed),
+        };
+        let wanted = params.max_tokens.unwrap_or(args.max_new_tokens).min(context - ids.len());
+        for choice in 0..params.n {
+            // A line's own seed makes its samples depend on that seed alone (as the OpenAI API
+            // and vLLM do); otherwise on the job's seed and the line's id.
+            let stream = match (params.seed, choice) {
+                (Some(_), _) => format!("choice {choice}"),
+                (None, 0) => l.id_key(),
+                (None, k) => format!("{}#{k}", l.id_key()),
+            };
+            out.requests.push(Request {
+                sampling: base,
+                stream,
+                ignore_eos: params.ignore_eos.unwrap_or(args.ignore_eos),
+                stop_token_ids: params.stop_token_ids.clone(),
+                stop_strings: stop.clone(),
+                logprobs: params.logprobs,
+                ..Request::new(l.id.clone(), ids.clone(), wanted)
+            });
+            out.slots.push(Slot { line, choice });
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!("{at}: token id {bad} is outside the model's vocabulary of {}", cfg.vocab_size);
-        }
-        if prompt.len() >= context {
-            bail!("{at}: the prompt has {} tokens, the model's context holds {context}", prompt.len());
-        }
-        let wanted = l.max_new_tokens.unwrap_or(default_new);
-        out.push(Request { id: l.id.clone(), prompt: prompt.clone(), max_new_tokens: wanted.min(context - prompt.len()) });
     }
     Ok(out)
+}
+
+/// The `created` time of OpenAI result lines: `SOURCE_DATE_EPOCH` when set (reproducible files),
+/// else now.
+fn created_time() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()))
 }
 
 /// Runs a whole job. `demo` prints readable completions to stdout instead of JSONL.
@@ -150,19 +275,34 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     // Every tensor the model needs is checked when it loads, before any output is written.
     let files = crate::loader::ModelFiles::open(&model_dir)?;
     let cfg = files.config.clone().with_kv_bf16(args.kv_bf16 == Some(true))?.with_quantize(args.quantize, args.quantize_attention)?;
-    let codec = files.codec;
-    let lines = read_prompts(&input)?;
-    let (mut sink, done) = match &args.output {
-        Some(p) => ResultSink::open(p, args.resume).with_context(|| format!("--output {}", p.display()))?,
-        None => (ResultSink::Stdout, Default::default()),
+    let codec = files.codec.map(Arc::new);
+    let mut lines = read_lines(&input)?;
+    if let Some(shard) = args.shard {
+        lines.retain(|l| shard.takes(&l.id_key()));
+    }
+    // The output is opened (and a resumed one read) only once the input is known to be good, and
+    // every line is rendered and tokenised before the first result is written.
+    let done = match &args.output {
+        Some(p) if args.resume => ResultSink::finished_ids(p).with_context(|| format!("--output {}", p.display()))?,
+        _ => Default::default(),
     };
-    let todo: Vec<PromptLine> = lines.iter().filter(|l| !done.contains(&l.id_key())).cloned().collect();
-    let reqs = requests(&todo, &input, codec.as_ref(), &cfg, args.max_new_tokens)?;
+    let todo: Vec<JobLine> = lines.iter().filter(|l| !done.contains(&l.id_key())).cloned().collect();
+    let mut templates = Templates { flag: args.chat_template.as_deref(), model: &files.chat, compiled: None };
+    let prepared = prepare(&todo, &input, codec.as_ref(), &mut templates, &cfg, args)?;
+    let mut sink = match &args.output {
+        Some(p) => ResultSink::open(p, args.resume).with_context(|| format!("--output {}", p.display()))?.0,
+        None => ResultSink::Stdout,
+    };
+    for e in &prepared.errors {
+        sink.write_line(e)?;
+    }
+    let reqs = &prepared.requests;
     let mut summary = JobSummary { prompts: lines.len(), skipped: lines.len() - todo.len(), ..Default::default() };
     if reqs.is_empty() {
         summary.wall = started.elapsed();
         return Ok(summary);
     }
+    crate::interrupt::install();
 
     let checkpoint = files.checkpoint;
     let ctx = GpuContext::new(&args.adapter)?;
@@ -179,16 +319,14 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         attention: args.attention,
         cpu_experts: args.cpu_experts,
         max_step_tokens: args.max_step_tokens,
-        sampling: args.sampling,
-        ignore_eos: args.ignore_eos,
         trace: args.trace.is_some(),
     };
     let weights = WeightBytes::of(&checkpoint, &cfg);
-    let (cfg, plan) = plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_policy(&ctx, c, &weights, &reqs, args.batching, &settings, &hw))?;
+    let (cfg, plan) = plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_policy(&ctx, c, &weights, reqs, args.batching, &settings, &hw))?;
     eprintln!("{}", plan.describe(&cfg, &weights));
 
     let bar = ProgressBar::with_draw_target(
-        Some(reqs.len() as u64),
+        Some(todo.len() as u64),
         if args.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
@@ -198,12 +336,27 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     );
     let mut written = 0usize;
     let mut generated = 0usize;
-    let result = run_policy(&ctx, &cfg, &checkpoint, &reqs, plan, &settings, |f| {
+    // A line is written once all its choices have finished.
+    let mut choices: Vec<Vec<Option<Choice>>> = Vec::new();
+    for s in &prepared.slots {
+        if s.line == choices.len() {
+            choices.push(Vec::new());
+        }
+        choices[s.line].push(None);
+    }
+    let created = created_time();
+    let model_name = model_dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let token_text = |t: u32| codec.as_ref().map(|c| c.token_text(t)).unwrap_or_default();
+    let result = run_policy(&ctx, &cfg, &checkpoint, reqs, plan, &settings, |f| {
         let r = &reqs[f.index];
-        let text = match &codec {
+        let slot = prepared.slots[f.index];
+        let mut text = match &codec {
             Some(c) => c.decode(&f.output)?,
             None => String::new(),
         };
+        if let Some(at) = prepared.stops[slot.line].as_ref().and_then(|s| s.cut(&text)) {
+            text.truncate(at);
+        }
         if demo {
             let prompt = match &codec {
                 Some(c) => c.decode(&r.prompt)?,
@@ -213,13 +366,26 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
             let (on, off) = if std::io::IsTerminal::is_terminal(&std::io::stdout()) { ("\x1b[1m", "\x1b[0m") } else { ("", "") };
             bar.suspend(|| println!("--- {} ({})\n{prompt}{on}{text}{off}\n", r.id, f.finish.as_str()));
         }
-        // JSONL goes to --output always, and to stdout unless the demo prints there.
-        if !demo || args.output.is_some() {
-            sink.write_line(&result_line(&r.id, r.prompt.len(), &f.output, &text, f.finish))?;
-        }
-        written += 1;
         generated += f.output.len();
-        bar.inc(1);
+        let logprobs = r.logprobs.map(|_| f.logprobs);
+        choices[slot.line][slot.choice] = Some(Choice { output_ids: f.output, text, finish: f.finish, logprobs });
+        if choices[slot.line].iter().all(Option::is_some) {
+            let all: Vec<Choice> = choices[slot.line].iter_mut().map(|c| c.take().expect("all finished")).collect();
+            let line = &todo[prepared.runs[slot.line]];
+            let prompt_tokens = prepared.prompt_tokens[slot.line];
+            let json = match &line.format {
+                LineFormat::Native => result_line(&line.id, prompt_tokens, &all, &token_text),
+                LineFormat::OpenAi { endpoint, model } => {
+                    openai::response_line(&line.id, *endpoint, model.as_deref().unwrap_or(&model_name), created, prompt_tokens, &all, &token_text)
+                }
+            };
+            // JSONL goes to --output always, and to stdout unless the demo prints there.
+            if !demo || args.output.is_some() {
+                sink.write_line(&json)?;
+            }
+            written += 1;
+            bar.inc(1);
+        }
         bar.set_message(format!("{generated} tokens"));
         Ok(())
     });
@@ -230,7 +396,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
             let whereto = args.output.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into());
             let hint = if args.output.is_some() { "; rerun with --resume to finish the rest" } else { "" };
             return Err(anyhow::Error::new(e)
-                .context(format!("the job stopped after {written} of {} results were written to {whereto}{hint}", reqs.len())));
+                .context(format!("the job stopped after {written} of {} results were written to {whereto}{hint}", prepared.runs.len())));
         }
     };
     if let (Some(path), Some(json)) = (&args.trace, &report.trace_json) {

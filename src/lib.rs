@@ -6,6 +6,8 @@ pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod gpu;
+pub mod input;
+pub mod interrupt;
 pub mod job;
 pub mod kernels;
 pub mod loader;

@@ -33,12 +33,28 @@ enum Command {
     /// Generate completions for a JSONL file of prompts. Without --model, runs the embedded
     /// default model on the sample prompts in assets/ and prints readable completions.
     Generate(GenerateArgs),
+    /// Join the outputs of a job's shards (`generate --shard I/N`) into one file in the input's
+    /// order; fails naming any id missing, present twice, or not in the input.
+    Merge(MergeCli),
     /// Run the batching policies side by side on a model (a checkpoint or a synthetic preset)
     /// and a synthetic job; prints measured and predicted tokens/s.
     Bench(BenchCli),
     /// Print the plan of a job (what stays on the GPU, batch sizes, predicted tokens/s and the
     /// limiting resource) for this adapter or a hardware file.
     Plan(PlanCli),
+}
+
+#[derive(Args)]
+struct MergeCli {
+    /// The job's input file, whose order the merged file follows.
+    #[arg(long)]
+    input: PathBuf,
+    /// The merged file (written only when every check passes).
+    #[arg(long)]
+    output: PathBuf,
+    /// The shards' output files.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
 }
 
 /// The batching policy, or all three side by side.
@@ -227,9 +243,10 @@ struct GenerateArgs {
     /// Tokens to generate per prompt, unless its line says otherwise.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    /// 0 is greedy decoding (the default for moegen's own lines; OpenAI batch lines without a
+    /// `temperature` sample at the API's default of 1 unless this is given).
+    #[arg(long)]
+    temperature: Option<f32>,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
@@ -245,6 +262,14 @@ struct GenerateArgs {
     /// Skip the ids already in --output and append the rest.
     #[arg(long)]
     resume: bool,
+    /// The chat template for `messages` lines: a Jinja file, or the name of one of the model's
+    /// templates (default: the model's `default`, from tokenizer_config.json or the GGUF file).
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Take only this process's share I of N of the input lines (by a hash of each id, so shares
+    /// stay stable when lines are added); `moegen merge` joins the shards' outputs.
+    #[arg(long)]
+    shard: Option<moegen::input::Shard>,
     #[command(flatten)]
     limits: LimitFlags,
     /// module: sequences accumulate in host memory, each module at its own batch size; model: one
@@ -339,8 +364,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 input: g.input,
                 output: g.output,
                 max_new_tokens: g.max_new_tokens,
-                sampling: SamplingParams { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
+                sampling: SamplingParams { temperature: g.temperature.unwrap_or(0.0), top_k: g.top_k, top_p: g.top_p, seed: g.seed },
+                temperature_given: g.temperature.is_some(),
                 ignore_eos: g.ignore_eos,
+                chat_template: g.chat_template,
+                shard: g.shard,
                 resume: g.resume,
                 max_step_tokens: g.limits.max_step_tokens,
                 gpu_memory: g.limits.gpu_memory,
@@ -369,6 +397,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let summary = run_job(&args, demo)?;
             eprintln!("{}", summary.report());
+            Ok(())
+        }
+        Command::Merge(m) => {
+            let n = moegen::output::merge::merge(&m.input, &m.output, &m.shards)?;
+            eprintln!("{n} results merged into {}", m.output.display());
             Ok(())
         }
         Command::Bench(b) => {

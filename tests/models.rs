@@ -99,17 +99,17 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     let requests: Vec<Request> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| Request { id: Value::from(i), prompt: p.clone(), max_new_tokens: max_new })
+        .map(|(i, p)| Request { ignore_eos: true, ..Request::new(Value::from(i), p.clone(), max_new) })
         .collect();
     let outputs = greedy(model, &prompts, max_new);
-    let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
+    let opts = GenerateOptions::default();
     let want: Vec<Vec<u32>> = expected["greedy"].as_array().unwrap().iter().map(ids).collect();
     assert_eq!(outputs, want, "{name}: greedy tokens differ from transformers");
 
     // Prompts fed 3 tokens a step, and a cache that holds one sequence at a time (the others
     // wait and join as it finishes): the same tokens.
     let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap();
-    let tight = GenerateOptions { ignore_eos: true, max_step_tokens: 3, cache_rows: longest, ..Default::default() };
+    let tight = GenerateOptions { max_step_tokens: 3, cache_rows: longest, ..Default::default() };
     let mut chunked = vec![Vec::new(); requests.len()];
     generate(model, &requests, &tight, |f| {
         chunked[f.index] = f.output;
@@ -119,7 +119,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     assert_eq!(chunked, want, "{name}: chunked prefill or cache refill changed the tokens");
 
     // Model-based batching: two sequences at a time, the next pair only when both finished.
-    let fixed = GenerateOptions { ignore_eos: true, cache_rows: 2 * longest, fixed_batch: true, ..Default::default() };
+    let fixed = GenerateOptions { cache_rows: 2 * longest, fixed_batch: true, ..Default::default() };
     let mut batched = vec![Vec::new(); requests.len()];
     generate(model, &requests, &fixed, |f| {
         batched[f.index] = f.output;
@@ -132,7 +132,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     let page_bytes = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg, 4);
     let sizes = split_sizes(model, longest);
     let mut module = vec![Vec::new(); requests.len()];
-    generate_module(model, &requests, &opts, &sizes, |f| {
+    generate_module(model, &requests, &sizes, |f| {
         module[f.index] = f.output;
         Ok(())
     })
@@ -143,7 +143,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     let wide = ModuleSizes { population: 8, step_tokens: 256, attn_tokens: 256, attn_kv_rows: 8 * longest, expert_chunk: 64, logit_rows: 8, ..sizes };
     let wide = ModuleSizes { host_kv_bytes: page_bytes * (8 * longest.div_ceil(4)) as u64, ..wide };
     let mut module = vec![Vec::new(); requests.len()];
-    generate_module(model, &requests, &opts, &wide, |f| {
+    generate_module(model, &requests, &wide, |f| {
         module[f.index] = f.output;
         Ok(())
     })
@@ -161,7 +161,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
                 }
                 let placed = ModuleSizes { attention: site, gpu_states, gpu_norm_rows, ..base };
                 let mut module = vec![Vec::new(); requests.len()];
-                generate_module(model, &requests, &opts, &placed, |f| {
+                generate_module(model, &requests, &placed, |f| {
                     module[f.index] = f.output;
                     Ok(())
                 })
@@ -179,7 +179,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
         for (gpu_states, gpu_norm_rows) in [(false, 0), (false, 4), (true, 0)] {
             let placed = ModuleSizes { host_expert_rows, gpu_states, gpu_norm_rows, attention: AttentionSite::Host, ..sizes };
             let mut module = vec![Vec::new(); requests.len()];
-            generate_module(model, &requests, &opts, &placed, |f| {
+            generate_module(model, &requests, &placed, |f| {
                 module[f.index] = f.output;
                 Ok(())
             })
@@ -191,7 +191,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     // The same with the population's KV kept on the GPU: three sequences' rows at a time.
     let on_gpu = ModuleSizes { gpu_kv_rows: 3 * longest, ..sizes };
     let mut module = vec![Vec::new(); requests.len()];
-    generate_module(model, &requests, &opts, &on_gpu, |f| {
+    generate_module(model, &requests, &on_gpu, |f| {
         module[f.index] = f.output;
         Ok(())
     })
@@ -261,9 +261,9 @@ fn check_bf16_kv_on(ctx: &GpuContext, name: &str) {
     eprintln!("{name} with bf16 KV: largest relative logit error {worst:.2e}");
     assert!(worst > 1e-6 && worst < 1e-2, "{name}: bf16 KV relative logit error {worst:e}");
     let max_new = expected["max_new_tokens"].as_u64().unwrap() as usize;
-    let requests: Vec<Request> = prompts.iter().enumerate().map(|(i, p)| Request { id: Value::from(i), prompt: p.clone(), max_new_tokens: max_new }).collect();
+    let requests: Vec<Request> = prompts.iter().enumerate().map(|(i, p)| Request { ignore_eos: true, ..Request::new(Value::from(i), p.clone(), max_new) }).collect();
     let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap();
-    let fixed = GenerateOptions { ignore_eos: true, cache_rows: 2 * longest, fixed_batch: true, ..Default::default() };
+    let fixed = GenerateOptions { cache_rows: 2 * longest, fixed_batch: true, ..Default::default() };
     let mut gpu_kv = vec![Vec::new(); requests.len()];
     generate(&model, &requests, &fixed, |f| {
         gpu_kv[f.index] = f.output;
@@ -274,9 +274,9 @@ fn check_bf16_kv_on(ctx: &GpuContext, name: &str) {
     let f32_page = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg.clone().with_kv_bf16(false).unwrap(), 4);
     assert_eq!(2 * page_bytes, f32_page);
     let sizes = split_sizes(&model, longest);
-    let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
+    let opts = GenerateOptions::default();
     let mut host_pages = vec![Vec::new(); requests.len()];
-    generate_module(&model, &requests, &opts, &sizes, |f| {
+    generate_module(&model, &requests, &sizes, |f| {
         host_pages[f.index] = f.output;
         Ok(())
     })
@@ -285,7 +285,7 @@ fn check_bf16_kv_on(ctx: &GpuContext, name: &str) {
     for site in [AttentionSite::Host, AttentionSite::Split { host_permille: 400 }] {
         let placed = ModuleSizes { attention: site, ..sizes };
         let mut out = vec![Vec::new(); requests.len()];
-        generate_module(&model, &requests, &opts, &placed, |f| {
+        generate_module(&model, &requests, &placed, |f| {
             out[f.index] = f.output;
             Ok(())
         })
@@ -412,9 +412,9 @@ fn gguf_conversions_of_the_fixtures_match_transformers() {
 
 fn greedy(model: &Model, prompts: &[Vec<u32>], max_new: usize) -> Vec<Vec<u32>> {
     let requests: Vec<Request> =
-        prompts.iter().enumerate().map(|(i, p)| Request { id: Value::from(i), prompt: p.clone(), max_new_tokens: max_new }).collect();
+        prompts.iter().enumerate().map(|(i, p)| Request { ignore_eos: true, ..Request::new(Value::from(i), p.clone(), max_new) }).collect();
     let mut outputs = vec![Vec::new(); requests.len()];
-    let opts = GenerateOptions { ignore_eos: true, ..Default::default() };
+    let opts = GenerateOptions::default();
     generate(model, &requests, &opts, |f| {
         outputs[f.index] = f.output;
         Ok(())

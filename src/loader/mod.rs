@@ -21,6 +21,7 @@ pub struct ModelFiles {
     pub checkpoint: Checkpoint,
     /// None when the model has no tokenizer (token-id prompts only).
     pub codec: Option<TextCodec>,
+    pub chat: crate::input::chat::ModelTemplates,
 }
 
 impl ModelFiles {
@@ -47,8 +48,10 @@ impl ModelFiles {
         if gguf::is_gguf(path) {
             let g = gguf::open(path)?;
             let config = ModelConfig::parse(&g.config, &g.path)?;
-            let codec = TextCodec::from_gguf(&g.metadata, &g.path.display().to_string())?;
-            return Ok(ModelFiles { config, checkpoint: g.checkpoint, codec });
+            let file = g.path.display().to_string();
+            let codec = TextCodec::from_gguf(&g.metadata, &file)?;
+            let chat = crate::input::chat::ModelTemplates::from_gguf(&g.metadata, &file);
+            return Ok(ModelFiles { config, checkpoint: g.checkpoint, codec, chat });
         }
         if !path.join("config.json").exists() {
             return Err(Error::invalid(path.display().to_string(), "not a model: no config.json (a Hugging Face directory) and no .gguf file"));
@@ -58,6 +61,7 @@ impl ModelFiles {
             config: ModelConfig::load(path)?,
             checkpoint: Checkpoint::open(path)?,
             codec: if tokenizer.exists() { Some(TextCodec::load(&tokenizer)?) } else { None },
+            chat: crate::input::chat::ModelTemplates::from_hf_dir(path)?,
         })
     }
 }

@@ -27,6 +27,17 @@ impl TextCodec {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` as it stands: a rendered chat prompt already holds its special tokens.
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::invalid(&self.path, format!("encoding failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of one token, special tokens included (log-probabilities name their tokens).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Text of `ids`, special tokens skipped; the whole sequence at once, so characters spread
     /// over several byte tokens come out whole.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -2,6 +2,10 @@
 //! per-sequence random stream, so a sequence's output depends on the seed and its own id only,
 //! never on which other sequences share its batch.
 
+mod stop;
+
+pub use stop::StopStrings;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -29,7 +33,7 @@ impl SamplingParams {
 }
 
 /// FNV-1a: a stable hash of a sequence's id, to derive its random stream.
-fn stable_hash(bytes: &[u8]) -> u64 {
+pub fn stable_hash(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
@@ -87,6 +91,37 @@ impl SequenceSampler {
     }
 }
 
+/// One generated token's log-probability under the model (the raw logits, before temperature
+/// and the top-k/top-p cuts, as the OpenAI API and vLLM report it) and the most likely
+/// alternatives at that position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top` most likely tokens, most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits` at `token`, and its `top` most likely tokens.
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let total: f64 = logits.iter().filter(|v| !v.is_nan()).map(|&v| (v as f64 - max).exp()).sum();
+    let log_z = max + total.ln();
+    let lp = |i: usize| (logits[i] as f64 - log_z) as f32;
+    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for i in (0..logits.len()).filter(|&i| !logits[i].is_nan()) {
+            if best.len() == top && logits[i] <= logits[best[top - 1]] {
+                continue;
+            }
+            let at = best.partition_point(|&b| logits[b] >= logits[i]);
+            best.insert(at, i);
+            best.truncate(top);
+        }
+    }
+    TokenLogprob { token, logprob: lp(token as usize), top: best.into_iter().map(|i| (i as u32, lp(i))).collect() }
+}
+
 /// The first index of the largest value (NaN never wins).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -125,6 +160,18 @@ mod tests {
         let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: 1 };
         let draws: Vec<u32> = (0..200).map(|_| s.sample(&logits, &p)).collect();
         assert!(draws.contains(&2) && !draws.contains(&3), "the 0.95 nucleus holds tokens 1 and 2 only");
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_best_first() {
+        let logits = vec![1.0f32, 3.0, f32::NAN, 3.0, -2.0, 0.5];
+        let got = token_logprob(&logits, 5, 3);
+        let z: f64 = [1.0f64, 3.0, 3.0, -2.0, 0.5].iter().map(|v| v.exp()).sum::<f64>().ln();
+        assert!((got.logprob as f64 - (0.5 - z)).abs() < 1e-6);
+        assert_eq!(got.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 0]);
+        assert!((got.top[0].1 as f64 - (3.0 - z)).abs() < 1e-6);
+        let mass: f64 = (0..6).filter(|&i| i != 2).map(|i| (token_logprob(&logits, i, 0).logprob as f64).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-6);
     }
 
     #[test]

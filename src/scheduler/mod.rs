@@ -12,6 +12,7 @@ pub mod module;
 
 pub use module::{generate_module, AttentionChoice, AttentionSite, CpuExperts, ModuleSizes};
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -21,17 +22,76 @@ use crate::gpu::{Batch, GpuContext};
 use crate::kernels::softmax::argmax;
 use crate::model::forward::{KvCache, Model, StepInput};
 use crate::output::FinishReason;
-use crate::sampler::{SamplingParams, SequenceSampler};
+use crate::sampler::{token_logprob, SamplingParams, SequenceSampler, StopStrings, TokenLogprob};
 
 /// GPU memory the KV cache may take when the caller sets no size (until memory budgets exist).
 const DEFAULT_KV_BYTES: u64 = 2 << 30;
 
-/// One sequence to generate.
+/// One sequence to generate, with its own sampling and stop rules: a sequence's tokens depend on
+/// its request only, never on the others in its batch.
 #[derive(Clone, Debug)]
 pub struct Request {
     pub id: Value,
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// The key of the sequence's random stream (with `sampling.seed`).
+    pub stream: String,
+    /// Whether the model's end-of-sequence tokens are generated through instead of stopping.
+    pub ignore_eos: bool,
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Option<Arc<StopStrings>>,
+    /// Each generated token's log-probability, with this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl Request {
+    /// Greedy decoding to `max_new_tokens` or an end-of-sequence token.
+    pub fn new(id: Value, prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        let stream = id.to_string();
+        Request {
+            id,
+            prompt,
+            max_new_tokens,
+            sampling: SamplingParams::default(),
+            stream,
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            stop_strings: None,
+            logprobs: None,
+        }
+    }
+
+    /// Whether the host needs this sequence's logits (to sample, or for log-probabilities).
+    fn needs_logits(&self) -> bool {
+        !self.sampling.greedy() || self.logprobs.is_some()
+    }
+
+    fn sampler(&self) -> SequenceSampler {
+        SequenceSampler::new(self.sampling.seed, &self.stream)
+    }
+
+    /// The next token from the GPU's argmax or, when the host has them, the logits.
+    fn choose(&self, sampler: &mut SequenceSampler, argmax: u32, logits: Option<&[f32]>) -> (u32, Option<TokenLogprob>) {
+        let Some(logits) = logits else { return (argmax, None) };
+        let token = if self.sampling.greedy() { argmax } else { sampler.sample(logits, &self.sampling) };
+        (token, self.logprobs.map(|top| token_logprob(logits, token, top)))
+    }
+
+    /// Whether the sequence stops now that `output` (its generated tokens) has grown by one,
+    /// at `len` tokens in all of the `cap` its KV holds.
+    fn finish_reason(&self, eos: &[u32], output: &[u32], len: usize, cap: usize) -> Result<Option<FinishReason>> {
+        let token = *output.last().expect("called after a token");
+        if (!self.ignore_eos && eos.contains(&token)) || self.stop_token_ids.contains(&token) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        if let Some(stop) = &self.stop_strings {
+            if stop.matched(output)? {
+                return Ok(Some(FinishReason::Stop));
+            }
+        }
+        Ok((output.len() >= self.max_new_tokens || len >= cap).then_some(FinishReason::Length))
+    }
 }
 
 /// A finished sequence.
@@ -41,6 +101,8 @@ pub struct Finished {
     pub index: usize,
     pub output: Vec<u32>,
     pub finish: FinishReason,
+    /// Per generated token, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// How sequences are batched.
@@ -64,29 +126,8 @@ impl Batching {
     }
 }
 
-/// Whether a sequence stops after sampling `token`.
-pub(crate) fn finish_reason(
-    cfg: &crate::loader::config::ModelConfig,
-    opts: &GenerateOptions,
-    token: u32,
-    generated: usize,
-    max_new: usize,
-    len: usize,
-    cap: usize,
-) -> Option<FinishReason> {
-    if !opts.ignore_eos && cfg.eos_token_ids.contains(&token) {
-        Some(FinishReason::Stop)
-    } else if generated >= max_new || len >= cap {
-        Some(FinishReason::Length)
-    } else {
-        None
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 pub struct GenerateOptions {
-    pub sampling: SamplingParams,
-    pub ignore_eos: bool,
     /// Most tokens fed through one forward pass (prompts are chunked to fit).
     pub max_step_tokens: usize,
     /// Cache rows to allocate (0: as many as one binding holds, capped by what the job needs).
@@ -97,7 +138,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { sampling: SamplingParams::default(), ignore_eos: false, max_step_tokens: 2048, cache_rows: 0, fixed_batch: false }
+        GenerateOptions { max_step_tokens: 2048, cache_rows: 0, fixed_batch: false }
     }
 }
 
@@ -105,7 +146,7 @@ impl Default for GenerateOptions {
 pub(crate) fn finish_empty(requests: &[Request], on_finish: &mut impl FnMut(Finished) -> Result<()>) -> Result<()> {
     for (index, r) in requests.iter().enumerate() {
         if r.max_new_tokens == 0 {
-            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length })?;
+            on_finish(Finished { index, output: Vec::new(), finish: FinishReason::Length, logprobs: Vec::new() })?;
         }
     }
     Ok(())
@@ -145,6 +186,7 @@ struct Running {
     cache_start: usize,
     cache_len: usize,
     sampler: SequenceSampler,
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// First-fit allocation of contiguous cache rows per sequence.
@@ -222,7 +264,8 @@ pub fn generate(
                 cached: 0,
                 cache_start: start,
                 cache_len: need(r),
-                sampler: SequenceSampler::new(opts.sampling.seed, &r.id.to_string()),
+                sampler: r.sampler(),
+                logprobs: Vec::new(),
             });
             stats.prompt_tokens += r.prompt.len();
             waiting += 1;
@@ -230,6 +273,7 @@ pub fn generate(
         if running.is_empty() {
             break;
         }
+        crate::interrupt::check()?;
         // Decode tokens first (one each), then prompt chunks up to the step's token budget, and no
         // more sampled sequences than one logits buffer holds.
         let mut input = StepInput::default();
@@ -263,7 +307,7 @@ pub fn generate(
         }
         let started = Instant::now();
         let chosen = match model.forward(&cache, &input)? {
-            Some(logits) => pick_tokens(ctx, model, &logits, &sampled_seqs, &mut running, &opts.sampling)?,
+            Some(logits) => pick_tokens(ctx, model, &logits, &sampled_seqs, &mut running, requests)?,
             None => {
                 // Only prompt chunks this step: the cache filled, nothing to sample.
                 ctx.wait_idle("a prefill step")?;
@@ -273,13 +317,13 @@ pub fn generate(
         stats.add_step(started.elapsed(), prefill_tokens, decode_tokens);
 
         let mut done = Vec::new();
-        for (&i, &token) in sampled_seqs.iter().zip(&chosen) {
+        for (&i, (token, logprob)) in sampled_seqs.iter().zip(chosen) {
             let s = &mut running[i];
             s.tokens.push(token);
+            s.logprobs.extend(logprob);
             stats.generated_tokens += 1;
-            let generated = s.tokens.len() - s.prompt_len;
             let r = &requests[s.index];
-            if let Some(f) = finish_reason(cfg, opts, token, generated, r.max_new_tokens, s.tokens.len(), s.cache_len) {
+            if let Some(f) = r.finish_reason(&cfg.eos_token_ids, &s.tokens[s.prompt_len..], s.tokens.len(), s.cache_len)? {
                 done.push((i, f));
             }
         }
@@ -289,7 +333,7 @@ pub fn generate(
         finished.sort_by_key(|(s, _)| s.index);
         for (s, finish) in finished {
             regions.free(s.cache_start);
-            on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish })?;
+            on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish, logprobs: s.logprobs })?;
         }
     }
     Ok(stats)
@@ -315,27 +359,35 @@ pub fn step_limits_for(cfg: &crate::loader::config::ModelConfig, limit: u64, max
     (tokens, rows)
 }
 
-/// The next token of each sampled sequence: argmax on the GPU for greedy decoding (a few bytes
-/// back per sequence), else the logits back to the host for that sequence's sampler.
+/// The next token of each sampled sequence: the argmax on the GPU (a few bytes back per
+/// sequence, and greedy tokens never depend on which other sequences share the step), and the
+/// logits back to the host only when a sequence samples or reports log-probabilities.
 fn pick_tokens(
     ctx: &GpuContext,
     model: &Model,
     logits: &crate::gpu::GpuBuffer,
     seqs: &[usize],
     running: &mut [Running],
-    sampling: &SamplingParams,
-) -> Result<Vec<u32>> {
+    requests: &[Request],
+) -> Result<Vec<(u32, Option<TokenLogprob>)>> {
     let vocab = model.cfg.vocab_size;
     let rows = seqs.len();
-    if sampling.greedy() {
-        let ids = ctx.storage("greedy tokens", (rows * 4) as u64)?;
-        let mut b = Batch::new(ctx);
-        argmax(&mut b, logits, &ids, rows, vocab)?;
-        b.submit()?;
-        return ctx.read_u32(&ids, rows);
-    }
-    let all = ctx.read_f32(logits, rows * vocab)?;
-    Ok(seqs.iter().enumerate().map(|(r, &i)| running[i].sampler.sample(&all[r * vocab..(r + 1) * vocab], sampling)).collect())
+    let ids = ctx.storage("greedy tokens", (rows * 4) as u64)?;
+    let mut b = Batch::new(ctx);
+    argmax(&mut b, logits, &ids, rows, vocab)?;
+    b.submit()?;
+    let best = ctx.read_u32(&ids, rows)?;
+    let all = if seqs.iter().any(|&i| requests[running[i].index].needs_logits()) { Some(ctx.read_f32(logits, rows * vocab)?) } else { None };
+    Ok(seqs
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| {
+            let s = &mut running[i];
+            let req = &requests[s.index];
+            let row = all.as_ref().filter(|_| req.needs_logits()).map(|a| &a[r * vocab..(r + 1) * vocab]);
+            req.choose(&mut s.sampler, best[r], row)
+        })
+        .collect())
 }
 
 /// Logits for every position of each prompt, all prompts in one ragged forward pass (the

@@ -17,9 +17,9 @@ use crate::model::forward::{KvCache, LayerKv, TokenPlaces};
 use crate::model::weights::{Experts, Ffn, HostExperts};
 use crate::model::Model;
 use crate::output::FinishReason;
-use crate::sampler::SequenceSampler;
+use crate::sampler::{SequenceSampler, TokenLogprob};
 use crate::scheduler::host_kv::HostKv;
-use crate::scheduler::{finish_empty, finish_reason, step_limits, CacheRegions, Finished, GenerateOptions, GenerateStats, Request};
+use crate::scheduler::{finish_empty, step_limits, CacheRegions, Finished, GenerateStats, Request};
 
 /// Where the user asks module-based batching to run attention.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -209,6 +209,7 @@ struct Seq {
     cap: usize,
     kv: SeqKv,
     sampler: SequenceSampler,
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// One sequence's tokens in a step.
@@ -333,7 +334,6 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
 pub fn generate_module(
     model: &Model,
     requests: &[Request],
-    opts: &GenerateOptions,
     sizes: &ModuleSizes,
     mut on_finish: impl FnMut(Finished) -> Result<()>,
 ) -> Result<GenerateStats> {
@@ -364,7 +364,8 @@ pub fn generate_module(
                 cached: 0,
                 cap: need(r),
                 kv: share,
-                sampler: SequenceSampler::new(opts.sampling.seed, &r.id.to_string()),
+                sampler: r.sampler(),
+                logprobs: Vec::new(),
             });
             stats.prompt_tokens += r.prompt.len();
             waiting += 1;
@@ -372,6 +373,7 @@ pub fn generate_module(
         if pop.is_empty() {
             break;
         }
+        crate::interrupt::check()?;
         // Decode tokens first, then prompt chunks up to the step's token budget.
         let mut order: Vec<usize> = (0..pop.len()).collect();
         order.sort_by_key(|&i| pop[i].cached < pop[i].prompt_len);
@@ -391,22 +393,22 @@ pub fn generate_module(
             n += count;
         }
         let started = Instant::now();
-        let chosen = run_step(model, &mut kv, &pop, &parts, n, sizes, logit_rows, opts.sampling.greedy())?;
+        let needs_logits: Vec<bool> = parts.iter().filter(|p| p.completes).map(|p| requests[pop[p.seq].index].needs_logits()).collect();
+        let chosen = run_step(model, &mut kv, &pop, &parts, n, sizes, logit_rows, &needs_logits)?;
         stats.add_step(started.elapsed(), prefill_tokens, decode_tokens);
 
         let mut done = Vec::new();
         for p in &parts {
             pop[p.seq].cached += p.count;
         }
-        for (p, token) in parts.iter().filter(|p| p.completes).zip(chosen) {
-            let token = match token {
-                Sampled::Token(t) => t,
-                Sampled::Logits(l) => pop[p.seq].sampler.sample(&l, &opts.sampling),
-            };
+        for (p, sampled) in parts.iter().filter(|p| p.completes).zip(chosen) {
             let s = &mut pop[p.seq];
+            let r = &requests[s.index];
+            let (token, logprob) = r.choose(&mut s.sampler, sampled.argmax, sampled.logits.as_deref());
             s.tokens.push(token);
+            s.logprobs.extend(logprob);
             stats.generated_tokens += 1;
-            if let Some(f) = finish_reason(cfg, opts, token, s.tokens.len() - s.prompt_len, requests[s.index].max_new_tokens, s.tokens.len(), s.cap) {
+            if let Some(f) = r.finish_reason(&cfg.eos_token_ids, &s.tokens[s.prompt_len..], s.tokens.len(), s.cap)? {
                 done.push((p.seq, f));
             }
         }
@@ -415,16 +417,16 @@ pub fn generate_module(
         finished.sort_by_key(|(s, _)| s.index);
         for (s, finish) in finished {
             kv.release(s.kv);
-            on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish })?;
+            on_finish(Finished { index: s.index, output: s.tokens[s.prompt_len..].to_vec(), finish, logprobs: s.logprobs })?;
         }
     }
     Ok(stats)
 }
 
-/// A completed sequence's next token, or its logits for the host sampler.
-enum Sampled {
-    Token(u32),
-    Logits(Vec<f32>),
+/// A completed sequence's greedy token, and its logits when the host needs them.
+struct Sampled {
+    argmax: u32,
+    logits: Option<Vec<f32>>,
 }
 
 /// One step through every module: embeddings, then per layer attention micro-batches and the
@@ -438,7 +440,7 @@ fn run_step(
     n: usize,
     sizes: &ModuleSizes,
     logit_rows: usize,
-    greedy: bool,
+    needs_logits: &[bool],
 ) -> Result<Vec<Sampled>> {
     let ctx = &model.ctx;
     let cfg = &model.cfg;
@@ -519,16 +521,15 @@ fn run_step(
                 model.logits_block(&mut b, &xb, None, m)?
             }
         };
-        if greedy {
-            let idb = ctx.storage("greedy tokens", (m * 4) as u64)?;
-            argmax(&mut b, &logits, &idb, m, vocab)?;
-            b.submit()?;
-            let got = ctx.read_u32(&idb, m)?;
-            out.extend(got.into_iter().map(Sampled::Token));
-        } else {
-            b.submit()?;
-            let all = ctx.read_f32(&logits, m * vocab)?;
-            out.extend(all.chunks_exact(vocab).map(|row| Sampled::Logits(row.to_vec())));
+        let idb = ctx.storage("greedy tokens", (m * 4) as u64)?;
+        argmax(&mut b, &logits, &idb, m, vocab)?;
+        b.submit()?;
+        let best = ctx.read_u32(&idb, m)?;
+        let wanted = &needs_logits[c..c + m];
+        let all = if wanted.iter().any(|&w| w) { Some(ctx.read_f32(&logits, m * vocab)?) } else { None };
+        for (r, argmax) in best.into_iter().enumerate() {
+            let logits = all.as_ref().filter(|_| wanted[r]).map(|a| a[r * vocab..(r + 1) * vocab].to_vec());
+            out.push(Sampled { argmax, logits });
         }
     }
     Ok(out)
