@@ -116,6 +116,9 @@ impl ModelTemplates {
 /// One compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Seconds since the epoch that `strftime_now` reads (None: the clock), shared with the
+    /// function registered in `env`.
+    now: std::sync::Arc<std::sync::Mutex<Option<i64>>>,
     source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -181,7 +184,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<JinjaValue, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
+        let now: std::sync::Arc<std::sync::Mutex<Option<i64>>> = Default::default();
+        let clock = now.clone();
+        env.add_function("strftime_now", move |fmt: String| -> String {
+            let secs = clock.lock().unwrap().unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+            });
+            strftime(&fmt, secs)
+        });
         env.add_filter("tojson", |v: JinjaValue, kwargs: minijinja::value::Kwargs| -> std::result::Result<String, minijinja::Error> {
             let indent: Option<usize> = kwargs.get("indent")?;
             let _: Option<bool> = kwargs.get("ensure_ascii")?;
@@ -193,13 +203,18 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", template.to_string())
             .map_err(|e| Error::invalid(source, format!("the chat template does not compile: {e}")))?;
-        Ok(ChatTemplate { env, source: source.to_string(), bos_token, eos_token })
+        Ok(ChatTemplate { env, now, source: source.to_string(), bos_token, eos_token })
     }
 
     /// From a file given with `--chat-template`.
     pub fn from_file(path: &Path, model: &ModelTemplates) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
         ChatTemplate::new(&text, &path.display().to_string(), model.bos_token.clone(), model.eos_token.clone())
+    }
+
+    /// Renders `strftime_now` at this time (seconds since the epoch) instead of the clock's.
+    pub fn set_now(&self, secs: i64) {
+        *self.now.lock().unwrap() = Some(secs);
     }
 
     /// The prompt of `messages` (OpenAI chat messages) with the generation prompt added.
@@ -221,10 +236,9 @@ impl ChatTemplate {
     }
 }
 
-/// The date as `strftime` formats it, for templates that print today's date (UTC; the fields
+/// `secs` as `strftime` formats it, for templates that print today's date (UTC; the fields
 /// templates use: %d %m %Y %y %b %B %H %M %S).
-fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+fn strftime(fmt: &str, secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719468;

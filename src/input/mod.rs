@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn both_formats_and_bad_lines() {
         let p = parse(r#"{"id": 5, "prompt": "hi", "max_new_tokens": 4, "temperature": 0.5, "stop": "x", "n": 2}"#).unwrap();
-        let (prompt, params) = p.request.unwrap();
+        let (prompt, params) = p.request.clone().unwrap();
         assert_eq!((p.id_key().as_str(), prompt), ("5", Prompt::Text("hi".into())));
         assert_eq!((params.max_tokens, params.temperature, params.stop, params.n), (Some(4), Some(0.5), vec!["x".to_string()], 2));
         assert_eq!(parse(r#"{"id": "a", "prompt_ids": [1, 2]}"#).unwrap().request.unwrap().0, Prompt::Ids(vec![1, 2]));
