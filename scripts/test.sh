@@ -22,6 +22,17 @@ fi
 # Mesa's window-system code complains without it; nothing here draws to a screen.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
+# The OpenAI batch output is checked with the openai package's own types (pinned), in a venv
+# under target/ made once.
+venv=target/openai-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet openai==3.57.0 \
+        || echo "warning: could not install the openai package; the OpenAI output check will be skipped" >&2
+fi
+if "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+    export MOEGEN_OPENAI_PYTHON="$PWD/$venv/bin/python"
+fi
+
 # Fails (non-zero) when no GPU adapter is found, instead of passing with the GPU untested.
 cargo run --locked --quiet -- --device gpu devices
 cargo test --locked "$@"

@@ -544,3 +544,133 @@ fn gguf_models_and_quantised_experts_run_from_the_command_line() {
     fails_with(&run(&broken, &refused, &[]), &["broken.gguf", "truncated"]);
     assert!(!refused.exists());
 }
+
+/// A job of both formats on the default model (it has a tokenizer): OpenAI chat and completion
+/// lines with their own sampling, stops and logprobs, an error line, moegen's own lines.
+const MIXED_JOB: &str = r#"{"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a function"}], "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 2}}
+{"custom_id": "cmp-1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0.8, "seed": 5, "n": 2, "stop": ["\n\n"], "logprobs": 1}}
+{"custom_id": "bad-1", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+{"custom_id": "cmp-2", "method": "POST", "url": "/v1/completions", "body": {"prompt": "import os\n", "max_tokens": 10, "top_p": 0.9, "top_k": 20}}
+{"id": 7, "prompt": "import os\n", "max_new_tokens": 10, "stop": ["os"]}
+{"id": 8, "prompt": "class Stack:\n", "max_new_tokens": 9, "temperature": 0.7, "seed": 3}
+"#;
+
+fn run_default(input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
+    let template = fixture("chat/templates/mistralai-Mistral-Nemo-Instruct-2407.jinja");
+    let mut args = vec!["--device", "cpu", "generate", "--model", path(&model), "--input", path(input), "--output", path(output)];
+    args.extend_from_slice(&["--chat-template", path(&template), "--quiet"]);
+    args.extend_from_slice(extra);
+    moegen_with(&args, &[("SOURCE_DATE_EPOCH", "1700000000")])
+}
+
+#[test]
+fn openai_batch_lines_run_each_with_its_own_sampling_alone_or_together() {
+    let dir = scratch("openai");
+    let input = write(&dir, "in.jsonl", MIXED_JOB);
+    let together = dir.join("together.jsonl");
+    let o = run_default(&input, &together, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = lines(&together);
+    assert_eq!(rows.len(), 6);
+    let by = |id: &str| rows.iter().find(|r| r["custom_id"] == id || r["id"].to_string() == id).cloned().unwrap();
+    assert_eq!(by("bad-1")["response"], Value::Null);
+    assert!(by("bad-1")["error"]["message"].as_str().unwrap().contains("/v1/embeddings"));
+    let chat = &by("chat-1")["response"]["body"];
+    assert_eq!((chat["object"].as_str(), chat["created"].as_u64()), (Some("chat.completion"), Some(1_700_000_000)));
+    let content = chat["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), chat["usage"]["completion_tokens"].as_u64().unwrap() as usize);
+    assert!(content.iter().all(|c| c["top_logprobs"].as_array().unwrap().len() == 2 && c["logprob"].as_f64().unwrap() <= 0.0));
+    let cmp = &by("cmp-1")["response"]["body"];
+    assert_eq!(cmp["choices"].as_array().unwrap().len(), 2);
+    for c in cmp["choices"].as_array().unwrap() {
+        assert!(!c["text"].as_str().unwrap().contains("\n\n"), "the stop string is cut: {c}");
+    }
+    let seven = by("7");
+    assert!(!seven["text"].as_str().unwrap().contains("os") && seven["finish_reason"] == "stop", "{seven}");
+
+    // Each line alone gives the same line: nothing depends on the batch it ran in.
+    for (i, text) in MIXED_JOB.lines().enumerate() {
+        let one = write(&dir, &format!("one-{i}.jsonl"), &format!("{text}\n"));
+        let out = dir.join(format!("one-{i}.out.jsonl"));
+        let o = run_default(&one, &out, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let alone = lines(&out).remove(0);
+        let id = alone.get("custom_id").unwrap_or(&alone["id"]);
+        let with_others = rows.iter().find(|r| r.get("custom_id").unwrap_or(&r["id"]) == id).unwrap();
+        assert_eq!(&alone, with_others, "line {i} alone");
+    }
+
+    // The openai package's own types parse every line (scripts/test.sh provides the package).
+    match std::env::var("MOEGEN_OPENAI_PYTHON") {
+        Ok(py) => {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check_openai_output.py");
+            let o = Command::new(py).arg(&script).arg(&together).output().unwrap();
+            assert!(o.status.success(), "openai types refused the output: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        }
+        Err(_) => eprintln!("MOEGEN_OPENAI_PYTHON is unset: the openai package check is skipped (scripts/test.sh sets it)"),
+    }
+}
+
+#[test]
+fn shards_merged_equal_one_process_and_resume_after_a_kill() {
+    let dir = scratch("shards");
+    let mut job = String::new();
+    for i in 0..12 {
+        let t = if i % 3 == 0 { ", \"temperature\": 0.9" } else { "" };
+        job.push_str(&format!("{{\"id\": \"p{i}\", \"prompt\": \"def f{i}(x):\\n\", \"max_new_tokens\": {}{t}}}\n", 6 + i % 5));
+    }
+    let input = write(&dir, "in.jsonl", &job);
+    let single = dir.join("single.jsonl");
+    assert!(run_default(&input, &single, &[]).status.success());
+    let merged_single = dir.join("single-merged.jsonl");
+    let m = moegen(&["merge", "--input", path(&input), "--output", path(&merged_single), path(&single)]);
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+
+    let n = 3;
+    let outs: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("shard-{i}.jsonl"))).collect();
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
+            Command::new(env!("CARGO_BIN_EXE_moegen"))
+                .args(["--device", "cpu", "generate", "--model", path(&model), "--input", path(&input), "--output", path(&outs[i]), "--quiet"])
+                .args(["--shard", &format!("{i}/{n}")])
+                .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let counts: Vec<usize> = outs.iter().map(|o| lines(o).len()).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 12, "{counts:?}");
+    let merged = dir.join("merged.jsonl");
+    let mut args = vec!["merge", "--input", path(&input), "--output", path(&merged)];
+    args.extend(outs.iter().map(|o| path(o)));
+    assert!(moegen(&args).status.success());
+    assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(&merged_single).unwrap(), "shards merged differ from one process");
+    // A shard missing, or given twice, is named.
+    fails_with(&moegen(&["merge", "--input", path(&input), "--output", path(&merged), path(&outs[0]), path(&outs[1])]), &["have no result"]);
+    fails_with(&moegen(&["merge", "--input", path(&input), "--output", path(&merged), path(&outs[0]), path(&outs[0]), path(&outs[1]), path(&outs[2])]), &["present twice"]);
+
+    // Killed (SIGKILL) at a few points, then resumed: the same results.
+    for (k, delay_ms) in [150u64, 400, 900].into_iter().enumerate() {
+        let out = dir.join(format!("killed-{k}.jsonl"));
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moegen"))
+            .args(["--device", "cpu", "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--quiet", "--max-step-tokens", "8"])
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let o = run_default(&input, &out, &["--resume", "--max-step-tokens", "8"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let fixed = dir.join(format!("killed-{k}-merged.jsonl"));
+        let m = moegen(&["merge", "--input", path(&input), "--output", path(&fixed), path(&out)]);
+        assert!(m.status.success(), "kill at {delay_ms} ms: {}", String::from_utf8_lossy(&m.stderr));
+        assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&merged_single).unwrap(), "kill at {delay_ms} ms, then --resume");
+    }
+}
