@@ -274,7 +274,6 @@ fn check_bf16_kv_on(ctx: &GpuContext, name: &str) {
     let f32_page = moegen::scheduler::host_kv::HostKv::page_bytes(&model.cfg.clone().with_kv_bf16(false).unwrap(), 4);
     assert_eq!(2 * page_bytes, f32_page);
     let sizes = split_sizes(&model, longest);
-    let opts = GenerateOptions::default();
     let mut host_pages = vec![Vec::new(); requests.len()];
     generate_module(&model, &requests, &sizes, |f| {
         host_pages[f.index] = f.output;
