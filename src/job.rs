@@ -174,7 +174,7 @@ fn prepare(lines: &[JobLine], input: &Path, codec: Option<&Arc<TextCodec>>, temp
                 Ok((p, q)) => (p, q),
                 Err(why) => return Ok(Err(why.clone())),
             };
-            let need_codec = |what: &str| codec.ok_or_else(|| anyhow::anyhow!("{at}: {what} needs the model's tokenizer, which is missing; give token ids instead"));
+            let need_codec = |what: &str| codec.ok_or_else(|| anyhow::anyhow!("{at}: {what} needs the model's tokenizer.json, which is missing; give token ids (`prompt_ids`) instead"));
             let ids = match prompt {
                 Prompt::Ids(ids) => ids.clone(),
                 Prompt::Text(text) => need_codec("a text prompt")?.encode(text).with_context(|| at.clone())?,
@@ -189,7 +189,7 @@ fn prepare(lines: &[JobLine], input: &Path, codec: Option<&Arc<TextCodec>>, temp
                 }
             };
             if !params.stop.is_empty() && codec.is_none() {
-                bail!("{at}: `stop` strings need the model's tokenizer, which is missing; give `stop_token_ids` instead");
+                bail!("{at}: `stop` strings need the model's tokenizer.json, which is missing; give `stop_token_ids` instead");
             }
             let problem = if ids.is_empty() {
                 Some("the prompt is empty".to_string())
@@ -290,15 +290,16 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     let mut templates = Templates { flag: args.chat_template.as_deref(), model: &files.chat, compiled: None };
     let prepared = prepare(&todo, &input, codec.as_ref(), &mut templates, &cfg, args)?;
     let mut sink = match &args.output {
-        Some(p) => ResultSink::open(p, args.resume).with_context(|| format!("--output {}", p.display()))?.0,
+        Some(p) => ResultSink::later(p, args.resume).with_context(|| format!("--output {}", p.display()))?,
         None => ResultSink::Stdout,
     };
     for e in &prepared.errors {
-        sink.write_line(e)?;
+        sink.hold(e.clone())?;
     }
     let reqs = &prepared.requests;
     let mut summary = JobSummary { prompts: lines.len(), skipped: lines.len() - todo.len(), ..Default::default() };
     if reqs.is_empty() {
+        sink.finish()?;
         summary.wall = started.elapsed();
         return Ok(summary);
     }
@@ -392,6 +393,11 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     bar.finish_and_clear();
     let report = match result {
         Ok(r) => r,
+        // Nothing written (the sink opens on the first result): the output is as it was.
+        Err(e) if matches!(sink, ResultSink::Later { .. }) => {
+            let untouched = args.output.as_ref().map(|p| format!("; {} was not touched", p.display())).unwrap_or_default();
+            return Err(anyhow::Error::new(e).context(format!("the job stopped before its first result{untouched}")));
+        }
         Err(e) => {
             let whereto = args.output.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into());
             let hint = if args.output.is_some() { "; rerun with --resume to finish the rest" } else { "" };
@@ -399,6 +405,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
                 .context(format!("the job stopped after {written} of {} results were written to {whereto}{hint}", prepared.runs.len())));
         }
     };
+    sink.finish()?;
     if let (Some(path), Some(json)) = (&args.trace, &report.trace_json) {
         std::fs::write(path, json).with_context(|| format!("--trace {}", path.display()))?;
         eprintln!("trace written to {} (open it in https://ui.perfetto.dev)", path.display());

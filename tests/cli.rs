@@ -674,3 +674,54 @@ fn shards_merged_equal_one_process_and_resume_after_a_kill() {
         assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&merged_single).unwrap(), "kill at {delay_ms} ms, then --resume");
     }
 }
+
+/// A copy of `src` without tensor `drop`, its data repacked so the file is valid safetensors.
+fn safetensors_without(src: &Path, dst: &Path, drop: &str) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut tensors: Vec<(String, Value)> = header.into_iter().filter(|(k, _)| k != "__metadata__" && k != drop).collect();
+    tensors.sort_by_key(|(_, t)| t["data_offsets"][0].as_u64().unwrap());
+    let (mut out, mut blob) = (serde_json::Map::new(), Vec::new());
+    for (k, mut t) in tensors {
+        let (s, e) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+        t["data_offsets"] = serde_json::json!([blob.len(), blob.len() + e - s]);
+        blob.extend_from_slice(&data[s..e]);
+        out.insert(k, t);
+    }
+    let h = serde_json::to_vec(&out).unwrap();
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&blob);
+    std::fs::write(dst, file).unwrap();
+}
+
+#[test]
+fn a_missing_expert_tensor_leaves_the_output_untouched() {
+    let dir = scratch("missing-tensor");
+    let src = fixture("mixtral-f32");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let gone = "model.layers.1.block_sparse_moe.experts.2.w2.weight";
+    safetensors_without(&src.join("model.safetensors"), &model.join("model.safetensors"), gone);
+    let input = write(&dir, "in.jsonl", "{\"id\": 1, \"prompt_ids\": [3, 4]}\n{\"id\": 2, \"prompt_ids\": [5]}\n");
+    let out = dir.join("out.jsonl");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--device", "cpu", "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--quiet"];
+        args.extend_from_slice(extra);
+        moegen_with(&args, &[])
+    };
+    let o = run(&[]);
+    fails_with(&o, &[gone, "missing"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("--resume"), "no resume hint when nothing was written");
+    assert!(!out.exists(), "a job that failed at load created its output");
+    // A resumed job's earlier results stay as they were, a cut-off last line included.
+    let earlier = "{\"id\":1,\"text\":\"kept\"}\n{\"id\":2,\"te";
+    std::fs::write(&out, earlier).unwrap();
+    fails_with(&run(&["--resume"]), &[gone]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), earlier);
+}

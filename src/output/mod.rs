@@ -81,6 +81,9 @@ pub fn answered_id(line: &Value) -> Option<&Value> {
 
 /// Where result lines go: a file (flushed line by line) or stdout.
 pub enum ResultSink {
+    /// A file opened only when the first line is written (or the job ends), so a job that fails
+    /// before its first result (a tensor missing at load, say) leaves the file as it was.
+    Later { path: PathBuf, resume: bool, held: Vec<String> },
     File { file: File, path: PathBuf },
     Stdout,
 }
@@ -127,8 +130,49 @@ impl ResultSink {
         Ok((ResultSink::File { file, path: path.to_path_buf() }, HashSet::new()))
     }
 
-    pub fn write_line(&mut self, line: &str) -> Result<()> {
+    /// The sink for `path`, checked now (its folder exists; an existing file can be written) but
+    /// created, truncated or (with `resume`) trimmed of a cut-off last line only on first use.
+    pub fn later(path: &Path, resume: bool) -> Result<Self> {
+        let io = |error| Error::Io { path: path.to_path_buf(), error };
+        if path.exists() {
+            OpenOptions::new().write(true).open(path).map_err(io)?;
+        } else {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(io(std::io::Error::new(std::io::ErrorKind::NotFound, format!("the folder {} does not exist", parent.display()))));
+            }
+        }
+        Ok(ResultSink::Later { path: path.to_path_buf(), resume, held: Vec::new() })
+    }
+
+    /// A line written with the first result (an error line known before the run starts).
+    pub fn hold(&mut self, line: String) -> Result<()> {
         match self {
+            ResultSink::Later { held, .. } => {
+                held.push(line);
+                Ok(())
+            }
+            _ => self.write_line(&line),
+        }
+    }
+
+    /// Opens a `Later` sink now (a finished job's file exists even when it holds no line).
+    pub fn finish(&mut self) -> Result<()> {
+        if let ResultSink::Later { path, resume, held } = self {
+            let held = std::mem::take(held);
+            let (sink, _) = ResultSink::open(path, *resume)?;
+            *self = sink;
+            for line in held {
+                self.write_line(&line)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_line(&mut self, line: &str) -> Result<()> {
+        self.finish()?;
+        match self {
+            ResultSink::Later { .. } => unreachable!("opened by finish"),
             ResultSink::File { file, path } => {
                 let io = |error| Error::Io { path: path.clone(), error };
                 file.write_all(line.as_bytes()).map_err(io)?;
