@@ -394,3 +394,106 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// xorshift64*: a fixed, seedable stream of mutations.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545F4914F6CDD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Truncated, byte-flipped, spliced and duplicated lines of both formats, safetensors headers
+    /// and config.json text: an error or a value, never a panic.
+    #[test]
+    fn mutated_lines_and_configs_give_errors_not_panics() {
+        let seeds = [
+            r#"{"id": 5, "prompt": "hi", "max_new_tokens": 4, "temperature": 0.5, "stop": ["x", "y"], "n": 2, "logprobs": 3}"#,
+            r#"{"id": [1, {"a": null}], "prompt_ids": [1, 2, 4294967295], "seed": -3, "top_k": -1}"#,
+            r#"{"id": "c", "messages": [{"role": "user", "content": [{"type": "text", "text": "é"}]}]}"#,
+            r#"{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 7, "logprobs": true, "top_logprobs": 3}}"#,
+            r#"{"custom_id": "r2", "url": "/v1/completions", "body": {"prompt": [4, 5], "logprobs": 2, "best_of": 1, "stop": null}}"#,
+        ];
+        let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mixtral-f32/config.json")).unwrap();
+        let mut rng = Rng(0x9E3779B97F4A7C15);
+        let path = Path::new("fuzz.jsonl");
+        let mutate = |rng: &mut Rng, text: &str| -> Vec<u8> {
+            let mut b = text.as_bytes().to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(b.len());
+                match rng.below(5) {
+                    0 => b.truncate(at),
+                    1 => {
+                        let i = at.min(b.len() - 1);
+                        b[i] ^= 1 << rng.below(8);
+                    }
+                    2 => {
+                        let piece: Vec<u8> = b[at..].iter().take(1 + rng.below(12)).copied().collect();
+                        let to = rng.below(b.len());
+                        b.splice(to..to, piece);
+                    }
+                    3 => {
+                        let digits = b"99999999999999999999-1e308";
+                        b.splice(at..at, digits.iter().copied());
+                    }
+                    _ => {
+                        let end = (at + rng.below(8)).min(b.len());
+                        b.drain(at..end);
+                    }
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            b
+        };
+        for round in 0..4000 {
+            let seed = seeds[round % seeds.len()];
+            let text = String::from_utf8_lossy(&mutate(&mut rng, seed)).into_owned();
+            if let Ok(line) = parse_line(&text, path, 1) {
+                let _ = line.id_key();
+            }
+        }
+        // Safetensors headers: the length field and the JSON mutated, the file truncated; opening
+        // checks every offset against the file, so a corrupt length never becomes an allocation.
+        let st = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mixtral-f32/model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(st[8..8 + n].to_vec()).unwrap();
+        let dir = std::env::temp_dir().join(format!("moegen-fuzz-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for round in 0..300 {
+            let mut file = Vec::with_capacity(st.len() + 64);
+            let h = if round % 4 == 3 { header.as_bytes().to_vec() } else { mutate(&mut rng, &header) };
+            let len = match round % 4 {
+                0 => u64::MAX - rng.below(1000) as u64,
+                1 => (h.len() as u64) << (1 + rng.below(20)),
+                _ => h.len() as u64,
+            };
+            file.extend_from_slice(&len.to_le_bytes());
+            file.extend_from_slice(&h);
+            file.extend_from_slice(&st[8 + n..]);
+            if round % 4 == 3 {
+                file.truncate(rng.below(file.len()));
+            }
+            std::fs::write(dir.join("model.safetensors"), &file).unwrap();
+            let _ = crate::loader::checkpoint::Checkpoint::open(&dir);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        for _ in 0..1500 {
+            let text = String::from_utf8_lossy(&mutate(&mut rng, &config)).into_owned();
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                let _ = crate::loader::config::ModelConfig::parse(&v, Path::new("config.json"));
+            }
+        }
+    }
+}
