@@ -100,13 +100,15 @@ impl ModelTemplates {
         };
         let Some((n, t)) = found else {
             let have: Vec<&str> = self.templates.iter().map(|(k, _)| k.as_str()).collect();
-            return Err(match (name, have.is_empty()) {
-                (_, true) => Error::invalid(
+            return Err(match name {
+                Some(n) => {
+                    let known = if have.is_empty() { "the model has none".to_string() } else { have.join(", ") };
+                    Error::invalid("--chat-template", format!("{n:?} is neither a file nor one of the model's templates ({known})"))
+                }
+                None => Error::invalid(
                     "chat input",
                     format!("the model has no chat template ({} has none); give one with --chat-template FILE", self.source),
                 ),
-                (Some(n), false) => Error::invalid("--chat-template", format!("{n:?} is neither a file nor one of the model's templates ({})", have.join(", "))),
-                (None, false) => unreachable!("a template exists"),
             });
         };
         ChatTemplate::new(t, &format!("{} (template {n:?})", self.source), self.bos_token.clone(), self.eos_token.clone())
