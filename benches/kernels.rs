@@ -31,6 +31,22 @@ fn time(ctx: &GpuContext, reps: usize, mut record: impl FnMut(&mut Batch)) -> Du
     )
 }
 
+/// The tuned decode attention kernel, and the subgroup one beside it where it may run.
+fn attention_variants(ctx: &GpuContext) -> Vec<attention::AttentionKernel> {
+    let tuned = ctx.tuning().attention;
+    let mut out = vec![tuned];
+    if ctx.features().subgroup_attention {
+        let other = attention::AttentionKernel { subgroup_keys: !tuned.subgroup_keys, ..tuned };
+        out.push(other);
+    }
+    out
+}
+
+fn attention_name(ctx: &GpuContext, kernel: attention::AttentionKernel) -> String {
+    let tuned = if kernel == ctx.tuning().attention { ", tuned" } else { "" };
+    format!("{} threads, {}{tuned}", kernel.wg, if kernel.subgroup_keys { "a subgroup per key" } else { "a thread per key" })
+}
+
 fn filled(ctx: &GpuContext, n: usize, seed: u32) -> GpuBuffer {
     let v: Vec<f32> = (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5).collect();
     ctx.storage_from("bench data", &v).expect("upload")
@@ -116,11 +132,21 @@ fn main() {
         f.subgroups,
         f.timestamps
     );
+    println!(
+        "cooperative matrices: {}; subgroup attention: {}",
+        f.coop.map_or("none (or not asked for: MOEGEN_EXPERIMENTAL=coop-matrix)".into(), |c| format!("{0}x{0} {1} inputs, f32 sums, subgroups of {2}", c.size, if c.f16_inputs { "f16" } else { "f32" }, c.subgroup)),
+        if f.subgroup_attention { "allowed" } else { "off" }
+    );
+    // The kernel variants this adapter's calibration chose (measured now if not cached).
+    if std::env::var("MOEGEN_BENCH_DEFAULT_KERNELS").is_err() {
+        moegen::planner::hardware::HardwareProfile::for_adapter(&ctx, 1 << 30, 1 << 30).expect("calibration");
+    }
+    println!("kernel tuning: {}", serde_json::to_string(&ctx.tuning()).unwrap_or_default());
 
     if wants("matmul") {
         let (n, k) = (5632, 2048);
         println!("\nmatmul y = x W^T, W {n}x{k}");
-        println!("{:>6} {:>5} {:>22} {:>12} {:>10} {:>10}", "tokens", "W", "path", "time", "GFLOP/s", "W GB/s");
+        println!("{:>6} {:>5} {:>30} {:>12} {:>10} {:>10}", "tokens", "W", "path", "time", "GFLOP/s", "W GB/s");
         // Block formats: what a quantised expert or projection costs the kernels (W GB/s counts
         // the packed bytes).
         for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0, WeightDtype::Q4K] {
@@ -134,17 +160,26 @@ fn main() {
                 let x = filled(&ctx, m * k, 1);
                 let y = ctx.storage("bench out", (m * n * 4) as u64).expect("out");
                 let reps = if quick || m >= 256 { 3 } else { 10 };
-                let t = time(&ctx, reps, |b| matmul::matmul(b, &x, &w, None, &y, m).expect("matmul"));
-                let flops = 2.0 * (m * n * k) as f64;
-                let bytes = dtype.bytes_of(n * k) as f64;
-                println!(
-                    "{m:>6} {:>5} {:>22} {:>10.3}ms {:>10.1} {:>10.1}",
-                    dtype.name(),
-                    format!("{:?}", matmul::MatmulPath::for_rows(m)),
-                    t.as_secs_f64() * 1e3,
-                    flops / t.as_secs_f64() / 1e9,
-                    bytes / t.as_secs_f64() / 1e9
-                );
+                // The path the tuning takes, and cooperative matrices beside it where they exist.
+                let tuned = ctx.matmul_path(m);
+                let coop = ctx.features().coop.map(|shape| matmul::MatmulPath::Coop { shape, emulated: false });
+                for path in std::iter::once(tuned).chain(coop.filter(|c| *c != tuned)) {
+                    let t = time(&ctx, reps, |b| matmul::matmul_rows(b, &x, &w, None, &y, matmul::Rows::all(m), Some(path)).expect("matmul"));
+                    let flops = 2.0 * (m * n * k) as f64;
+                    let bytes = dtype.bytes_of(n * k) as f64;
+                    let name = match path {
+                        matmul::MatmulPath::Coop { shape, .. } => format!("coop {0}x{0} {1}", shape.size, if shape.f16_inputs { "f16" } else { "f32" }),
+                        other => format!("{other:?}"),
+                    };
+                    println!(
+                        "{m:>6} {:>5} {:>30} {:>10.3}ms {:>10.1} {:>10.1}",
+                        dtype.name(),
+                        name,
+                        t.as_secs_f64() * 1e3,
+                        flops / t.as_secs_f64() / 1e9,
+                        bytes / t.as_secs_f64() / 1e9
+                    );
+                }
             }
         }
     }
@@ -166,15 +201,18 @@ fn main() {
             let starts: Vec<usize> = (0..seqs).map(|s| s * context).collect();
             let ranges = ctx.storage_from("ranges", &attention::decode_ranges(&starts, &vec![context; seqs])).expect("ranges");
             let reps = if quick { 3 } else { 10 };
-            let t = time(&ctx, reps, |b| attention::attention(b, &shape, &q, &k, &v, &ranges, &out, seqs, kv_rows).expect("attention"));
-            let kv_bytes = 2.0 * (kv_rows * 8 * 128 * 4) as f64;
-            let flops = 4.0 * (seqs * 32 * context * 128) as f64;
-            println!(
-                "{seqs:>9} {context:>8} {:>10.3}ms {:>10.1} {:>10.1}",
-                t.as_secs_f64() * 1e3,
-                kv_bytes / t.as_secs_f64() / 1e9,
-                flops / t.as_secs_f64() / 1e9
-            );
+            for kernel in attention_variants(&ctx) {
+                let t = time(&ctx, reps, |b| attention::attention_with(b, kernel, &shape, &q, &k, &v, &ranges, &out, seqs, kv_rows).expect("attention"));
+                let kv_bytes = 2.0 * (kv_rows * 8 * 128 * 4) as f64;
+                let flops = 4.0 * (seqs * 32 * context * 128) as f64;
+                println!(
+                    "{seqs:>9} {context:>8} {:>10.3}ms {:>10.1} {:>10.1}  {}",
+                    t.as_secs_f64() * 1e3,
+                    kv_bytes / t.as_secs_f64() / 1e9,
+                    flops / t.as_secs_f64() / 1e9,
+                    attention_name(&ctx, kernel)
+                );
+            }
         }
     }
 

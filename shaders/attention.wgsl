@@ -5,7 +5,8 @@
 // (grouped-query attention), so each key and value row is read once for all of them. Keys go in
 // blocks of BLOCK with an online softmax; large blocks keep workgroup barriers per key few.
 // Values may be narrower than keys, and may be the keys' first columns (MLA's latent cache, where
-// one row per token serves as key and value for every head).
+// one row per token serves as key and value for every head). How a block's keys are scored,
+// a thread per key or a subgroup per key, is `score_block` (shaders/lib/attention_scores_*.wgsl).
 struct Params {
     n_queries: u32,
     n_heads: u32,
@@ -61,25 +62,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     }
     for (var kb = 0u; kb < len; kb += BLOCK) {
         let block = min(BLOCK, len - kb);
-        var local_max: array<f32, GS>;
-        for (var g = 0u; g < GS; g++) {
-            local_max[g] = -3.4028235e38;
-        }
-        // Each thread scores keys lane.id, lane.id + WG, ... of the block, for every head.
-        for (var jj = lane.id; jj < block; jj += WG) {
-            let k_base = (start + kb + jj) * p.kv_stride + kvh * hd;
-            var dot: array<f32, GS>;
-            for (var d = 0u; d < hd; d++) {
-                let kv = k[k_base + d];
-                for (var g = 0u; g < GS; g++) {
-                    dot[g] = fma(q_sh[g * hd + d], kv, dot[g]);
-                }
-            }
-            for (var g = 0u; g < GS; g++) {
-                p_sh[g * BLOCK + jj] = dot[g];
-                local_max[g] = max(local_max[g], dot[g]);
-            }
-        }
+        // p_sh[g * BLOCK + jj] = the scores of the block's keys; each invocation's largest.
+        var local_max = score_block(start + kb, block, kvh, lane);
         var correction: array<f32, GS>;
         for (var g = 0u; g < GS; g++) {
             let new_m = max(m[g], wg_max(local_max[g], lane));

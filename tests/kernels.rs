@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use moegen::gpu::{round_weights, AdapterChoice, Batch, DeviceChoice, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
+use moegen::gpu::{round_weights, AdapterChoice, Batch, DeviceChoice, Experimental, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
 use moegen::kernels::{attention, dequant, elementwise, embedding, head_matmul, matmul, moe, norm, rope, router, softmax};
 use moegen::Error;
 use rand::rngs::StdRng;
@@ -15,7 +15,10 @@ use rand::{Rng, SeedableRng};
 fn gpu() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx = GpuContext::new(&AdapterChoice { device: DeviceChoice::Gpu, ..AdapterChoice::from_env(None) }).expect("a GPU adapter (install mesa-vulkan-drivers)");
+        // The experimental kernels are allowed here, so that they are tested wherever the
+        // adapter can run them (the tuning, not this, decides whether a job uses them).
+        let experimental = Experimental { coop_matrix: true, subgroup_attention: true };
+        let ctx = GpuContext::new(&AdapterChoice { device: DeviceChoice::Gpu, experimental, ..AdapterChoice::from_env(None) }).expect("a GPU adapter (install mesa-vulkan-drivers)");
         eprintln!("kernel tests on {} ({:?}), {:?}", ctx.info().name, ctx.info().backend, ctx.features());
         ctx
     })
@@ -30,7 +33,7 @@ fn cpu() -> &'static GpuContext {
 /// The GPU as it is, with every optional feature off, and the CPU device.
 fn variants() -> Vec<GpuContext> {
     let full = gpu().clone();
-    let bare = full.with_features(KernelFeatures { f16: false, subgroups: false, timestamps: false });
+    let bare = full.with_features(KernelFeatures::basic(false, false, false));
     let mut out = vec![full.clone()];
     if bare.features() != full.features() {
         out.push(bare);
@@ -454,7 +457,7 @@ fn block_quantised_matmul_on_every_path() {
             let (n, k) = (67, 3 * dtype.block_elems());
             let (bytes, values) = block_weights(&mut rng, dtype, n, k, false);
             let w = GpuWeight::upload(&ctx, "w", &bytes, dtype, n, k).unwrap();
-            for (m, path) in [(1, None), (3, Some(matmul::MatmulPath::Vector { tok: 4 })), (7, None), (40, None)] {
+            for (m, path) in [(1, None), (3, Some(matmul::MatmulPath::Vector { tok: 4, wg: 64 })), (7, None), (40, None)] {
                 let x = random(&mut rng, m * k, 1.0);
                 let bv = random(&mut rng, n, 1.0);
                 let y = poisoned(&ctx, m * n);
@@ -469,16 +472,78 @@ fn block_quantised_matmul_on_every_path() {
     }
 }
 
+/// The paths a tuning may pick on `ctx` that add along k in order (all but cooperative tiles).
+fn exact_paths(ctx: &GpuContext) -> Vec<matmul::MatmulPath> {
+    matmul::MatmulPath::candidates(ctx.features(), ctx.limits()).into_iter().filter(|p| !matches!(p, matmul::MatmulPath::Coop { .. })).collect()
+}
+
 #[test]
 fn matmul_every_path_and_weight_type() {
     let mut rng = StdRng::seed_from_u64(5);
     for ctx in variants() {
+        let paths = if ctx.is_cpu() { vec![matmul::MatmulPath::ALL[0]] } else { exact_paths(&ctx) };
         for dtype in DTYPES {
-            for path in matmul::MatmulPath::ALL {
+            for &path in &paths {
                 check_matmul(&ctx, &mut rng, 7, 67, 45, dtype, true, Some(path));
             }
         }
     }
+}
+
+/// The cooperative-matrix matmul at `path` against the reference on inputs rounded as its tiles
+/// round them, with rows taken from an offset into a wider output, a bias, and edges that cut
+/// every tile: the emulated tiles on any adapter, the hardware's where it has them.
+fn check_coop_matmul(ctx: &GpuContext, rng: &mut StdRng, path: matmul::MatmulPath, bound: f64) {
+    let matmul::MatmulPath::Coop { shape, .. } = path else { unreachable!() };
+    let round = |v: &[f32]| -> Vec<f32> { if shape.f16_inputs { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() } else { v.to_vec() } };
+    for (m, n, k, dtype) in [(37, 45, 70, WeightDtype::F32), (5, 33, 64, WeightDtype::Bf16), (19, 70, 96, WeightDtype::Q8_0), (1, 17, 9, WeightDtype::F16)] {
+        let x = random(rng, (m + 2) * k, 1.0);
+        let (w, values) = if dtype.is_quantised() {
+            let (bytes, values) = block_weights(rng, dtype, n, k, false);
+            (GpuWeight::upload(ctx, "w", &bytes, dtype, n, k).unwrap(), values)
+        } else {
+            let wv = random(rng, n * k, 0.5);
+            (GpuWeight::from_f32(ctx, "w", &wv, dtype, n, k).unwrap(), round_weights(&wv, dtype))
+        };
+        let bv = random(rng, n, 1.0);
+        let stride = n + 3;
+        let y = poisoned(ctx, (m + 1) * stride);
+        let mut b = Batch::new(ctx);
+        let rows = matmul::Rows { m, x_row0: 2, y_row0: 1, y_stride: Some(stride) };
+        matmul::matmul_rows(&mut b, &upload(ctx, &x), &w, Some(&upload(ctx, &bv)), &y, rows, Some(path)).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&y, (m + 1) * stride).unwrap();
+        let want = matmul::reference(&round(&x[2 * k..]), &round(&values), Some(&bv), m, n, k);
+        let got_rows: Vec<f32> = (0..m).flat_map(|r| got[(r + 1) * stride..(r + 1) * stride + n].to_vec()).collect();
+        assert_close(&format!("{path:?} {m}x{n}x{k} {dtype:?}"), &got_rows, &want, bound);
+        assert!(got[..stride].iter().all(|v| v.is_nan()), "{path:?} wrote above its rows");
+        assert!((1..=m).all(|r| got[r * stride + n..(r + 1) * stride].iter().all(|v| v.is_nan())), "{path:?} wrote past its columns");
+    }
+}
+
+#[test]
+fn cooperative_matmul_with_emulated_tiles() {
+    // What the kernel does around the cooperative-matrix built-ins (staging, tile offsets,
+    // strides, edges, bias, output rows), with the built-ins replaced by plain WGSL.
+    let mut rng = StdRng::seed_from_u64(17);
+    let ctx = gpu();
+    for shape in moegen::kernels::COOP_TEST_SHAPES {
+        let path = matmul::MatmulPath::Coop { shape, emulated: true };
+        if path.runs_with(ctx.features()) {
+            check_coop_matmul(ctx, &mut rng, path, 1e-10);
+        }
+    }
+}
+
+#[test]
+fn cooperative_matmul_on_the_adapters_tensor_cores() {
+    let ctx = gpu();
+    let Some(shape) = ctx.features().coop else {
+        eprintln!("skipped: {} offers no cooperative matrices", ctx.info().name);
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(18);
+    check_coop_matmul(ctx, &mut rng, matmul::MatmulPath::Coop { shape, emulated: false }, 1e-9);
 }
 
 #[test]
@@ -495,7 +560,8 @@ fn matmul_paths_give_every_row_the_same_bits() {
         let w = GpuWeight::from_f32(ctx, "w", &wv, dtype, n, k).unwrap();
         let (xb, bb) = (upload(ctx, &x), upload(ctx, &bv));
         let mut results = Vec::new();
-        for path in matmul::MatmulPath::ALL {
+        // Every path the tuning may choose, at every workgroup and tile size.
+        for path in exact_paths(ctx) {
             let y = poisoned(ctx, m * n);
             let mut b = Batch::new(ctx);
             matmul::matmul_rows(&mut b, &xb, &w, Some(&bb), &y, matmul::Rows::all(m), Some(path)).unwrap();
@@ -633,15 +699,21 @@ fn check_attention(ctx: &GpuContext, rng: &mut StdRng, shape: attention::Attenti
     let k = random(rng, kv_rows * shape.n_kv_heads * shape.head_dim, 1.0);
     let v = random(rng, kv_rows * shape.n_kv_heads * shape.v_dim, 1.0);
     let out_len = nq * shape.n_heads * shape.v_dim;
-    let out = poisoned(ctx, out_len);
-    let mut b = Batch::new(ctx);
     let ranges_buf = ctx.storage_from("ranges", ranges).unwrap();
     let k_buf = upload(ctx, &k);
     let v_buf = if shape.values_in_keys { k_buf.clone() } else { upload(ctx, &v) };
-    attention::attention(&mut b, &shape, &upload(ctx, &q), &k_buf, &v_buf, &ranges_buf, &out, nq, kv_rows).unwrap();
-    b.submit().unwrap();
-    let got = ctx.read_f32(&out, out_len).unwrap();
-    assert_close(&format!("attention {shape:?} {:?}", ctx.features()), &got, &attention::reference(&shape, &q, &k, &v, ranges), 1e-10);
+    let want = attention::reference(&shape, &q, &k, &v, ranges);
+    let q_buf = upload(ctx, &q);
+    // Every variant the tuning may choose on this device (one on the CPU device).
+    let kernels = if ctx.is_cpu() { vec![attention::AttentionKernel::default()] } else { attention::AttentionKernel::candidates(ctx.features(), 256) };
+    for kernel in kernels {
+        let out = poisoned(ctx, out_len);
+        let mut b = Batch::new(ctx);
+        attention::attention_with(&mut b, kernel, &shape, &q_buf, &k_buf, &v_buf, &ranges_buf, &out, nq, kv_rows).unwrap();
+        b.submit().unwrap();
+        let got = ctx.read_f32(&out, out_len).unwrap();
+        assert_close(&format!("attention {shape:?} {kernel:?} {:?}", ctx.features()), &got, &want, 1e-10);
+    }
 }
 
 #[test]

@@ -2,12 +2,16 @@
 //! and out through the SPIR-V (Vulkan), MSL (Metal) and HLSL (DX12) back ends, so a shader that
 //! one vendor's path would reject fails here, on any machine, without a GPU.
 
-use moegen::gpu::KernelFeatures;
+use moegen::gpu::{CoopShape, KernelFeatures};
 use moegen::kernels::all_shaders;
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 fn check(features: KernelFeatures) -> Vec<String> {
+    check_each(&all_shaders(features), features)
+}
+
+fn check_each(shaders: &[moegen::gpu::ShaderSource], features: KernelFeatures) -> Vec<String> {
     let mut caps = Capabilities::empty();
     if features.f16 {
         caps |= Capabilities::SHADER_FLOAT16;
@@ -15,8 +19,11 @@ fn check(features: KernelFeatures) -> Vec<String> {
     if features.subgroups {
         caps |= Capabilities::SUBGROUP;
     }
+    if features.coop.is_some() {
+        caps |= Capabilities::COOPERATIVE_MATRIX;
+    }
     let mut failures = Vec::new();
-    for shader in all_shaders(features) {
+    for shader in shaders {
         let fail = |stage: &str, e: String| format!("{} [{stage}]: {e}", shader.key);
         let module = match naga::front::wgsl::parse_str(&shader.code) {
             Ok(m) => m,
@@ -37,8 +44,13 @@ fn check(features: KernelFeatures) -> Vec<String> {
             failures.push(fail("spir-v", e.to_string()));
         }
         let msl_options = msl::Options { lang_version: (2, 4), ..Default::default() };
+        let coop = shader.code.contains("enable wgpu_cooperative_matrix;");
         if let Err(e) = msl::write_string(&module, &info, &msl_options, &msl::PipelineOptions::default()) {
             failures.push(fail("msl", e.to_string()));
+        }
+        if coop {
+            // wgpu offers cooperative matrices on Vulkan and Metal only.
+            continue;
         }
         // DX12 needs shader model 6.2 for f16 and 6.0 for wave (subgroup) operations.
         let shader_model = if features.f16 || features.subgroups { hlsl::ShaderModel::V6_2 } else { hlsl::ShaderModel::V5_1 };
@@ -57,9 +69,32 @@ fn every_specialisation_compiles_for_vulkan_metal_and_dx12() {
     let mut failures = Vec::new();
     for f16 in [false, true] {
         for subgroups in [false, true] {
-            failures.extend(check(KernelFeatures { f16, subgroups, timestamps: false }));
+            let mut features = KernelFeatures::basic(f16, subgroups, false);
+            features.subgroup_attention = subgroups;
+            failures.extend(check(features));
         }
     }
+    assert!(failures.is_empty(), "{} shader failures:\n{}", failures.len(), failures.join("\n\n"));
+}
+
+/// The cooperative-matrix matmul in every shape an adapter may offer (16x16 and 8x8, f16 and
+/// f32 inputs, subgroups of 32 and 64), through naga to SPIR-V (VK_KHR_cooperative_matrix) and
+/// MSL (simdgroup matrices): what runs where `MOEGEN_EXPERIMENTAL=coop-matrix` finds tensor cores.
+#[test]
+fn cooperative_matrix_matmul_compiles_for_vulkan_and_metal() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (size, f16_inputs) in [(16, true), (8, true), (16, false), (8, false)] {
+        for subgroup in [32, 64] {
+            let mut features = KernelFeatures::basic(true, true, false);
+            features.coop = Some(CoopShape { size, f16_inputs, subgroup });
+            let coop: Vec<_> = all_shaders(features).into_iter().filter(|s| s.key.contains("tiles=coop")).collect();
+            assert_eq!(coop.len(), 9, "one cooperative matmul per weight type");
+            checked += coop.len();
+            failures.extend(check_each(&coop, features));
+        }
+    }
+    assert_eq!(checked, 72);
     assert!(failures.is_empty(), "{} shader failures:\n{}", failures.len(), failures.join("\n\n"));
 }
 
@@ -67,9 +102,17 @@ fn every_specialisation_compiles_for_vulkan_metal_and_dx12() {
 fn specialisation_count_is_what_the_engine_uses() {
     // The list must cover every weight type and path; a new kernel that is not listed is not
     // cross-compiled, so the count is pinned here to be updated on purpose.
-    let n = all_shaders(KernelFeatures { f16: true, subgroups: true, timestamps: false }).len();
-    // 12 single kernels, 7 attention shapes (one latent), column copy, FP8 dequantisation, bf16
-    // rounding and widening, and per weight type: embedding, 6 matmul paths, 2 grouped tiles,
-    // the per-head matmul; weight types: f32, f16, bf16, the five block formats and FP8 rows.
-    assert_eq!(n, 12 + 7 + 4 + 9 * (1 + 6 + 2 + 1));
+    let mut features = KernelFeatures::basic(true, true, false);
+    let n = all_shaders(features).len();
+    // 12 single kernels, 7 attention shapes (one latent) at 3 workgroup sizes, column copy, FP8
+    // dequantisation, bf16 rounding and widening, and per weight type: embedding, 7 matmul paths
+    // and the vector path's 4 row counts at 3 other workgroup sizes, 2 emulated cooperative
+    // matmuls, 2 grouped tiles, the per-head matmul; weight types: f32, f16, bf16, the five block
+    // formats and FP8 rows.
+    assert_eq!(n, 12 + 7 * 3 + 4 + 9 * (1 + 7 + 12 + 2 + 2 + 1));
+    // Subgroup key reads in attention double its variants; cooperative matrices add a matmul.
+    features.subgroup_attention = true;
+    assert_eq!(all_shaders(features).len(), n + 7 * 3);
+    features.coop = Some(CoopShape { size: 16, f16_inputs: true, subgroup: 32 });
+    assert_eq!(all_shaders(features).len(), n + 7 * 3 + 9);
 }

@@ -5,6 +5,7 @@ struct Lane {
     @builtin(subgroup_invocation_id) sg_lane: u32,
     @builtin(subgroup_id) sg_id: u32,
     @builtin(num_subgroups) sg_count: u32,
+    @builtin(subgroup_size) sg_size: u32,
 }
 
 var<workgroup> red_f32: array<f32, WG>;

@@ -1,6 +1,6 @@
 //! Adapter selection and the device every kernel runs on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::gpu::buffers::BufferPool;
@@ -8,6 +8,7 @@ use crate::gpu::link::Link;
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::trace::Tracer;
 use crate::gpu::GpuBuffer;
+use crate::kernels::tuning::KernelTuning;
 
 /// Optional adapter features the kernels can use; each has a fallback path.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
@@ -36,6 +37,36 @@ pub struct AdapterChoice {
     pub adapter: Option<String>,
     /// Features not to use even where the adapter has them (tests of the fallback paths).
     pub disabled_features: wgpu::Features,
+    /// Kernels that have not yet run on a real GPU, allowed by `MOEGEN_EXPERIMENTAL`.
+    pub experimental: Experimental,
+}
+
+/// Kernels that are off unless asked for, because they have not yet been checked on a real GPU
+/// (issue 14's rule): `MOEGEN_EXPERIMENTAL=coop-matrix,subgroup-attention` (or `all`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Experimental {
+    /// Matmul tiles through cooperative matrices (tensor cores), where the adapter has them.
+    pub coop_matrix: bool,
+    /// Decode attention whose subgroups read each key together (coalesced), where subgroups exist.
+    pub subgroup_attention: bool,
+}
+
+impl Experimental {
+    pub fn from_env() -> Self {
+        let mut e = Experimental::default();
+        if let Ok(list) = std::env::var("MOEGEN_EXPERIMENTAL") {
+            for name in list.split(',').map(|n| n.trim().to_ascii_lowercase()) {
+                match name.as_str() {
+                    "all" => e = Experimental { coop_matrix: true, subgroup_attention: true },
+                    "coop-matrix" | "coop_matrix" => e.coop_matrix = true,
+                    "subgroup-attention" | "subgroup_attention" => e.subgroup_attention = true,
+                    "" => {}
+                    other => log::warn!("MOEGEN_EXPERIMENTAL: unknown kernel {other:?} (known: coop-matrix, subgroup-attention, all)"),
+                }
+            }
+        }
+        e
+    }
 }
 
 impl AdapterChoice {
@@ -51,6 +82,7 @@ impl AdapterChoice {
             backends: wgpu::Backends::from_env(),
             adapter: flag.or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()),
             disabled_features: disabled_from_env(),
+            experimental: Experimental::from_env(),
         }
     }
 }
@@ -136,6 +168,47 @@ pub struct KernelFeatures {
     pub f16: bool,
     pub subgroups: bool,
     pub timestamps: bool,
+    /// Cooperative matrices in the one shape the matmul uses, where the adapter offers them and
+    /// they were asked for ([`Experimental::coop_matrix`]).
+    pub coop: Option<CoopShape>,
+    /// Decode attention may read keys a subgroup at a time ([`Experimental::subgroup_attention`]).
+    pub subgroup_attention: bool,
+}
+
+impl KernelFeatures {
+    /// f16, subgroups and timestamps as given; nothing experimental.
+    pub const fn basic(f16: bool, subgroups: bool, timestamps: bool) -> Self {
+        KernelFeatures { f16, subgroups, timestamps, coop: None, subgroup_attention: false }
+    }
+}
+
+/// A square cooperative matrix shape (WGSL has `coop_mat8x8` and `coop_mat16x16`) with f32
+/// accumulators, and the subgroup size a workgroup of the kernel is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct CoopShape {
+    /// 8 or 16.
+    pub size: u32,
+    /// The A and B tiles hold f16 (else f32).
+    pub f16_inputs: bool,
+    /// Invocations per subgroup, fixed on this adapter (its minimum and maximum agree).
+    pub subgroup: u32,
+}
+
+impl CoopShape {
+    /// The shape to use from what the adapter offers: f16 inputs at 16 (tensor cores on NVIDIA
+    /// and AMD), else f16 at 8, else f32 at 8 (Apple's simdgroup matrices), always accumulating
+    /// in f32. None when the subgroup size is not fixed: a workgroup of the kernel is one subgroup.
+    pub fn choose(offered: &[wgpu::CooperativeMatrixProperties], f16: bool, subgroup_min: u32, subgroup_max: u32, max_threads: u32) -> Option<Self> {
+        use wgpu::CooperativeScalarType as T;
+        if subgroup_min != subgroup_max || subgroup_max == 0 || subgroup_max > max_threads {
+            return None;
+        }
+        let has = |size: u32, ab: T| offered.iter().any(|p| p.m_size == size && p.n_size == size && p.k_size == size && p.ab_type == ab && p.cr_type == T::F32);
+        let pick = [(16, true), (8, true), (16, false), (8, false)]
+            .into_iter()
+            .find(|&(size, half)| (!half || f16) && has(size, if half { T::F16 } else { T::F32 }))?;
+        Some(CoopShape { size: pick.0, f16_inputs: pick.1, subgroup: subgroup_max })
+    }
 }
 
 pub(crate) struct Shared {
@@ -148,6 +221,8 @@ pub(crate) struct Shared {
     pub pipelines: PipelineCache,
     /// Host memory lent to the CPU device (checkpoint files): weights inside it are read in place.
     pub lent: Mutex<Vec<std::sync::Weak<dyn AsRef<[u8]> + Send + Sync>>>,
+    /// Which kernel variant each op takes, as the calibration measured them on this adapter.
+    pub tuning: RwLock<KernelTuning>,
 }
 
 pub(crate) struct GpuDevice {
@@ -181,7 +256,7 @@ impl GpuContext {
                 let found = select_adapter(choice).ok();
                 let software = found.as_ref().filter(|a| a.get_info().device_type == wgpu::DeviceType::Cpu).map(|a| a.get_info().name);
                 if let Some(adapter) = found.filter(|_| software.is_none()) {
-                    return Self::from_adapter(adapter, choice.disabled_features);
+                    return Self::from_adapter(adapter, choice.disabled_features, choice.experimental);
                 }
                 let ctx = Self::cpu();
                 let hint = match software {
@@ -194,10 +269,10 @@ impl GpuContext {
             _ => {}
         }
         let adapter = select_adapter(choice)?;
-        Self::from_adapter(adapter, choice.disabled_features)
+        Self::from_adapter(adapter, choice.disabled_features, choice.experimental)
     }
 
-    pub fn from_adapter(adapter: wgpu::Adapter, disabled: wgpu::Features) -> Result<Self> {
+    pub fn from_adapter(adapter: wgpu::Adapter, disabled: wgpu::Features, experimental: Experimental) -> Result<Self> {
         let info = adapter.get_info();
         // On adapters that share host memory, the GPU may bind buffers the host maps, which lets
         // streamed weights be written in place instead of through a staging copy.
@@ -205,13 +280,30 @@ impl GpuContext {
         if matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu) {
             wanted |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
         }
+        if experimental.coop_matrix {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let features = adapter.features() & wanted & !disabled;
         let limits = adapter.limits();
+        let coop = features
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            .then(|| {
+                let max_threads = limits.max_compute_invocations_per_workgroup.min(limits.max_compute_workgroup_size_x);
+                CoopShape::choose(&adapter.cooperative_matrix_properties(), features.contains(wgpu::Features::SHADER_F16), info.subgroup_min_size, info.subgroup_max_size, max_threads)
+            })
+            .flatten();
+        let experimental_features = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: asked for by MOEGEN_EXPERIMENTAL; the feature is wgpu's experimental
+            // cooperative matrices, used only by the matmul path that names it.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moegen"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -239,11 +331,14 @@ impl GpuContext {
                 tracer: Mutex::new(None),
                 pipelines: PipelineCache::default(),
                 lent: Mutex::new(Vec::new()),
+                tuning: RwLock::new(KernelTuning::default()),
             }),
             features: KernelFeatures {
                 f16: features.contains(wgpu::Features::SHADER_F16),
                 subgroups: features.contains(wgpu::Features::SUBGROUP),
                 timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+                coop,
+                subgroup_attention: experimental.subgroup_attention && features.contains(wgpu::Features::SUBGROUP),
             },
             binding_limit,
             link: None,
@@ -267,8 +362,8 @@ impl GpuContext {
         limits.max_compute_workgroups_per_dimension = u32::MAX;
         log::info!("device: {}", info.name);
         GpuContext {
-            shared: Arc::new(Shared { gpu: None, info, limits, pool: BufferPool::default(), tracer: Mutex::new(None), pipelines: PipelineCache::default(), lent: Mutex::new(Vec::new()) }),
-            features: KernelFeatures { f16: false, subgroups: false, timestamps: false },
+            shared: Arc::new(Shared { gpu: None, info, limits, pool: BufferPool::default(), tracer: Mutex::new(None), pipelines: PipelineCache::default(), lent: Mutex::new(Vec::new()), tuning: RwLock::new(KernelTuning::default()) }),
+            features: KernelFeatures::basic(false, false, false),
             binding_limit: 1 << 40,
             link: None,
         }
@@ -319,6 +414,22 @@ impl GpuContext {
     }
     pub fn features(&self) -> KernelFeatures {
         self.features
+    }
+
+    /// The kernel variants in use (llvmpipe-measured constants until a calibration sets them).
+    pub fn tuning(&self) -> KernelTuning {
+        self.shared.tuning.read().unwrap().clone()
+    }
+
+    /// The matmul path the tuning gives `m` rows.
+    pub fn matmul_path(&self, m: usize) -> crate::kernels::matmul::MatmulPath {
+        self.shared.tuning.read().unwrap().matmul_path(m)
+    }
+
+    /// Makes `tuning` the variants every kernel of this device takes from now on. Variants
+    /// this context's features lack fall back to the defaults.
+    pub fn set_tuning(&self, tuning: KernelTuning) {
+        *self.shared.tuning.write().unwrap() = tuning.usable_with(self.features);
     }
     /// The largest buffer one binding may cover (bytes); larger tensors are split.
     pub fn binding_limit(&self) -> u64 {
@@ -374,6 +485,8 @@ impl GpuContext {
                 f16: features.f16 && have.f16,
                 subgroups: features.subgroups && have.subgroups,
                 timestamps: features.timestamps && have.timestamps,
+                coop: features.coop.and(have.coop).filter(|c| !c.f16_inputs || (features.f16 && have.f16)),
+                subgroup_attention: features.subgroup_attention && have.subgroup_attention && features.subgroups,
             },
             binding_limit: self.binding_limit,
             link: self.link.clone(),

@@ -76,6 +76,19 @@ impl ShaderBuilder {
         self
     }
 
+    /// A WGSL `enable` directive the kernel needs.
+    pub fn require(mut self, ext: &'static str) -> Self {
+        self.enable(ext);
+        self
+    }
+
+    /// Declarations written out as text (type aliases, generated helpers), part of the key as `name`.
+    pub fn declare(mut self, name: &str, code: &str) -> Self {
+        let _ = write!(self.key, ",{name}");
+        self.consts.push_str(code);
+        self
+    }
+
     fn enable(&mut self, ext: &'static str) {
         if !self.enables.contains(&ext) {
             self.enables.push(ext);

@@ -6,23 +6,57 @@ use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, KernelFeatures, ShaderBuilder, ShaderSource};
 use crate::kernels::{need, u32_of};
 
-/// Threads per workgroup; each scores KEYS_PER_THREAD keys of a block, for every head it serves.
-const WG: u32 = 64;
+/// Keys each thread scores per block (a block is `wg * KEYS_PER_THREAD` keys).
 const KEYS_PER_THREAD: u32 = 4;
 /// Most query heads one workgroup serves (workgroup memory holds their queries and scores).
 const MAX_HEADS_PER_WORKGROUP: usize = 8;
 
-/// Query heads per workgroup: the largest divisor of the group size within the maximum whose
-/// queries and scores fit the device's workgroup memory (`wg_bytes`).
-fn heads_per_workgroup(group: usize, slots: usize, wg_bytes: u32) -> usize {
-    let per_head = (slots * WG as usize + (WG * KEYS_PER_THREAD) as usize) * 4;
-    let fit = (wg_bytes as usize / per_head).max(1);
-    (1..=MAX_HEADS_PER_WORKGROUP.min(group).min(fit)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
+/// The variant of the kernel a device runs (its tuning chooses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct AttentionKernel {
+    /// Threads per workgroup.
+    pub wg: u32,
+    /// Each subgroup scores one key at a time, its lanes reading consecutive elements of the key
+    /// row (coalesced) and adding the products by `subgroupAdd`; otherwise each thread scores
+    /// whole keys. Experimental (`MOEGEN_EXPERIMENTAL=subgroup-attention`).
+    pub subgroup_keys: bool,
 }
 
-/// Per-thread slots of a head's query (or value) elements.
-fn slots(shape: &AttentionShape) -> usize {
-    shape.head_dim.max(shape.v_dim).div_ceil(WG as usize)
+impl Default for AttentionKernel {
+    fn default() -> Self {
+        AttentionKernel { wg: 64, subgroup_keys: false }
+    }
+}
+
+impl AttentionKernel {
+    /// What the calibration times on a device with `features` (at most `threads` per workgroup).
+    pub fn candidates(features: KernelFeatures, threads: u32) -> Vec<AttentionKernel> {
+        let keys = if features.subgroup_attention { vec![false, true] } else { vec![false] };
+        keys.into_iter()
+            .flat_map(|subgroup_keys| [32, 64, 128].map(|wg| AttentionKernel { wg, subgroup_keys }))
+            .filter(|k| k.wg <= threads)
+            .collect()
+    }
+
+    pub fn runs_with(&self, features: KernelFeatures) -> bool {
+        !self.subgroup_keys || (features.subgroup_attention && features.subgroups)
+    }
+
+    /// Query heads per workgroup: the largest divisor of the group size within the maximum whose
+    /// queries and scores fit the device's workgroup memory (`wg_bytes`).
+    fn heads_per_workgroup(&self, group: usize, slots: usize, wg_bytes: u32) -> usize {
+        let fit = (wg_bytes as usize / self.bytes_per_head(slots)).max(1);
+        (1..=MAX_HEADS_PER_WORKGROUP.min(group).min(fit)).rev().find(|d| group.is_multiple_of(*d)).unwrap_or(1)
+    }
+
+    fn bytes_per_head(&self, slots: usize) -> usize {
+        (slots * self.wg as usize + (self.wg * KEYS_PER_THREAD) as usize) * 4
+    }
+
+    /// Per-thread slots of a head's query (or value) elements.
+    fn slots(&self, shape: &AttentionShape) -> usize {
+        shape.head_dim.max(shape.v_dim).div_ceil(self.wg as usize)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -95,15 +129,21 @@ struct Params {
 }
 
 /// The kernel for `shape` on a device with `wg_bytes` of workgroup memory.
-pub fn shader(features: KernelFeatures, shape: &AttentionShape, wg_bytes: u32) -> ShaderSource {
-    let slots = slots(shape);
+pub fn shader(kernel: AttentionKernel, features: KernelFeatures, shape: &AttentionShape, wg_bytes: u32) -> ShaderSource {
+    let slots = kernel.slots(shape);
     let group = shape.n_heads / shape.n_kv_heads.max(1);
+    let scores = if kernel.subgroup_keys {
+        include_str!("../../shaders/lib/attention_scores_subgroup.wgsl")
+    } else {
+        include_str!("../../shaders/lib/attention_scores_thread.wgsl")
+    };
     ShaderBuilder::new("attention")
-        .constant("WG", WG)
+        .constant("WG", kernel.wg)
         .constant("HD_SLOTS", slots as u32)
         .constant("KEYS_PER_THREAD", KEYS_PER_THREAD)
-        .constant("GS", heads_per_workgroup(group, slots, wg_bytes) as u32)
+        .constant("GS", kernel.heads_per_workgroup(group, slots, wg_bytes) as u32)
         .reductions(features)
+        .declare(if kernel.subgroup_keys { "scores=subgroup" } else { "scores=thread" }, scores)
         .body(include_str!("../../shaders/attention.wgsl"))
 }
 
@@ -115,6 +155,24 @@ pub fn shader(features: KernelFeatures, shape: &AttentionShape, wg_bytes: u32) -
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     b: &mut Batch,
+    shape: &AttentionShape,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    ranges: &GpuBuffer,
+    out: &GpuBuffer,
+    n_queries: usize,
+    kv_rows: usize,
+) -> Result<()> {
+    let kernel = if b.on_host() { AttentionKernel::default() } else { b.ctx().tuning().attention };
+    attention_with(b, kernel, shape, q, k, v, ranges, out, n_queries, kv_rows)
+}
+
+/// [`attention`] through a given variant of the kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    b: &mut Batch,
+    kernel: AttentionKernel,
     shape: &AttentionShape,
     q: &GpuBuffer,
     k: &GpuBuffer,
@@ -142,12 +200,13 @@ pub fn attention(
         let (shape, q, k, v, ranges, out) = (*shape, q.clone(), k.clone(), v.clone(), ranges.clone(), out.clone());
         return b.host("attention", move || crate::cpu::ops::attention(&shape, &q, &k, &v, &ranges, &out, n_queries, kv_rows));
     }
+    ensure!(kernel.runs_with(b.ctx().features()), "attention", "kernel {kernel:?} needs features this device lacks");
     let wg_bytes = b.ctx().limits().max_compute_workgroup_storage_size;
-    let slots = slots(shape);
+    let slots = kernel.slots(shape);
     let group = n_heads / n_kv_heads;
-    let gs = heads_per_workgroup(group, slots, wg_bytes);
+    let gs = kernel.heads_per_workgroup(group, slots, wg_bytes);
     ensure!(
-        (gs * (slots * WG as usize + (WG * KEYS_PER_THREAD) as usize) * 4) as u32 <= wg_bytes,
+        (gs * kernel.bytes_per_head(slots)) as u32 <= wg_bytes,
         "attention",
         "heads of {head_dim} need more workgroup memory than the device's {wg_bytes} bytes"
     );
@@ -170,7 +229,7 @@ pub fn attention(
         v_head_stride: (shape.v_stride() / n_kv_heads) as u32,
         _pad: 0,
     };
-    let pipeline = b.ctx().pipeline(&shader(b.ctx().features(), shape, wg_bytes))?;
+    let pipeline = b.ctx().pipeline(&shader(kernel, b.ctx().features(), shape, wg_bytes))?;
     let workgroups = n_queries * n_kv_heads * (group / gs);
     let groups = grid(b.ctx(), u32_of(workgroups, "attention grid")?);
     b.dispatch("attention", &pipeline, &params, &[q, k, v, ranges, out], groups)

@@ -13,6 +13,7 @@ pub mod norm;
 pub mod rope;
 pub mod router;
 pub mod softmax;
+pub mod tuning;
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBuffer, GpuContext, KernelFeatures, ShaderSource, WeightDtype};
@@ -50,6 +51,18 @@ pub(crate) fn unused_binding(ctx: &GpuContext) -> Result<GpuBuffer> {
     ctx.storage("unused binding", 16)
 }
 
+/// Limits generous enough that every candidate is listed.
+const LISTING_LIMITS: wgpu::Limits = wgpu::Limits {
+    max_compute_workgroup_storage_size: 32768,
+    max_compute_invocations_per_workgroup: 1024,
+    max_compute_workgroup_size_x: 1024,
+    ..wgpu::Limits::defaults()
+};
+
+/// Cooperative shapes the emulated kernel is tested at (the two WGSL sizes, f16 and f32 inputs).
+pub const COOP_TEST_SHAPES: [crate::gpu::CoopShape; 2] =
+    [crate::gpu::CoopShape { size: 16, f16_inputs: true, subgroup: 32 }, crate::gpu::CoopShape { size: 8, f16_inputs: false, subgroup: 16 }];
+
 /// Every shader specialisation the engine can compile on a device with `features`: what the
 /// cross-compiler test validates for Vulkan, Metal and DX12.
 pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
@@ -69,10 +82,13 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         moe::gather_shader(),
         moe::combine_shader(),
     ];
-    for (hd, group) in [(64, 1), (64, 4), (128, 2), (128, 8), (192, 1), (256, 16)] {
-        out.push(attention::shader(features, &attention::AttentionShape::new(group, 1, hd), 16384));
+    // Every variant the tuning may pick on these features (subgroup key reads only where allowed).
+    for kernel in attention::AttentionKernel::candidates(features, 1024) {
+        for (hd, group) in [(64, 1), (64, 4), (128, 2), (128, 8), (192, 1), (256, 16)] {
+            out.push(attention::shader(kernel, features, &attention::AttentionShape::new(group, 1, hd), 16384));
+        }
+        out.push(attention::shader(kernel, features, &attention::AttentionShape::latent(16, 576, 512, 0.1), 16384));
     }
-    out.push(attention::shader(features, &attention::AttentionShape::latent(16, 576, 512, 0.1), 16384));
     out.push(elementwise::copy_cols_shader());
     out.push(dequant::shader());
     out.push(elementwise::round_bf16_shader());
@@ -82,8 +98,12 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
     }
     for dtype in dtypes {
         out.push(embedding::shader(dtype, features));
-        for path in matmul::MatmulPath::ALL {
+        for path in matmul::MatmulPath::candidates(features, &LISTING_LIMITS) {
             out.push(matmul::shader(path, dtype, features));
+        }
+        // The emulated cooperative tiles the tests run on adapters without them.
+        for shape in COOP_TEST_SHAPES.into_iter().filter(|s| !s.f16_inputs || features.f16) {
+            out.push(matmul::shader(matmul::MatmulPath::Coop { shape, emulated: true }, dtype, features));
         }
         for tile in moe::GroupTile::ALL {
             out.push(moe::grouped_matmul_shader(tile, dtype, features));
@@ -100,12 +120,15 @@ mod tests {
     fn specialisations_have_distinct_keys() {
         for f16 in [false, true] {
             for subgroups in [false, true] {
-                let shaders = all_shaders(KernelFeatures { f16, subgroups, timestamps: false });
-                let mut keys: Vec<_> = shaders.iter().map(|s| s.key.clone()).collect();
-                keys.sort();
-                let n = keys.len();
-                keys.dedup();
-                assert_eq!(keys.len(), n, "two specialisations share a cache key");
+                let mut features = KernelFeatures::basic(f16, subgroups, false);
+                features.subgroup_attention = subgroups;
+                let shaders = all_shaders(features);
+                // Two shapes may need the same specialisation; different code never shares a key.
+                let mut by_key = std::collections::HashMap::new();
+                for s in &shaders {
+                    let code = by_key.entry(s.key.clone()).or_insert(&s.code);
+                    assert_eq!(*code, &s.code, "two specialisations share the cache key {}", s.key);
+                }
             }
         }
     }

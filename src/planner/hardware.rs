@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Batch, GpuContext, GpuWeight, WeightDtype};
-use crate::kernels::attention::{attention, AttentionShape};
-use crate::kernels::matmul::matmul;
+use crate::kernels::attention::{attention, attention_with, AttentionKernel, AttentionShape};
+use crate::kernels::matmul::{matmul, matmul_rows, MatmulPath, Rows};
+use crate::kernels::tuning::KernelTuning;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 11;
+const CALIBRATION_VERSION: u32 = 12;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -60,6 +61,10 @@ pub struct HardwareProfile {
     /// The host as a compute device (none in old files: host attention is then not planned).
     #[serde(default)]
     pub host: Option<HostProfile>,
+    /// The kernel variants the calibration found fastest on this adapter (none in files for
+    /// hardware we do not have, and on the CPU device).
+    #[serde(default)]
+    pub kernels: Option<KernelTuning>,
     #[serde(default)]
     pub calibration_version: u32,
 }
@@ -187,27 +192,46 @@ impl HardwareProfile {
         serde_json::from_str(&text).map_err(|e| Error::invalid(path.display().to_string(), format!("not a hardware profile: {e}")))
     }
 
-    /// The profile of `ctx`'s adapter: from the cache when this adapter and driver were measured
-    /// before, else measured now (a few seconds) and cached.
+    /// The profile of `ctx`'s adapter: from the cache when this adapter, driver and set of
+    /// kernel features were measured before, else measured now (seconds) and cached. Its kernel
+    /// tuning becomes `ctx`'s.
     pub fn for_adapter(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<Self> {
         let path = cache_path(ctx);
-        if let Some(p) = path.as_ref().and_then(|p| Self::load(p).ok()) {
-            if p.calibration_version == CALIBRATION_VERSION {
-                return Ok(HardwareProfile { gpu_memory, host_memory, ..p });
+        let cached = |path: &Option<PathBuf>| path.as_ref().and_then(|p| Self::load(p).ok()).filter(|p| p.calibration_version == CALIBRATION_VERSION);
+        let p = match cached(&path) {
+            Some(p) => p,
+            None => {
+                // Processes that start together calibrate once: the others wait on the lock,
+                // then read what the first one wrote (so that they also take the same kernels).
+                let lock = path.as_ref().and_then(|p| {
+                    std::fs::create_dir_all(p.parent()?).ok()?;
+                    std::fs::File::options().create(true).truncate(false).write(true).open(p.with_extension("lock")).ok()
+                });
+                if let Some(file) = &lock {
+                    let _ = file.lock();
+                }
+                match cached(&path) {
+                    Some(p) => p,
+                    None => {
+                        eprintln!("calibrating {} (once per adapter and driver)...", ctx.info().name);
+                        let p = calibrate(ctx, gpu_memory, host_memory)?;
+                        if let Some(path) = &path {
+                            // Written aside and renamed, so that readers never see half a file.
+                            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                            let written = std::fs::write(&tmp, serde_json::to_string_pretty(&p).unwrap_or_default()).and_then(|_| std::fs::rename(&tmp, path));
+                            if let Err(e) = written {
+                                log::warn!("could not cache the hardware profile at {}: {e}", path.display());
+                            }
+                        }
+                        p
+                    }
+                }
             }
+        };
+        if let Some(tuning) = &p.kernels {
+            ctx.set_tuning(tuning.clone());
         }
-        eprintln!("calibrating {} (once per adapter and driver)...", ctx.info().name);
-        let p = calibrate(ctx, gpu_memory, host_memory)?;
-        if let Some(path) = path {
-            let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")));
-            // Written aside and renamed, so that concurrent runs never read half a file.
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            let written = std::fs::write(&tmp, serde_json::to_string_pretty(&p).unwrap_or_default()).and_then(|_| std::fs::rename(&tmp, &path));
-            if let Err(e) = written {
-                log::warn!("could not cache the hardware profile at {}: {e}", path.display());
-            }
-        }
-        Ok(p)
+        Ok(HardwareProfile { gpu_memory, host_memory, ..p })
     }
 }
 
@@ -221,7 +245,16 @@ fn cache_path(ctx: &GpuContext) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .or_else(|| std::env::var_os("LOCALAPPDATA").map(PathBuf::from))?;
     let i = ctx.info();
-    let key = format!("{}-{:?}-{}-{}", i.name, i.backend, i.driver, i.driver_info);
+    // The kernels a profile's tuning may choose depend on the features in use.
+    let f = ctx.features();
+    let mut features = format!("{}{}", if f.f16 { "f16" } else { "" }, if f.subgroups { "sg" } else { "" });
+    if let Some(c) = f.coop {
+        features.push_str(&format!("coop{}{}", c.size, if c.f16_inputs { "h" } else { "f" }));
+    }
+    if f.subgroup_attention {
+        features.push_str("sgattn");
+    }
+    let key = format!("{}-{:?}-{}-{}-{features}", i.name, i.backend, i.driver, i.driver_info);
     let clean: String = key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     Some(base.join("moegen").join("hardware").join(format!("{clean}.json")))
 }
@@ -300,6 +333,13 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     // busy beside them, as they run in a job.
     // (Not on the CPU device itself: there the kernels are the engine's work.)
     let load = (ctx.info().device_type == wgpu::DeviceType::Cpu && !ctx.is_cpu()).then(HostLoad::start);
+
+    // Which kernel variants this adapter runs fastest, before the rates below are measured
+    // through them (the CPU device has none to choose).
+    let tuning = if ctx.is_cpu() { None } else { Some(tune(ctx)?) };
+    if let Some(t) = &tuning {
+        ctx.set_tuning(t.clone());
+    }
 
     // Matmul with bf16 weights at rows from 1 to 512: a large weight (1024 x 1024) gives the
     // rate, a small one (128 x 64) the fixed cost of a dispatch on each path.
@@ -463,8 +503,99 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         binding_limit: ctx.binding_limit(),
         host: Some(host),
         held_link: false,
+        kernels: tuning,
         calibration_version: CALIBRATION_VERSION,
     })
+}
+
+/// Row counts the matmul paths are timed at; a count between two takes the choice of the next.
+const TUNING_ROWS: [u32; 6] = [1, 2, 4, 16, 64, 256];
+
+/// Times the matmul paths the device can run at each of [`TUNING_ROWS`] on a 1024 x 1024 bf16
+/// weight, and every decode attention variant on 16 sequences of 256 keys, and keeps the
+/// fastest. Every matmul path adds along k in the same order, so the choice changes speed only;
+/// the attention variants differ in the last bits of their softmax sums. To stay within seconds
+/// on a software adapter (where compiling each variant dominates), the vector path's workgroup
+/// size is chosen once, at one row, and vector paths are timed up to 16 rows, tiles from 4.
+pub fn tune(ctx: &GpuContext) -> Result<KernelTuning> {
+    let (n, k) = (1024usize, 1024usize);
+    let w = GpuWeight::from_f32(ctx, "tuning weights", &values(n * k, 21), WeightDtype::Bf16, n, k)?;
+    let most = *TUNING_ROWS.last().unwrap() as usize;
+    let x = ctx.storage_from("tuning rows", &values(most * k, 22))?;
+    let y = ctx.storage("tuning output", (most * n * 4) as u64)?;
+    let time = |path: MatmulPath, rows: u32| -> Result<Duration> {
+        // Enough work per submission that fixed costs do not decide: about 16 M multiply-adds.
+        let reps = (16 / rows).max(1) as usize;
+        let run = |reps: usize| {
+            let mut b = Batch::new(ctx);
+            for _ in 0..reps {
+                matmul_rows(&mut b, &x, &w, None, &y, Rows::all(rows as usize), Some(path))?;
+            }
+            b.submit_timed()
+        };
+        let started = Instant::now();
+        run(1)?;
+        let t = best_of(2, || run(reps))?;
+        log::debug!("tuning: {rows} rows on {path:?}: {:.3} ms for {reps} ({:.2} s with compiling)", t.as_secs_f64() * 1e3, started.elapsed().as_secs_f64());
+        Ok(t)
+    };
+    let fastest_of = |paths: &[MatmulPath], rows: u32| -> Result<Option<MatmulPath>> {
+        let mut best: Option<(Duration, MatmulPath)> = None;
+        for &path in paths {
+            let t = time(path, rows)?;
+            if best.is_none_or(|(bt, _)| t < bt) {
+                best = Some((t, path));
+            }
+        }
+        Ok(best.map(|(_, p)| p))
+    };
+    let candidates = MatmulPath::candidates(ctx.features(), ctx.limits());
+    let one_row: Vec<MatmulPath> = candidates.iter().copied().filter(|p| matches!(p, MatmulPath::Vector { tok: 1, .. })).collect();
+    let vector_wg = match fastest_of(&one_row, 1)? {
+        Some(MatmulPath::Vector { wg, .. }) => wg,
+        _ => crate::kernels::matmul::VEC_WG,
+    };
+    let plausible = |path: &MatmulPath, rows: u32| match *path {
+        // A vector path reads every weight once per `tok` rows: past a few rows it cannot win.
+        MatmulPath::Vector { tok, wg } => wg == vector_wg && rows <= 16 && tok <= rows.next_power_of_two(),
+        // Tiles waste most of their rows below four.
+        MatmulPath::Tiled { bm } => rows >= 4 && bm <= (rows * 4).max(16),
+        MatmulPath::Coop { .. } => rows >= 16,
+    };
+    let mut fastest = Vec::new();
+    for rows in TUNING_ROWS {
+        let paths: Vec<MatmulPath> = candidates.iter().copied().filter(|p| plausible(p, rows)).collect();
+        if let Some(path) = fastest_of(&paths, rows)? {
+            fastest.push((rows, path));
+        }
+    }
+
+    let (seqs, keys, heads, hd) = (16usize, 256usize, 8usize, 64usize);
+    let shape = AttentionShape::new(heads, heads, hd);
+    let rows = seqs * keys;
+    let kv_dim = heads * hd;
+    let kb = ctx.storage_from("tuning keys", &values(rows * kv_dim, 23))?;
+    let vb = ctx.storage_from("tuning values", &values(rows * kv_dim, 24))?;
+    let q = ctx.storage_from("tuning queries", &values(seqs * kv_dim, 25))?;
+    let out = ctx.storage("tuning attention", (seqs * kv_dim * 4) as u64)?;
+    let ranges: Vec<u32> = (0..seqs).flat_map(|s| [(s * keys) as u32, keys as u32]).collect();
+    let rb = ctx.storage_from("tuning ranges", &ranges)?;
+    let threads = ctx.limits().max_compute_invocations_per_workgroup.min(ctx.limits().max_compute_workgroup_size_x);
+    let mut attention_best: Option<(Duration, AttentionKernel)> = None;
+    for kernel in AttentionKernel::candidates(ctx.features(), threads) {
+        let run = || {
+            let mut b = Batch::new(ctx);
+            attention_with(&mut b, kernel, &shape, &q, &kb, &vb, &rb, &out, seqs, rows)?;
+            b.submit_timed()
+        };
+        run()?;
+        let t = best_of(2, run)?;
+        if attention_best.is_none_or(|(bt, _)| t < bt) {
+            attention_best = Some((t, kernel));
+        }
+    }
+    let attention = attention_best.map_or_else(AttentionKernel::default, |(_, k)| k);
+    Ok(KernelTuning::from_fastest(&fastest, attention, format!("measured on {} by moegen's calibration, {}", ctx.info().name, crate::planner::today())))
 }
 
 /// Measures the host: its memory read rate, and the host attention kernel over KV pages with one
