@@ -96,6 +96,37 @@ fn cooperative_matrix_matmul_compiles_for_vulkan_and_metal() {
     }
     assert_eq!(checked, 72);
     assert!(failures.is_empty(), "{} shader failures:\n{}", failures.len(), failures.join("\n\n"));
+
+    // And what comes out multiplies on the matrix units: SPIR-V's cooperative multiply-add
+    // (OpCooperativeMatrixMulAddKHR, 4459), loads (4457) and stores (4458), Metal's simdgroup multiply-accumulate.
+    let mut features = KernelFeatures::basic(true, true, false);
+    features.coop = Some(CoopShape { size: 16, f16_inputs: true, subgroup: 32 });
+    let shader = all_shaders(features).into_iter().find(|s| s.key.contains("tiles=coop") && s.key.contains("w=bf16")).unwrap();
+    let module = naga::front::wgsl::parse_str(&shader.code).unwrap();
+    let caps = Capabilities::SHADER_FLOAT16 | Capabilities::SUBGROUP | Capabilities::COOPERATIVE_MATRIX;
+    let info = Validator::new(ValidationFlags::all(), caps).validate(&module).unwrap();
+    let spv_pipeline = spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "main".into() };
+    let words = spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_pipeline)).unwrap();
+    let opcodes = |op: u32| {
+        // Instructions start after the 5-word header; each word's low half is its opcode, the
+        // high half its length in words.
+        let mut i = 5;
+        let mut n = 0;
+        while i < words.len() {
+            if words[i] & 0xffff == op {
+                n += 1;
+            }
+            i += (words[i] >> 16).max(1) as usize;
+        }
+        n
+    };
+    // (Each helper is one function: one multiply-add, a load for A and one for B, a store.)
+    assert_eq!(opcodes(4459), 1, "the tile product");
+    assert_eq!(opcodes(4457), 2, "the A and B tile loads");
+    assert_eq!(opcodes(4458), 1, "the accumulator store");
+    let msl_options = msl::Options { lang_version: (2, 4), ..Default::default() };
+    let (metal, _) = msl::write_string(&module, &info, &msl_options, &msl::PipelineOptions::default()).unwrap();
+    assert!(metal.contains("simdgroup_multiply_accumulate"), "{metal}");
 }
 
 #[test]

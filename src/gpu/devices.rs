@@ -48,6 +48,13 @@ pub fn describe_adapters(backends: Option<wgpu::Backends>) -> (String, usize) {
             limits.max_storage_buffers_per_shader_stage,
             limits.max_compute_workgroups_per_dimension
         );
+        let coop = a.cooperative_matrix_properties();
+        if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) && !coop.is_empty() {
+            let shapes: Vec<String> = coop.iter().map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type)).collect();
+            let _ = writeln!(out, "    cooperative matrices (MOEGEN_EXPERIMENTAL=coop-matrix): {}", shapes.join(", "));
+        } else {
+            let _ = writeln!(out, "    cooperative matrices: none");
+        }
     }
     (out, adapters.len())
 }
