@@ -137,10 +137,9 @@ fn main() {
         f.coop.map_or("none (or not asked for: MOEGEN_EXPERIMENTAL=coop-matrix)".into(), |c| format!("{0}x{0} {1} inputs, f32 sums, subgroups of {2}", c.size, if c.f16_inputs { "f16" } else { "f32" }, c.subgroup)),
         if f.subgroup_attention { "allowed" } else { "off" }
     );
-    // The kernel variants this adapter's calibration chose (measured now if not cached).
-    if std::env::var("MOEGEN_BENCH_DEFAULT_KERNELS").is_err() {
-        moegen::planner::hardware::HardwareProfile::for_adapter(&ctx, 1 << 30, 1 << 30).expect("calibration");
-    }
+    // The kernel variants this adapter's calibration chose (measured now if not cached), unless
+    // MOEGEN_DEFAULT_KERNELS is set.
+    moegen::planner::hardware::HardwareProfile::for_adapter(&ctx, 1 << 30, 1 << 30).expect("calibration");
     println!("kernel tuning: {}", serde_json::to_string(&ctx.tuning()).unwrap_or_default());
 
     if wants("matmul") {

@@ -347,12 +347,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ctx = GpuContext::new(&choice)?;
             let f = ctx.features();
             println!(
-                "selected: {} ({:?}); kernels use f16: {}, subgroups: {}, timestamps: {}; binding limit {} MiB",
+                "selected: {} ({:?}); kernels use f16: {}, subgroups: {}, timestamps: {}{}{}; binding limit {} MiB",
                 ctx.info().name,
                 ctx.info().backend,
                 f.f16,
                 f.subgroups,
                 f.timestamps,
+                f.coop.map_or(String::new(), |c| format!(", cooperative matrices {0}x{0} ({1} inputs)", c.size, if c.f16_inputs { "f16" } else { "f32" })),
+                if f.subgroup_attention { ", subgroup attention" } else { "" },
                 ctx.binding_limit() >> 20
             );
             Ok(())

@@ -228,7 +228,10 @@ impl HardwareProfile {
                 }
             }
         };
-        if let Some(tuning) = &p.kernels {
+        // MOEGEN_DEFAULT_KERNELS=1 keeps the defaults (to compare, or to rule the tuning out).
+        if std::env::var_os("MOEGEN_DEFAULT_KERNELS").is_some() {
+            ctx.set_tuning(KernelTuning::default());
+        } else if let Some(tuning) = &p.kernels {
             ctx.set_tuning(tuning.clone());
         }
         Ok(HardwareProfile { gpu_memory, host_memory, ..p })
