@@ -675,6 +675,64 @@ fn shards_merged_equal_one_process_and_resume_after_a_kill() {
     }
 }
 
+/// Stopped while results are being written (SIGKILL: at once; SIGTERM: after the step in flight,
+/// saying how to resume), then resumed: the same results as one uninterrupted run. The signal
+/// goes once the output holds its first line and the run is checked to have been cut short.
+#[cfg(unix)]
+#[test]
+fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
+    let dir = scratch("signals");
+    let total = 48;
+    let mut job = String::new();
+    for i in 0..total {
+        // Lengths from 4 to 27 new tokens, so results arrive over many steps.
+        let t = if i % 4 == 0 { ", \"temperature\": 0.8" } else { "" };
+        job.push_str(&format!("{{\"id\": \"s{i}\", \"prompt\": \"fn g{i}() {{\\n\", \"max_new_tokens\": {}{t}}}\n", 4 + i % 24));
+    }
+    let input = write(&dir, "in.jsonl", &job);
+    let whole = dir.join("whole.jsonl");
+    assert!(run_default(&input, &whole, &[]).status.success());
+    let reference = dir.join("whole-merged.jsonl");
+    assert!(moegen(&["merge", "--input", path(&input), "--output", path(&reference), path(&whole)]).status.success());
+
+    let complete_lines = |p: &Path| std::fs::read_to_string(p).map(|t| t.matches('\n').count()).unwrap_or(0);
+    for signal in ["KILL", "TERM"] {
+        let out = dir.join(format!("stopped-{signal}.jsonl"));
+        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
+        let child = Command::new(env!("CARGO_BIN_EXE_moegen"))
+            .args(["--device", "cpu", "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--quiet", "--max-step-tokens", "8"])
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let waited = std::time::Instant::now();
+        while complete_lines(&out) == 0 && waited.elapsed() < std::time::Duration::from_secs(120) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let at_signal = complete_lines(&out);
+        let sent = Command::new("kill").args(["-s", signal, &child.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -s {signal}");
+        let stopped = child.wait_with_output().unwrap();
+        let written = complete_lines(&out);
+        eprintln!("SIG{signal}: {at_signal} of {total} lines written when signalled, {written} at exit");
+        assert!(at_signal >= 1 && written < total, "SIG{signal}: {at_signal} lines when signalled, {written} at exit: the job was not stopped mid-run");
+        assert!(!stopped.status.success(), "SIG{signal}: a stopped job exits non-zero");
+        if signal == "TERM" {
+            let err = String::from_utf8_lossy(&stopped.stderr);
+            assert!(err.contains("--resume"), "SIGTERM: no resume hint in {err}");
+            // A graceful stop leaves whole lines only.
+            let text = std::fs::read_to_string(&out).unwrap();
+            assert!(text.ends_with('\n') && text.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "SIGTERM left a torn line");
+        }
+        let resumed = run_default(&input, &out, &["--resume", "--max-step-tokens", "8"]);
+        assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+        let fixed = dir.join(format!("stopped-{signal}-merged.jsonl"));
+        let m = moegen(&["merge", "--input", path(&input), "--output", path(&fixed), path(&out)]);
+        assert!(m.status.success(), "SIG{signal}: {}", String::from_utf8_lossy(&m.stderr));
+        assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&reference).unwrap(), "SIG{signal} after {written} of {total} lines, then --resume");
+    }
+}
+
 /// A copy of `src` without tensor `drop`, its data repacked so the file is valid safetensors.
 fn safetensors_without(src: &Path, dst: &Path, drop: &str) {
     let bytes = std::fs::read(src).unwrap();
