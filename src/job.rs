@@ -286,6 +286,25 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         Some(p) if args.resume => ResultSink::finished_ids(p).with_context(|| format!("--output {}", p.display()))?,
         _ => Default::default(),
     };
+    if !done.is_empty() {
+        // Results for ids this input does not have mean the output belongs to another job (or
+        // another shard): appending to it would mix two jobs in one file.
+        let ours: std::collections::HashSet<String> = lines.iter().map(|l| l.id_key()).collect();
+        let mut foreign: Vec<&String> = done.iter().filter(|id| !ours.contains(*id)).collect();
+        if !foreign.is_empty() {
+            foreign.sort();
+            let shown: Vec<String> = foreign.iter().take(3).map(|id| id.to_string()).collect();
+            let part = if args.shard.is_some() { "this shard of --input" } else { "--input" };
+            bail!(
+                "--output {} holds results for {} id(s) that {part} ({}) does not have ({}{}): it is another job's output; resume with the input it came from, or write to a new --output",
+                args.output.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                foreign.len(),
+                input.display(),
+                shown.join(", "),
+                if foreign.len() > 3 { ", ..." } else { "" }
+            );
+        }
+    }
     let todo: Vec<JobLine> = lines.iter().filter(|l| !done.contains(&l.id_key())).cloned().collect();
     let mut templates = Templates { flag: args.chat_template.as_deref(), model: &files.chat, compiled: None };
     let prepared = prepare(&todo, &input, codec.as_ref(), &mut templates, &cfg, args)?;

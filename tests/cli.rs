@@ -675,6 +675,22 @@ fn shards_merged_equal_one_process_and_resume_after_a_kill() {
     }
 }
 
+#[test]
+fn resuming_another_jobs_output_is_refused_and_leaves_it_as_it_was() {
+    let dir = scratch("foreign");
+    let first = write(&dir, "first.jsonl", "{\"id\": \"a\", \"prompt\": \"x\", \"max_new_tokens\": 2}\n{\"id\": \"b\", \"prompt\": \"y\", \"max_new_tokens\": 2}\n");
+    let other = write(&dir, "other.jsonl", "{\"id\": \"a\", \"prompt\": \"x\", \"max_new_tokens\": 2}\n{\"id\": \"c\", \"prompt\": \"z\", \"max_new_tokens\": 2}\n");
+    let out = dir.join("out.jsonl");
+    assert!(run_default(&first, &out, &[]).status.success());
+    let before = std::fs::read(&out).unwrap();
+    let o = run_default(&other, &out, &["--resume"]);
+    fails_with(&o, &["out.jsonl", "other.jsonl", "\"b\"", "another job's output"]);
+    assert_eq!(std::fs::read(&out).unwrap(), before, "a refused resume changed the output");
+    // The same input resumes (nothing left to do) and leaves it as it was too.
+    assert!(run_default(&first, &out, &["--resume"]).status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
 /// Stopped while results are being written (SIGKILL: at once; SIGTERM: after the step in flight,
 /// saying how to resume), then resumed: the same results as one uninterrupted run. The signal
 /// goes once the output holds its first line and the run is checked to have been cut short.
