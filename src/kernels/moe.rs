@@ -29,9 +29,10 @@ impl GroupTile {
         }
     }
 
-    /// The tile for `n_assign` assignments spread over `n_experts`.
-    pub fn for_load(n_assign: usize, n_experts: usize) -> Self {
-        if n_assign <= 32 * n_experts {
+    /// The tile for `n_assign` assignments spread over `n_experts`: large tiles once the mean
+    /// rows per expert pass `large_from` (the device's tuning; 32 on llvmpipe).
+    pub fn for_load(n_assign: usize, n_experts: usize, large_from: u32) -> Self {
+        if n_assign <= large_from as usize * n_experts {
             GroupTile::Small
         } else {
             GroupTile::Large
@@ -219,7 +220,7 @@ pub fn expert_ffn(
     let n_assign = tokens * top_k;
     let dim = experts.gate.cols;
     let inter = experts.gate.rows / experts.n_experts;
-    let tile = GroupTile::for_load(n_assign, experts.n_experts);
+    let tile = GroupTile::for_load(n_assign, experts.n_experts, b.ctx().tuning().grouped_large_from);
     let plan = plan(b, ids, n_assign, experts.n_experts, tile)?;
     let xg = gather(b, x, &plan, dim, top_k)?;
     let gate = grouped_matmul(b, &xg, &experts.gate, &plan)?;

@@ -16,8 +16,15 @@ pub struct KernelTuning {
     /// The matmul path for up to `up_to_rows` rows, ascending; past the last entry, its path.
     pub matmul: Vec<MatmulChoice>,
     pub attention: AttentionKernel,
+    /// The grouped expert matmul takes its large tiles once the mean rows per expert pass this.
+    #[serde(default = "default_grouped_large_from")]
+    pub grouped_large_from: u32,
     /// Where the choices come from.
     pub source: String,
+}
+
+fn default_grouped_large_from() -> u32 {
+    32
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,6 +46,7 @@ impl Default for KernelTuning {
                 choice(u32::MAX, MatmulPath::Tiled { bm: 64 }),
             ],
             attention: AttentionKernel::default(),
+            grouped_large_from: default_grouped_large_from(),
             source: "defaults (llvmpipe's measurements)".into(),
         }
     }
@@ -70,7 +78,7 @@ impl KernelTuning {
 
     /// From the fastest path measured at each row count (ascending): one entry per run of
     /// counts that chose the same path, reaching to the last count of the run.
-    pub fn from_fastest(fastest: &[(u32, MatmulPath)], attention: AttentionKernel, source: String) -> Self {
+    pub fn from_fastest(fastest: &[(u32, MatmulPath)], attention: AttentionKernel, grouped_large_from: u32, source: String) -> Self {
         let mut matmul: Vec<MatmulChoice> = Vec::new();
         for &(rows, path) in fastest {
             match matmul.last_mut() {
@@ -81,7 +89,7 @@ impl KernelTuning {
         if let Some(last) = matmul.last_mut() {
             last.up_to_rows = u32::MAX;
         }
-        KernelTuning { matmul, attention, source }
+        KernelTuning { matmul, attention, grouped_large_from, source }
     }
 }
 
@@ -109,6 +117,7 @@ mod tests {
         let t = KernelTuning::from_fastest(
             &[(1, v(1, 128)), (2, v(2, 128)), (4, MatmulPath::Tiled { bm: 16 }), (8, MatmulPath::Tiled { bm: 16 }), (64, MatmulPath::Tiled { bm: 32 })],
             AttentionKernel::default(),
+            32,
             "test".into(),
         );
         assert_eq!(t.matmul.len(), 4);
@@ -122,7 +131,7 @@ mod tests {
     fn variants_a_device_lacks_fall_back_to_the_defaults() {
         let shape = CoopShape { size: 16, f16_inputs: true, subgroup: 32 };
         let coop = MatmulPath::Coop { shape, emulated: false };
-        let t = KernelTuning::from_fastest(&[(1, MatmulPath::Vector { tok: 1, wg: 32 }), (512, coop)], AttentionKernel { wg: 128, subgroup_keys: true }, "test".into());
+        let t = KernelTuning::from_fastest(&[(1, MatmulPath::Vector { tok: 1, wg: 32 }), (512, coop)], AttentionKernel { wg: 128, subgroup_keys: true }, 16, "test".into());
         let mut with = KernelFeatures::basic(true, true, false);
         with.coop = Some(shape);
         with.subgroup_attention = true;

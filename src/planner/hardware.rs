@@ -11,10 +11,11 @@ use crate::error::{Error, Result};
 use crate::gpu::{Batch, GpuContext, GpuWeight, WeightDtype};
 use crate::kernels::attention::{attention, attention_with, AttentionKernel, AttentionShape};
 use crate::kernels::matmul::{matmul, matmul_rows, MatmulPath, Rows};
+use crate::kernels::moe::GroupTile;
 use crate::kernels::tuning::KernelTuning;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 13;
+const CALIBRATION_VERSION: u32 = 14;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -604,7 +605,37 @@ pub fn tune(ctx: &GpuContext) -> Result<KernelTuning> {
         }
     }
     let attention = attention_best.map_or_else(AttentionKernel::default, |(_, k)| k);
-    Ok(KernelTuning::from_fastest(&fastest, attention, format!("measured on {} by moegen's calibration, {}", ctx.info().name, crate::planner::today())))
+
+    // The grouped expert matmul (resident experts): from which mean rows per expert its large
+    // tiles beat the small ones, over 8 experts of 512 x 1024 (gate-sized) in bf16.
+    let (n_experts, inter, dim) = (8usize, 512usize, 1024usize);
+    let stacked = GpuWeight::from_f32(ctx, "tuning experts", &values(n_experts * inter * dim, 26), WeightDtype::Bf16, n_experts * inter, dim)?;
+    let mut large_from = defaults.grouped_large_from;
+    for per_expert in [8usize, 16, 32, 64, 128] {
+        let n_assign = per_expert * n_experts;
+        let ids: Vec<u32> = (0..n_assign as u32).map(|i| i % n_experts as u32).collect();
+        let ids = ctx.storage_from("tuning expert ids", &ids)?;
+        let xg = ctx.storage_from("tuning expert rows", &values(n_assign * dim, 27))?;
+        let time_tile = |tile: GroupTile| -> Result<f64> {
+            let run = || {
+                let mut b = Batch::new(ctx);
+                let plan = crate::kernels::moe::plan(&mut b, &ids, n_assign, n_experts, tile)?;
+                crate::kernels::moe::grouped_matmul(&mut b, &xg, &stacked, &plan)?;
+                b.submit_timed()
+            };
+            run()?;
+            Ok(best_of(3, run)?.as_secs_f64())
+        };
+        let (small, large) = (time_tile(GroupTile::Small)?, time_tile(GroupTile::Large)?);
+        log::debug!("tuning: grouped matmul, {per_expert} rows an expert: small tiles {:.3} ms, large {:.3} ms", small * 1e3, large * 1e3);
+        // Large tiles from the first load at which they are 5% faster, small below it.
+        if large < 0.95 * small {
+            large_from = (per_expert / 2) as u32;
+            break;
+        }
+        large_from = per_expert as u32;
+    }
+    Ok(KernelTuning::from_fastest(&fastest, attention, large_from, format!("measured on {} by moegen's calibration, {}", ctx.info().name, crate::planner::today())))
 }
 
 /// Measures the host: its memory read rate, and the host attention kernel over KV pages with one
