@@ -366,7 +366,7 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     }
     let created = created_time();
     let model_name = model_dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let token_text = |t: u32| codec.as_ref().map(|c| c.token_text(t)).unwrap_or_default();
+    let token_bytes = |t: u32| codec.as_ref().map(|c| c.token_bytes(t)).unwrap_or_default();
     let result = run_policy(&ctx, &cfg, &checkpoint, reqs, plan, &settings, |f| {
         let r = &reqs[f.index];
         let slot = prepared.slots[f.index];
@@ -394,9 +394,9 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
             let line = &todo[prepared.runs[slot.line]];
             let prompt_tokens = prepared.prompt_tokens[slot.line];
             let json = match &line.format {
-                LineFormat::Native => result_line(&line.id, prompt_tokens, &all, &token_text),
+                LineFormat::Native => result_line(&line.id, prompt_tokens, &all, &token_bytes),
                 LineFormat::OpenAi { endpoint, model } => {
-                    openai::response_line(&line.id, *endpoint, model.as_deref().unwrap_or(&model_name), created, prompt_tokens, &all, &token_text)
+                    openai::response_line(&line.id, *endpoint, model.as_deref().unwrap_or(&model_name), created, prompt_tokens, &all, &token_bytes)
                 }
             };
             // JSONL goes to --output always, and to stdout unless the demo prints there.

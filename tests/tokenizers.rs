@@ -76,3 +76,28 @@ fn gguf_vocabularies_tokenize_as_their_tokenizer_json() {
         }
     }
 }
+
+/// Log-probabilities name each token by its own bytes: joined over a text's tokens (BOS left out)
+/// they must give the text exactly, on both kinds of vocabulary, byte-fallback pieces and
+/// characters split across tokens included; a piece that ends mid-character shows as `bytes:`.
+#[test]
+fn token_bytes_join_to_the_text_on_both_vocabularies() {
+    for (name, skip) in [("mixtral-v1.tokenizer.json", 1), ("qwen2.tokenizer.json", 0)] {
+        let c = codec(name);
+        for text in TEXTS {
+            let ids = c.encode(text).unwrap();
+            let joined: Vec<u8> = ids[skip..].iter().flat_map(|&t| c.token_bytes(t)).collect();
+            // SentencePiece prefixes the first word with a space, which decoding drops.
+            let joined = if skip == 1 { joined.strip_prefix(b" ").unwrap_or(&joined).to_vec() } else { joined };
+            assert_eq!(String::from_utf8_lossy(&joined), text, "{name}: {ids:?}");
+        }
+        // A character neither vocabulary holds whole (cuneiform).
+        let ids = c.encode("\u{12000}").unwrap();
+        let partial: Vec<String> = ids[skip..].iter().map(|&t| moegen::loader::tokenizer::token_display(&c.token_bytes(t))).collect();
+        assert!(partial.iter().any(|p| p.starts_with("bytes:\\x")), "{name}: {partial:?}");
+    }
+    // A word with its leading space, as the chat API shows it.
+    let q = codec("qwen2.tokenizer.json");
+    let ids = q.encode_raw("a cat").unwrap();
+    assert_eq!(q.token_bytes(*ids.last().unwrap()), b" cat");
+}

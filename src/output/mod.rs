@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use crate::loader::tokenizer::token_display;
 use crate::error::{Error, Result};
 
 fn line_error(path: &Path, line: usize, detail: impl Into<String>) -> Error {
@@ -46,11 +47,13 @@ pub struct Choice {
 
 /// moegen's own result line: `id`, `prompt_tokens`, and the completion's `output_ids`, `text`,
 /// `finish_reason` (and `logprobs`), or with `n` > 1 a `choices` list of them.
-pub fn result_line(id: &Value, prompt_tokens: usize, choices: &[Choice], token_text: &dyn Fn(u32) -> String) -> String {
+/// `token_bytes` gives a token's bytes (shown as text, or `bytes:\x..` where they end
+/// mid-character).
+pub fn result_line(id: &Value, prompt_tokens: usize, choices: &[Choice], token_bytes: &dyn Fn(u32) -> Vec<u8>) -> String {
     let choice = |c: &Choice| {
         let mut o = json!({"output_ids": c.output_ids, "text": c.text, "finish_reason": c.finish.as_str()});
         if let Some(lps) = &c.logprobs {
-            let entry = |t: u32, lp: f32| json!({"token_id": t, "token": token_text(t), "logprob": lp});
+            let entry = |t: u32, lp: f32| json!({"token_id": t, "token": token_display(&token_bytes(t)), "logprob": lp});
             o["logprobs"] = lps
                 .iter()
                 .map(|l| {

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use crate::loader::tokenizer::token_display;
 use crate::input::Endpoint;
 use crate::output::Choice;
 use crate::sampler::stable_hash;
@@ -17,7 +18,7 @@ pub fn response_line(
     created: u64,
     prompt_tokens: usize,
     choices: &[Choice],
-    token_text: &dyn Fn(u32) -> String,
+    token_bytes: &dyn Fn(u32) -> Vec<u8>,
 ) -> String {
     let tag = request_tag(custom_id);
     let completion_tokens: usize = choices.iter().map(|c| c.output_ids.len()).sum();
@@ -31,7 +32,7 @@ pub fn response_line(
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": c.logprobs.as_ref().map(|l| chat_logprobs(l, token_text)),
+                "logprobs": c.logprobs.as_ref().map(|l| chat_logprobs(l, token_bytes)),
                 "finish_reason": c.finish.as_str(),
             })).collect::<Vec<_>>(),
             "usage": usage,
@@ -44,7 +45,7 @@ pub fn response_line(
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "text": c.text,
-                "logprobs": c.logprobs.as_ref().map(|l| completion_logprobs(l, token_text)),
+                "logprobs": c.logprobs.as_ref().map(|l| completion_logprobs(l, token_bytes)),
                 "finish_reason": c.finish.as_str(),
             })).collect::<Vec<_>>(),
             "usage": usage,
@@ -75,24 +76,26 @@ fn request_tag(custom_id: &Value) -> String {
     format!("{:016x}", stable_hash(custom_id.to_string().as_bytes()))
 }
 
-fn token_entry(text: String, logprob: f32) -> Value {
-    let bytes: Vec<u8> = text.as_bytes().to_vec();
-    json!({"token": text, "logprob": logprob, "bytes": bytes})
+/// A token as the chat API reports it: its text (or `bytes:\x..` where it ends mid-character)
+/// and its own bytes, which joined over a completion give its text exactly.
+fn token_entry(bytes: Vec<u8>, logprob: f32) -> Value {
+    json!({"token": token_display(&bytes), "logprob": logprob, "bytes": bytes})
 }
 
-fn chat_logprobs(lps: &[crate::sampler::TokenLogprob], token_text: &dyn Fn(u32) -> String) -> Value {
+fn chat_logprobs(lps: &[crate::sampler::TokenLogprob], token_bytes: &dyn Fn(u32) -> Vec<u8>) -> Value {
     let content: Vec<Value> = lps
         .iter()
         .map(|l| {
-            let mut e = token_entry(token_text(l.token), l.logprob);
-            e["top_logprobs"] = l.top.iter().map(|&(t, lp)| token_entry(token_text(t), lp)).collect();
+            let mut e = token_entry(token_bytes(l.token), l.logprob);
+            e["top_logprobs"] = l.top.iter().map(|&(t, lp)| token_entry(token_bytes(t), lp)).collect();
             e
         })
         .collect();
     json!({"content": content, "refusal": null})
 }
 
-fn completion_logprobs(lps: &[crate::sampler::TokenLogprob], token_text: &dyn Fn(u32) -> String) -> Value {
+fn completion_logprobs(lps: &[crate::sampler::TokenLogprob], token_bytes: &dyn Fn(u32) -> Vec<u8>) -> Value {
+    let token_text = |t: u32| token_display(&token_bytes(t));
     let tokens: Vec<String> = lps.iter().map(|l| token_text(l.token)).collect();
     let mut offset = 0usize;
     let offsets: Vec<usize> = tokens
