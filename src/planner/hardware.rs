@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Batch, GpuContext, GpuWeight, WeightDtype};
-use crate::kernels::attention::{attention, attention_with, AttentionKernel, AttentionShape};
+use crate::kernels::attention::{attention_with, AttentionKernel, AttentionShape};
 use crate::kernels::matmul::{matmul, matmul_rows, MatmulPath, Rows};
 use crate::kernels::moe::GroupTile;
 use crate::kernels::tuning::KernelTuning;
@@ -373,24 +373,11 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         matmul_points.push(MatmulPoint { rows: rows as f64, fixed_s, flops });
     }
 
-    // Decode attention: 16 sequences of 256 keys, 8 kv heads of 64.
-    let (seqs, keys, heads, hd) = (16usize, 256usize, 8usize, 64usize);
-    let shape = AttentionShape::new(heads, heads, hd);
-    let rows = seqs * keys;
-    let kv_dim = heads * hd;
-    let kb = ctx.storage_from("calibration keys", &values(rows * kv_dim, 3))?;
-    let vb = ctx.storage_from("calibration values", &values(rows * kv_dim, 4))?;
-    let q = ctx.storage_from("calibration queries", &values(seqs * kv_dim, 5))?;
-    let out = ctx.storage("calibration attention", (seqs * kv_dim * 4) as u64)?;
-    let ranges: Vec<u32> = (0..seqs).flat_map(|s| [(s * keys) as u32, keys as u32]).collect();
-    let rb = ctx.storage_from("calibration ranges", &ranges)?;
-    let run = || {
-        let mut b = Batch::new(ctx);
-        attention(&mut b, &shape, &q, &kb, &vb, &rb, &out, seqs, rows)?;
-        b.submit_timed()
-    };
-    run()?;
-    let attn = best_of(3, run)?;
+    // Decode attention through the kernel the tuning chose.
+    let probe = AttentionProbe::new(ctx)?;
+    let kernel = ctx.tuning().attention;
+    probe.time(ctx, kernel)?;
+    let attn = best_of(3, || probe.time(ctx, kernel))?;
 
     // Dispatch cost: small kernels of the kinds around the matmuls (a row norm and a residual
     // add over 32 rows of 128), alternating, in one submission.
@@ -494,7 +481,7 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         upload_bytes_per_s: bulk as f64 / upload.as_secs_f64(),
         readback_bytes_per_s: bulk as f64 / readback.as_secs_f64(),
         matmul: matmul_points,
-        attention_bytes_per_s: (2 * rows * kv_dim * 4) as f64 / attn.as_secs_f64(),
+        attention_bytes_per_s: probe.kv_bytes() as f64 / attn.as_secs_f64(),
         dispatch_s: dispatch.as_secs_f64() / count as f64,
         pass_s: pass,
         record_s: recording.as_secs_f64() / count as f64,
@@ -510,6 +497,48 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         kernels: tuning,
         calibration_version: CALIBRATION_VERSION,
     })
+}
+
+/// Decode attention as the calibration times it: 16 sequences of 256 keys, 8 kv heads of 64, f32.
+struct AttentionProbe {
+    shape: AttentionShape,
+    q: crate::gpu::GpuBuffer,
+    k: crate::gpu::GpuBuffer,
+    v: crate::gpu::GpuBuffer,
+    ranges: crate::gpu::GpuBuffer,
+    out: crate::gpu::GpuBuffer,
+    seqs: usize,
+    rows: usize,
+}
+
+impl AttentionProbe {
+    fn new(ctx: &GpuContext) -> Result<Self> {
+        let (seqs, keys, heads, hd) = (16usize, 256usize, 8usize, 64usize);
+        let rows = seqs * keys;
+        let kv_dim = heads * hd;
+        let ranges: Vec<u32> = (0..seqs).flat_map(|s| [(s * keys) as u32, keys as u32]).collect();
+        Ok(AttentionProbe {
+            shape: AttentionShape::new(heads, heads, hd),
+            k: ctx.storage_from("calibration keys", &values(rows * kv_dim, 3))?,
+            v: ctx.storage_from("calibration values", &values(rows * kv_dim, 4))?,
+            q: ctx.storage_from("calibration queries", &values(seqs * kv_dim, 5))?,
+            out: ctx.storage("calibration attention", (seqs * kv_dim * 4) as u64)?,
+            ranges: ctx.storage_from("calibration ranges", &ranges)?,
+            seqs,
+            rows,
+        })
+    }
+
+    /// Keys and values read by one run.
+    fn kv_bytes(&self) -> usize {
+        2 * self.rows * self.shape.n_kv_heads * self.shape.head_dim * 4
+    }
+
+    fn time(&self, ctx: &GpuContext, kernel: AttentionKernel) -> Result<Duration> {
+        let mut b = Batch::new(ctx);
+        attention_with(&mut b, kernel, &self.shape, &self.q, &self.k, &self.v, &self.ranges, &self.out, self.seqs, self.rows)?;
+        b.submit_timed()
+    }
 }
 
 /// Row counts the matmul paths are timed at; a count between two takes the choice of the next.
@@ -579,26 +608,12 @@ pub fn tune(ctx: &GpuContext) -> Result<KernelTuning> {
         }
     }
 
-    let (seqs, keys, heads, hd) = (16usize, 256usize, 8usize, 64usize);
-    let shape = AttentionShape::new(heads, heads, hd);
-    let rows = seqs * keys;
-    let kv_dim = heads * hd;
-    let kb = ctx.storage_from("tuning keys", &values(rows * kv_dim, 23))?;
-    let vb = ctx.storage_from("tuning values", &values(rows * kv_dim, 24))?;
-    let q = ctx.storage_from("tuning queries", &values(seqs * kv_dim, 25))?;
-    let out = ctx.storage("tuning attention", (seqs * kv_dim * 4) as u64)?;
-    let ranges: Vec<u32> = (0..seqs).flat_map(|s| [(s * keys) as u32, keys as u32]).collect();
-    let rb = ctx.storage_from("tuning ranges", &ranges)?;
+    let probe = AttentionProbe::new(ctx)?;
     let threads = ctx.limits().max_compute_invocations_per_workgroup.min(ctx.limits().max_compute_workgroup_size_x);
     let mut attention_best: Option<(f64, AttentionKernel)> = None;
     for kernel in AttentionKernel::candidates(ctx.features(), threads) {
-        let run = || {
-            let mut b = Batch::new(ctx);
-            attention_with(&mut b, kernel, &shape, &q, &kb, &vb, &rb, &out, seqs, rows)?;
-            b.submit_timed()
-        };
-        run()?;
-        let t = best_of(3, run)?.as_secs_f64();
+        probe.time(ctx, kernel)?;
+        let t = best_of(3, || probe.time(ctx, kernel))?.as_secs_f64();
         let t = if kernel == defaults.attention { t } else { t / 0.95 };
         if attention_best.is_none_or(|(bt, _)| t < bt) {
             attention_best = Some((t, kernel));
