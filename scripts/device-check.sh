@@ -10,8 +10,12 @@
 #   scripts/device-check.sh run OUTDIR  there: unpack (or build, where cargo exists), run it all,
 #                                       write OUTDIR/device-check.txt and OUTDIR/hardware.json
 #
-# On the lent H200 (see /work/.library/device/README.md), with the Vulkan loader carried in .gl:
+# On the lent H200 (see /work/.library/device/README.md): fetch the Vulkan loader into .gl once
+# as that README says, run `pack`, then one device `run` call with
+#   carry: [".gl", "target/device-pack.tar.xz"], timeout_s: 600, command:
 #   for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; scripts/device-check.sh run "$OUT"
+# and record OUT/device-check.txt's figures in BENCHMARKS.md, OUT/hardware.json as
+# assets/hardware/h200.json.
 # BUDGET_S (default 570) is the wall-clock budget in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
