@@ -176,6 +176,39 @@ fn python_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String)
     }
 }
 
+/// transformers' `{% generation %}` ... `{% endgeneration %}` marks the assistant's text (for
+/// training masks) and renders its body unchanged; minijinja has no such tag, so each becomes
+/// `{% if true %}` ... `{% endif %}`, a block of the same shape, so that trim_blocks,
+/// lstrip_blocks and the `-` markers strip the same whitespace around it.
+fn with_generation_as_blocks(template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else { break };
+        let inner = &tag[2..end];
+        let (open, body, close) = split_markers(inner);
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{open} if true {close}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{open} endif {close}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A tag's inside split into its leading and trailing whitespace-control markers (`-`, `+`)
+/// and what lies between.
+fn split_markers(inner: &str) -> (&str, &str, &str) {
+    let open = if inner.starts_with('-') || inner.starts_with('+') { &inner[..1] } else { "" };
+    let inner = &inner[open.len()..];
+    let close = if inner.ends_with('-') || inner.ends_with('+') { &inner[inner.len() - 1..] } else { "" };
+    (open, &inner[..inner.len() - close.len()], close)
+}
+
 impl ChatTemplate {
     pub fn new(template: &str, source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
         let mut env = Environment::new();
@@ -203,7 +236,7 @@ impl ChatTemplate {
             python_json(&v, indent, 0, &mut out);
             Ok(out)
         });
-        env.add_template_owned("chat", template.to_string())
+        env.add_template_owned("chat", with_generation_as_blocks(template))
             .map_err(|e| Error::invalid(source, format!("the chat template does not compile: {e}")))?;
         Ok(ChatTemplate { env, now, source: source.to_string(), bos_token, eos_token })
     }
@@ -271,4 +304,23 @@ fn strftime(fmt: &str, secs: i64) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_tags_render_their_body_with_the_same_whitespace() {
+        let marked = "{%- for m in messages %}\n  {%- if m.role == 'assistant' %}\n    {%- generation -%}\n {{ m.content }}\n    {%- endgeneration %}\n  {%- else %}{{ m.content }}{% endif %}\n{% endfor %}";
+        let plain = "{%- for m in messages %}\n  {%- if m.role == 'assistant' %}\n    {{- m.content }}\n  {%- else %}{{ m.content }}{% endif %}\n{% endfor %}";
+        let messages = [serde_json::json!({"role": "user", "content": "hi"}), serde_json::json!({"role": "assistant", "content": "there"})];
+        let env = |t: &str| ChatTemplate::new(t, "test", None, None).unwrap();
+        let render = |c: &ChatTemplate| c.env.get_template("chat").unwrap().render(minijinja::context! { messages => messages.to_vec() }).unwrap();
+        assert_eq!(render(&env(marked)), "hithere");
+        assert_eq!(render(&env(marked)), render(&env(plain)));
+        // Other tags, and the text around them, are left as they are.
+        assert_eq!(with_generation_as_blocks("a{% if x %}b{% endif %}{{ '%}' }}"), "a{% if x %}b{% endif %}{{ '%}' }}");
+        assert_eq!(with_generation_as_blocks("{%+ generation %}x{%- endgeneration -%}"), "{%+ if true %}x{%- endif -%}");
+    }
 }
