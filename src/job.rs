@@ -283,10 +283,11 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
     // The output is opened (and a resumed one read) only once the input is known to be good, and
     // every line is rendered and tokenised before the first result is written.
     let done = match &args.output {
-        Some(p) if args.resume => ResultSink::finished_ids(p).with_context(|| format!("--output {}", p.display()))?,
-        _ => Default::default(),
+        Some(p) if args.resume => Some(ResultSink::finished(p).with_context(|| format!("--output {}", p.display()))?),
+        _ => None,
     };
-    if !done.is_empty() {
+    let done_ids = done.as_ref().map(|d| &d.ids);
+    if let Some(done) = done_ids.filter(|d| !d.is_empty()) {
         // Results for ids this input does not have mean the output belongs to another job (or
         // another shard): appending to it would mix two jobs in one file.
         let ours: std::collections::HashSet<String> = lines.iter().map(|l| l.id_key()).collect();
@@ -305,11 +306,11 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
             );
         }
     }
-    let todo: Vec<JobLine> = lines.iter().filter(|l| !done.contains(&l.id_key())).cloned().collect();
+    let todo: Vec<JobLine> = lines.iter().filter(|l| !done_ids.is_some_and(|d| d.contains(&l.id_key()))).cloned().collect();
     let mut templates = Templates { flag: args.chat_template.as_deref(), model: &files.chat, compiled: None };
     let prepared = prepare(&todo, &input, codec.as_ref(), &mut templates, &cfg, args)?;
     let mut sink = match &args.output {
-        Some(p) => ResultSink::later(p, args.resume).with_context(|| format!("--output {}", p.display()))?,
+        Some(p) => ResultSink::later(p, done.as_ref()).with_context(|| format!("--output {}", p.display()))?,
         None => ResultSink::Stdout,
     };
     for e in &prepared.errors {

@@ -82,26 +82,31 @@ pub fn answered_id(line: &Value) -> Option<&Value> {
     line.get("custom_id").or_else(|| line.get("id"))
 }
 
+/// What an output to resume holds: the ids finished in it, and the bytes of its whole lines (a
+/// line cut off by an interruption after them is dropped when the job appends).
+#[derive(Debug, Default)]
+pub struct Finished {
+    pub ids: HashSet<String>,
+    whole: u64,
+}
+
 /// Where result lines go: a file (flushed line by line) or stdout.
 pub enum ResultSink {
     /// A file opened only when the first line is written (or the job ends), so a job that fails
     /// before its first result (a tensor missing at load, say) leaves the file as it was.
-    Later { path: PathBuf, resume: bool, held: Vec<String> },
+    /// `resume_at`: append after this many bytes of whole lines instead of starting afresh.
+    Later { path: PathBuf, resume_at: Option<u64>, held: Vec<String> },
     File { file: File, path: PathBuf },
     Stdout,
 }
 
 impl ResultSink {
-    /// The ids already finished in the output `path` (none when it does not exist yet), read
-    /// without changing it; a line cut off by an interruption does not count.
-    pub fn finished_ids(path: &Path) -> Result<HashSet<String>> {
-        Ok(Self::read_finished(path)?.0)
-    }
-
-    fn read_finished(path: &Path) -> Result<(HashSet<String>, usize)> {
-        let mut done = HashSet::new();
+    /// What the output `path` already holds (nothing when it does not exist yet), read once and
+    /// without changing it.
+    pub fn finished(path: &Path) -> Result<Finished> {
+        let mut done = Finished::default();
         if !path.exists() {
-            return Ok((done, 0));
+            return Ok(done);
         }
         let bytes = std::fs::read(path).map_err(|error| Error::Io { path: path.to_path_buf(), error })?;
         let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -112,30 +117,30 @@ impl ResultSink {
             }
             let v: Value = serde_json::from_str(line).map_err(|e| line_error(path, i + 1, format!("the output to resume is not valid JSONL: {e}")))?;
             let id = answered_id(&v).ok_or_else(|| line_error(path, i + 1, "a line of the output to resume has no `id` or `custom_id`"))?;
-            done.insert(id.to_string());
+            done.ids.insert(id.to_string());
         }
-        Ok((done, whole))
+        done.whole = whole as u64;
+        Ok(done)
     }
 
-    /// Opens `path` for the job: created (or truncated) unless `resume`, in which case the ids
-    /// already finished in it are returned and new lines are appended after the last whole line
-    /// (a line cut off by an interruption is dropped).
-    pub fn open(path: &Path, resume: bool) -> Result<(Self, HashSet<String>)> {
+    /// Opens `path`: created (or truncated), or with `resume_at` trimmed to that many bytes of
+    /// whole lines and appended to.
+    fn open(path: &Path, resume_at: Option<u64>) -> Result<Self> {
         let io = |error| Error::Io { path: path.to_path_buf(), error };
-        if resume && path.exists() {
-            let (done, whole) = Self::read_finished(path)?;
+        if let Some(whole) = resume_at.filter(|_| path.exists()) {
             let mut file = OpenOptions::new().write(true).open(path).map_err(io)?;
-            file.set_len(whole as u64).map_err(io)?;
+            file.set_len(whole).map_err(io)?;
             file.seek(SeekFrom::End(0)).map_err(io)?;
-            return Ok((ResultSink::File { file, path: path.to_path_buf() }, done));
+            return Ok(ResultSink::File { file, path: path.to_path_buf() });
         }
         let file = File::create(path).map_err(io)?;
-        Ok((ResultSink::File { file, path: path.to_path_buf() }, HashSet::new()))
+        Ok(ResultSink::File { file, path: path.to_path_buf() })
     }
 
     /// The sink for `path`, checked now (its folder exists; an existing file can be written) but
-    /// created, truncated or (with `resume`) trimmed of a cut-off last line only on first use.
-    pub fn later(path: &Path, resume: bool) -> Result<Self> {
+    /// created, truncated or (resuming what [`finished`](Self::finished) read) trimmed of a
+    /// cut-off last line only on first use.
+    pub fn later(path: &Path, resume: Option<&Finished>) -> Result<Self> {
         let io = |error| Error::Io { path: path.to_path_buf(), error };
         if path.exists() {
             OpenOptions::new().write(true).open(path).map_err(io)?;
@@ -145,7 +150,7 @@ impl ResultSink {
                 return Err(io(std::io::Error::new(std::io::ErrorKind::NotFound, format!("the folder {} does not exist", parent.display()))));
             }
         }
-        Ok(ResultSink::Later { path: path.to_path_buf(), resume, held: Vec::new() })
+        Ok(ResultSink::Later { path: path.to_path_buf(), resume_at: resume.map(|f| f.whole), held: Vec::new() })
     }
 
     /// A line written with the first result (an error line known before the run starts).
@@ -161,9 +166,9 @@ impl ResultSink {
 
     /// Opens a `Later` sink now (a finished job's file exists even when it holds no line).
     pub fn finish(&mut self) -> Result<()> {
-        if let ResultSink::Later { path, resume, held } = self {
+        if let ResultSink::Later { path, resume_at, held } = self {
             let held = std::mem::take(held);
-            let (sink, _) = ResultSink::open(path, *resume)?;
+            let sink = ResultSink::open(path, *resume_at)?;
             *self = sink;
             for line in held {
                 self.write_line(&line)?;
@@ -200,8 +205,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("out.jsonl");
         std::fs::write(&path, "{\"id\":1,\"text\":\"a\"}\n{\"id\":\"two\",\"text\":\"b\"}\n{\"id\":3,\"te").unwrap();
-        let (mut sink, done) = ResultSink::open(&path, true).unwrap();
-        assert_eq!(done, HashSet::from(["1".to_string(), "\"two\"".to_string()]));
+        let done = ResultSink::finished(&path).unwrap();
+        assert_eq!(done.ids, HashSet::from(["1".to_string(), "\"two\"".to_string()]));
+        let mut sink = ResultSink::later(&path, Some(&done)).unwrap();
         sink.write_line("{\"id\":3}").unwrap();
         drop(sink);
         let text = std::fs::read_to_string(&path).unwrap();
