@@ -353,7 +353,7 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         String::new()
     };
     let mut out = format!(
-        "{}: {} of weights on the GPU ({} non-expert, {} experts of {} each{streamed_as})\nhardware: {} [{}]\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
+        "{}: {} of weights on the GPU ({} non-expert, {} experts of {} each{streamed_as})\nhardware: {} [{}]{}\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
         args.source.name(),
         crate::planner::format_size(non_expert + weights.per_layer() * weights.moe_layers as u64),
         crate::planner::format_size(non_expert),
@@ -361,6 +361,10 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         crate::planner::format_size(weights.per_expert),
         hw.name,
         hw.source,
+        hw.kernels.as_ref().map_or(String::new(), |k| {
+            let unused = if std::env::var_os("MOEGEN_DEFAULT_KERNELS").is_some() { " (not used: MOEGEN_DEFAULT_KERNELS keeps the defaults)" } else { "" };
+            format!("\nkernels: {}{unused}", k.describe())
+        }),
         budgets.describe(),
         args.sequences,
         args.prompt_len,

@@ -61,6 +61,30 @@ impl KernelTuning {
         }
     }
 
+    /// One line: which path each run of row counts takes, the attention variant, the grouped tiles.
+    pub fn describe(&self) -> String {
+        let mut from = 1u32;
+        let mut parts = Vec::new();
+        for c in &self.matmul {
+            let rows = if c.up_to_rows == u32::MAX { format!("{from}+ rows") } else if c.up_to_rows == from { format!("{from} row{}", if from == 1 { "" } else { "s" }) } else { format!("{from}-{} rows", c.up_to_rows) };
+            let path = match c.path {
+                MatmulPath::Vector { tok, wg } => format!("vector x{tok} ({wg} threads)"),
+                MatmulPath::Tiled { bm } => format!("tiles of {bm}"),
+                MatmulPath::Coop { shape, emulated } => format!("cooperative {0}x{0}{1}", shape.size, if emulated { " (emulated)" } else { "" }),
+            };
+            parts.push(format!("{rows}: {path}"));
+            from = c.up_to_rows.saturating_add(1);
+        }
+        let a = self.attention;
+        format!(
+            "matmul {}; attention {} threads, {}; grouped expert tiles large past {} rows an expert",
+            parts.join(", "),
+            a.wg,
+            if a.subgroup_keys { "a subgroup per key" } else { "a thread per key" },
+            self.grouped_large_from
+        )
+    }
+
     /// The tuning with each variant that a device with `features` cannot run replaced by the
     /// default for its rows (a profile cached before a feature was switched off, say).
     pub fn usable_with(mut self, features: KernelFeatures) -> Self {
@@ -109,6 +133,15 @@ mod tests {
         assert_eq!(t.matmul_path(9), MatmulPath::Tiled { bm: 16 });
         assert_eq!(t.matmul_path(33), MatmulPath::Tiled { bm: 64 });
         assert_eq!(t.matmul_path(usize::MAX), MatmulPath::Tiled { bm: 64 });
+    }
+
+    #[test]
+    fn the_description_names_every_run_of_rows() {
+        let d = KernelTuning::default().describe();
+        assert_eq!(
+            d,
+            "matmul 1 row: vector x1 (64 threads), 2 rows: vector x2 (64 threads), 3-4 rows: vector x4 (64 threads), 5-8 rows: tiles of 64, 9-32 rows: tiles of 16, 33+ rows: tiles of 64; attention 64 threads, a thread per key; grouped expert tiles large past 32 rows an expert"
+        );
     }
 
     #[test]
