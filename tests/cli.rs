@@ -612,15 +612,33 @@ fn openai_batch_lines_run_each_with_its_own_sampling_alone_or_together() {
     }
 }
 
+/// `count` moegen lines `p0`, `p1`, ... of code to continue, line i asking for `new_tokens(i)`
+/// tokens; every `sample_every`-th line samples at `temperature`, the others are greedy.
+fn code_prompts(count: usize, new_tokens: impl Fn(usize) -> usize, sample_every: usize, temperature: f32) -> String {
+    (0..count)
+        .map(|i| {
+            let t = if i % sample_every == 0 { format!(", \"temperature\": {temperature}") } else { String::new() };
+            format!("{{\"id\": \"p{i}\", \"prompt\": \"def f{i}(x):\\n\", \"max_new_tokens\": {}{t}}}\n", new_tokens(i))
+        })
+        .collect()
+}
+
+/// The default model on the CPU device over `input` into `output`, started and left running
+/// (stderr kept), in steps of at most 8 tokens.
+fn spawn_default(input: &Path, output: &Path) -> std::process::Child {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
+    Command::new(env!("CARGO_BIN_EXE_moegen"))
+        .args(["--device", "cpu", "generate", "--model", path(&model), "--input", path(input), "--output", path(output), "--quiet", "--max-step-tokens", "8"])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn shards_merged_equal_one_process_and_resume_after_a_kill() {
     let dir = scratch("shards");
-    let mut job = String::new();
-    for i in 0..12 {
-        let t = if i % 3 == 0 { ", \"temperature\": 0.9" } else { "" };
-        job.push_str(&format!("{{\"id\": \"p{i}\", \"prompt\": \"def f{i}(x):\\n\", \"max_new_tokens\": {}{t}}}\n", 6 + i % 5));
-    }
-    let input = write(&dir, "in.jsonl", &job);
+    let input = write(&dir, "in.jsonl", &code_prompts(12, |i| 6 + i % 5, 3, 0.9));
     let single = dir.join("single.jsonl");
     assert!(run_default(&input, &single, &[]).status.success());
     let merged_single = dir.join("single-merged.jsonl");
@@ -657,12 +675,7 @@ fn shards_merged_equal_one_process_and_resume_after_a_kill() {
     // Killed (SIGKILL) at a few points, then resumed: the same results.
     for (k, delay_ms) in [150u64, 400, 900].into_iter().enumerate() {
         let out = dir.join(format!("killed-{k}.jsonl"));
-        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moegen"))
-            .args(["--device", "cpu", "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--quiet", "--max-step-tokens", "8"])
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_default(&input, &out);
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
@@ -699,13 +712,8 @@ fn resuming_another_jobs_output_is_refused_and_leaves_it_as_it_was() {
 fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
     let dir = scratch("signals");
     let total = 48;
-    let mut job = String::new();
-    for i in 0..total {
-        // Lengths from 4 to 27 new tokens, so results arrive over many steps.
-        let t = if i % 4 == 0 { ", \"temperature\": 0.8" } else { "" };
-        job.push_str(&format!("{{\"id\": \"s{i}\", \"prompt\": \"fn g{i}() {{\\n\", \"max_new_tokens\": {}{t}}}\n", 4 + i % 24));
-    }
-    let input = write(&dir, "in.jsonl", &job);
+    // Lengths from 4 to 27 new tokens, so results arrive over many steps.
+    let input = write(&dir, "in.jsonl", &code_prompts(total, |i| 4 + i % 24, 4, 0.8));
     let whole = dir.join("whole.jsonl");
     assert!(run_default(&input, &whole, &[]).status.success());
     let reference = dir.join("whole-merged.jsonl");
@@ -714,13 +722,7 @@ fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
     let complete_lines = |p: &Path| std::fs::read_to_string(p).map(|t| t.matches('\n').count()).unwrap_or(0);
     for signal in ["KILL", "TERM"] {
         let out = dir.join(format!("stopped-{signal}.jsonl"));
-        let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
-        let child = Command::new(env!("CARGO_BIN_EXE_moegen"))
-            .args(["--device", "cpu", "generate", "--model", path(&model), "--input", path(&input), "--output", path(&out), "--quiet", "--max-step-tokens", "8"])
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_default(&input, &out);
         let waited = std::time::Instant::now();
         while complete_lines(&out) == 0 && waited.elapsed() < std::time::Duration::from_secs(120) {
             std::thread::sleep(std::time::Duration::from_millis(1));
