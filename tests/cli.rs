@@ -688,6 +688,36 @@ fn shards_merged_equal_one_process_and_resume_after_a_kill() {
     }
 }
 
+/// Two processes that start on an adapter nobody has calibrated yet: one measures it while the
+/// other waits on the lock and reads the profile it wrote, so both plan with the same kernels.
+#[test]
+fn processes_starting_together_calibrate_once() {
+    let dir = scratch("calibrate-once");
+    let cache = dir.join("cache");
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_moegen"))
+                .args(["--device", "gpu", "plan", "--synthetic", "ci-small"])
+                .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+                .env("XDG_CACHE_HOME", &cache)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let calibrated = outs.iter().filter(|o| String::from_utf8_lossy(&o.stderr).contains("calibrating")).count();
+    assert_eq!(calibrated, 1, "each process calibrated");
+    let kernels: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stdout).lines().find(|l| l.starts_with("kernels:")).unwrap_or("").to_string()).collect();
+    assert!(!kernels[0].is_empty() && kernels[0] == kernels[1], "{kernels:?}");
+    let profiles = std::fs::read_dir(cache.join("moegen/hardware")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
+    assert_eq!(profiles, 1);
+}
+
 #[test]
 fn resuming_another_jobs_output_is_refused_and_leaves_it_as_it_was() {
     let dir = scratch("foreign");
