@@ -426,6 +426,11 @@ impl GpuContext {
         self.shared.tuning.read().unwrap().matmul_path(m)
     }
 
+    /// One choice of the tuning, read in place (the kernels ask per dispatch).
+    pub fn tuned<T>(&self, choice: impl FnOnce(&KernelTuning) -> T) -> T {
+        choice(&self.shared.tuning.read().unwrap())
+    }
+
     /// Makes `tuning` the variants every kernel of this device takes from now on. Variants
     /// this context's features lack fall back to the defaults.
     pub fn set_tuning(&self, tuning: KernelTuning) {

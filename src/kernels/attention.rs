@@ -164,7 +164,7 @@ pub fn attention(
     n_queries: usize,
     kv_rows: usize,
 ) -> Result<()> {
-    let kernel = if b.on_host() { AttentionKernel::default() } else { b.ctx().tuning().attention };
+    let kernel = if b.on_host() { AttentionKernel::default() } else { b.ctx().tuned(|t| t.attention) };
     attention_with(b, kernel, shape, q, k, v, ranges, out, n_queries, kv_rows)
 }
 

@@ -220,7 +220,7 @@ pub fn expert_ffn(
     let n_assign = tokens * top_k;
     let dim = experts.gate.cols;
     let inter = experts.gate.rows / experts.n_experts;
-    let tile = GroupTile::for_load(n_assign, experts.n_experts, b.ctx().tuning().grouped_large_from);
+    let tile = GroupTile::for_load(n_assign, experts.n_experts, b.ctx().tuned(|t| t.grouped_large_from));
     let plan = plan(b, ids, n_assign, experts.n_experts, tile)?;
     let xg = gather(b, x, &plan, dim, top_k)?;
     let gate = grouped_matmul(b, &xg, &experts.gate, &plan)?;

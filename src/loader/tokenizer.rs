@@ -12,6 +12,8 @@ mod gguf_vocab;
 pub struct TextCodec {
     inner: tokenizers::Tokenizer,
     path: String,
+    /// The vocabulary spells bytes in GPT-2's byte-level alphabet (its decoder says so).
+    byte_level: bool,
 }
 
 /// GPT-2's byte-level alphabet read backwards: the byte each vocabulary character stands for.
@@ -39,10 +41,15 @@ pub fn token_display(bytes: &[u8]) -> String {
 }
 
 impl TextCodec {
+    fn new(inner: tokenizers::Tokenizer, path: String) -> Self {
+        let byte_level = inner.get_decoder().and_then(|d| serde_json::to_string(d).ok()).is_some_and(|j| j.contains("\"ByteLevel\""));
+        TextCodec { inner, path, byte_level }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::invalid(path.display().to_string(), format!("cannot read the tokenizer: {e}")))?;
-        Ok(TextCodec { inner, path: path.display().to_string() })
+        Ok(TextCodec::new(inner, path.display().to_string()))
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer adds (BOS).
@@ -70,8 +77,7 @@ impl TextCodec {
                 return vec![b];
             }
         }
-        let byte_level = self.inner.get_decoder().and_then(|d| serde_json::to_string(d).ok()).is_some_and(|j| j.contains("\"ByteLevel\""));
-        if byte_level {
+        if self.byte_level {
             if let Some(bytes) = token.chars().map(byte_of_char).collect::<Option<Vec<u8>>>() {
                 return bytes;
             }
@@ -90,7 +96,7 @@ impl TextCodec {
         let Some(json) = gguf_vocab::tokenizer_json(metadata, file)? else { return Ok(None) };
         let inner = tokenizers::Tokenizer::from_str(&json.to_string())
             .map_err(|e| Error::invalid(file, format!("cannot build the tokenizer from the embedded vocabulary: {e}")))?;
-        Ok(Some(TextCodec { inner, path: file.to_string() }))
+        Ok(Some(TextCodec::new(inner, file.to_string())))
     }
 
     pub fn vocab_size(&self) -> usize {
