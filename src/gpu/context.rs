@@ -61,7 +61,7 @@ impl Experimental {
                     "coop-matrix" | "coop_matrix" => e.coop_matrix = true,
                     "subgroup-attention" | "subgroup_attention" => e.subgroup_attention = true,
                     "" => {}
-                    other => log::warn!("MOEGEN_EXPERIMENTAL: unknown kernel {other:?} (known: coop-matrix, subgroup-attention, all)"),
+                    other => eprintln!("warning: MOEGEN_EXPERIMENTAL: unknown kernel {other:?}, ignored (known: coop-matrix, subgroup-attention, all)"),
                 }
             }
         }
