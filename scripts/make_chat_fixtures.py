@@ -41,6 +41,7 @@ SPECIALS = {
     "deepseek-ai-DeepSeek-V3.1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
     "mistralai-Mistral-Nemo-Instruct-2407": ("<s>", "</s>"),
     "Mistral-Small-3.2-24B-Instruct-2506": ("<s>", "</s>"),
+    "chatml-generation-tags": (None, "<|im_end|>"),
 }
 
 CONVERSATIONS = {
