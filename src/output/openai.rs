@@ -94,18 +94,55 @@ fn chat_logprobs(lps: &[crate::sampler::TokenLogprob], token_bytes: &dyn Fn(u32)
     json!({"content": content, "refusal": null})
 }
 
+/// Where each token starts in the completion's text, in characters (as the text is decoded:
+/// invalid bytes one U+FFFD each, as `String::from_utf8_lossy` writes them). A token that
+/// continues a character begun by the one before starts at that character.
+fn text_offsets(tokens: impl Iterator<Item = Vec<u8>>) -> Vec<usize> {
+    // `chars`: characters decoded before `pending`, the bytes of a character not yet finished.
+    let (mut chars, mut pending) = (0usize, Vec::<u8>::new());
+    tokens
+        .map(|bytes| {
+            let begins = pending.len();
+            pending.extend_from_slice(&bytes);
+            // The token starts at the first character that does not end before its first byte.
+            let mut at = None;
+            let mut pos = 0;
+            let mut unit = |end: usize, chars: &mut usize, at: &mut Option<usize>| {
+                if end > begins && at.is_none() {
+                    *at = Some(*chars);
+                }
+                *chars += 1;
+            };
+            loop {
+                let rest = &pending[pos..];
+                let (valid, bad) = match std::str::from_utf8(rest) {
+                    Ok(_) => (rest.len(), None),
+                    Err(e) => (e.valid_up_to(), Some(e.error_len())),
+                };
+                for (i, c) in std::str::from_utf8(&rest[..valid]).unwrap_or_default().char_indices() {
+                    unit(pos + i + c.len_utf8(), &mut chars, &mut at);
+                }
+                pos += valid;
+                match bad {
+                    // An invalid sequence is one U+FFFD.
+                    Some(Some(n)) => {
+                        pos += n;
+                        unit(pos, &mut chars, &mut at);
+                    }
+                    // Done, or a character the next token may finish.
+                    _ => break,
+                }
+            }
+            pending.drain(..pos);
+            at.unwrap_or(chars)
+        })
+        .collect()
+}
+
 fn completion_logprobs(lps: &[crate::sampler::TokenLogprob], token_bytes: &dyn Fn(u32) -> Vec<u8>) -> Value {
     let token_text = |t: u32| token_display(&token_bytes(t));
     let tokens: Vec<String> = lps.iter().map(|l| token_text(l.token)).collect();
-    let mut offset = 0usize;
-    let offsets: Vec<usize> = tokens
-        .iter()
-        .map(|t| {
-            let at = offset;
-            offset += t.chars().count();
-            at
-        })
-        .collect();
+    let offsets = text_offsets(lps.iter().map(|l| token_bytes(l.token)));
     let top: Vec<Value> = lps
         .iter()
         .map(|l| Value::Object(l.top.iter().map(|&(t, lp)| (token_text(t), json!(lp))).collect()))
@@ -116,4 +153,22 @@ fn completion_logprobs(lps: &[crate::sampler::TokenLogprob], token_bytes: &dyn F
         "top_logprobs": top,
         "text_offset": offsets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text_offsets;
+
+    /// Offsets count characters of the decoded text, whatever the tokens' byte boundaries.
+    #[test]
+    fn text_offsets_count_characters_across_split_tokens() {
+        let t = |parts: &[&[u8]]| text_offsets(parts.iter().map(|p| p.to_vec()));
+        assert_eq!(t(&[b"ab", b"c", b" d"]), [0, 2, 3]);
+        // ’ (e2 80 99) split over two tokens, then an emoji (4 bytes) over three.
+        assert_eq!(t(&[b"a", b"\xe2\x80", b"\x99b", b"c", b"\xf0\x9f", b"\x99", b"\x82!", b"x"]), [0, 1, 1, 3, 4, 4, 4, 6]);
+        // An invalid byte is one replacement character.
+        assert_eq!(t(&[b"\xff", b"a", b"\xe2", b"\xff", b"b"]), [0, 1, 2, 3, 4]);
+        let text = String::from_utf8_lossy(b"\xffa\xe2\xffb");
+        assert_eq!(text.chars().count(), 5);
+    }
 }
