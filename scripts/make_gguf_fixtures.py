@@ -5,6 +5,7 @@ llama.cpp tree on PYTHONPATH): run by scripts/make_llama_fixtures.sh, which pins
     make_gguf_fixtures.py convert SRC_DIR OUT.gguf OUTTYPE   # f32 | f16 | bf16
     make_gguf_fixtures.py model256 DIR                       # the K-quant fixture's checkpoint
     make_gguf_fixtures.py qwen2moe DIR                       # Qwen2-MoE without dense layers
+    make_gguf_fixtures.py deepseek2 DIR                      # DeepSeek-V2 and V3 as GGUF holds them
 
 The tiny fixtures have a 256-token vocabulary and no tokenizer files; the converter needs a
 vocabulary, so it is given a byte-level one of 256 tokens (GPT-2 style, one merge), the weights
@@ -92,6 +93,34 @@ def qwen2moe(out_dir):
     print(out)
 
 
+def deepseek2(out_dir):
+    """DeepSeek checkpoints as llama.cpp's deepseek2 metadata can describe them.
+
+    V2: the deepseek-v2-bf16 fixture's model but with equal YaRN mscales (GGUF carries only
+    mscale_all_dim, and llama.cpp's graph takes mscale to equal it, as DeepSeek's published
+    configs have it; 0.6, so the softmax scale still differs from one), with transformers'
+    expected.json beside it. V3: the deepseek-v3-f32 fixture as it is, its config naming the
+    sigmoid scoring that DeepSeek-V3's published config names (the converter writes the gating
+    function from that key; transformers' V3 class assumes it)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import shutil
+    import make_fixtures as mf
+    from transformers import DeepseekV2ForCausalLM
+    mf.OUT = out_dir
+    name, config_cls, model_cls, extra, dtype, _ = next(f for f in mf.FIXTURES if f[0] == "deepseek-v2-bf16")
+    rope = dict(extra["rope_parameters"], mscale=0.6, mscale_all_dim=0.6)
+    model, gen, out = mf.saved_model("deepseek-v2-gguf", config_cls, model_cls, dict(extra, rope_parameters=rope), dtype)
+    ref = DeepseekV2ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    mf.expected(out, ref, gen)
+    v3 = os.path.join(out_dir, "deepseek-v3-f32")
+    shutil.rmtree(v3, ignore_errors=True)
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "deepseek-v3-f32"), v3)
+    config = json.load(open(os.path.join(v3, "config.json")))
+    config["scoring_func"] = "sigmoid"
+    json.dump(config, open(os.path.join(v3, "config.json"), "w"), indent=2)
+    print(out, v3)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "convert":
         convert(*sys.argv[2:5])
@@ -99,5 +128,7 @@ if __name__ == "__main__":
         model256(sys.argv[2])
     elif sys.argv[1] == "qwen2moe":
         qwen2moe(sys.argv[2])
+    elif sys.argv[1] == "deepseek2":
+        deepseek2(sys.argv[2])
     else:
         sys.exit(__doc__)

@@ -6,9 +6,11 @@
 #                          the call llama-quantize makes), for moegen's bit-exact quantisers;
 #   tests/fixtures/gguf/   transformers fixtures converted by convert_hf_to_gguf.py (f32, f16,
 #                          bf16; Qwen2-MoE without the fixture's dense layer, which llama.cpp
-#                          cannot hold, with transformers' expected figures), and a Mixtral of 256-wide dimensions quantised by
-#                          llama-quantize (Q8_0, Q4_0, Q4_K_M, Q5_K_M) with llama.cpp's greedy
-#                          tokens for its prompts; the real Mixtral and Qwen2 vocabularies
+#                          cannot hold, and DeepSeek-V2 with equal YaRN mscales, which is all
+#                          GGUF describes, each with transformers' expected figures); a Mixtral
+#                          of 256-wide dimensions quantised by llama-quantize (Q8_0, Q4_0,
+#                          Q4_K_M, Q5_K_M) and DeepSeek-V3 in Q8_0, with llama.cpp's greedy
+#                          tokens for their prompts; the real Mixtral and Qwen2 vocabularies
 #                          as the converter embeds them.
 #   WORK=/tmp/moegen-peer scripts/make_llama_fixtures.sh
 set -euo pipefail
@@ -45,6 +47,13 @@ convert() { PYTHONPATH="$LLAMA:$LLAMA/gguf-py" "$PY" scripts/make_gguf_fixtures.
 convert tests/fixtures/mixtral-f32 "$G/mixtral-f32.gguf" f32
 convert tests/fixtures/qwen3-moe-f16 "$G/qwen3-moe-f16.gguf" f16
 convert tests/fixtures/olmoe-bf16 "$G/olmoe-bf16.gguf" bf16
+convert tests/fixtures/qwen3-moe-yarn-f32 "$G/qwen3-moe-yarn-f32.gguf" f32
+# DeepSeek: V3 as it is (its config naming the sigmoid scoring), V2 with equal YaRN mscales (the
+# only kind GGUF describes), with transformers' figures.
+"$PY" scripts/make_gguf_fixtures.py deepseek2 "$WORK/fixtures"
+convert "$WORK/fixtures/deepseek-v3-f32" "$G/deepseek-v3-f32.gguf" f32
+convert "$WORK/fixtures/deepseek-v2-gguf" "$G/deepseek-v2-bf16.gguf" bf16
+cp "$WORK/fixtures/deepseek-v2-gguf/expected.json" "$G/deepseek-v2-bf16.expected.json"
 # The OLMoE file split in three parts.
 rm -rf "$G/olmoe-split" && mkdir -p "$G/olmoe-split"
 "$LIB/llama-gguf-split" --split --split-max-tensors 10 "$G/olmoe-bf16.gguf" "$G/olmoe-split/olmoe-bf16" >"$WORK/split.log"
@@ -94,6 +103,22 @@ for t in ["q8_0", "q4_0", "q4_k_m", "q5_k_m"]:
                        capture_output=True, text=True, check=True)
     out["llama_cpp"][t] = [json.loads(l) for l in r.stdout.splitlines()]
 json.dump(out, open(f"{g}/mixtral-256.json", "w"), indent=1)
+print(json.dumps(out["llama_cpp"]))
+PYEOF
+# DeepSeek-V3 in Q8_0 (where rows allow), and llama.cpp's greedy tokens on it and on the V3
+# conversion for the prompts above. (llama.cpp does not load the V2 file: its loader requires
+# q_lora_rank but for 26- or 27-layer models, which it takes to be V2-Lite.)
+"$LIB/llama-quantize" "$G/deepseek-v3-f32.gguf" "$G/deepseek-v3-q8_0.gguf" Q8_0 >"$WORK/quantize-deepseek.log" 2>&1
+"$PY" - "$G" "$WORK/greedy" <<'PYEOF'
+import json, subprocess, sys
+g, greedy = sys.argv[1:]
+p = json.load(open(f"{g}/mixtral-256.json"))
+lines = "".join(json.dumps(x) + "\n" for x in p["prompts"])
+out = {"prompts": p["prompts"], "max_new_tokens": p["max_new_tokens"], "llama_cpp": {}}
+for f in ["deepseek-v3-q8_0", "deepseek-v3-f32"]:
+    r = subprocess.run([greedy, f"{g}/{f}.gguf", str(p["max_new_tokens"])], input=lines, capture_output=True, text=True, check=True)
+    out["llama_cpp"][f] = [json.loads(l) for l in r.stdout.splitlines()]
+json.dump(out, open(f"{g}/deepseek.json", "w"), indent=1)
 print(json.dumps(out["llama_cpp"]))
 PYEOF
 ls -la "$Q" "$G"

@@ -392,11 +392,20 @@ fn gguf_conversions_of_the_fixtures_match_transformers() {
     // Qwen2-MoE's own fixture has a dense layer, which llama.cpp cannot hold: this one is all
     // sparse (shared expert with its gate, q/k/v biases), with transformers' figures beside it.
     let qwen2: Value = serde_json::from_str(&std::fs::read_to_string(gguf.join("qwen2-moe-bf16.expected.json")).unwrap()).unwrap();
+    // DeepSeek-V2's fixture has unequal YaRN mscales, which GGUF cannot carry: this one's are
+    // equal (group-limited softmax routing, full-rank queries, a dense first layer as there).
+    let deepseek_v2: Value = serde_json::from_str(&std::fs::read_to_string(gguf.join("deepseek-v2-bf16.expected.json")).unwrap()).unwrap();
     for (file, expected) in [
         ("mixtral-f32.gguf", fixture("mixtral-f32").1),
         ("qwen3-moe-f16.gguf", fixture("qwen3-moe-f16").1),
         ("olmoe-bf16.gguf", fixture("olmoe-bf16").1),
         ("qwen2-moe-bf16.gguf", qwen2),
+        // DeepSeek-V3: MLA's kv_b_proj put back together from the converter's two halves, YaRN
+        // from the metadata, sigmoid routing over groups with the correction bias.
+        ("deepseek-v3-f32.gguf", fixture("deepseek-v3-f32").1),
+        ("deepseek-v2-bf16.gguf", deepseek_v2),
+        // YaRN read from the metadata.
+        ("qwen3-moe-yarn-f32.gguf", fixture("qwen3-moe-yarn-f32").1),
         // The OLMoE file split in three by llama-gguf-split, opened by its directory and by a part.
         ("olmoe-split", fixture("olmoe-bf16").1),
         ("olmoe-split/olmoe-bf16-00002-of-00003.gguf", fixture("olmoe-bf16").1),
@@ -432,8 +441,13 @@ fn quantised_gguf_files_match_their_dequantised_weights() {
     let recorded: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mixtral-256.json")).unwrap()).unwrap();
     let prompts: Vec<Vec<u32>> = recorded["prompts"].as_array().unwrap().iter().map(ids).collect();
     let max_new = recorded["max_new_tokens"].as_u64().unwrap() as usize;
-    for format in ["q8_0", "q4_0", "q4_k_m", "q5_k_m"] {
-        let path = dir.join(format!("mixtral-256-{format}.gguf"));
+    // DeepSeek-V3 quantised by llama-quantize to Q8_0 where rows allow (widths of 64; MLA's
+    // halves and the narrower matrices fall back to f16), and its f32 conversion as it is, for
+    // llama.cpp's tokens beside ours.
+    let deepseek: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("deepseek.json")).unwrap()).unwrap();
+    let files = ["q8_0", "q4_0", "q4_k_m", "q5_k_m"].map(|f| (format!("mixtral-256-{f}"), &recorded["llama_cpp"][f]));
+    for (format, theirs) in files.iter().map(|(f, t)| (f.as_str(), *t)).chain(["deepseek-v3-q8_0", "deepseek-v3-f32"].map(|f| (f, &deepseek["llama_cpp"][f]))) {
+        let path = dir.join(format!("{format}.gguf"));
         let files = moegen::loader::ModelFiles::open(&path).unwrap();
         let dtypes: std::collections::BTreeSet<String> =
             files.checkpoint.names().filter_map(|n| files.checkpoint.dtype_of(n)).map(|d| d.weight().name().to_string()).collect();
@@ -451,7 +465,7 @@ fn quantised_gguf_files_match_their_dequantised_weights() {
             let streamed = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![1], budget: None, resident_bytes: 0, reserved_bytes: 0 };
             let model = Model::load_placed(ctx, files.config.clone(), &files.checkpoint, 64, &streamed).unwrap();
             assert_eq!(greedy(&model, &prompts, max_new), ours, "{name}: streamed experts changed the tokens");
-            let theirs: Vec<Vec<u32>> = recorded["llama_cpp"][format].as_array().unwrap().iter().map(ids).collect();
+            let theirs: Vec<Vec<u32>> = theirs.as_array().unwrap().iter().map(ids).collect();
             let same = ours.iter().flatten().zip(theirs.iter().flatten()).filter(|(a, b)| a == b).count();
             let first = ours.iter().zip(&theirs).filter(|(a, b)| a[0] == b[0]).count();
             eprintln!("{name}: greedy agreement with llama.cpp {same}/{} tokens, first tokens {first}/{}", ours.len() * max_new, ours.len());

@@ -5,8 +5,10 @@
 //! checkpoint: a `config.json` built from the metadata and the tensors under their Hugging Face
 //! names, read in place from the mapped file. Expert tensors stacked per layer
 //! (`ffn_*_exps`) are split into one slice per expert; llama-arch query and key rows, which
-//! llama.cpp's converter interleaves for its rope, are put back in Hugging Face's order.
+//! llama.cpp's converter interleaves for its rope, are put back in Hugging Face's order; MLA's
+//! `kv_b_proj`, which it splits in two per-head halves, is put back together.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -372,14 +374,9 @@ fn config_json(m: &BTreeMap<String, Meta>, tensors: &[&TensorInfo], file: &str) 
         "qwen2moe" => ("Qwen2MoeForCausalLM", "qwen2_moe"),
         "qwen3moe" => ("Qwen3MoeForCausalLM", "qwen3_moe"),
         "olmoe" => ("OlmoeForCausalLM", "olmoe"),
-        "deepseek2" => {
-            return Err(Error::invalid(file, "GGUF architecture `deepseek2` is not supported yet (its converter splits MLA's kv_b_proj); load the safetensors checkpoint"));
-        }
-        other => return Err(Error::invalid(file, format!("GGUF architecture `{other}` is not supported; supported: llama (Mixtral, with experts), qwen2moe, qwen3moe, olmoe"))),
+        "deepseek2" => return deepseek_config(m, tensors, file),
+        other => return Err(Error::invalid(file, format!("GGUF architecture `{other}` is not supported; supported: llama (Mixtral, with experts), qwen2moe, qwen3moe, olmoe, deepseek2"))),
     };
-    if let Some(t) = m.get(&a("rope.scaling.type")).and_then(Meta::as_str).filter(|t| *t != "none") {
-        return Err(Error::invalid(file, format!("metadata `{}` = {t}: rope scaling in GGUF files is not supported yet", a("rope.scaling.type"))));
-    }
     let heads = need_u64(m, &a("attention.head_count"), file)?;
     let hidden = need_u64(m, &a("embedding_length"), file)?;
     let head_dim = m.get(&a("attention.key_length")).and_then(Meta::as_u64).unwrap_or(hidden / heads.max(1));
@@ -412,6 +409,9 @@ fn config_json(m: &BTreeMap<String, Meta>, tensors: &[&TensorInfo], file: &str) 
     });
     let experts = need_u64(m, &a("expert_count"), file)?;
     let o = c.as_object_mut().unwrap();
+    if let Some(rope) = rope_parameters(m, &arch, false, file)? {
+        o.insert("rope_parameters".into(), rope);
+    }
     match model_type {
         "mixtral" => {
             o.insert("num_local_experts".into(), experts.into());
@@ -430,6 +430,109 @@ fn config_json(m: &BTreeMap<String, Meta>, tensors: &[&TensorInfo], file: &str) 
         let shared = m.get(&a("expert_shared_feed_forward_length")).and_then(Meta::as_u64).unwrap_or(0);
         o.insert("shared_expert_intermediate_size".into(), shared.into());
         o.insert("qkv_bias".into(), has("blk.0.attn_q.bias").into());
+    }
+    Ok(c)
+}
+
+/// The rope scaling block of `config.json` (transformers 5's `rope_parameters`) from the
+/// `ARCH.rope.*` metadata, None without scaling. DeepSeek's files carry `mscale_all_dim` as
+/// `yarn_log_multiplier` (times 0.1) and not `mscale`: llama.cpp's graph takes them as equal
+/// (cos and sin unscaled), as in DeepSeek's published configs, and so does this.
+fn rope_parameters(m: &BTreeMap<String, Meta>, arch: &str, deepseek: bool, file: &str) -> Result<Option<Value>> {
+    let key = |k: &str| format!("{arch}.rope.{k}");
+    let f = |k: &str| m.get(&key(k)).and_then(Meta::as_f64);
+    let theta = f("freq_base").unwrap_or(10000.0);
+    let kind = m.get(&key("scaling.type")).and_then(Meta::as_str).unwrap_or("none");
+    let factor = f("scaling.factor");
+    let mut p = match (kind, factor) {
+        ("none", _) => return Ok(None),
+        ("linear", Some(factor)) => json!({"rope_type": "linear", "factor": factor, "rope_theta": theta}),
+        ("yarn", Some(factor)) => json!({"rope_type": "yarn", "factor": factor, "rope_theta": theta}),
+        ("linear" | "yarn", None) => return Err(Error::invalid(file, format!("metadata `{}` is missing for {kind} rope scaling", key("scaling.factor")))),
+        (other, _) => return Err(Error::invalid(file, format!("metadata `{}` = {other}: supported rope scaling types are none, linear and yarn", key("scaling.type")))),
+    };
+    if kind == "yarn" {
+        let o = p.as_object_mut().unwrap();
+        if let Some(n) = m.get(&key("scaling.original_context_length")).and_then(Meta::as_u64) {
+            o.insert("original_max_position_embeddings".into(), n.into());
+        }
+        for (gguf, hf) in [("scaling.yarn_beta_fast", "beta_fast"), ("scaling.yarn_beta_slow", "beta_slow"), ("scaling.yarn_attn_factor", "attention_factor")] {
+            if let Some(v) = f(gguf) {
+                o.insert(hf.into(), v.into());
+            }
+        }
+        if let Some(log_mul) = f("scaling.yarn_log_multiplier").filter(|_| deepseek) {
+            // Divided in f32, the precision it was stored in: 0.1 * 1.0 comes back as 1.0.
+            let all_dim = (log_mul as f32 / 0.1f32) as f64;
+            o.insert("mscale_all_dim".into(), all_dim.into());
+            o.insert("mscale".into(), all_dim.into());
+        }
+    }
+    Ok(Some(p))
+}
+
+/// The `config.json` of a DeepSeek-V2 or V3 model from llama.cpp's `deepseek2` metadata. The
+/// converter writes MLA as one key/value head of `kv_lora_rank + qk_rope_head_dim`; the
+/// per-head widths are in the `*_mla` keys. V3 is told apart by its sigmoid gating (and the
+/// score correction bias it carries).
+fn deepseek_config(m: &BTreeMap<String, Meta>, tensors: &[&TensorInfo], file: &str) -> Result<Value> {
+    let a = |k: &str| format!("deepseek2.{k}");
+    let u = |k: &str| need_u64(m, &a(k), file);
+    let opt = |k: &str| m.get(&a(k)).and_then(Meta::as_u64);
+    let has = |name: &str| tensors.iter().any(|t| t.name == name);
+    let rope_dim = u("rope.dimension_count")?;
+    let key_mla = u("attention.key_length_mla")?;
+    if key_mla <= rope_dim {
+        return Err(Error::invalid(file, format!("metadata `{}` = {key_mla} leaves no room for {rope_dim} rope dimensions", a("attention.key_length_mla"))));
+    }
+    // 1 softmax, 2 sigmoid; files from before the key are DeepSeek-V2's softmax.
+    let sigmoid = match opt("expert_gating_func") {
+        None | Some(0) | Some(1) => false,
+        Some(2) => true,
+        Some(g) => return Err(Error::invalid(file, format!("metadata `{}` = {g}: supported gating functions are 1 (softmax) and 2 (sigmoid)", a("expert_gating_func")))),
+    };
+    let v3 = sigmoid || tensors.iter().any(|t| t.name.ends_with(".exp_probs_b.bias"));
+    let (n_group, topk_group) = (opt("expert_group_count").unwrap_or(1), opt("expert_group_used_count").unwrap_or(1));
+    let heads = u("attention.head_count")?;
+    let mut c = json!({
+        "architectures": [if v3 { "DeepseekV3ForCausalLM" } else { "DeepseekV2ForCausalLM" }],
+        "model_type": if v3 { "deepseek_v3" } else { "deepseek_v2" },
+        "hidden_act": "silu",
+        "hidden_size": u("embedding_length")?,
+        "num_hidden_layers": u("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "intermediate_size": u("feed_forward_length")?,
+        "moe_intermediate_size": u("expert_feed_forward_length")?,
+        "n_routed_experts": u("expert_count")?,
+        "num_experts_per_tok": u("expert_used_count")?,
+        "n_shared_experts": opt("expert_shared_count").unwrap_or(0),
+        "first_k_dense_replace": opt("leading_dense_block_count").unwrap_or(0),
+        "q_lora_rank": opt("attention.q_lora_rank"),
+        "kv_lora_rank": u("attention.kv_lora_rank")?,
+        "qk_nope_head_dim": key_mla - rope_dim,
+        "qk_rope_head_dim": rope_dim,
+        "v_head_dim": u("attention.value_length_mla")?,
+        "rms_norm_eps": need(m, &a("attention.layer_norm_rms_epsilon"), file)?.as_f64().unwrap_or(1e-6),
+        "rope_theta": m.get(&a("rope.freq_base")).and_then(Meta::as_f64).unwrap_or(10000.0),
+        "rope_interleave": true,
+        "max_position_embeddings": opt("context_length").unwrap_or(4096),
+        "vocab_size": match m.get("tokenizer.ggml.tokens") {
+            Some(Meta::Array(t)) => t.len() as u64,
+            _ => u("vocab_size")?,
+        },
+        "tie_word_embeddings": !has("output.weight"),
+        "routed_scaling_factor": m.get(&a("expert_weights_scale")).and_then(Meta::as_f64).unwrap_or(1.0),
+        "norm_topk_prob": matches!(m.get(&a("expert_weights_norm")), Some(Meta::Bool(true))),
+        "scoring_func": if sigmoid { "sigmoid" } else { "softmax" },
+        "topk_method": if v3 { "noaux_tc" } else if n_group > 1 { "group_limited_greedy" } else { "greedy" },
+        "n_group": n_group,
+        "topk_group": topk_group,
+        "bos_token_id": m.get("tokenizer.ggml.bos_token_id").and_then(Meta::as_u64),
+        "eos_token_id": m.get("tokenizer.ggml.eos_token_id").and_then(Meta::as_u64),
+    });
+    if let Some(rope) = rope_parameters(m, "deepseek2", true, file)? {
+        c.as_object_mut().unwrap().insert("rope_parameters".into(), rope);
     }
     Ok(c)
 }
@@ -456,6 +559,7 @@ const LAYER_TENSORS: [(&str, &str); 13] = [
 fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, TensorInfo)>, config: &Value, file: &str) -> Result<Checkpoint> {
     let num = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
     let mixtral = config["model_type"] == "mixtral";
+    let deepseek = config["model_type"].as_str().is_some_and(|t| t.starts_with("deepseek"));
     let (heads, kv_heads, head_dim) = (num("num_attention_heads"), num("num_key_value_heads"), num("head_dim"));
     let moe = if mixtral { "block_sparse_moe" } else { "mlp" };
     let expert_names: [&str; 3] = if mixtral { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
@@ -464,6 +568,9 @@ fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, Tens
     let mut rewritten: Vec<u8> = Vec::new();
     let extra = files.len();
     let mut out_files: Vec<(PathBuf, crate::loader::checkpoint::SharedBytes)> = Vec::new();
+    // Each layer's key and value halves: (file index, tensor).
+    type Half<'t> = Option<(usize, &'t TensorInfo)>;
+    let mut kv_b: BTreeMap<usize, (Half, Half)> = BTreeMap::new();
     for (i, t) in &tensors {
         let data = &files[*i].1[t.start..t.end];
         // HF shape: ne reversed.
@@ -483,6 +590,18 @@ fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, Tens
         let (layer, key) = rest.split_once('.').ok_or_else(|| Error::invalid(file, format!("tensor `{}`: no layer index", t.name)))?;
         let layer: usize = layer.parse().map_err(|_| Error::invalid(file, format!("tensor `{}`: bad layer index", t.name)))?;
         let p = format!("model.layers.{layer}");
+        if deepseek {
+            if let Some((_, hf)) = DEEPSEEK_TENSORS.iter().find(|(g, _)| *g == key) {
+                put(format!("{p}.{hf}"), shape, t.start, t.end);
+                continue;
+            }
+            // MLA's kv_b_proj, which the converter splits per head: put together below.
+            if key == "attn_k_b.weight" || key == "attn_v_b.weight" {
+                let halves = kv_b.entry(layer).or_insert((None, None));
+                if key == "attn_k_b.weight" { halves.0 = Some((*i, t)) } else { halves.1 = Some((*i, t)) }
+                continue;
+            }
+        }
         let simple = LAYER_TENSORS.iter().find(|(g, _)| *g == key).map(|(_, hf)| format!("{p}.{}", hf.replace("MOE", moe)));
         if let Some(name) = simple {
             put(name, shape, t.start, t.end);
@@ -535,11 +654,80 @@ fn hf_checkpoint(files: Vec<(PathBuf, memmap2::Mmap)>, tensors: Vec<(usize, Tens
         // Unknown per-layer tensors are left out; a tensor the model needs and lacks fails at
         // load, naming its Hugging Face name.
     }
+    for (layer, halves) in kv_b {
+        let ((ki, k), (vi, v)) = match halves {
+            (Some(k), Some(v)) => (k, v),
+            (k, _) => {
+                let gone = if k.is_none() { "attn_k_b" } else { "attn_v_b" };
+                return Err(Error::invalid(file, format!("tensor `blk.{layer}.{gone}.weight` is missing (MLA's kv_b_proj comes in two halves)")));
+            }
+        };
+        let (heads, nope, v_dim, rank) = (num("num_attention_heads"), num("qk_nope_head_dim"), num("v_head_dim"), num("kv_lora_rank"));
+        for (t, want) in [(k, [nope, rank, heads]), (v, [rank, v_dim, heads])] {
+            if t.dims != want {
+                return Err(Error::invalid(file, format!("tensor `{}`: dims {:?}, expected {want:?} from the metadata", t.name, t.dims)));
+            }
+        }
+        let (dtype, bytes) = joined_kv_b(&files[ki].1[k.start..k.end], &files[vi].1[v.start..v.end], k, v, [heads, nope, v_dim, rank]);
+        let start = rewritten.len();
+        rewritten.extend_from_slice(&bytes);
+        rewritten.resize(rewritten.len().next_multiple_of(32), 0);
+        entries.push((format!("model.layers.{layer}.self_attn.kv_b_proj.weight"), extra, dtype, vec![heads * (nope + v_dim), rank], start, start + bytes.len()));
+    }
     for (p, map) in files {
         out_files.push((p, std::sync::Arc::new(MmapBytes(map))));
     }
     out_files.push((PathBuf::from(format!("{file} (rearranged tensors)")), std::sync::Arc::new(rewritten)));
     Checkpoint::assemble(out_files, entries)
+}
+
+/// DeepSeek's tensors renamed one to one (MLA's projections, dense layers, shared experts,
+/// the score correction bias), after `model.layers.N.`.
+const DEEPSEEK_TENSORS: [(&str, &str); 13] = [
+    ("attn_q_a.weight", "self_attn.q_a_proj.weight"),
+    ("attn_q_a_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attn_q_b.weight", "self_attn.q_b_proj.weight"),
+    ("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    // Files from converters that kept kv_b_proj whole.
+    ("attn_kv_b.weight", "self_attn.kv_b_proj.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+    ("ffn_gate_shexp.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
+    ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+];
+
+/// MLA's `kv_b_proj` (`[heads * (nope + v), rank]`: each head's key rows, then its value rows)
+/// from the converter's halves: `attn_k_b` holds each head's key rows transposed
+/// (`[heads, rank, nope]`), `attn_v_b` its value rows (`[heads, v, rank]`). Float tensors keep
+/// their dtype; block formats, whose blocks run along the rank that the key half transposes,
+/// are widened to f32 (exact).
+fn joined_kv_b(k: &[u8], v: &[u8], kt: &TensorInfo, vt: &TensorInfo, [heads, nope, v_dim, rank]: [usize; 4]) -> (Dtype, Vec<u8>) {
+    let widened = |data: &[u8], t: &TensorInfo| -> Vec<u8> {
+        let shape: Vec<usize> = t.dims.iter().rev().copied().collect();
+        let r = crate::loader::checkpoint::TensorRef { name: &t.name, dtype: t.dtype, shape: &shape, data };
+        bytemuck::cast_slice(&r.to_f32()).to_vec()
+    };
+    let (dtype, k, v) = match (kt.dtype, vt.dtype) {
+        (a, b) if a == b && matches!(a, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => (a, Cow::Borrowed(k), Cow::Borrowed(v)),
+        _ => (Dtype::F32, Cow::Owned(widened(k, kt)), Cow::Owned(widened(v, vt))),
+    };
+    let es = dtype.bytes_of(1);
+    let mut out = Vec::with_capacity(heads * (nope + v_dim) * rank * es);
+    for h in 0..heads {
+        for n in 0..nope {
+            for r in 0..rank {
+                let at = ((h * rank + r) * nope + n) * es;
+                out.extend_from_slice(&k[at..at + es]);
+            }
+        }
+        let rows = h * v_dim * rank * es;
+        out.extend_from_slice(&v[rows..rows + v_dim * rank * es]);
+    }
+    (dtype, out)
 }
 
 struct MmapBytes(memmap2::Mmap);
@@ -629,6 +817,57 @@ mod tests {
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         let e = parse(&huge, "t.gguf").unwrap_err().to_string();
         assert!(e.contains("tensor count"), "{e}");
+    }
+
+    /// kv_b_proj rebuilt from the converter's halves puts each head's key rows (untransposed)
+    /// before its value rows, for float halves as stored and block ones widened.
+    #[test]
+    fn mla_kv_b_is_rebuilt_from_its_halves() {
+        let (heads, nope, v_dim, rank) = (3, 32, 32, 64);
+        let key = |h: usize, r: usize, n: usize| (h * 10000 + r * 100 + n) as f32 * 0.001 - 7.0;
+        let value = |h: usize, j: usize, r: usize| -((h * 10000 + j * 100 + r) as f32) * 0.002 + 3.0;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for h in 0..heads {
+            for r in 0..rank {
+                k.extend((0..nope).map(|n| key(h, r, n)));
+            }
+            for j in 0..v_dim {
+                v.extend((0..rank).map(|r| value(h, j, r)));
+            }
+        }
+        let info = |name: &str, dims: Vec<usize>, dtype: Dtype| TensorInfo { name: name.into(), dims, dtype, start: 0, end: 0 };
+        let (kt, vt) = (info("k", vec![nope, rank, heads], Dtype::F32), info("v", vec![rank, v_dim, heads], Dtype::F32));
+        let (dtype, bytes) = joined_kv_b(bytemuck::cast_slice(&k), bytemuck::cast_slice(&v), &kt, &vt, [heads, nope, v_dim, rank]);
+        assert_eq!(dtype, Dtype::F32);
+        let joined: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        assert_eq!(joined.len(), heads * (nope + v_dim) * rank);
+        for h in 0..heads {
+            for r in 0..rank {
+                for n in 0..nope {
+                    assert_eq!(joined[(h * (nope + v_dim) + n) * rank + r], key(h, r, n));
+                }
+                for j in 0..v_dim {
+                    assert_eq!(joined[(h * (nope + v_dim) + nope + j) * rank + r], value(h, j, r));
+                }
+            }
+        }
+        // Q8_0 halves: the same as joining their dequantised values.
+        let q = |x: &[f32], cols: usize| crate::quant::quantize(WeightDtype::Q8_0, x, cols).unwrap();
+        let (kq, vq) = (q(&k, nope), q(&v, rank));
+        let block = Dtype::Block(WeightDtype::Q8_0);
+        let (kb, vb) = (info("k", vec![nope, rank, heads], block), info("v", vec![rank, v_dim, heads], block));
+        let (dtype, bytes) = joined_kv_b(&kq, &vq, &kb, &vb, [heads, nope, v_dim, rank]);
+        assert_eq!(dtype, Dtype::F32);
+        let widen = |b: &[u8], n: usize| {
+            let mut out = vec![0f32; n];
+            crate::quant::dequantize(WeightDtype::Q8_0, b, &mut out);
+            out
+        };
+        let (kw, vw) = (widen(&kq, k.len()), widen(&vq, v.len()));
+        let (_, want) = joined_kv_b(bytemuck::cast_slice(&kw), bytemuck::cast_slice(&vw), &kt, &vt, [heads, nope, v_dim, rank]);
+        assert_eq!(bytes, want);
+        assert_ne!(kw, k, "Q8_0 rounds these values");
     }
 
     #[test]
