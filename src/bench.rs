@@ -44,6 +44,10 @@ impl ModelSource {
         Ok(match self {
             ModelSource::Dir(d) => {
                 let ck = crate::loader::ModelFiles::checkpoint(d)?;
+                // A tensor missing or misshapen fails here, before calibration and planning.
+                for c in cfgs {
+                    crate::model::weights::check(&ck, c)?;
+                }
                 cfgs.iter().map(|c| WeightBytes::of(&ck, c)).collect()
             }
             ModelSource::Synthetic(_) => cfgs.iter().map(|c| WeightBytes::of_config(c, 2)).collect(),
@@ -153,6 +157,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
     // Each --quantize choice checked against the model before any device work.
     let formats = spec.formats();
     let variants = formats.iter().map(|&q| cfg.clone().with_quantize(q, spec.quantize_attention)).collect::<crate::Result<Vec<_>>>()?;
+    // Every tensor checked before a device is opened or calibrated.
+    let checkpoint = spec.source.checkpoint(&cfg)?;
+    for v in &variants {
+        crate::model::weights::check(&checkpoint, v)?;
+    }
     let ctx = GpuContext::new(&spec.adapter)?;
     let budgets = Budgets::resolve(spec.gpu_memory, spec.host_memory, &ctx);
     eprintln!("{} on {}: {}", spec.source.name(), ctx.info().name, budgets.describe());
@@ -160,7 +169,6 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
         Some(p) => HardwareProfile::load(p)?,
         None => HardwareProfile::for_adapter(&ctx, budgets.gpu, budgets.host)?,
     };
-    let checkpoint = spec.source.checkpoint(&cfg)?;
     let requests = synthetic_requests(&cfg, spec.sequences, spec.prompt_len, spec.new_tokens);
     let settings = RunSettings {
         budgets,

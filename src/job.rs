@@ -272,9 +272,11 @@ pub fn run_job(args: &JobArgs, demo: bool) -> anyhow::Result<JobSummary> {
         None => bail!("--input is required with --model (a JSONL file of prompts)"),
     };
     // The KV dtype (auto: the planner's choice) is settled with the plan below.
-    // Every tensor the model needs is checked when it loads, before any output is written.
+    // Every tensor the model needs is checked here (present, shape, dtype, within its file),
+    // before the input is read, a device opened or any output touched.
     let files = crate::loader::ModelFiles::open(&model_dir)?;
     let cfg = files.config.clone().with_kv_bf16(args.kv_bf16 == Some(true))?.with_quantize(args.quantize, args.quantize_attention)?;
+    crate::model::weights::check(&files.checkpoint, &cfg)?;
     let codec = files.codec.map(Arc::new);
     let mut lines = read_lines(&input)?;
     if let Some(shard) = args.shard {

@@ -803,6 +803,48 @@ fn safetensors_without(src: &Path, dst: &Path, drop: &str) {
     std::fs::write(dst, file).unwrap();
 }
 
+/// `src` with tensor `name`'s shape given reversed in the header (the same bytes, so the header
+/// is valid; only the model's check can see it).
+fn safetensors_with_shape_reversed(src: &Path, dst: &Path, name: &str) {
+    let data = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
+    let shape = header[name]["shape"].as_array_mut().unwrap();
+    shape.reverse();
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&data[8 + n..]);
+    std::fs::write(dst, file).unwrap();
+}
+
+/// A misshapen expert tensor fails generate, bench and plan at once, naming the tensor: before
+/// a device is opened (the auto device's line is never printed) or the output touched.
+#[test]
+fn a_misshapen_tensor_fails_before_any_device_or_output() {
+    let dir = scratch("misshapen-tensor");
+    let src = fixture("mixtral-f32");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(src.join("config.json"), model.join("config.json")).unwrap();
+    let bad = "model.layers.1.block_sparse_moe.experts.2.w2.weight";
+    safetensors_with_shape_reversed(&src.join("model.safetensors"), &model.join("model.safetensors"), bad);
+    let input = write(&dir, "in.jsonl", "{\"id\": 1, \"prompt_ids\": [3, 4]}\n");
+    let out = dir.join("out.jsonl");
+    let m = path(&model);
+    for args in [
+        vec!["generate", "--model", m, "--input", path(&input), "--output", path(&out), "--quiet"],
+        vec!["bench", "--model", m, "--sequences", "2", "--prompt-len", "2", "--new-tokens", "2"],
+        vec!["plan", "--model", m, "--sequences", "2", "--prompt-len", "2", "--new-tokens", "2"],
+    ] {
+        let o = moegen_with(&args, &[]);
+        fails_with(&o, &[bad, "shape [96, 64], expected [64, 96]"]);
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("device:"), "{}: opened a device before checking the model", args[0]);
+    }
+    assert!(!out.exists(), "a job whose model failed its check created its output");
+}
+
 #[test]
 fn a_missing_expert_tensor_leaves_the_output_untouched() {
     let dir = scratch("missing-tensor");

@@ -526,3 +526,21 @@ fn fp8_rows_read_as_fp8_match_the_bf16_dequantised_model() {
         assert_eq!(greedy(&model, &prompts, 6), tokens, "{name}: streamed FP8 rows changed the tokens");
     }
 }
+
+/// The check run before a job starts (`weights::check`) accepts every fixture the loader loads:
+/// each architecture, dtype, FP8 and GGUF file, with and without `--quantize`.
+#[test]
+fn every_fixture_passes_the_tensor_check() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut models: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("config.json").exists()).collect();
+    models.extend(std::fs::read_dir(root.join("gguf")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "gguf") && !p.to_string_lossy().contains("vocab")));
+    assert!(models.len() >= 20, "{models:?}");
+    for path in models {
+        let files = moegen::loader::ModelFiles::open(&path).unwrap();
+        moegen::model::weights::check(&files.checkpoint, &files.config).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let quantised = files.config.clone().with_quantize(Some(moegen::gpu::WeightDtype::Q8_0), true);
+        if let Ok(cfg) = quantised {
+            moegen::model::weights::check(&files.checkpoint, &cfg).unwrap_or_else(|e| panic!("{} with --quantize q8_0: {e}", path.display()));
+        }
+    }
+}

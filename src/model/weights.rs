@@ -175,6 +175,139 @@ struct AttentionMatrix<'a> {
     fp8: Option<Fp8Scales>,
 }
 
+/// The block scales of an FP8 tensor (`<name>_scale_inv`), or None for other dtypes.
+fn fp8_scales(ck: &Checkpoint, cfg: &ModelConfig, t: &TensorRef) -> Result<Option<Fp8Scales>> {
+    if t.dtype != Dtype::F8E4M3 {
+        return Ok(None);
+    }
+    let block = cfg.weight_block.ok_or_else(|| {
+        Error::invalid(t.name, "FP8 tensor in a checkpoint whose config.json has no fp8 quantization_config (weight_block_size)")
+    })?;
+    let shape = scale_shape(t.shape[0], t.shape[1], block);
+    let scales = ck.get(&format!("{}_scale_inv", t.name), &shape)?;
+    if scales.dtype == Dtype::F8E4M3 {
+        return Err(Error::invalid(scales.name, "scales stored as FP8"));
+    }
+    Ok(Some((scales.to_f32(), block)))
+}
+
+/// Layer `i`'s MoE block: Mixtral's `block_sparse_moe`, the others' `mlp`.
+fn moe_prefix(cfg: &ModelConfig, i: usize) -> String {
+    match cfg.arch {
+        Arch::Mixtral => format!("model.layers.{i}.block_sparse_moe"),
+        _ => format!("model.layers.{i}.mlp"),
+    }
+}
+
+/// The per-expert tensor names of gate, up and down.
+fn expert_names(cfg: &ModelConfig) -> [&'static str; 3] {
+    match cfg.arch {
+        Arch::Mixtral => ["w1", "w3", "w2"],
+        _ => ["gate_proj", "up_proj", "down_proj"],
+    }
+}
+
+/// Checks every tensor the model reads (present, shape, dtype, FP8 scales, one dtype across a
+/// layer's experts) without reading their values or allocating: the tensors `Weights::load`
+/// reads, by the same names, so that a bad checkpoint fails in a second, before any device is
+/// opened or output touched, instead of after calibration and minutes of upload.
+pub fn check(ck: &Checkpoint, cfg: &ModelConfig) -> Result<()> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let matrix = |name: &str, rows: usize, cols: usize| -> Result<Dtype> {
+        let t = ck.get(name, &[rows, cols])?;
+        fp8_scales(ck, cfg, &t)?;
+        Ok(t.dtype)
+    };
+    let vector = |name: &str, len: usize| ck.get(name, &[len]).map(|_| ());
+    let mlp = |prefix: &str, inter: usize| -> Result<()> {
+        matrix(&format!("{prefix}.gate_proj.weight"), inter, h)?;
+        matrix(&format!("{prefix}.up_proj.weight"), inter, h)?;
+        matrix(&format!("{prefix}.down_proj.weight"), h, inter).map(|_| ())
+    };
+    matrix("model.embed_tokens.weight", cfg.vocab_size, h)?;
+    if ck.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+        matrix("lm_head.weight", cfg.vocab_size, h)?;
+    }
+    vector("model.norm.weight", h)?;
+    let (q_dim, kv_dim) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let a = format!("{p}.self_attn");
+        vector(&format!("{p}.input_layernorm.weight"), h)?;
+        vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
+        match cfg.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => {
+                vector(&format!("{a}.q_norm.weight"), hd)?;
+                vector(&format!("{a}.k_norm.weight"), hd)?;
+            }
+            QkNorm::FullWidth => {
+                vector(&format!("{a}.q_norm.weight"), q_dim)?;
+                vector(&format!("{a}.k_norm.weight"), kv_dim)?;
+            }
+        }
+        for (bias, len) in [("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)] {
+            ck.get_opt(&format!("{a}.{bias}.bias"), &[len])?;
+        }
+        for (name, rows, cols) in cfg.attention_matrices() {
+            if !name.starts_with("kv_b_proj.") {
+                matrix(&format!("{a}.{name}.weight"), rows, cols)?;
+            }
+        }
+        if let Some(m) = &cfg.mla {
+            matrix(&format!("{a}.kv_b_proj.weight"), cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)?;
+            if let Some(r) = m.q_lora_rank {
+                vector(&format!("{a}.q_a_layernorm.weight"), r)?;
+            }
+            vector(&format!("{a}.kv_a_layernorm.weight"), m.kv_lora_rank)?;
+        }
+        if !cfg.is_moe_layer(i) {
+            mlp(&format!("{p}.mlp"), cfg.intermediate_size)?;
+            continue;
+        }
+        let moe = moe_prefix(cfg, i);
+        match cfg.shared_expert_intermediate_size {
+            Some(inter) if cfg.shared_expert_gated => {
+                mlp(&format!("{moe}.shared_expert"), inter)?;
+                matrix(&format!("{moe}.shared_expert_gate.weight"), 1, h)?;
+            }
+            Some(inter) => mlp(&format!("{moe}.shared_experts"), inter)?,
+            None => {}
+        }
+        if cfg.routing.correction_bias {
+            vector(&format!("{moe}.gate.e_score_correction_bias"), cfg.num_experts)?;
+        }
+        matrix(&format!("{moe}.gate.weight"), cfg.num_experts, h)?;
+        let (inter, n) = (cfg.moe_intermediate_size, cfg.num_experts);
+        let fused = format!("{moe}.experts.gate_up_proj");
+        if ck.contains(&fused) {
+            let gate_up = ck.get(&fused, &[n, 2 * inter, h])?;
+            let down = ck.get(&format!("{moe}.experts.down_proj"), &[n, h, inter])?;
+            if gate_up.dtype == Dtype::F8E4M3 || down.dtype == Dtype::F8E4M3 {
+                return Err(Error::invalid(&fused, "FP8 experts in the fused layout are not supported (per-expert tensors are)"));
+            }
+            continue;
+        }
+        let mut fp8 = Vec::new();
+        for (kind, name) in expert_names(cfg).iter().enumerate() {
+            let (rows, cols) = if kind == 2 { (h, inter) } else { (inter, h) };
+            let first = matrix(&format!("{moe}.experts.0.{name}.weight"), rows, cols)?;
+            for e in 1..n {
+                let t = format!("{moe}.experts.{e}.{name}.weight");
+                let dtype = matrix(&t, rows, cols)?;
+                if dtype != first {
+                    return Err(Error::invalid(&t, format!("dtype {dtype:?} differs from the layer's other experts ({first:?})")));
+                }
+            }
+            fp8.push(first == Dtype::F8E4M3);
+        }
+        if fp8.iter().any(|&f| f != fp8[0]) {
+            return Err(Error::invalid(format!("{moe}.experts.*"), "a layer's experts mix FP8 and other dtypes across gate, up and down"));
+        }
+    }
+    Ok(())
+}
+
 struct Loader<'a> {
     ctx: &'a GpuContext,
     ck: &'a Checkpoint,
@@ -194,20 +327,8 @@ impl Loader<'_> {
         }
     }
 
-    /// The block scales of an FP8 tensor (`<name>_scale_inv`), or None for other dtypes.
     fn fp8_scales(&self, t: &TensorRef) -> Result<Option<Fp8Scales>> {
-        if t.dtype != Dtype::F8E4M3 {
-            return Ok(None);
-        }
-        let block = self.cfg.weight_block.ok_or_else(|| {
-            Error::invalid(t.name, "FP8 tensor in a checkpoint whose config.json has no fp8 quantization_config (weight_block_size)")
-        })?;
-        let shape = scale_shape(t.shape[0], t.shape[1], block);
-        let scales = self.ck.get(&format!("{}_scale_inv", t.name), &shape)?;
-        if scales.dtype == Dtype::F8E4M3 {
-            return Err(Error::invalid(scales.name, "scales stored as FP8"));
-        }
-        Ok(Some((scales.to_f32(), block)))
+        fp8_scales(self.ck, self.cfg, t)
     }
 
     /// A tensor's bytes in the dtype the GPU reads, FP8 dequantised on the host (for weights the
@@ -265,10 +386,7 @@ impl Loader<'_> {
                 names: [fused.clone(), fused, down.name.to_string()],
             });
         }
-        let names: [&str; 3] = match self.cfg.arch {
-            Arch::Mixtral => ["w1", "w3", "w2"],
-            _ => ["gate_proj", "up_proj", "down_proj"],
-        };
+        let names = expert_names(self.cfg);
         let mut kinds: [Vec<Cow<[u8]>>; 3] = Default::default();
         let mut scales: [Vec<Vec<f32>>; 3] = Default::default();
         let mut fp8 = [false; 3];
@@ -525,10 +643,7 @@ impl Loader<'_> {
                 (Some(self.vector(&format!("{a}.q_norm.weight"), q_dim)?), Some(self.vector(&format!("{a}.k_norm.weight"), kv_dim)?))
             }
         };
-        let moe_prefix = match cfg.arch {
-            Arch::Mixtral => format!("{p}.block_sparse_moe"),
-            _ => format!("{p}.mlp"),
-        };
+        let moe_prefix = moe_prefix(cfg, i);
         let ffn = if cfg.is_moe_layer(i) {
             let shared = match cfg.shared_expert_intermediate_size {
                 Some(inter) if cfg.shared_expert_gated => Some(Box::new(SharedExpert {

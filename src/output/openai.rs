@@ -107,7 +107,7 @@ fn text_offsets(tokens: impl Iterator<Item = Vec<u8>>) -> Vec<usize> {
             // The token starts at the first character that does not end before its first byte.
             let mut at = None;
             let mut pos = 0;
-            let mut unit = |end: usize, chars: &mut usize, at: &mut Option<usize>| {
+            let unit = |end: usize, chars: &mut usize, at: &mut Option<usize>| {
                 if end > begins && at.is_none() {
                     *at = Some(*chars);
                 }
