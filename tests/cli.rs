@@ -735,8 +735,10 @@ fn resuming_another_jobs_output_is_refused_and_leaves_it_as_it_was() {
 }
 
 /// Stopped while results are being written (SIGKILL: at once; SIGTERM: after the step in flight,
-/// saying how to resume), then resumed: the same results as one uninterrupted run. The signal
-/// goes once the output holds its first line and the run is checked to have been cut short.
+/// saying how to resume), then resumed: the same results as one uninterrupted run, greedy and
+/// sampled lines alike. SIGKILL comes at three random points (a number of finished lines drawn
+/// afresh each run, its seed printed), SIGTERM after the first line; each run is checked to have
+/// been cut short.
 #[cfg(unix)]
 #[test]
 fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
@@ -750,11 +752,23 @@ fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
     assert!(moegen(&["merge", "--input", path(&input), "--output", path(&reference), path(&whole)]).status.success());
 
     let complete_lines = |p: &Path| std::fs::read_to_string(p).map(|t| t.matches('\n').count()).unwrap_or(0);
-    for signal in ["KILL", "TERM"] {
-        let out = dir.join(format!("stopped-{signal}.jsonl"));
+    // MOEGEN_KILL_SEED replays a run's points.
+    let seed = std::env::var("MOEGEN_KILL_SEED").ok().and_then(|s| s.parse().ok());
+    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("kill points drawn with seed {seed} (MOEGEN_KILL_SEED={seed} replays them)");
+    let mut state = seed | 1;
+    let mut draw = move |below: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % below as u64) as usize
+    };
+    let points: Vec<(&str, usize)> = (0..3).map(|_| ("KILL", 1 + draw(total / 2))).chain([("TERM", 1)]).collect();
+    for (run, &(signal, after_lines)) in points.iter().enumerate() {
+        let out = dir.join(format!("stopped-{run}-{signal}.jsonl"));
         let child = spawn_default(&input, &out);
         let waited = std::time::Instant::now();
-        while complete_lines(&out) == 0 && waited.elapsed() < std::time::Duration::from_secs(120) {
+        while complete_lines(&out) < after_lines && waited.elapsed() < std::time::Duration::from_secs(120) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let at_signal = complete_lines(&out);
@@ -763,7 +777,7 @@ fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
         let stopped = child.wait_with_output().unwrap();
         let written = complete_lines(&out);
         eprintln!("SIG{signal}: {at_signal} of {total} lines written when signalled, {written} at exit");
-        assert!(at_signal >= 1 && written < total, "SIG{signal}: {at_signal} lines when signalled, {written} at exit: the job was not stopped mid-run");
+        assert!(at_signal >= after_lines && written < total, "SIG{signal}: {at_signal} lines when signalled, {written} at exit: the job was not stopped mid-run");
         assert!(!stopped.status.success(), "SIG{signal}: a stopped job exits non-zero");
         if signal == "TERM" {
             let err = String::from_utf8_lossy(&stopped.stderr);
@@ -774,7 +788,7 @@ fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
         }
         let resumed = run_default(&input, &out, &["--resume", "--max-step-tokens", "8"]);
         assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-        let fixed = dir.join(format!("stopped-{signal}-merged.jsonl"));
+        let fixed = dir.join(format!("stopped-{run}-{signal}-merged.jsonl"));
         let m = moegen(&["merge", "--input", path(&input), "--output", path(&fixed), path(&out)]);
         assert!(m.status.success(), "SIG{signal}: {}", String::from_utf8_lossy(&m.stderr));
         assert_eq!(std::fs::read(&fixed).unwrap(), std::fs::read(&reference).unwrap(), "SIG{signal} after {written} of {total} lines, then --resume");
