@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: the GPU tests need a Vulkan adapter, so when no
 # Vulkan driver is installed this installs Mesa's software one (llvmpipe) first, then runs
-# `cargo test` (the CPU-device tests need nothing).
+# `cargo test` (the CPU-device tests need nothing), then the CPU kernels' tests on aarch64 under
+# qemu (scripts/test-aarch64.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,3 +37,5 @@ fi
 # Fails (non-zero) when no GPU adapter is found, instead of passing with the GPU untested.
 cargo run --locked --quiet -- --device gpu devices
 cargo test --locked "$@"
+# The NEON paths, which this machine's CPU cannot run: cross-built and run under qemu-aarch64.
+scripts/test-aarch64.sh

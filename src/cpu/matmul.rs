@@ -75,7 +75,8 @@ impl WeightRows<'_> {
         }
     }
 
-    /// Element `c` of row `r`, as f32.
+    /// Element `c` of row `r`, as f32 (for the intrinsics tiles' tails).
+    #[cfg(target_arch = "x86_64")]
     fn at(&self, r: usize, c: usize) -> f32 {
         let i = r * self.cols + c;
         match self.dtype {
@@ -230,6 +231,7 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
 
 /// Block-format rows into f32, compiled for the path's vector width (the decoder is inlined
 /// into each wrapper; each enables exactly what `Isa::available` detected for its path).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn decode(isa: Isa, dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -293,6 +295,7 @@ fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4
 }
 
 /// The `k % lanes` last products of `x[i]` and weight row `w_row + j` the vector loop left.
+#[cfg(target_arch = "x86_64")]
 fn tail(x: &[f32], w: WeightRows, w_row: usize, i: usize, j: usize, body: usize) -> f32 {
     let k = w.cols;
     (body..k).map(|t| x[i * k + t] * w.at(w_row + j, t)).sum()

@@ -461,5 +461,9 @@ mod tests {
     #[test]
     fn detection_picks_an_available_path() {
         assert!(Isa::available().contains(&Isa::detected()));
+        // NEON is part of every aarch64 CPU (and of qemu-aarch64, where scripts/test-aarch64.sh
+        // runs these tests): its path must be among those tested.
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(Isa::detected(), Isa::Neon);
     }
 }
