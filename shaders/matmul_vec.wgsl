@@ -13,7 +13,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var acc: array<f32, TOK>;
     let w_row = o * p.k;
     let x_base = (p.x_row0 + t0) * p.k;
-    for (var i = 0u; i < p.k; i++) {
+    // Four weights at a time (a block format decodes its scales once for them), then the rest;
+    // each row still adds its products in order along k. Rows of block formats are whole blocks,
+    // so w_row + i is a multiple of 4 for them, as load_w4 needs.
+    let body = p.k / 4u * 4u;
+    for (var i = 0u; i < body; i += 4u) {
+        let w4 = load_w4(w_row + i);
+        for (var t = 0u; t < TOK; t++) {
+            if t < count {
+                let xi = x_base + t * p.k + i;
+                var a = fma(x[xi], w4.x, acc[t]);
+                a = fma(x[xi + 1u], w4.y, a);
+                a = fma(x[xi + 2u], w4.z, a);
+                acc[t] = fma(x[xi + 3u], w4.w, a);
+            }
+        }
+    }
+    for (var i = body; i < p.k; i++) {
         let wv = load_w(w_row + i);
         for (var t = 0u; t < TOK; t++) {
             if t < count {

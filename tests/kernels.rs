@@ -468,6 +468,24 @@ fn block_quantised_matmul_on_every_path() {
                 let want = matmul::reference(&x, &values, Some(&bv), m, n, k);
                 assert_close(&format!("matmul {m}x{n}x{k} {dtype:?} {path:?} {:?}", ctx.features()), &got, &want, 1e-10);
             }
+            if ctx.is_cpu() {
+                continue;
+            }
+            // The vector path (four weights decoded at a time) gives each row the tiled path's
+            // bits (one at a time), alone or with others: a sequence decodes alike in any batch.
+            let m = 7;
+            let (xb, bb) = (upload(&ctx, &random(&mut rng, m * k, 1.0)), upload(&ctx, &random(&mut rng, n, 1.0)));
+            let run = |rows: matmul::Rows, path: matmul::MatmulPath| {
+                let y = poisoned(&ctx, rows.m * n);
+                let mut b = Batch::new(&ctx);
+                matmul::matmul_rows(&mut b, &xb, &w, Some(&bb), &y, rows, Some(path)).unwrap();
+                b.submit().unwrap();
+                ctx.read_f32(&y, rows.m * n).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            let tiled = run(matmul::Rows::all(m), matmul::MatmulPath::Tiled { bm: 16 });
+            assert_eq!(run(matmul::Rows::all(m), matmul::MatmulPath::Vector { tok: 4, wg: 64 }), tiled, "{dtype:?}: vector path's bits differ from the tiled path's");
+            let alone = run(matmul::Rows { m: 1, x_row0: 3, y_row0: 0, y_stride: None }, matmul::MatmulPath::Vector { tok: 1, wg: 64 });
+            assert_eq!(alone, tiled[3 * n..4 * n], "{dtype:?}: row 3 alone differs from row 3 among seven");
         }
     }
 }

@@ -62,6 +62,21 @@ impl ShaderBuilder {
         self
     }
 
+    /// `fn load_w4(i: u32) -> vec4<f32>`: four consecutive weights from element `i`, each equal to
+    /// `load_w`'s. Block formats read a block's scales once for the four (for them `i` must be a
+    /// multiple of 4, as it is where rows are whole blocks); the others call `load_w` four times.
+    pub fn weights4(mut self, dtype: WeightDtype) -> Self {
+        self.snippets.push(match dtype {
+            WeightDtype::Q8_0 => WEIGHTS4_Q8_0,
+            WeightDtype::Q4_0 => WEIGHTS4_Q4_0,
+            WeightDtype::Q4K => WEIGHTS4_Q4_K,
+            WeightDtype::Q5K => WEIGHTS4_Q5_K,
+            WeightDtype::Q6K => WEIGHTS4_Q6_K,
+            _ => WEIGHTS4_EACH,
+        });
+        self
+    }
+
     /// `wg_sum`, `wg_max` across the workgroup, through subgroups where the device has them.
     /// The kernel's entry point takes a `lane: Lane` argument that carries the builtins.
     pub fn reductions(mut self, features: KernelFeatures) -> Self {
@@ -122,6 +137,12 @@ const WEIGHTS_Q4_0: &str = include_str!("../../shaders/lib/weights_q4_0.wgsl");
 const WEIGHTS_Q4_K: &str = include_str!("../../shaders/lib/weights_q4_k.wgsl");
 const WEIGHTS_Q5_K: &str = include_str!("../../shaders/lib/weights_q5_k.wgsl");
 const WEIGHTS_Q6_K: &str = include_str!("../../shaders/lib/weights_q6_k.wgsl");
+const WEIGHTS4_EACH: &str = include_str!("../../shaders/lib/weights4_each.wgsl");
+const WEIGHTS4_Q8_0: &str = include_str!("../../shaders/lib/weights4_q8_0.wgsl");
+const WEIGHTS4_Q4_0: &str = include_str!("../../shaders/lib/weights4_q4_0.wgsl");
+const WEIGHTS4_Q4_K: &str = include_str!("../../shaders/lib/weights4_q4_k.wgsl");
+const WEIGHTS4_Q5_K: &str = include_str!("../../shaders/lib/weights4_q5_k.wgsl");
+const WEIGHTS4_Q6_K: &str = include_str!("../../shaders/lib/weights4_q6_k.wgsl");
 const FP8: &str = include_str!("../../shaders/lib/fp8.wgsl");
 const WEIGHTS_FP8: &str = include_str!("../../shaders/lib/weights_fp8.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/lib/reduce_subgroup.wgsl");

@@ -165,6 +165,7 @@ pub fn shader(path: MatmulPath, dtype: WeightDtype, features: KernelFeatures) ->
             .constant("WG", wg)
             .constant("TOK", tok)
             .weights(dtype, features)
+            .weights4(dtype)
             .body(concat!(include_str!("../../shaders/lib/matmul_bindings.wgsl"), include_str!("../../shaders/matmul_vec.wgsl"))),
         MatmulPath::Tiled { bm } => tile_constants(ShaderBuilder::new("matmul_tiled"), bm)
             .weights(dtype, features)
