@@ -429,10 +429,12 @@ impl PendingRead {
 /// How weight elements are stored, on the GPU and in host memory. Activations are always f32.
 /// The block formats are llama.cpp's (see [`crate::quant`]): a matrix's rows are each a whole
 /// number of blocks, read by the kernels as stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum WeightDtype {
     F32,
     F16,
+    /// The default: what the planner prices a weight as when it knows no better.
+    #[default]
     Bf16,
     Q8_0,
     Q4_0,

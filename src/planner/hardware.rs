@@ -15,7 +15,7 @@ use crate::kernels::moe::GroupTile;
 use crate::kernels::tuning::KernelTuning;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 14;
+const CALIBRATION_VERSION: u32 = 15;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -66,6 +66,11 @@ pub struct HardwareProfile {
     /// hardware we do not have, and on the CPU device).
     #[serde(default)]
     pub kernels: Option<KernelTuning>,
+    /// A matmul's time with each block format's weights (and FP8 rows) over its time with bf16
+    /// ones, by rows: their decoding costs arithmetic that bf16's does not. None measured (files
+    /// for hardware we do not have) prices them as bf16.
+    #[serde(default)]
+    pub block_matmul: Vec<BlockMatmul>,
     #[serde(default)]
     pub calibration_version: u32,
 }
@@ -133,6 +138,15 @@ impl HostProfile {
     }
 }
 
+/// One weight format's matmul time relative to bf16's on the same shape, at rows ascending.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BlockMatmul {
+    /// `WeightDtype::name` (`q4_k`, `fp8`, ...).
+    pub dtype: String,
+    /// `[rows, time over bf16's time]`.
+    pub slowdown: Vec<[f64; 2]>,
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MatmulPoint {
     pub rows: f64,
@@ -179,13 +193,35 @@ impl HardwareProfile {
         self.matmul.iter().map(|p| p.flops).fold(0.0, f64::max)
     }
 
-    /// Seconds for a `[rows, k] x [k, n]` matmul.
+    /// Seconds for a `[rows, k] x [k, n]` matmul with 16-bit weights.
     pub fn matmul_s(&self, rows: f64, n: f64, k: f64) -> f64 {
         if rows <= 0.0 {
             return 0.0;
         }
         let (fixed, flops) = self.matmul_point(rows);
         fixed + 2.0 * rows * n * k / flops
+    }
+
+    /// [`Self::matmul_s`] with weights of `dtype`: a block format's (or FP8's) measured
+    /// slowdown at these rows, log-linear between the measured rows and flat outside.
+    pub fn matmul_s_as(&self, dtype: WeightDtype, rows: f64, n: f64, k: f64) -> f64 {
+        self.matmul_s(rows, n, k) * self.slowdown(dtype, rows)
+    }
+
+    fn slowdown(&self, dtype: WeightDtype, rows: f64) -> f64 {
+        let Some(b) = self.block_matmul.iter().find(|b| b.dtype == dtype.name()) else { return 1.0 };
+        let pts = &b.slowdown;
+        let (Some(first), Some(last)) = (pts.first(), pts.last()) else { return 1.0 };
+        if rows <= first[0] {
+            return first[1];
+        }
+        for w in pts.windows(2) {
+            if rows <= w[1][0] {
+                let t = (rows.ln() - w[0][0].ln()) / (w[1][0].ln() - w[0][0].ln());
+                return w[0][1] + t * (w[1][1] - w[0][1]);
+            }
+        }
+        last[1]
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -352,25 +388,29 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     let wb = GpuWeight::from_f32(ctx, "calibration weights", &values(big.0 * big.1, 1), WeightDtype::Bf16, big.0, big.1)?;
     let ws = GpuWeight::from_f32(ctx, "calibration small weights", &values(small.0 * small.1, 9), WeightDtype::Bf16, small.0, small.1)?;
     let mut matmul_points = Vec::new();
+    // The big weight's bf16 time at the rows the block formats are compared at.
+    let mut bf16_at = Vec::new();
     for rows in [1usize, 4, 16, 64, 256, 512] {
-        let time = |w: &GpuWeight, reps: usize| -> Result<f64> {
-            let x = ctx.storage_from("calibration rows", &values(rows * w.cols, 2))?;
-            let y = ctx.storage("calibration output", (rows * w.rows * 4) as u64)?;
-            let run = || {
-                let mut b = Batch::new(ctx);
-                for _ in 0..reps {
-                    matmul(&mut b, &x, w, None, &y, rows)?;
-                }
-                b.submit_timed()
-            };
-            run()?;
-            Ok(best_of(2, run)?.as_secs_f64() / reps as f64)
-        };
-        let (tb, ts) = (time(&wb, 3)?, time(&ws, 16)?);
+        let (tb, ts) = (time_matmul(ctx, &wb, rows, 3)?, time_matmul(ctx, &ws, rows, 16)?);
+        if BLOCK_ROWS.contains(&rows) {
+            bf16_at.push((rows, tb));
+        }
         let work = |(n, k): (usize, usize)| (2 * rows * n * k) as f64;
         let flops = (work(big) - work(small)) / (tb - ts).max(1e-9);
         let fixed_s = (ts - work(small) / flops).max(0.0);
         matmul_points.push(MatmulPoint { rows: rows as f64, fixed_s, flops });
+    }
+    // Each block format (and FP8 rows) on the same big weight: its decoding is arithmetic that
+    // bf16's is not, most of all at few rows where nothing amortises it.
+    let mut block_matmul = Vec::new();
+    for dtype in WeightDtype::QUANTISED.into_iter().chain([WeightDtype::Fp8 { block: 128 }]) {
+        let bytes = crate::quant::random_blocks(dtype, big.0 * big.1 / dtype.block_elems(), 11, false);
+        let w = GpuWeight::upload(ctx, "calibration block weights", &bytes, dtype, big.0, big.1)?;
+        let slowdown = bf16_at
+            .iter()
+            .map(|&(rows, tb)| Ok([rows as f64, time_matmul(ctx, &w, rows, if rows >= 256 { 1 } else { 3 })? / tb.max(1e-9)]))
+            .collect::<Result<Vec<_>>>()?;
+        block_matmul.push(BlockMatmul { dtype: dtype.name().to_string(), slowdown });
     }
 
     // Decode attention through the kernel the tuning chose.
@@ -495,8 +535,28 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         host: Some(host),
         held_link: false,
         kernels: tuning,
+        block_matmul,
         calibration_version: CALIBRATION_VERSION,
     })
+}
+
+/// Rows at which the calibration compares the block formats' matmul with bf16's.
+const BLOCK_ROWS: [usize; 3] = [1, 16, 256];
+
+/// Seconds one matmul of `rows` rows through `w` takes (GPU time where the adapter has
+/// timestamps), best of two after a first run, over `reps` in one submission.
+fn time_matmul(ctx: &GpuContext, w: &GpuWeight, rows: usize, reps: usize) -> Result<f64> {
+    let x = ctx.storage_from("calibration rows", &values(rows * w.cols, 2))?;
+    let y = ctx.storage("calibration output", (rows * w.rows * 4) as u64)?;
+    let run = || {
+        let mut b = Batch::new(ctx);
+        for _ in 0..reps {
+            matmul(&mut b, &x, w, None, &y, rows)?;
+        }
+        b.submit_timed()
+    };
+    run()?;
+    Ok(best_of(2, run)?.as_secs_f64() / reps as f64)
 }
 
 /// Decode attention as the calibration times it: 16 sequences of 256 keys, 8 kv heads of 64, f32.

@@ -15,6 +15,7 @@ pub use policy::{plan_job, Bound, JobPlan, JobShape, Prediction};
 
 use crate::error::{Error, Result};
 use crate::loader::checkpoint::Checkpoint;
+use crate::gpu::WeightDtype;
 use crate::loader::config::ModelConfig;
 
 /// Parses `512MiB`, `24GiB`, `1.5GB`, `4096` (bytes): binary (KiB, MiB, GiB, TiB) and decimal
@@ -76,6 +77,10 @@ pub struct WeightBytes {
     pub per_expert_stream: u64,
     pub experts_per_layer: usize,
     pub moe_layers: usize,
+    /// The dtypes the kernels read, which price their matmuls: the routed experts' gate and up
+    /// matrices, their down matrices (Q4_K_M files keep some downs in Q6_K), and attention.
+    pub expert_dtypes: [WeightDtype; 2],
+    pub attention_dtype: WeightDtype,
 }
 
 impl WeightBytes {
@@ -83,6 +88,8 @@ impl WeightBytes {
         let mut resident = 0u64;
         let (mut experts, mut experts_stored) = (0u64, 0u64);
         let (mut attention, mut attention_stored) = (0u64, 0u64);
+        // How many matrices of each kernel dtype: the experts' gate/up and down, and attention.
+        let mut dtype_counts: [std::collections::HashMap<WeightDtype, usize>; 3] = Default::default();
         for name in ck.names() {
             // Layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction layer) are
             // never loaded.
@@ -121,18 +128,35 @@ impl WeightBytes {
                     (stored, gpu) = (q.bytes_of(ck.elements_of(name)) as u64, q.bytes_of(ck.elements_of(name)) as u64);
                 }
             }
+            // What the kernels read: FP8 as FP8 where its blocks divide the rows, else bf16.
+            let kernel_dtype = |d: crate::loader::checkpoint::Dtype| match (cfg.quantize, quantized) {
+                (Some(q), true) if !d.weight().is_quantised() => q,
+                _ if d == crate::loader::checkpoint::Dtype::F8E4M3 && fp8_rows(name) => WeightDtype::Fp8 { block: cfg.weight_block.map_or(1, |b| b.1) as u32 },
+                _ => d.weight(),
+            };
+            let kernel = ck.dtype_of(name).filter(|_| !name.ends_with("_scale_inv")).map(kernel_dtype);
             if is_routed_expert(name) {
                 experts += gpu;
                 experts_stored += stored;
+                if let Some(d) = kernel {
+                    *dtype_counts[usize::from(name.contains("down") || name.ends_with(".w2.weight"))].entry(d).or_default() += 1;
+                }
             } else if is_attention_projection(name) {
                 attention += gpu;
                 attention_stored += stored;
+                if let Some(d) = kernel {
+                    *dtype_counts[2].entry(d).or_default() += 1;
+                }
             } else {
                 resident += gpu;
             }
         }
         let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
         let count = (moe_layers * cfg.num_experts).max(1) as u64;
+        // The most common dtype of each (a Q4_K_M file's downs mix Q4_K and Q6_K), the same
+        // whatever order the index lists them in.
+        let [gate_up, down, attention_dtype] = dtype_counts.map(|c| c.into_iter().max_by_key(|&(d, n)| (n, d.name())).map_or(WeightDtype::Bf16, |(d, _)| d));
+        let expert_dtypes = [gate_up, down];
         WeightBytes {
             resident,
             attention_per_layer: attention / cfg.num_layers.max(1) as u64,
@@ -141,6 +165,8 @@ impl WeightBytes {
             per_expert_stream: experts_stored / count,
             experts_per_layer: cfg.num_experts,
             moe_layers,
+            expert_dtypes,
+            attention_dtype,
         }
     }
 
@@ -193,6 +219,10 @@ impl WeightBytes {
                 (on_gpu, stored(&attention_shapes))
             }
         };
+        let float = if dtype_bytes == 4 { WeightDtype::F32 } else { WeightDtype::Bf16 };
+        let fp8 = cfg.weight_block.filter(|&(_, bc)| bc % 4 == 0).map(|(_, bc)| WeightDtype::Fp8 { block: bc as u32 });
+        let expert = cfg.quantize.or(fp8.filter(|_| fp8_rows)).unwrap_or(float);
+        let attention_dtype = cfg.quantize.filter(|_| cfg.quantize_attention).or(fp8).unwrap_or(float);
         WeightBytes {
             resident,
             attention_per_layer,
@@ -201,6 +231,8 @@ impl WeightBytes {
             per_expert_stream,
             experts_per_layer: cfg.num_experts,
             moe_layers,
+            expert_dtypes: [expert; 2],
+            attention_dtype,
         }
     }
 
@@ -466,6 +498,36 @@ mod tests {
         ModelConfig::parse(&v, std::path::Path::new("config.json")).unwrap()
     }
 
+    /// The dtypes that price the kernels: as stored (the most common of a mixed file), or as
+    /// `--quantize` makes them; and a block format's calibrated slowdown applied by rows.
+    #[test]
+    fn matmuls_are_priced_by_the_dtype_the_kernels_read() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let q4km = crate::loader::ModelFiles::open(&fixtures.join("gguf/mixtral-256-q4_k_m.gguf")).unwrap();
+        let w = WeightBytes::of(&q4km.checkpoint, &q4km.config);
+        assert_eq!(w.expert_dtypes[0], WeightDtype::Q4K);
+        assert!(w.expert_dtypes[1].is_quantised() && w.attention_dtype.is_quantised(), "{w:?}");
+        let f32 = crate::loader::ModelFiles::open(&fixtures.join("mixtral-f32")).unwrap();
+        assert_eq!(WeightBytes::of(&f32.checkpoint, &f32.config).expert_dtypes, [WeightDtype::F32; 2]);
+        let q8 = f32.config.clone().with_quantize(Some(WeightDtype::Q8_0), false).unwrap();
+        let w = WeightBytes::of(&f32.checkpoint, &q8);
+        assert_eq!((w.expert_dtypes, w.attention_dtype), ([WeightDtype::Q8_0; 2], WeightDtype::F32));
+        assert_eq!(WeightBytes::of_config(&q8, 2).expert_dtypes, [WeightDtype::Q8_0; 2]);
+
+        let mut hw = HardwareProfile::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/hardware/rtx-a5000-pcie4.json")).unwrap();
+        let base = |rows: f64| hw.matmul_s(rows, 4096.0, 4096.0);
+        let (b1, b4, b16, b999) = (base(1.0), base(4.0), base(16.0), base(999.0));
+        assert_eq!(hw.matmul_s_as(WeightDtype::Q4K, 4.0, 4096.0, 4096.0), b4, "no calibration: priced as bf16");
+        hw.block_matmul = vec![hardware::BlockMatmul { dtype: "q4_k".into(), slowdown: vec![[1.0, 1.0], [16.0, 3.0], [256.0, 2.0]] }];
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs();
+        assert!(close(hw.matmul_s_as(WeightDtype::Q4K, 1.0, 4096.0, 4096.0), b1));
+        assert!(close(hw.matmul_s_as(WeightDtype::Q4K, 4.0, 4096.0, 4096.0), 2.0 * b4), "log-linear between 1 and 16 rows");
+        assert!(close(hw.matmul_s_as(WeightDtype::Q4K, 16.0, 4096.0, 4096.0), 3.0 * b16));
+        assert!(close(hw.matmul_s_as(WeightDtype::Q4K, 999.0, 4096.0, 4096.0), 2.0 * b999), "flat past the last row");
+        assert_eq!(hw.matmul_s_as(WeightDtype::Q8_0, 16.0, 4096.0, 4096.0), b16, "a format not measured");
+        assert_eq!(hw.matmul_s_as(WeightDtype::Bf16, 16.0, 4096.0, 4096.0), b16);
+    }
+
     #[test]
     fn streams_what_does_not_fit_and_refuses_below_the_minimum() {
         let c = cfg(4, 8);
@@ -477,6 +539,8 @@ mod tests {
             per_expert_stream: 100,
             experts_per_layer: 8,
             moe_layers: 4,
+            expert_dtypes: [WeightDtype::Bf16; 2],
+            attention_dtype: WeightDtype::Bf16,
         };
         let all = Placement::plan(&c, &w, 1000 + 160 + 50 + 3200, 50).unwrap();
         assert_eq!((all.resident_layers.len(), all.slots, all.streamed_attention.len()), (4, 0, 0));

@@ -515,7 +515,7 @@ fn step_cost(
     let (heads, kd, vd) = attention_dims(cfg);
     let mut host_attn = 0.0;
     for l in 0..cfg.num_layers {
-        gpu += micro_batches * attention_matrices.iter().map(|&(_, r, c)| hw.matmul_s(tm, r as f64, c as f64)).sum::<f64>();
+        gpu += micro_batches * attention_matrices.iter().map(|&(_, r, c)| hw.matmul_s_as(w.attention_dtype, tm, r as f64, c as f64)).sum::<f64>();
         gpu += (1.0 - host_share) * kv_rows * kv_row * 4.0 / hw.attention_bytes_per_s + (gpu_batches * 10.0 + host_batches * 12.0) * hw.dispatch_s;
         if let Some(m) = &cfg.mla {
             // Absorbed MLA is compute-bound: every head scores and sums the full latent rows.
@@ -533,7 +533,8 @@ fn step_cost(
             let chunks = module.map_or(1.0, |s| (per_expert_rows / s.expert_chunk as f64).ceil().max(1.0));
             let rows = per_expert_rows / chunks;
             let on_gpu = if placement.streams(l, cfg) { active - host_experts } else { active };
-            gpu += on_gpu * chunks * (2.0 * hw.matmul_s(rows, inter, h) + hw.matmul_s(rows, h, inter) + hw.dispatch_s);
+            let [gate_up, down] = w.expert_dtypes;
+            gpu += on_gpu * chunks * (2.0 * hw.matmul_s_as(gate_up, rows, inter, h) + hw.matmul_s_as(down, rows, h, inter) + hw.dispatch_s);
             if let Some(si) = cfg.shared_expert_intermediate_size {
                 gpu += 3.0 * hw.matmul_s(t, si as f64, h);
             }
