@@ -190,7 +190,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<Vec<PolicyReport>> {
             if formats.len() > 1 {
                 what = format!("{what}, experts {}", format_name(q));
             }
-            let (cfg, plan) = plan_kv_dtype(&cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
+            let (cfg, plan) = plan_kv_dtype(cfg, spec.kv_bf16, |c| plan_policy(&ctx, c, &weights, &requests, b, &settings, &hw)).with_context(|| format!("batching {what}"))?;
             eprintln!("{}", plan.describe(&cfg, &weights));
             let report = run_policy(&ctx, &cfg, &checkpoint, &requests, plan, &settings, |_| Ok(())).with_context(|| format!("batching {what}"))?;
             eprintln!("{}", report.describe());
@@ -384,10 +384,10 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
             out += &format!("experts {}: {} each\n", format_name(q), crate::planner::format_size(weights.per_expert));
         }
         for (b, attention, cpu_experts) in runs(&args.batching, &args.attention, &args.cpu_experts) {
-            match plan_kv_dtype(&cfg, args.kv_bf16, |c| plan_job(c, &weights, &shape, b, attention, cpu_experts, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
+            match plan_kv_dtype(cfg, args.kv_bf16, |c| plan_job(c, weights, &shape, b, attention, cpu_experts, budgets.gpu, budgets.host, hw.binding_limit, &hw)) {
                 Ok((cfg, plan)) => {
                     any = true;
-                    out += &format!("{}\n", plan.describe(&cfg, &weights));
+                    out += &format!("{}\n", plan.describe(&cfg, weights));
                     if args.kv_bf16.is_none() {
                         out += &format!("  KV dtype {} (--kv-dtype auto: the faster prediction)\n", if cfg.kv_bf16 { "bf16" } else { "f32" });
                     }

@@ -573,7 +573,7 @@ fn openai_batch_lines_run_each_with_its_own_sampling_alone_or_together() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = lines(&together);
     assert_eq!(rows.len(), 6);
-    let by = |id: &str| rows.iter().find(|r| r["custom_id"] == id || r["id"].to_string() == id).cloned().unwrap();
+    let by = |id: &str| rows.iter().find(|r| r["custom_id"] == id || r["id"] == id || r["id"].as_u64().is_some_and(|n| n.to_string() == id)).cloned().unwrap();
     assert_eq!(by("bad-1")["response"], Value::Null);
     assert!(by("bad-1")["error"]["message"].as_str().unwrap().contains("/v1/embeddings"));
     let chat = &by("chat-1")["response"]["body"];

@@ -176,6 +176,8 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
     (0..n.div_ceil(DOT_BLOCK)).into_par_iter().with_min_len(per_task).for_each_init(Vec::new, |wide, blk| {
         let c0 = blk * DOT_BLOCK;
         let nb = DOT_BLOCK.min(n - c0);
+        // The whole wrapper moved into the closure (a field alone, a raw pointer, is not Send).
+        #[allow(clippy::redundant_locals)]
         let out = out;
         // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
         let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };

@@ -348,6 +348,7 @@ pub fn route(cfg: &RouterConfig, logits: &GpuBuffer, bias: Option<&GpuBuffer>, i
 }
 
 /// The MoE plan: rows grouped by expert in assignment order (`u32::MAX` for an id out of range).
+#[allow(clippy::too_many_arguments)]
 pub fn moe_plan(ids: &GpuBuffer, n_assign: usize, n_experts: usize, tile_rows: usize, offsets: &GpuBuffer, tile_starts: &GpuBuffer, assign_row: &GpuBuffer, row_assign: &GpuBuffer) -> Result<()> {
     let ids: Vec<u32> = ids.read_host()[..n_assign].to_vec();
     let mut counts = vec![0u32; n_experts];
@@ -380,6 +381,7 @@ pub fn moe_plan(ids: &GpuBuffer, n_assign: usize, n_experts: usize, tile_rows: u
 }
 
 /// `xg[row] = x[token of row]` for the rows of real assignments.
+#[allow(clippy::too_many_arguments)]
 pub fn moe_gather(x: &GpuBuffer, row_assign: &GpuBuffer, offsets: &GpuBuffer, n_experts: usize, n_rows: usize, dim: usize, top_k: usize, xg: &GpuBuffer) -> Result<()> {
     let rows = (offsets.read_host()[n_experts] as usize).min(n_rows);
     let ra: Vec<u32> = row_assign.read_host()[..rows].to_vec();

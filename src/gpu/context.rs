@@ -355,11 +355,13 @@ impl GpuContext {
         info.driver_info = host.isa.name().into();
         info.subgroup_min_size = 1;
         info.subgroup_max_size = 1;
-        let mut limits = wgpu::Limits::default();
         // Host memory bounds a buffer, not a binding: one part per weight.
-        limits.max_buffer_size = 1 << 40;
-        limits.max_storage_buffer_binding_size = 1 << 40;
-        limits.max_compute_workgroups_per_dimension = u32::MAX;
+        let limits = wgpu::Limits {
+            max_buffer_size: 1 << 40,
+            max_storage_buffer_binding_size: 1 << 40,
+            max_compute_workgroups_per_dimension: u32::MAX,
+            ..wgpu::Limits::default()
+        };
         log::info!("device: {}", info.name);
         GpuContext {
             shared: Arc::new(Shared { gpu: None, info, limits, pool: BufferPool::default(), tracer: Mutex::new(None), pipelines: PipelineCache::default(), lent: Mutex::new(Vec::new()), tuning: RwLock::new(KernelTuning::default()) }),

@@ -74,7 +74,7 @@ mod tests {
         let got: Vec<String> = std::fs::read_to_string(&out).unwrap().lines().map(str::to_string).collect();
         assert_eq!(got[0], "{\"id\":1,\"text\":\"1\"}");
         assert!(got[1].contains("\"custom_id\":\"x\"") && got[2].contains("\"z\""));
-        let e = merge(&input, &out, &[a.clone()]).unwrap_err().to_string();
+        let e = merge(&input, &out, std::slice::from_ref(&a)).unwrap_err().to_string();
         assert!(e.contains("1 ids have no result") && e.contains("\"x\""), "{e}");
         let e = merge(&input, &out, &[a.clone(), b.clone(), a.clone()]).unwrap_err().to_string();
         assert!(e.contains("present twice") && e.contains("a.jsonl:1"), "{e}");
