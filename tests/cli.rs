@@ -797,10 +797,8 @@ fn a_job_stopped_mid_run_by_sigkill_or_sigterm_resumes_to_the_same_results() {
 
 /// A copy of `src` without tensor `drop`, its data repacked so the file is valid safetensors.
 fn safetensors_without(src: &Path, dst: &Path, drop: &str) {
-    let bytes = std::fs::read(src).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
+    let (header, data) = read_safetensors(src);
+    let Value::Object(header) = header else { panic!("a safetensors header is an object") };
     let mut tensors: Vec<(String, Value)> = header.into_iter().filter(|(k, _)| k != "__metadata__" && k != drop).collect();
     tensors.sort_by_key(|(_, t)| t["data_offsets"][0].as_u64().unwrap());
     let (mut out, mut blob) = (serde_json::Map::new(), Vec::new());
@@ -810,27 +808,31 @@ fn safetensors_without(src: &Path, dst: &Path, drop: &str) {
         blob.extend_from_slice(&data[s..e]);
         out.insert(k, t);
     }
-    let h = serde_json::to_vec(&out).unwrap();
+    write_safetensors(dst, &Value::Object(out), &blob);
+}
+
+/// A safetensors file's header and its data.
+fn read_safetensors(src: &Path) -> (Value, Vec<u8>) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), bytes[8 + n..].to_vec())
+}
+
+fn write_safetensors(dst: &Path, header: &Value, data: &[u8]) {
+    let mut h = serde_json::to_vec(header).unwrap();
+    h.resize(h.len().next_multiple_of(8), b' ');
     let mut file = (h.len() as u64).to_le_bytes().to_vec();
     file.extend_from_slice(&h);
-    file.extend_from_slice(&blob);
+    file.extend_from_slice(data);
     std::fs::write(dst, file).unwrap();
 }
 
 /// `src` with tensor `name`'s shape given reversed in the header (the same bytes, so the header
 /// is valid; only the model's check can see it).
 fn safetensors_with_shape_reversed(src: &Path, dst: &Path, name: &str) {
-    let data = std::fs::read(src).unwrap();
-    let n = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
-    let mut header: Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
-    let shape = header[name]["shape"].as_array_mut().unwrap();
-    shape.reverse();
-    let mut h = serde_json::to_vec(&header).unwrap();
-    h.resize(h.len().next_multiple_of(8), b' ');
-    let mut file = (h.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&h);
-    file.extend_from_slice(&data[8 + n..]);
-    std::fs::write(dst, file).unwrap();
+    let (mut header, data) = read_safetensors(src);
+    header[name]["shape"].as_array_mut().unwrap().reverse();
+    write_safetensors(dst, &header, &data);
 }
 
 /// A misshapen expert tensor fails generate, bench and plan at once, naming the tensor: before
