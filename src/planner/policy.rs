@@ -295,9 +295,12 @@ pub fn plan_job(
                 let in_flight = (rows / per_seq).clamp(1, job.sequences.max(1));
                 let reserved = attn_bytes(0, attn_tokens) + chunk_bytes(chunk) + logit_bytes(logit_rows) + rows as u64 * row;
                 if let Ok(on_gpu) = Placement::plan(cfg, w, gpu_budget, reserved) {
+                    // A step takes in at most the prompts of the sequences in flight, each no
+                    // longer than the longest sequence.
+                    let prefill = (sizes.step_tokens - sizes.population).min(in_flight * longest.max(1));
                     let gpu_sizes = ModuleSizes {
                         population: in_flight,
-                        step_tokens: in_flight + (sizes.step_tokens - sizes.population),
+                        step_tokens: in_flight + prefill,
                         host_kv_bytes: 0,
                         gpu_kv_rows: rows,
                         attention: AttentionSite::Gpu,
@@ -306,7 +309,7 @@ pub fn plan_job(
                         host_batches: 1,
                         ..sizes
                     };
-                    let shaped = JobShape { max_step_tokens: sizes.step_tokens - sizes.population, ..*job };
+                    let shaped = JobShape { max_step_tokens: prefill, ..*job };
                     let p = predict(cfg, w, &shaped, &on_gpu, hw, in_flight, Some(&gpu_sizes));
                     if p.tokens_per_s > prediction.tokens_per_s {
                         let batch_limit = if in_flight >= job.sequences { "the job's size" } else { "GPU memory for the KV cache" };
