@@ -269,9 +269,12 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
 /// The runs side by side; `formats` names each run's expert format when several were run (the
 /// ratio is then to the first run of the same policy).
 pub fn table(reports: &[PolicyReport], formats: Option<&[&str]>) -> String {
+    // On the CPU device "the GPU" is the host's cores: the columns say "device".
+    let cpu_device = reports.first().is_some_and(|r| r.plan.cpu_device);
+    let (device_site, busy) = if cpu_device { ("device", "busy") } else { ("gpu", "GPU busy") };
     let mut s = format!(
         "{:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>8}\n",
-        "batching", "experts", "attention", "tokens/s", "predicted", "prefill", "decode", "uploaded", "downloaded", "GPU busy", "in flight", "ratio"
+        "batching", "experts", "attention", "tokens/s", "predicted", "prefill", "decode", "uploaded", "downloaded", busy, "in flight", "ratio"
     );
     for (i, r) in reports.iter().enumerate() {
         let base = match formats {
@@ -285,7 +288,7 @@ pub fn table(reports: &[PolicyReport], formats: Option<&[&str]>) -> String {
                 crate::scheduler::AttentionSite::Split { .. } => format!("split {:.0}%", 100.0 * z.attention.host_share()),
                 _ => "host".into(),
             },
-            _ => "gpu".into(),
+            _ => device_site.into(),
         };
         s += &format!(
             "{:<11} {:>9} {:>10} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>8.0}% {:>9} {:>8}\n",
@@ -342,6 +345,7 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
                 gpu_source: if args.gpu_memory.is_some() { "--gpu-memory".into() } else { "the hardware file".into() },
                 host: args.host_memory.unwrap_or(hw.host_memory),
                 host_source: if args.host_memory.is_some() { "--host-memory".into() } else { "the hardware file".into() },
+                cpu_device: false,
             };
             (hw, budgets)
         }
@@ -361,9 +365,10 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
         String::new()
     };
     let mut out = format!(
-        "{}: {} of weights on the GPU ({} non-expert, {} experts of {} each{streamed_as})\nhardware: {} [{}]{}\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
+        "{}: {} of weights on the {} ({} non-expert, {} experts of {} each{streamed_as})\nhardware: {} [{}]{}\nbudgets: {}\njob: {} sequences, prompts of {}, {} new tokens each\n",
         args.source.name(),
         crate::planner::format_size(non_expert + weights.per_layer() * weights.moe_layers as u64),
+        crate::planner::device_noun(hw.cpu_device),
         crate::planner::format_size(non_expert),
         weights.experts_per_layer * weights.moe_layers,
         crate::planner::format_size(weights.per_expert),

@@ -19,6 +19,8 @@ pub struct Budgets {
     pub gpu_source: String,
     pub host: u64,
     pub host_source: String,
+    /// The device is the CPU (`--device cpu`): its memory is host memory, which `describe` says.
+    pub cpu_device: bool,
 }
 
 impl Budgets {
@@ -37,12 +39,13 @@ impl Budgets {
                 (g, why.to_string())
             }
         };
-        Budgets { gpu, gpu_source, host, host_source }
+        Budgets { gpu, gpu_source, host, host_source, cpu_device: ctx.is_cpu() }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "GPU memory {} ({}), host memory {} ({})",
+            "{} memory {} ({}), host memory {} ({})",
+            crate::planner::device_noun(self.cpu_device),
             format_size(self.gpu),
             self.gpu_source,
             format_size(self.host),
@@ -106,6 +109,7 @@ impl PolicyReport {
     /// A line for the summary: measured against predicted, and what moved over the link.
     pub fn describe(&self) -> String {
         let p = &self.plan.prediction;
+        let device = crate::planner::device_noun(self.plan.cpu_device);
         let mut s = format!(
             "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot, {} computed on the host), downloaded {}",
             self.batching.name(),
@@ -124,18 +128,18 @@ impl PolicyReport {
             format_size(self.bytes_downloaded()),
         );
         if let Some(z) = &self.plan.sizes {
-            s += &format!("; attention {}", z.attention.describe());
+            s += &format!("; attention {}", z.attention.describe(device));
             if z.gpu_kv_rows == 0 {
                 s += &match (z.gpu_states, z.gpu_norm_rows) {
-                    (true, _) => ", hidden states kept on the GPU".to_string(),
+                    (true, _) => format!(", hidden states kept on the {device}"),
                     (false, 0) => ", hidden states in host memory".to_string(),
-                    (false, rows) => format!(", hidden states in host memory, normed states on the GPU in steps of up to {rows} tokens"),
+                    (false, rows) => format!(", hidden states in host memory, normed states on the {device} in steps of up to {rows} tokens"),
                 };
             }
         }
         if let Some(t) = &self.trace {
             s += &format!(
-                "; GPU busy {:.0}% of the time, {:.0}% while uploads were in flight",
+                "; {device} busy {:.0}% of the time, {:.0}% while uploads were in flight",
                 100.0 * t.gpu_busy,
                 100.0 * t.gpu_busy_while_uploading
             );

@@ -288,6 +288,30 @@ fn without_a_gpu_driver_the_default_command_runs_on_the_cpu() {
     assert!(o.status.success() && out.contains("[cpu]") && out.contains("vector paths: portable") && out.contains("selected: CPU"), "{out}");
 }
 
+/// On `--device cpu` there is no GPU: the plan, the summary, the bench table and the trace's
+/// tracks name the CPU device (its memory is host memory, its compute the host's).
+#[test]
+fn on_the_cpu_device_the_messages_name_the_cpu_device_and_no_gpu() {
+    let dir = scratch("cpu-words");
+    let trace = dir.join("t.json");
+    let plan = moegen_with(&["--device", "cpu", "plan", "--synthetic", "ci-small", "--batching", "all", "--sequences", "6", "--gpu-memory", "1MiB"], &[]);
+    let bench = moegen_with(
+        &["--device", "cpu", "bench", "--synthetic", "ci-small", "--batching", "all", "--sequences", "4", "--prompt-len", "3", "--new-tokens", "2", "--trace", path(&trace)],
+        &[],
+    );
+    for o in [&plan, &bench] {
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{text}");
+        assert!(text.contains("CPU device memory") && text.contains("CPU device budget") && text.contains("limited by CPU device"), "{text}");
+        assert!(!text.contains("GPU"), "a message names a GPU on the CPU device: {text}");
+    }
+    let table = String::from_utf8_lossy(&bench.stdout);
+    assert!(table.contains("device") && table.contains("busy"), "{table}");
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("t.module.json")).unwrap()).unwrap();
+    let tracks: Vec<&str> = t["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "M").map(|e| e["args"]["name"].as_str().unwrap()).collect();
+    assert!(tracks.contains(&"CPU device compute") && !tracks.iter().any(|t| t.contains("GPU")), "{tracks:?}");
+}
+
 fn check_default_model(o: &Output) {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

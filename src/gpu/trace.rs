@@ -23,9 +23,12 @@ pub enum Track {
 }
 
 impl Track {
-    fn name(self) -> &'static str {
+    /// On the CPU device the "uploads" are copies within host memory and the compute is the host's.
+    fn name(self, cpu_device: bool) -> &'static str {
         match self {
+            Track::Upload if cpu_device => "copies to the CPU device",
             Track::Upload => "host-to-GPU uploads",
+            Track::Compute if cpu_device => "CPU device compute",
             Track::Compute => "GPU compute",
             Track::HostAttention => "host attention",
             Track::HostExperts => "host experts",
@@ -59,6 +62,7 @@ pub struct Tracer {
     period_ns: f32,
     /// Where the last callback-timed submission ended (without timestamps, submissions queue).
     last_done_ns: Mutex<u64>,
+    cpu_device: bool,
 }
 
 /// What the timeline says about overlap.
@@ -85,6 +89,7 @@ impl Tracer {
             gpu_offset_ns: Mutex::new(0.0),
             period_ns: if ctx.is_cpu() { 1.0 } else { ctx.queue().get_timestamp_period() },
             last_done_ns: Mutex::new(0),
+            cpu_device: ctx.is_cpu(),
         });
         if ctx.features().timestamps {
             // One empty pass with timestamps: its end is close to the host time when the wait returns.
@@ -239,7 +244,7 @@ impl Tracer {
     pub fn chrome_json(&self) -> String {
         let mut out = Vec::new();
         for t in [Track::Upload, Track::Compute, Track::HostAttention, Track::HostExperts, Track::Host] {
-            out.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t as u32, "args": {"name": t.name()}}));
+            out.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t as u32, "args": {"name": t.name(self.cpu_device)}}));
         }
         for e in self.events() {
             out.push(serde_json::json!({

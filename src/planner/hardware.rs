@@ -59,6 +59,10 @@ pub struct HardwareProfile {
     /// it, so the scheduler's readbacks wait behind its uploads instead of overlapping them.
     #[serde(skip)]
     pub held_link: bool,
+    /// The profile is the CPU device's (`--device cpu`): its memory is host memory and its
+    /// "uploads" are copies, which the plan's messages say.
+    #[serde(skip)]
+    pub cpu_device: bool,
     /// The host as a compute device (none in old files: host attention is then not planned).
     #[serde(default)]
     pub host: Option<HostProfile>,
@@ -271,7 +275,7 @@ impl HardwareProfile {
         } else if let Some(tuning) = &p.kernels {
             ctx.set_tuning(tuning.clone());
         }
-        Ok(HardwareProfile { gpu_memory, host_memory, ..p })
+        Ok(HardwareProfile { gpu_memory, host_memory, cpu_device: ctx.is_cpu(), ..p })
     }
 }
 
@@ -534,6 +538,7 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
         binding_limit: ctx.binding_limit(),
         host: Some(host),
         held_link: false,
+        cpu_device: ctx.is_cpu(),
         kernels: tuning,
         block_matmul,
         calibration_version: CALIBRATION_VERSION,

@@ -284,7 +284,7 @@ pub fn default_host_memory() -> (u64, &'static str) {
 /// memory is host memory: half the host budget, the rest left for the KV store and states.
 pub fn default_gpu_memory(ctx: &crate::gpu::GpuContext, host_budget: u64) -> (u64, &'static str) {
     if ctx.is_cpu() {
-        return (host_budget / 2, "half the host budget (the CPU device's memory is host memory)");
+        return (host_budget / 2, "half the host budget, since the CPU device's memory is host memory");
     }
     match ctx.info().device_type {
         wgpu::DeviceType::DiscreteGpu => (4 << 30, "a conservative default of 4 GiB (wgpu does not report the adapter's memory)"),
@@ -320,6 +320,16 @@ pub fn is_attention_projection(name: &str) -> bool {
 /// A routed expert's tensor (not a shared expert's, not the router's).
 pub fn is_routed_expert(name: &str) -> bool {
     name.contains(".experts.") && !name.contains("shared_expert")
+}
+
+/// What messages call the compute device: the GPU, or on `--device cpu` the CPU device (its
+/// memory is host memory, its "uploads" are copies within it).
+pub fn device_noun(cpu_device: bool) -> &'static str {
+    if cpu_device {
+        "CPU device"
+    } else {
+        "GPU"
+    }
 }
 
 /// The error for a GPU budget under `minimum`, with what the minimum is made of.
@@ -426,11 +436,12 @@ impl Placement {
         (0..cfg.num_layers).any(|l| self.streams(l, cfg))
     }
 
-    pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
+    /// `device` names the compute device ([`device_noun`]).
+    pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes, device: &str) -> String {
         let streamed = (0..cfg.num_layers).filter(|&l| self.streams(l, cfg)).count();
         let budget = self.budget.map(format_size).unwrap_or_else(|| "none set".into());
         if streamed == 0 && self.streamed_attention.is_empty() {
-            return format!("GPU budget {budget}: every weight resident ({} of experts)", format_size(w.per_layer() * w.moe_layers as u64));
+            return format!("{device} budget {budget}: every weight resident ({} of experts)", format_size(w.per_layer() * w.moe_layers as u64));
         }
         let attention = if self.streamed_attention.is_empty() {
             String::new()
@@ -443,7 +454,7 @@ impl Placement {
             )
         };
         format!(
-            "GPU budget {budget}: {} of weights resident, experts of {} of {} MoE layers resident, {} streamed from host memory through {} slots of {}{attention}",
+            "{device} budget {budget}: {} of weights resident, experts of {} of {} MoE layers resident, {} streamed from host memory through {} slots of {}{attention}",
             format_size(self.resident_bytes),
             self.resident_layers.len(),
             w.moe_layers,

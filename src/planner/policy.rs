@@ -47,9 +47,12 @@ pub enum Bound {
 }
 
 impl Bound {
-    pub fn name(self) -> &'static str {
+    /// On the CPU device the "link" is copies within host memory and its compute is the host's.
+    pub fn name(self, cpu_device: bool) -> &'static str {
         match self {
+            Bound::Link if cpu_device => "copies to the CPU device",
             Bound::Link => "host-to-GPU link",
+            Bound::Gpu if cpu_device => "CPU device compute",
             Bound::Gpu => "GPU compute",
             Bound::Host => "host work",
             Bound::HostAttention => "host attention",
@@ -81,6 +84,8 @@ pub struct JobPlan {
     pub step_tokens: usize,
     pub sizes: Option<ModuleSizes>,
     pub prediction: Prediction,
+    /// Planned for the CPU device (`--device cpu`): what the messages call the device.
+    pub cpu_device: bool,
 }
 
 /// Memory the streamed experts' packs take in host memory under `placement`.
@@ -159,7 +164,7 @@ pub fn plan_job(
             let in_flight = ((rows as f64 / per_seq).floor() as usize).clamp(1, job.sequences.max(1));
             let job = &JobShape { max_step_tokens: step_tokens, ..*job };
             let prediction = predict(cfg, w, job, &placement, hw, in_flight, None);
-            let batch_limit = if in_flight >= job.sequences { "the job's size" } else { "GPU memory for the KV cache" };
+            let batch_limit = kv_cache_limit(in_flight >= job.sequences, hw.cpu_device);
             Ok(JobPlan {
                 batching,
                 placement,
@@ -168,6 +173,7 @@ pub fn plan_job(
                 step_tokens,
                 sizes: None,
                 prediction: Prediction { batch_limit, ..prediction },
+                cpu_device: hw.cpu_device,
             })
         }
         Batching::Module => {
@@ -312,7 +318,7 @@ pub fn plan_job(
                     let shaped = JobShape { max_step_tokens: prefill, ..*job };
                     let p = predict(cfg, w, &shaped, &on_gpu, hw, in_flight, Some(&gpu_sizes));
                     if p.tokens_per_s > prediction.tokens_per_s {
-                        let batch_limit = if in_flight >= job.sequences { "the job's size" } else { "GPU memory for the KV cache" };
+                        let batch_limit = kv_cache_limit(in_flight >= job.sequences, hw.cpu_device);
                         return Ok(JobPlan {
                             batching,
                             placement: on_gpu,
@@ -321,6 +327,7 @@ pub fn plan_job(
                             step_tokens: gpu_sizes.step_tokens,
                             sizes: Some(gpu_sizes),
                             prediction: Prediction { batch_limit, ..p },
+                            cpu_device: hw.cpu_device,
                         });
                     }
                 }
@@ -333,6 +340,7 @@ pub fn plan_job(
                 step_tokens: sizes.step_tokens,
                 sizes: Some(sizes),
                 prediction: Prediction { batch_limit, ..prediction },
+                cpu_device: hw.cpu_device,
             })
         }
     }
@@ -632,6 +640,15 @@ fn step_cost(
     }
 }
 
+/// What limits the sequences in flight when the KV cache lives on the device.
+fn kv_cache_limit(whole_job: bool, cpu_device: bool) -> &'static str {
+    match (whole_job, cpu_device) {
+        (true, _) => "the job's size",
+        (false, true) => "CPU device memory for the KV cache",
+        (false, false) => "GPU memory for the KV cache",
+    }
+}
+
 /// Predicts the job's throughput with `in_flight` sequences at once.
 fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Placement, hw: &HardwareProfile, in_flight: usize, module: Option<&ModuleSizes>) -> Prediction {
     let (p, d) = (job.prompt_len.max(1.0), job.new_tokens.max(0.0));
@@ -674,10 +691,11 @@ fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Place
 
 impl JobPlan {
     pub fn describe(&self, cfg: &ModelConfig, w: &WeightBytes) -> String {
-        let mut s = format!("batching {}: {}\n", self.batching.name(), self.placement.describe(cfg, w));
+        let device = crate::planner::device_noun(self.cpu_device);
+        let mut s = format!("batching {}: {}\n", self.batching.name(), self.placement.describe(cfg, w, device));
         match &self.sizes {
             Some(z) if z.gpu_kv_rows > 0 => s += &format!(
-                "  population {} sequences (limited by {}), {} tokens a step; KV kept on the GPU ({} rows), attention on the GPU; micro-batches of up to {} tokens; expert chunks of up to {} rows\n",
+                "  population {} sequences (limited by {}), {} tokens a step; KV kept on the {device} ({} rows), attention on the {device}; micro-batches of up to {} tokens; expert chunks of up to {} rows\n",
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
@@ -691,14 +709,15 @@ impl JobPlan {
                 self.prediction.batch_limit,
                 z.step_tokens,
                 match (z.gpu_states, z.gpu_norm_rows) {
-                    (true, _) => "kept on the GPU".to_string(),
+                    (true, _) => format!("kept on the {device}"),
                     (false, 0) => "in host memory".to_string(),
-                    (false, rows) => format!("in host memory, normed states on the GPU in steps of up to {rows} tokens"),
+                    (false, rows) => format!("in host memory, normed states on the {device} in steps of up to {rows} tokens"),
                 },
                 match z.attention {
-                    AttentionSite::Gpu => z.attention.describe(),
-                    _ if z.host_batches > 1 => format!("{}, pipelined in at least {} micro-batches a layer", z.attention.describe(), z.host_batches),
-                    _ => z.attention.describe(),
+                    _ if z.host_batches > 1 && z.attention != AttentionSite::Gpu => {
+                        format!("{}, pipelined in at least {} micro-batches a layer", z.attention.describe(device), z.host_batches)
+                    }
+                    _ => z.attention.describe(device),
                 },
                 z.attn_tokens,
                 z.attn_kv_rows,
@@ -708,7 +727,7 @@ impl JobPlan {
                 if cfg.kv_bf16 { "bf16" } else { "f32" }
             ),
             None => s += &format!(
-                "  {} sequences at once (limited by {}), GPU KV cache of {} rows, steps of up to {} tokens\n",
+                "  {} sequences at once (limited by {}), {device} KV cache of {} rows, steps of up to {} tokens\n",
                 self.sequences_in_flight, self.prediction.batch_limit, self.cache_rows, self.step_tokens
             ),
         }
@@ -724,7 +743,7 @@ impl JobPlan {
             p.tokens_per_s,
             p.prefill_tokens_per_s,
             p.decode_tokens_per_s,
-            p.bound.name()
+            p.bound.name(self.cpu_device)
         );
         s
     }

@@ -87,9 +87,10 @@ impl AttentionSite {
         }
     }
 
-    pub fn describe(self) -> String {
+    /// `device` names the compute device ([`crate::planner::device_noun`]).
+    pub fn describe(self, device: &str) -> String {
         match self {
-            AttentionSite::Gpu => "on the GPU".into(),
+            AttentionSite::Gpu => format!("on the {device}"),
             AttentionSite::Host => "on the host over the KV pages".into(),
             AttentionSite::Split { .. } => format!("split, {:.0}% of the KV rows on the host", 100.0 * self.host_share()),
         }
