@@ -79,7 +79,13 @@ fn cpu_matmul(quick: bool) {
     };
     println!("\nCPU device matmul y = x W^T, W {n}x{k}, {threads} threads, {}; f32 peak (gemm crate sgemm, 2048 x {n} x {k}): {peak:.1} GFLOP/s", cpu.info().name);
     println!("{:>6} {:>5} {:>12} {:>10} {:>10} {:>8}", "tokens", "W", "time", "GFLOP/s", "W GB/s", "of peak");
-    for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0, WeightDtype::Q4K] {
+    // bf16 weights again with bf16 products (`--cpu-compute bf16`) where the CPU has AVX512-BF16.
+    let products = moegen::cpu::bf16_products::supported().then_some(WeightDtype::Bf16);
+    for (run, dtype) in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0, WeightDtype::Q4K].into_iter().chain(products).enumerate() {
+        let bf16_products = run == 4;
+        if bf16_products {
+            moegen::cpu::bf16_products::set(moegen::cpu::bf16_products::CpuCompute::Bf16).expect("AVX512-BF16 detected");
+        }
         let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
         let w = GpuWeight::from_f32(&cpu, "bench weight", &wv, dtype, n, k).expect("weight");
         let tokens: &[usize] = if dtype.is_quantised() { &[1, 16, 256] } else { &[1, 4, 16, 64, 256, 2048] };
@@ -91,15 +97,17 @@ fn cpu_matmul(quick: bool) {
             let gflops = 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
             let bytes = dtype.bytes_of(n * k) as f64;
             println!(
-                "{m:>6} {:>5} {:>10.3}ms {:>10.1} {:>10.1} {:>7.0}%",
+                "{m:>6} {:>5} {:>10.3}ms {:>10.1} {:>10.1} {:>7.0}%{}",
                 dtype.name(),
                 t.as_secs_f64() * 1e3,
                 gflops,
                 bytes / t.as_secs_f64() / 1e9,
-                100.0 * gflops / peak
+                100.0 * gflops / peak,
+                if bf16_products { "  bf16 products (inputs rounded to bf16)" } else { "" }
             );
         }
     }
+    moegen::cpu::bf16_products::set(moegen::cpu::bf16_products::CpuCompute::F32).expect("f32 is always available");
     // What the planner's calibration measures for CPU experts, by thread count.
     for t in [1, threads] {
         let Ok(pool) = rayon::ThreadPoolBuilder::new().num_threads(t).build() else { continue };

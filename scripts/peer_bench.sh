@@ -49,5 +49,12 @@ cargo build --release --locked
     echo "## moegen --device cpu bench"
     RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu bench --model "$WORK/model" --sequences "$SEQS" \
         --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
+    # With bf16 products where the CPU has AVX512-BF16 (what torch and llama.cpp multiply in there).
+    if grep -qw avx512_bf16 /proc/cpuinfo; then
+        echo
+        echo "## moegen --device cpu --cpu-compute bf16 bench"
+        RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu --cpu-compute bf16 bench --model "$WORK/model" --sequences "$SEQS" \
+            --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
+    fi
 } | tee "$RESULTS"
 echo "figures in $RESULTS (commit them to BENCHMARKS.md with the machine and date)" >&2

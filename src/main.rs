@@ -21,6 +21,12 @@ struct Cli {
     /// any adapter (a software one too); `cpu` the host's cores. Default: MOEGEN_DEVICE, else auto.
     #[arg(long, global = true, value_enum)]
     device: Option<DeviceChoice>,
+    /// What the host's matmuls over bf16 weights multiply in (the CPU device, CPU experts): `f32`
+    /// (exact products, matching transformers' f32 logits), or `bf16`: inputs rounded to bf16 and
+    /// the AVX512-BF16 dot-product instructions, as torch and llama.cpp do on such CPUs (about
+    /// twice the arithmetic rate). Without AVX512-BF16, `bf16` warns and stays f32.
+    #[arg(long, global = true, value_enum, default_value = "f32")]
+    cpu_compute: moegen::cpu::bf16_products::CpuCompute,
     #[command(subcommand)]
     command: Command,
 }
@@ -320,6 +326,9 @@ fn choice(adapter: Option<String>, device: Option<DeviceChoice>) -> AdapterChoic
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    if let Err(why) = moegen::cpu::bf16_products::set(cli.cpu_compute) {
+        eprintln!("warning: {why}");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -113,6 +113,10 @@ unsafe impl Sync for Out {}
 pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
     let k = w.cols;
     assert!(x.len() >= m * k && y.len() >= (m - 1) * y_stride + n && y_stride >= n, "matmul shapes");
+    #[cfg(target_arch = "x86_64")]
+    if w.dtype == WeightDtype::Bf16 && isa == Isa::Avx512 && crate::cpu::bf16_products::enabled() {
+        return crate::cpu::bf16_products::matmul(x, m, w, w_row0, n, bias, y, y_stride);
+    }
     if m >= gemm_min_rows(isa) {
         gemm_path(x, m, w, w_row0, n, bias, y, y_stride);
     } else {

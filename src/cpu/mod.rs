@@ -3,6 +3,7 @@
 //! work is spread over rayon's threads.
 
 pub mod attention;
+pub mod bf16_products;
 pub mod experts;
 pub mod matmul;
 pub mod simd;
@@ -46,6 +47,7 @@ impl HostInfo {
     /// One line: model, cores, vector path, memory.
     pub fn describe(&self) -> String {
         let mem = self.memory_bytes.map_or(String::new(), |b| format!(", {:.1} GiB", b as f64 / (1u64 << 30) as f64));
-        format!("{}, {} threads, {}{mem}", self.model, self.cores, self.isa.name())
+        let products = if crate::cpu::bf16_products::enabled() { " with bf16 products" } else { "" };
+        format!("{}, {} threads, {}{products}{mem}", self.model, self.cores, self.isa.name())
     }
 }

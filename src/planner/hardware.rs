@@ -298,6 +298,10 @@ fn cache_path(ctx: &GpuContext) -> Option<PathBuf> {
     if f.subgroup_attention {
         features.push_str("sgattn");
     }
+    // The host's matmul rate (CPU experts) depends on what it multiplies in.
+    if crate::cpu::bf16_products::enabled() {
+        features.push_str("cpubf16");
+    }
     let key = format!("{}-{:?}-{}-{}-{features}", i.name, i.backend, i.driver, i.driver_info);
     let clean: String = key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     Some(base.join("moegen").join("hardware").join(format!("{clean}.json")))
