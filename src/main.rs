@@ -350,6 +350,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let host = moegen::cpu::HostInfo::detect();
             println!("[cpu] {}", host.model);
             println!("    threads: {}   vector paths: {} (using {})", host.cores, host.paths.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "), host.isa.name());
+            if moegen::cpu::bf16_products::supported() {
+                let using = if moegen::cpu::bf16_products::enabled() { "in use" } else { "available with --cpu-compute bf16" };
+                println!("    bf16 products (AVX512-BF16): {using}");
+            }
             if let Some(m) = host.memory_bytes {
                 println!("    memory: {:.1} GiB", m as f64 / (1u64 << 30) as f64);
             }

@@ -288,6 +288,25 @@ fn without_a_gpu_driver_the_default_command_runs_on_the_cpu() {
     assert!(o.status.success() && out.contains("[cpu]") && out.contains("vector paths: portable") && out.contains("selected: CPU"), "{out}");
 }
 
+/// `--cpu-compute bf16` where the CPU can (the plan's hardware line says so, `devices` too), and
+/// where it cannot (the avx2 path forced): a warning saying why, and the job runs in f32.
+#[test]
+fn cpu_compute_bf16_is_used_where_the_cpu_has_it_and_explained_where_not() {
+    let plan = ["--device", "cpu", "--cpu-compute", "bf16", "plan", "--synthetic", "ci-small", "--sequences", "4"];
+    let narrowed = moegen_with(&plan, &[("MOEGEN_CPU_ISA", "avx2")]);
+    let err = String::from_utf8_lossy(&narrowed.stderr);
+    assert!(narrowed.status.success() && err.contains("warning: --cpu-compute bf16 needs AVX512-BF16") && err.contains("stay in f32"), "{err}");
+    assert!(!String::from_utf8_lossy(&narrowed.stdout).contains("bf16 products"), "the warning's f32 is what runs");
+    if moegen::cpu::bf16_products::supported() {
+        let o = moegen_with(&plan, &[]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && out.contains("avx512 with bf16 products"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+        let o = moegen_with(&["--cpu-compute", "bf16", "devices"], &[]);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("bf16 products (AVX512-BF16): in use"), "{}", String::from_utf8_lossy(&o.stdout));
+    }
+    fails_with(&moegen_with(&["--cpu-compute", "f8", "devices"], &[]), &["--cpu-compute", "f8"]);
+}
+
 /// On `--device cpu` there is no GPU: the plan, the summary, the bench table and the trace's
 /// tracks name the CPU device (its memory is host memory, its compute the host's).
 #[test]

@@ -167,7 +167,7 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
                 })
                 .unwrap();
                 let states = if gpu_states { "on the GPU".to_string() } else { format!("in host memory, norms on the GPU up to {gpu_norm_rows} tokens") };
-                assert_eq!(module, want, "{name}: attention {} with {sizing}, states {states}, changed the tokens", site.describe());
+                assert_eq!(module, want, "{name}: attention {} with {sizing}, states {states}, changed the tokens", site.describe("device"));
             }
         }
     }
@@ -289,7 +289,7 @@ fn check_bf16_kv_on(ctx: &GpuContext, name: &str) {
             Ok(())
         })
         .unwrap();
-        assert_eq!(out, gpu_kv, "{name}: bf16 KV attended {} disagrees with the GPU cache", site.describe());
+        assert_eq!(out, gpu_kv, "{name}: bf16 KV attended {} disagrees with the GPU cache", site.describe("device"));
     }
     let want: Vec<Vec<u32>> = expected["greedy"].as_array().unwrap().iter().map(ids).collect();
     let same = gpu_kv.iter().flatten().zip(want.iter().flatten()).filter(|(a, b)| a == b).count();

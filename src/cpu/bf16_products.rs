@@ -6,6 +6,9 @@
 //! f32 logits within 5e-6). Each output element is summed in the same lanes and order whatever
 //! tile computes it, so a row's result does not depend on the rows batched with it.
 
+// Elsewhere than x86-64 the path is never taken (`supported` is false): its pieces go unused.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_mut, unused_variables))]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
@@ -24,11 +27,14 @@ pub enum CpuCompute {
     Bf16,
 }
 
-/// Whether this CPU has the instructions of the bf16 path.
+/// Whether this CPU has the instructions of the bf16 path and the host kernels use AVX-512 (not
+/// narrowed by `MOEGEN_CPU_ISA`).
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512f")
+        crate::cpu::simd::Isa::detected() == crate::cpu::simd::Isa::Avx512
+            && is_x86_feature_detected!("avx512bf16")
+            && is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -40,10 +46,25 @@ pub fn supported() -> bool {
 pub fn set(compute: CpuCompute) -> Result<(), String> {
     let on = compute == CpuCompute::Bf16;
     if on && !supported() {
-        return Err("--cpu-compute bf16 needs a CPU with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids or later, AMD Zen 4 or later); this one has none, so the host's matmuls stay in f32".into());
+        return Err(format!(
+            "--cpu-compute bf16 needs AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids or later; AMD Zen 4 or later) and the host kernels' avx512 path; this CPU {}, so the host's matmuls stay in f32",
+            why_not()
+        ));
     }
     ENABLED.store(on, Ordering::Relaxed);
     Ok(())
+}
+
+/// What this CPU lacks for the bf16 path.
+fn why_not() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::cpu::simd::Isa;
+        if Isa::available().contains(&Isa::Avx512) && Isa::detected() != Isa::Avx512 {
+            return format!("runs the {} path (MOEGEN_CPU_ISA)", Isa::detected().name());
+        }
+    }
+    "lacks them".to_string()
 }
 
 /// Whether the host's matmuls over bf16 weights take this path.
@@ -194,6 +215,7 @@ mod tests {
     /// Against the reference on the inputs rounded to bf16, at awkward shapes (rows and weight
     /// rows not multiples of the tile, lengths not multiples of a step), the output poisoned and
     /// written at a stride; and a row's result is the same bits alone as among others.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn matches_the_reference_on_rounded_inputs() {
         if !supported() {
