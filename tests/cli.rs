@@ -304,6 +304,13 @@ fn cpu_compute_bf16_is_used_where_the_cpu_has_it_and_explained_where_not() {
         let o = moegen_with(&["--cpu-compute", "bf16", "devices"], &[]);
         assert!(String::from_utf8_lossy(&o.stdout).contains("bf16 products (AVX512-BF16): in use"), "{}", String::from_utf8_lossy(&o.stdout));
     }
+    let o = moegen_with(
+        &["--device", "cpu", "--cpu-compute", "bf16", "bench", "--synthetic", "ci-small", "--sequences", "2", "--prompt-len", "3", "--new-tokens", "2", "--batching", "model", "--json"],
+        &[],
+    );
+    let row: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("")).unwrap();
+    let want = if moegen::cpu::bf16_products::supported() { "bf16" } else { "f32" };
+    assert!(row["device"] == "cpu" && row["cpu_compute"] == want, "the JSON says what ran: {row}");
     fails_with(&moegen_with(&["--cpu-compute", "f8", "devices"], &[]), &["--cpu-compute", "f8"]);
 }
 
@@ -396,6 +403,7 @@ fn bench_reports_each_policy_as_json_and_writes_traces() {
             assert!(r[key].as_f64().is_some_and(|v| v > 0.0 && v.is_finite()), "{key} in {r}");
         }
         assert!(r["bytes_uploaded"].as_u64().unwrap() > 0, "experts stream under a 1 MiB budget: {r}");
+        assert!(r["device"] == "gpu" && r["cpu_compute"] == "f32", "{r}");
         let t: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("t.{}.json", r["batching"].as_str().unwrap()))).unwrap()).unwrap();
         let events = t["traceEvents"].as_array().unwrap();
         let on = |tid: u64| events.iter().filter(|e| e["ph"] == "X" && e["tid"] == tid).count();
