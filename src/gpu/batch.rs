@@ -205,12 +205,19 @@ impl Batch {
     fn run_host(&mut self) -> Result<()> {
         let tracer = self.ctx.tracer();
         let start = tracer.as_ref().map(|t| t.now_ns());
-        for op in std::mem::take(&mut self.ops) {
-            match op {
-                Op::Host { run, .. } => run()?,
-                _ => unreachable!("GPU ops are not recorded on the CPU device"),
+        let ops = std::mem::take(&mut self.ops);
+        // The whole batch on one of rayon's threads: each op's parallel loop then splits there
+        // instead of being handed to the pool and back (a wake-up and a wait per op), and this
+        // thread does not compete with the pool's for the cores while it waits.
+        rayon::scope(|_| -> Result<()> {
+            for op in ops {
+                match op {
+                    Op::Host { run, .. } => run()?,
+                    _ => unreachable!("GPU ops are not recorded on the CPU device"),
+                }
             }
-        }
+            Ok(())
+        })?;
         if let (Some(t), Some(start)) = (tracer, start) {
             t.finish(crate::gpu::Track::Compute, self.name.clone(), start);
         }
