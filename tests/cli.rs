@@ -286,6 +286,13 @@ fn without_a_gpu_driver_the_default_command_runs_on_the_cpu() {
     let o = moegen_with(&["devices"], &no_driver);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && out.contains("[cpu]") && out.contains("vector paths: portable") && out.contains("selected: CPU"), "{out}");
+    // With only a software adapter (llvmpipe, as in CI) `auto` takes the CPU too, and says that
+    // an adapter was found but not a hardware one.
+    let o = moegen_with(&["generate", "--max-new-tokens", "2", "--quiet"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("the software adapter") {
+        assert!(err.contains("no hardware GPU adapter found, running on the CPU") && err.contains("--device gpu takes it"), "{err}");
+    }
 }
 
 /// `--cpu-compute bf16` where the CPU can (the plan's hardware line says so, `devices` too), and

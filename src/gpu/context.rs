@@ -259,11 +259,11 @@ impl GpuContext {
                     return Self::from_adapter(adapter, choice.disabled_features, choice.experimental);
                 }
                 let ctx = Self::cpu();
-                let hint = match software {
-                    Some(name) => format!("the software adapter {name} runs on these same cores, slower; --device gpu takes it"),
-                    None => "for a GPU, install its driver".to_string(),
+                let (found, hint) = match software {
+                    Some(name) => ("no hardware GPU adapter found", format!("the software adapter {name} runs on these same cores, slower; --device gpu takes it")),
+                    None => ("no GPU adapter found", "for a GPU, install its driver".to_string()),
                 };
-                eprintln!("device: no GPU adapter found, running on the CPU: {} ({hint})", ctx.info().name);
+                eprintln!("device: {found}, running on the CPU: {} ({hint})", ctx.info().name);
                 return Ok(ctx);
             }
             _ => {}
