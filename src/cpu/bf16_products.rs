@@ -169,6 +169,8 @@ mod avx512bf16 {
 
     /// The tile at a size known when compiled, so that its `MR x NR` 16-lane accumulators stay in
     /// registers; the weights' last step is loaded under a mask.
+    // `j` picks the weight row as well as the accumulator.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn fixed<const MR: usize, const NR: usize>(xb: &[u16], kp: usize, w: WeightRows, w_row: usize, out: &mut [[f32; 8]; 4]) {
         let k = w.cols;
