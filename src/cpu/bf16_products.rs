@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
-use crate::cpu::matmul::WeightRows;
+use crate::cpu::matmul::{Out, WeightRows};
 use crate::gpu::WeightDtype;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -90,12 +90,6 @@ const STEP: usize = 32;
 /// Input rows of a task at most, and the bytes of weight rows a task keeps in L2 while they go by.
 const TASK_ROWS: usize = 128;
 const WEIGHT_BLOCK_BYTES: usize = 128 << 10;
-
-/// The output's base pointer, shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 /// `y[r * y_stride + c] = bf16(x[r]) . w[w_row0 + c] + bias[c]` for `r < m`, `c < n`, as
 /// [`crate::cpu::matmul::matmul`] with bf16 weights. The caller checks [`supported`].
@@ -243,7 +237,7 @@ mod tests {
             matmul(&x, m, w, 3, n, Some(&bias), &mut y[2..], stride);
             let want = reference(&xr, &rounded[3 * k..], Some(&bias), m, n, k);
             let got: Vec<f32> = (0..m).flat_map(|r| y[2 + r * stride..2 + r * stride + n].to_vec()).collect();
-            let e: f64 = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>();
+            let e = crate::cpu::matmul::tests::nmse(&got, &want);
             assert!(e < 1e-10, "{m}x{n}x{k}: nmse {e:e}");
             assert!(y[..2].iter().all(|v| v.is_nan()), "wrote before the output");
             let last = m - 1;

@@ -101,9 +101,9 @@ impl WeightRows<'_> {
     }
 }
 
-/// The output's base pointer, shared by tasks that write disjoint columns.
+/// The output's base pointer, shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub(crate) *mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
@@ -439,11 +439,11 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::matmul::reference;
 
-    fn nmse(a: &[f32], b: &[f32]) -> f64 {
+    pub(crate) fn nmse(a: &[f32], b: &[f32]) -> f64 {
         let e: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
         e / b.iter().map(|&y| (y as f64).powi(2)).sum::<f64>().max(f64::MIN_POSITIVE)
     }
