@@ -132,8 +132,8 @@ pub fn plan_job(
     let layer_row = row / cfg.num_layers.max(1) as u64;
     match batching {
         Batching::Continuous | Batching::Model => {
-            // KV on the GPU: as many sequences as the budget holds after what must stay, capped by
-            // the job; steps as long as half of what is left allows; the rest keeps experts resident.
+            // KV on the GPU: as many sequences as the budget holds after what must stay and a
+            // step's activations, capped by the job; the rest keeps experts resident.
             let device_rows = (binding_limit / layer_row.max(1) / 2) as usize;
             let need = job.longest as u64 * row;
             let base = w.resident + w.attention_per_layer + 2 * w.per_expert + need;
@@ -141,29 +141,45 @@ pub fn plan_job(
             if gpu_budget < base + step_tokens_min {
                 return Err(budget_too_small(gpu_budget, base + step_tokens_min, w, need + step_tokens_min));
             }
-            let half = (gpu_budget - base) / 2;
             let wanted = job.max_step_tokens.min((job.sequences as f64 * (job.prompt_len + 1.0)) as usize).max(1);
+            let all_attention = w.attention_per_layer * cfg.num_layers as u64;
+            let total = (job.tokens().ceil() as usize).max(job.longest);
+            let per_seq = (job.prompt_len + job.new_tokens).max(1.0);
+            // A longer step takes GPU memory from the KV cache and so from the sequences in
+            // flight: each step size from the longest wanted down, by quarters, is sized and
+            // predicted, and the fastest kept (a shorter one only when it predicts 1% faster).
+            let sized = |step_tokens: usize| -> Option<(usize, usize, Placement, Prediction)> {
+                let activations = activation_bytes(cfg, step_tokens);
+                if base + activations > gpu_budget {
+                    return None;
+                }
+                // Attention stays resident when that leaves room for the longest sequence's KV.
+                let attention = if gpu_budget >= w.resident + all_attention + 2 * w.per_expert + activations + need { all_attention } else { w.attention_per_layer };
+                let fixed = w.resident + attention + activations + 2 * w.per_expert;
+                let rows = ((gpu_budget.saturating_sub(fixed) / row) as usize).min(total).min(device_rows.max(job.longest));
+                let placement = Placement::plan(cfg, w, gpu_budget, rows as u64 * row + activations).ok()?;
+                let in_flight = ((rows as f64 / per_seq).floor() as usize).clamp(1, job.sequences.max(1));
+                let shaped = JobShape { max_step_tokens: step_tokens, ..*job };
+                let prediction = predict(cfg, w, &shaped, &placement, hw, in_flight, None);
+                Some((rows, in_flight, placement, prediction))
+            };
+            let mut best: Option<(usize, (usize, usize, Placement, Prediction))> = None;
             let mut step_tokens = wanted;
-            while step_tokens > 1 && activation_bytes(cfg, step_tokens) > half {
+            loop {
+                if let Some(c) = sized(step_tokens) {
+                    if best.as_ref().is_none_or(|(_, b)| c.3.tokens_per_s > b.3.tokens_per_s * 1.01) {
+                        best = Some((step_tokens, c));
+                    }
+                }
+                if step_tokens == 1 {
+                    break;
+                }
                 step_tokens = (step_tokens * 3 / 4).max(1);
             }
-            let activations = activation_bytes(cfg, step_tokens);
-            // Attention stays resident when that leaves room for the longest sequence's KV.
-            let all_attention = w.attention_per_layer * cfg.num_layers as u64;
-            let attention = if gpu_budget >= w.resident + all_attention + 2 * w.per_expert + activations + need {
-                all_attention
-            } else {
-                w.attention_per_layer
+            let Some((step_tokens, (rows, in_flight, placement, prediction))) = best else {
+                return Err(budget_too_small(gpu_budget, base + step_tokens_min, w, need + step_tokens_min));
             };
-            let fixed = w.resident + attention + activations + 2 * w.per_expert;
-            let total = (job.tokens().ceil() as usize).max(job.longest);
-            let rows = (((gpu_budget - fixed) / row) as usize).min(total).min(device_rows.max(job.longest));
-            let placement = Placement::plan(cfg, w, gpu_budget, rows as u64 * row + activations)?;
             host_holds(host_budget, streamed_host_bytes(cfg, w, &placement), w.resident, 0)?;
-            let per_seq = (job.prompt_len + job.new_tokens).max(1.0);
-            let in_flight = ((rows as f64 / per_seq).floor() as usize).clamp(1, job.sequences.max(1));
-            let job = &JobShape { max_step_tokens: step_tokens, ..*job };
-            let prediction = predict(cfg, w, job, &placement, hw, in_flight, None);
             let batch_limit = kv_cache_limit(in_flight >= job.sequences, hw.cpu_device);
             Ok(JobPlan {
                 batching,
@@ -664,8 +680,12 @@ fn predict(cfg: &ModelConfig, w: &WeightBytes, job: &JobShape, placement: &Place
         // Decode: one token per sequence per step (the first new token comes with the prefill),
         // attending to its prompt and half the new tokens.
         let past = b * (p + d / 2.0);
-        let decode_step = step_cost(cfg, w, placement, hw, b, past, past, b, module, 1.0);
-        (prefill, decode_steps * decode_step.time(), decode_step)
+        // The baselines feed at most a step's tokens per forward: more sequences than that
+        // decode in several forwards, each streaming what a whole one does.
+        let forwards = if module.is_none() { (b / step).ceil().max(1.0) } else { 1.0 };
+        let (bf, pf) = (b / forwards, past / forwards);
+        let decode_step = step_cost(cfg, w, placement, hw, bf, pf, pf, bf, module, 1.0);
+        (prefill, decode_steps * forwards * decode_step.time(), decode_step)
     };
     let b = (in_flight.max(1) as f64).min(job.sequences.max(1) as f64);
     let (prefill, decode, decode_step) = wave(b);
@@ -746,5 +766,54 @@ impl JobPlan {
             p.bound.name(self.cpu_device)
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ci-small's shapes in bf16, planned against the A5000 file with its link held to 1 MB/s:
+    /// every step's experts cost seconds, as on the issue 10 benchmarks.
+    fn baseline(job: JobShape, gpu_budget: u64) -> JobPlan {
+        let v = serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 4, "num_local_experts": 32, "num_experts_per_tok": 2, "intermediate_size": 128, "vocab_size": 256
+        });
+        let cfg = ModelConfig::parse(&v, std::path::Path::new("config.json")).unwrap();
+        let w = WeightBytes::of_config(&cfg, 2);
+        let mut hw = HardwareProfile::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/hardware/rtx-a5000-pcie4.json")).unwrap();
+        hw.upload_bytes_per_s = 1e6;
+        plan_job(&cfg, &w, &job, Batching::Model, AttentionChoice::Auto, CpuExperts::Never, gpu_budget, 1 << 34, 1 << 27, &hw).unwrap()
+    }
+
+    fn job(prompt_len: usize, new_tokens: usize, max_step_tokens: usize) -> JobShape {
+        JobShape { sequences: 512, prompt_len: prompt_len as f64, new_tokens: new_tokens as f64, longest: prompt_len + new_tokens, max_step_tokens }
+    }
+
+    /// A long step takes room from the KV cache: a job of long prompts gets longer steps and
+    /// fewer sequences in flight than a job of long generations under the same budget.
+    #[test]
+    fn the_baselines_weigh_a_steps_length_against_the_sequences_in_flight() {
+        let budget = 768 << 10;
+        let prefill_heavy = baseline(job(48, 2, 2048), budget);
+        let decode_heavy = baseline(job(4, 60, 2048), budget);
+        assert!(prefill_heavy.step_tokens > decode_heavy.step_tokens, "{prefill_heavy:?}\n{decode_heavy:?}");
+        assert!(decode_heavy.sequences_in_flight > prefill_heavy.sequences_in_flight, "{prefill_heavy:?}\n{decode_heavy:?}");
+        for p in [&prefill_heavy, &decode_heavy] {
+            assert!(p.cache_rows >= 50 && p.step_tokens >= 1, "{p:?}");
+        }
+    }
+
+    /// More sequences in flight than a step's tokens decode in several forwards, each streaming
+    /// the experts its tokens reach: a cap of 8 tokens a step must predict slower decode than 64.
+    #[test]
+    fn decode_over_more_sequences_than_a_step_holds_costs_several_forwards() {
+        let budget = 64 << 20;
+        let capped = baseline(job(4, 60, 8), budget);
+        let wide = baseline(job(4, 60, 64), budget);
+        assert!(capped.sequences_in_flight > 8 && capped.step_tokens <= 8, "{capped:?}");
+        let (c, w) = (capped.prediction.decode_tokens_per_s, wide.prediction.decode_tokens_per_s);
+        assert!(c < 0.5 * w, "decode with 8-token steps {c} against 64-token steps {w}");
     }
 }
