@@ -275,9 +275,10 @@ pub fn table(reports: &[PolicyReport], formats: Option<&[&str]>) -> String {
     // On the CPU device "the GPU" is the host's cores: the columns say "device".
     let cpu_device = reports.first().is_some_and(|r| r.plan.cpu_device);
     let (device_site, busy) = if cpu_device { ("device", "busy") } else { ("gpu", "GPU busy") };
+    let (sent, back) = if cpu_device { ("copied in", "copied out") } else { ("uploaded", "downloaded") };
     let mut s = format!(
         "{:<11} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>8}\n",
-        "batching", "experts", "attention", "tokens/s", "predicted", "prefill", "decode", "uploaded", "downloaded", busy, "in flight", "ratio"
+        "batching", "experts", "attention", "tokens/s", "predicted", "prefill", "decode", sent, back, busy, "in flight", "ratio"
     );
     for (i, r) in reports.iter().enumerate() {
         let base = match formats {

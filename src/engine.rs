@@ -111,7 +111,7 @@ impl PolicyReport {
         let p = &self.plan.prediction;
         let device = crate::planner::device_noun(self.plan.cpu_device);
         let mut s = format!(
-            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); uploaded {} (experts {}: {} uploads, {} found in a slot, {} computed on the host), downloaded {}",
+            "batching {}: {:.1} tokens/s over the job (predicted {:.1}, {:+.0}%); prefill {:.1} tokens/s (predicted {:.1}), decode {:.1} tokens/s (predicted {:.1}); {} {} (experts {}: {} {}, {} found in a slot, {} computed on the host), {} {}",
             self.batching.name(),
             self.tokens_per_s(),
             p.tokens_per_s,
@@ -120,11 +120,15 @@ impl PolicyReport {
             p.prefill_tokens_per_s,
             self.decode_tokens_per_s(),
             p.decode_tokens_per_s,
+            // The CPU device's "uploads" are copies within host memory: no link is crossed.
+            if self.plan.cpu_device { "copied to the CPU device" } else { "uploaded" },
             format_size(self.bytes_uploaded()),
             format_size(self.streaming.bytes),
             self.streaming.uploads,
+            if self.plan.cpu_device { "copies" } else { "uploads" },
             self.streaming.hits,
             self.streaming.on_host,
+            if self.plan.cpu_device { "copied back" } else { "downloaded" },
             format_size(self.bytes_downloaded()),
         );
         if let Some(z) = &self.plan.sizes {
@@ -138,11 +142,11 @@ impl PolicyReport {
             }
         }
         if let Some(t) = &self.trace {
-            s += &format!(
-                "; {device} busy {:.0}% of the time, {:.0}% while uploads were in flight",
-                100.0 * t.gpu_busy,
-                100.0 * t.gpu_busy_while_uploading
-            );
+            s += &format!("; {device} busy {:.0}% of the time", 100.0 * t.gpu_busy);
+            // The CPU device copies in its own thread between its kernels: no overlap to report.
+            if !self.plan.cpu_device {
+                s += &format!(", {:.0}% while uploads were in flight", 100.0 * t.gpu_busy_while_uploading);
+            }
         }
         s
     }

@@ -339,7 +339,10 @@ fn on_the_cpu_device_the_messages_name_the_cpu_device_and_no_gpu() {
         assert!(!text.contains("GPU"), "a message names a GPU on the CPU device: {text}");
     }
     let table = String::from_utf8_lossy(&bench.stdout);
-    assert!(table.contains("device") && table.contains("busy"), "{table}");
+    assert!(table.contains("device") && table.contains("busy") && table.contains("copied in") && !table.contains("uploaded"), "{table}");
+    // Nothing crosses a link on the CPU device: the summary says copies, not uploads.
+    let summary = String::from_utf8_lossy(&bench.stderr);
+    assert!(summary.contains("copied to the CPU device") && summary.contains("copied back") && !summary.contains("uploaded"), "{summary}");
     let t: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("t.module.json")).unwrap()).unwrap();
     let tracks: Vec<&str> = t["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "M").map(|e| e["args"]["name"].as_str().unwrap()).collect();
     assert!(tracks.contains(&"CPU device compute") && !tracks.iter().any(|t| t.contains("GPU")), "{tracks:?}");
