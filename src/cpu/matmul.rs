@@ -75,18 +75,6 @@ impl WeightRows<'_> {
         }
     }
 
-    /// Element `c` of row `r`, as f32 (for the intrinsics tiles' tails).
-    #[cfg(target_arch = "x86_64")]
-    fn at(&self, r: usize, c: usize) -> f32 {
-        let i = r * self.cols + c;
-        match self.dtype {
-            WeightDtype::F32 => bytemuck::cast_slice::<u32, f32>(self.words)[i],
-            WeightDtype::Bf16 => f32::from_bits((bytemuck::cast_slice::<u32, u16>(self.words)[i] as u32) << 16),
-            WeightDtype::F16 => half::f16::from_bits(bytemuck::cast_slice::<u32, u16>(self.words)[i]).to_f32(),
-            _ => unreachable!("block-format rows are widened before the tiles read them"),
-        }
-    }
-
     /// Rows `r0..r0 + n` of an f32 weight, in place.
     fn f32_rows(&self, r0: usize, n: usize) -> &[f32] {
         assert_eq!(self.dtype, WeightDtype::F32, "the compiler-vectorised tiles read f32 rows");
@@ -300,13 +288,6 @@ fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4
     }
 }
 
-/// The `k % lanes` last products of `x[i]` and weight row `w_row + j` the vector loop left.
-#[cfg(target_arch = "x86_64")]
-fn tail(x: &[f32], w: WeightRows, w_row: usize, i: usize, j: usize, body: usize) -> f32 {
-    let k = w.cols;
-    (body..k).map(|t| x[i * k + t] * w.at(w_row + j, t)).sum()
-}
-
 /// The compiler-vectorised tile: `MR x 4` accumulators of `L` lanes (one vector register each
 /// once the lane loops are vectorised), over f32 weight rows, then reduced.
 #[inline(always)]
@@ -339,7 +320,9 @@ fn tile<const MR: usize, const L: usize, const FMA: bool>(x: &[f32], w: &[f32], 
 }
 
 /// The AVX-512 register tile over stored weight rows: 4 input rows by 4 weight rows, sixteen
-/// 16-lane accumulators, bf16 widened by a shift as it is loaded. The caller checks the bounds.
+/// 16-lane accumulators, bf16 widened by a shift as it is loaded; the last `k % 16` products in
+/// one more step over zero-padded copies, and the sixteen sums reduced together by a transposing
+/// tree (a reduction each cost as much as the loop at k = 256). The caller checks the bounds.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -350,40 +333,74 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
-        let xp = x.as_ptr();
         let mut acc = [_mm512_setzero_ps(); 16];
         let body = k / 16 * 16;
-        let load_w = |j: usize, at: usize| -> __m512 {
-            let i = (w_row + j) * k + at;
-            match w.dtype {
-                WeightDtype::Bf16 => {
-                    let h = (w.words.as_ptr() as *const u16).add(i);
-                    let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(h as *const __m256i));
-                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
-                }
-                _ => _mm512_loadu_ps((w.words.as_ptr() as *const f32).add(i)),
-            }
-        };
-        let mut at = 0;
-        while at < body {
-            let x0 = _mm512_loadu_ps(xp.add(at));
-            let x1 = _mm512_loadu_ps(xp.add(k + at));
-            let x2 = _mm512_loadu_ps(xp.add(2 * k + at));
-            let x3 = _mm512_loadu_ps(xp.add(3 * k + at));
+        // One step: input rows at `xp` (stride `xs`), weight rows at element `i0 + j * ws`.
+        #[inline(always)]
+        unsafe fn step(acc: &mut [__m512; 16], xp: *const f32, xs: usize, w: *const u32, bf16: bool, i0: usize, ws: usize) {
+            let x0 = _mm512_loadu_ps(xp);
+            let x1 = _mm512_loadu_ps(xp.add(xs));
+            let x2 = _mm512_loadu_ps(xp.add(2 * xs));
+            let x3 = _mm512_loadu_ps(xp.add(3 * xs));
             for j in 0..4 {
-                let wv = load_w(j, at);
+                let i = i0 + j * ws;
+                let wv = if bf16 {
+                    let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((w as *const u16).add(i) as *const __m256i));
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+                } else {
+                    _mm512_loadu_ps((w as *const f32).add(i))
+                };
                 acc[j] = _mm512_fmadd_ps(x0, wv, acc[j]);
                 acc[4 + j] = _mm512_fmadd_ps(x1, wv, acc[4 + j]);
                 acc[8 + j] = _mm512_fmadd_ps(x2, wv, acc[8 + j]);
                 acc[12 + j] = _mm512_fmadd_ps(x3, wv, acc[12 + j]);
             }
+        }
+        let bf16 = w.dtype == WeightDtype::Bf16;
+        let row0 = w_row * k;
+        let mut at = 0;
+        while at < body {
+            step(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
             at += 16;
         }
-        for i in 0..4 {
-            for j in 0..4 {
-                out[i][j] = _mm512_reduce_add_ps(acc[4 * i + j]) + super::tail(x, w, w_row, i, j, body);
+        if body < k {
+            // Zero-padded copies of what is left: the padding multiplies to nothing.
+            let rest = k - body;
+            let mut xt = [0f32; 64];
+            let mut wt = [0u32; 64];
+            for i in 0..4 {
+                xt[16 * i..16 * i + rest].copy_from_slice(&x[i * k + body..(i + 1) * k]);
             }
+            if bf16 {
+                let (src, dst) = (bytemuck::cast_slice::<u32, u16>(w.words), bytemuck::cast_slice_mut::<u32, u16>(&mut wt));
+                for j in 0..4 {
+                    dst[16 * j..16 * j + rest].copy_from_slice(&src[row0 + j * k + body..row0 + (j + 1) * k]);
+                }
+            } else {
+                for j in 0..4 {
+                    wt[16 * j..16 * j + rest].copy_from_slice(&w.words[row0 + j * k + body..row0 + (j + 1) * k]);
+                }
+            }
+            step(&mut acc, xt.as_ptr(), 16, wt.as_ptr(), bf16, 0, 16);
         }
+        _mm512_storeu_ps(out.as_mut_ptr() as *mut f32, reduce16(&acc));
+    }
+
+    /// Lane `n` of the result is the sum of `a[n]`'s sixteen lanes: pairs interleaved and added
+    /// within 128-bit lanes, then the 128-bit lanes transposed and added.
+    #[inline(always)]
+    unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
+        let mut b = [_mm512_setzero_ps(); 8];
+        for (p, v) in b.iter_mut().enumerate() {
+            *v = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]));
+        }
+        let mut c = [_mm512_setzero_ps(); 4];
+        for (q, v) in c.iter_mut().enumerate() {
+            *v = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(b[2 * q], b[2 * q + 1]), _mm512_shuffle_ps::<0xEE>(b[2 * q], b[2 * q + 1]));
+        }
+        let d0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[0], c[1]), _mm512_shuffle_f32x4::<0xDD>(c[0], c[1]));
+        let d1 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[2], c[3]), _mm512_shuffle_f32x4::<0xDD>(c[2], c[3]));
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xDD>(d0, d1))
     }
 }
 
@@ -400,40 +417,59 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
-        let xp = x.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 12];
         let body = k / 8 * 8;
-        let load_w = |j: usize, at: usize| -> __m256 {
-            let i = (w_row + j) * k + at;
-            match w.dtype {
-                WeightDtype::Bf16 => {
-                    let h = (w.words.as_ptr() as *const u16).add(i);
-                    let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(h as *const __m128i));
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-                }
-                _ => _mm256_loadu_ps((w.words.as_ptr() as *const f32).add(i)),
-            }
-        };
-        let mut at = 0;
-        while at < body {
-            let x0 = _mm256_loadu_ps(xp.add(at));
-            let x1 = _mm256_loadu_ps(xp.add(k + at));
-            let x2 = _mm256_loadu_ps(xp.add(2 * k + at));
+        // One step: input rows at `xp` (stride `xs`), weight rows at element `i0 + j * ws`.
+        #[inline(always)]
+        unsafe fn step(acc: &mut [__m256; 12], xp: *const f32, xs: usize, w: *const u32, bf16: bool, i0: usize, ws: usize) {
+            let x0 = _mm256_loadu_ps(xp);
+            let x1 = _mm256_loadu_ps(xp.add(xs));
+            let x2 = _mm256_loadu_ps(xp.add(2 * xs));
             for j in 0..4 {
-                let wv = load_w(j, at);
+                let i = i0 + j * ws;
+                let wv = if bf16 {
+                    let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((w as *const u16).add(i) as *const __m128i));
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+                } else {
+                    _mm256_loadu_ps((w as *const f32).add(i))
+                };
                 acc[j] = _mm256_fmadd_ps(x0, wv, acc[j]);
                 acc[4 + j] = _mm256_fmadd_ps(x1, wv, acc[4 + j]);
                 acc[8 + j] = _mm256_fmadd_ps(x2, wv, acc[8 + j]);
             }
+        }
+        let bf16 = w.dtype == WeightDtype::Bf16;
+        let row0 = w_row * k;
+        let mut at = 0;
+        while at < body {
+            step(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
             at += 8;
         }
-        for i in 0..3 {
-            for j in 0..4 {
-                let v = acc[4 * i + j];
-                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                out[i][j] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2))) + super::tail(x, w, w_row, i, j, body);
+        if body < k {
+            // Zero-padded copies of what is left: the padding multiplies to nothing.
+            let rest = k - body;
+            let mut xt = [0f32; 24];
+            let mut wt = [0u32; 32];
+            for i in 0..3 {
+                xt[8 * i..8 * i + rest].copy_from_slice(&x[i * k + body..(i + 1) * k]);
             }
+            if bf16 {
+                let (src, dst) = (bytemuck::cast_slice::<u32, u16>(w.words), bytemuck::cast_slice_mut::<u32, u16>(&mut wt));
+                for j in 0..4 {
+                    dst[8 * j..8 * j + rest].copy_from_slice(&src[row0 + j * k + body..row0 + (j + 1) * k]);
+                }
+            } else {
+                for j in 0..4 {
+                    wt[8 * j..8 * j + rest].copy_from_slice(&w.words[row0 + j * k + body..row0 + (j + 1) * k]);
+                }
+            }
+            step(&mut acc, xt.as_ptr(), 8, wt.as_ptr(), bf16, 0, 8);
+        }
+        // Each row's four sums at once: horizontal adds within 128-bit lanes, then the halves.
+        for (i, row) in out.iter_mut().take(3).enumerate() {
+            let a = &acc[4 * i..4 * i + 4];
+            let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            _mm_storeu_ps(row.as_mut_ptr(), _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t)));
         }
     }
 }
