@@ -143,7 +143,7 @@ impl PolicyReport {
         }
         if let Some(t) = &self.trace {
             s += &format!("; {device} busy {:.0}% of the time", 100.0 * t.gpu_busy);
-            // The CPU device copies in its own thread between its kernels: no overlap to report.
+            // On the CPU device copies and kernels take turns on the same cores: no overlap to report.
             if !self.plan.cpu_device {
                 s += &format!(", {:.0}% while uploads were in flight", 100.0 * t.gpu_busy_while_uploading);
             }
