@@ -292,6 +292,28 @@ fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4
     }
 }
 
+/// What an intrinsics tile's vector loop leaves past `body`, zero-padded to `lanes` (the padding
+/// multiplies to nothing): of `rows` input rows into `xt`, and of weight rows `w_row..w_row + 4`
+/// as stored (f32, or bf16 two to a word) into `wt`, each `lanes` elements apart.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn padded_tail(x: &[f32], rows: usize, w: WeightRows, w_row: usize, body: usize, lanes: usize, xt: &mut [f32], wt: &mut [u32]) {
+    let k = w.cols;
+    let rest = k - body;
+    for i in 0..rows {
+        xt[lanes * i..lanes * i + rest].copy_from_slice(&x[i * k + body..(i + 1) * k]);
+    }
+    let row0 = w_row * k;
+    for j in 0..4 {
+        let (from, to) = (row0 + j * k + body, row0 + (j + 1) * k);
+        if w.dtype == WeightDtype::Bf16 {
+            bytemuck::cast_slice_mut::<u32, u16>(wt)[lanes * j..lanes * j + rest].copy_from_slice(&bytemuck::cast_slice::<u32, u16>(w.words)[from..to]);
+        } else {
+            wt[lanes * j..lanes * j + rest].copy_from_slice(&w.words[from..to]);
+        }
+    }
+}
+
 /// The compiler-vectorised tile: `MR x 4` accumulators of `L` lanes (one vector register each
 /// once the lane loops are vectorised), over f32 weight rows, then reduced.
 #[inline(always)]
@@ -368,23 +390,8 @@ mod avx512 {
             at += 16;
         }
         if body < k {
-            // Zero-padded copies of what is left: the padding multiplies to nothing.
-            let rest = k - body;
-            let mut xt = [0f32; 64];
-            let mut wt = [0u32; 64];
-            for i in 0..4 {
-                xt[16 * i..16 * i + rest].copy_from_slice(&x[i * k + body..(i + 1) * k]);
-            }
-            if bf16 {
-                let (src, dst) = (bytemuck::cast_slice::<u32, u16>(w.words), bytemuck::cast_slice_mut::<u32, u16>(&mut wt));
-                for j in 0..4 {
-                    dst[16 * j..16 * j + rest].copy_from_slice(&src[row0 + j * k + body..row0 + (j + 1) * k]);
-                }
-            } else {
-                for j in 0..4 {
-                    wt[16 * j..16 * j + rest].copy_from_slice(&w.words[row0 + j * k + body..row0 + (j + 1) * k]);
-                }
-            }
+            let (mut xt, mut wt) = ([0f32; 64], [0u32; 64]);
+            super::padded_tail(x, 4, w, w_row, body, 16, &mut xt, &mut wt);
             step(&mut acc, xt.as_ptr(), 16, wt.as_ptr(), bf16, 0, 16);
         }
         _mm512_storeu_ps(out.as_mut_ptr() as *mut f32, reduce16(&acc));
@@ -450,23 +457,8 @@ mod avx2 {
             at += 8;
         }
         if body < k {
-            // Zero-padded copies of what is left: the padding multiplies to nothing.
-            let rest = k - body;
-            let mut xt = [0f32; 24];
-            let mut wt = [0u32; 32];
-            for i in 0..3 {
-                xt[8 * i..8 * i + rest].copy_from_slice(&x[i * k + body..(i + 1) * k]);
-            }
-            if bf16 {
-                let (src, dst) = (bytemuck::cast_slice::<u32, u16>(w.words), bytemuck::cast_slice_mut::<u32, u16>(&mut wt));
-                for j in 0..4 {
-                    dst[8 * j..8 * j + rest].copy_from_slice(&src[row0 + j * k + body..row0 + (j + 1) * k]);
-                }
-            } else {
-                for j in 0..4 {
-                    wt[8 * j..8 * j + rest].copy_from_slice(&w.words[row0 + j * k + body..row0 + (j + 1) * k]);
-                }
-            }
+            let (mut xt, mut wt) = ([0f32; 24], [0u32; 32]);
+            super::padded_tail(x, 3, w, w_row, body, 8, &mut xt, &mut wt);
             step(&mut acc, xt.as_ptr(), 8, wt.as_ptr(), bf16, 0, 8);
         }
         // Each row's four sums at once: horizontal adds within 128-bit lanes, then the halves.
