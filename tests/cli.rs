@@ -335,7 +335,9 @@ fn on_the_cpu_device_the_messages_name_the_cpu_device_and_no_gpu() {
     for o in [&plan, &bench] {
         let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         assert!(o.status.success(), "{text}");
-        assert!(text.contains("CPU device memory") && text.contains("CPU device budget") && text.contains("limited by CPU device"), "{text}");
+        // The bound is the CPU device's compute or the host's own work, whichever the calibration makes larger.
+        assert!(text.contains("CPU device memory") && text.contains("CPU device budget"), "{text}");
+        assert!(text.contains("limited by CPU device") || text.contains("limited by host work"), "{text}");
         assert!(!text.contains("GPU"), "a message names a GPU on the CPU device: {text}");
     }
     let table = String::from_utf8_lossy(&bench.stdout);

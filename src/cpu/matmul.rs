@@ -183,11 +183,26 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         // One row of a block format: each weight row decoded into a row-long buffer that stays in
         // L1, then its dot product (the same values and products as the widened block's).
         if m == 1 && w.dtype.is_quantised() {
-            wide.resize(k, 0.0);
-            for c in 0..nb {
-                let start = (w_row0 + c0 + c) * w.dtype.row_bytes(k);
-                decode(isa, w.dtype, &bytemuck::cast_slice::<u32, u8>(w.words)[start..], &mut wide[..k]);
-                put(0, c, dot(isa, &x[..k], Values::F32(&wide[..k])));
+            // On the intrinsics paths four rows at a time, through the one-row tile that the
+            // same row takes in a batch.
+            let group = if reads_stored_rows(isa) { 4 } else { 1 };
+            wide.resize(group * k, 0.0);
+            for c in (0..nb).step_by(group) {
+                let jn = group.min(nb - c);
+                for j in 0..jn {
+                    let start = (w_row0 + c0 + c + j) * w.dtype.row_bytes(k);
+                    decode(isa, w.dtype, &bytemuck::cast_slice::<u32, u8>(w.words)[start..], &mut wide[j * k..(j + 1) * k]);
+                }
+                if reads_stored_rows(isa) {
+                    let rows = WeightRows { words: bytemuck::cast_slice(&wide[..jn * k]), dtype: WeightDtype::F32, cols: k };
+                    let mut tile = [[0f32; 4]; 4];
+                    dot_tile(isa, 1, jn, &x[..k], rows, 0, &mut tile);
+                    for (j, &v) in tile[0].iter().enumerate().take(jn) {
+                        put(0, c + j, v);
+                    }
+                } else {
+                    put(0, c, dot(isa, &x[..k], Values::F32(&wide[..k])));
+                }
             }
             return;
         }
@@ -198,18 +213,36 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
             w.widen(w_row0 + c0, nb, wide);
             (WeightRows { words: bytemuck::cast_slice(&wide[..]), dtype: WeightDtype::F32, cols: k }, 0)
         };
+        let mr = tile_rows(isa);
+        if reads_stored_rows(isa) {
+            // The intrinsics tiles take every output, the edges in smaller tiles of the same
+            // sums: a row's result does not depend on the rows batched with it.
+            for c in (0..nb).step_by(4) {
+                let jn = 4.min(nb - c);
+                for r in (0..m).step_by(mr) {
+                    let rn = mr.min(m - r);
+                    let mut tile = [[0f32; 4]; 4];
+                    dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, &mut tile);
+                    for (i, row) in tile.iter().enumerate().take(rn) {
+                        for (j, &v) in row.iter().enumerate().take(jn) {
+                            put(r + i, c + j, v);
+                        }
+                    }
+                }
+            }
+            return;
+        }
         if m == 1 {
             for c in 0..nb {
                 put(0, c, dot(isa, &x[..k], rows.row_values(row0 + c)));
             }
             return;
         }
-        let mr = tile_rows(isa);
         let (full_m, full_n) = (m / mr * mr, nb / 4 * 4);
         for c in (0..full_n).step_by(4) {
             for r in (0..full_m).step_by(mr) {
                 let mut tile = [[0f32; 4]; 4];
-                dot_tile(isa, &x[r * k..(r + mr) * k], rows, row0 + c, &mut tile);
+                dot_tile(isa, mr, 4, &x[r * k..(r + mr) * k], rows, row0 + c, &mut tile);
                 for (i, row) in tile.iter().enumerate().take(mr) {
                     for (j, &v) in row.iter().enumerate() {
                         put(r + i, c + j, v);
@@ -274,18 +307,30 @@ fn tile_rows(isa: Isa) -> usize {
     }
 }
 
-/// `out[i][j] = x[i * k..][..k] . w[w_row + j]` for the [`tile_rows`] rows of `x` and 4 weight
-/// rows (f32 rows on the paths that do not [`reads_stored_rows`]).
-fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+/// `out[i][j] = x[i * k..][..k] . w[w_row + j]` for `rows` rows of `x` (at most [`tile_rows`])
+/// and `cols` weight rows (at most 4; f32 rows on the paths that do not [`reads_stored_rows`],
+/// where only full tiles are asked for).
+fn dot_tile(isa: Isa, rows: usize, cols: usize, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
     let k = w.cols;
-    assert!(x.len() >= tile_rows(isa) * k && (w_row + 4) * w.dtype.row_bytes(k) <= w.words.len() * 4, "tile shapes");
+    assert!(rows >= 1 && rows <= tile_rows(isa) && (1..=4).contains(&cols), "tile size");
+    assert!(x.len() >= rows * k && (w_row + cols) * w.dtype.row_bytes(k) <= w.words.len() * 4, "tile shapes");
+    // One instance per size, so that the accumulators stay in registers.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! sized {
+        ($m:ident, $($r:literal)+) => {
+            match (rows, cols) {
+                $( ($r, 1) => $m::tile::<$r, 1>(x, w, w_row, out), ($r, 2) => $m::tile::<$r, 2>(x, w, w_row, out), ($r, 3) => $m::tile::<$r, 3>(x, w, w_row, out), ($r, 4) => $m::tile::<$r, 4>(x, w, w_row, out), )+
+                _ => unreachable!("checked above"),
+            }
+        };
+    }
     match isa {
         // SAFETY: the path is only chosen where detection found its instructions; the bounds are
         // checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::tile(x, w, w_row, out) },
+        Isa::Avx512 => unsafe { sized!(avx512, 1 2 3 4) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::tile(x, w, w_row, out) },
+        Isa::Avx2 => unsafe { sized!(avx2, 1 2 3) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => tile::<4, 4, true>(x, w.f32_rows(w_row, 4), k, out),
         Isa::Portable => tile::<2, 8, false>(x, w.f32_rows(w_row, 4), k, out),
@@ -293,18 +338,18 @@ fn dot_tile(isa: Isa, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4
 }
 
 /// What an intrinsics tile's vector loop leaves past `body`, zero-padded to `lanes` (the padding
-/// multiplies to nothing): of `rows` input rows into `xt`, and of weight rows `w_row..w_row + 4`
+/// multiplies to nothing): of `rows` input rows into `xt`, and of weight rows `w_row..w_row + cols`
 /// as stored (f32, or bf16 two to a word) into `wt`, each `lanes` elements apart.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn padded_tail(x: &[f32], rows: usize, w: WeightRows, w_row: usize, body: usize, lanes: usize, xt: &mut [f32], wt: &mut [u32]) {
+fn padded_tail(x: &[f32], rows: usize, cols: usize, w: WeightRows, w_row: usize, body: usize, lanes: usize, xt: &mut [f32], wt: &mut [u32]) {
     let k = w.cols;
     let rest = k - body;
     for i in 0..rows {
         xt[lanes * i..lanes * i + rest].copy_from_slice(&x[i * k + body..(i + 1) * k]);
     }
     let row0 = w_row * k;
-    for j in 0..4 {
+    for j in 0..cols {
         let (from, to) = (row0 + j * k + body, row0 + (j + 1) * k);
         if w.dtype == WeightDtype::Bf16 {
             bytemuck::cast_slice_mut::<u32, u16>(wt)[lanes * j..lanes * j + rest].copy_from_slice(&bytemuck::cast_slice::<u32, u16>(w.words)[from..to]);
@@ -345,10 +390,12 @@ fn tile<const MR: usize, const L: usize, const FMA: bool>(x: &[f32], w: &[f32], 
     }
 }
 
-/// The AVX-512 register tile over stored weight rows: 4 input rows by 4 weight rows, sixteen
-/// 16-lane accumulators, bf16 widened by a shift as it is loaded; the last `k % 16` products in
-/// one more step over zero-padded copies, and the sixteen sums reduced together by a transposing
-/// tree (a reduction each cost as much as the loop at k = 256). The caller checks the bounds.
+/// The AVX-512 register tile over stored weight rows: `R` input rows (up to 4) by `J` weight rows
+/// (up to 4), a 16-lane accumulator each, bf16 widened by a shift as it is loaded; the last
+/// `k % 16` products in one more step over zero-padded copies, and the sums reduced together by
+/// a transposing tree (a reduction each cost as much as the loop at k = 256). Every size adds
+/// each product into the same lane in the same order and reduces the same way, so an output does
+/// not depend on the tile it came from. The caller checks the bounds.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -356,49 +403,54 @@ mod avx512 {
     use super::WeightRows;
     use crate::gpu::WeightDtype;
 
+    /// One step: input rows at `xp` (stride `xs`), weight rows at element `i0 + j * ws`.
+    #[inline(always)]
+    unsafe fn step<const R: usize, const J: usize>(acc: &mut [__m512; 16], xp: *const f32, xs: usize, w: *const u32, bf16: bool, i0: usize, ws: usize) {
+        let mut xv = [_mm512_setzero_ps(); 4];
+        for (i, v) in xv.iter_mut().enumerate().take(R) {
+            *v = _mm512_loadu_ps(xp.add(i * xs));
+        }
+        for j in 0..J {
+            let at = i0 + j * ws;
+            let wv = if bf16 {
+                let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((w as *const u16).add(at) as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+            } else {
+                _mm512_loadu_ps((w as *const f32).add(at))
+            };
+            for i in 0..R {
+                acc[4 * i + j] = _mm512_fmadd_ps(xv[i], wv, acc[4 * i + j]);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+    pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
         let mut acc = [_mm512_setzero_ps(); 16];
         let body = k / 16 * 16;
-        // One step: input rows at `xp` (stride `xs`), weight rows at element `i0 + j * ws`.
-        #[inline(always)]
-        unsafe fn step(acc: &mut [__m512; 16], xp: *const f32, xs: usize, w: *const u32, bf16: bool, i0: usize, ws: usize) {
-            let x0 = _mm512_loadu_ps(xp);
-            let x1 = _mm512_loadu_ps(xp.add(xs));
-            let x2 = _mm512_loadu_ps(xp.add(2 * xs));
-            let x3 = _mm512_loadu_ps(xp.add(3 * xs));
-            for j in 0..4 {
-                let i = i0 + j * ws;
-                let wv = if bf16 {
-                    let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((w as *const u16).add(i) as *const __m256i));
-                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
-                } else {
-                    _mm512_loadu_ps((w as *const f32).add(i))
-                };
-                acc[j] = _mm512_fmadd_ps(x0, wv, acc[j]);
-                acc[4 + j] = _mm512_fmadd_ps(x1, wv, acc[4 + j]);
-                acc[8 + j] = _mm512_fmadd_ps(x2, wv, acc[8 + j]);
-                acc[12 + j] = _mm512_fmadd_ps(x3, wv, acc[12 + j]);
-            }
-        }
         let bf16 = w.dtype == WeightDtype::Bf16;
         let row0 = w_row * k;
         let mut at = 0;
         while at < body {
-            step(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
+            step::<R, J>(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
             at += 16;
         }
         if body < k {
             let (mut xt, mut wt) = ([0f32; 64], [0u32; 64]);
-            super::padded_tail(x, 4, w, w_row, body, 16, &mut xt, &mut wt);
-            step(&mut acc, xt.as_ptr(), 16, wt.as_ptr(), bf16, 0, 16);
+            super::padded_tail(x, R, J, w, w_row, body, 16, &mut xt, &mut wt);
+            step::<R, J>(&mut acc, xt.as_ptr(), 16, wt.as_ptr(), bf16, 0, 16);
         }
-        _mm512_storeu_ps(out.as_mut_ptr() as *mut f32, reduce16(&acc));
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&acc));
+        for (i, row) in out.iter_mut().enumerate().take(R) {
+            row[..J].copy_from_slice(&sums[4 * i..4 * i + J]);
+        }
     }
 
     /// Lane `n` of the result is the sum of `a[n]`'s sixteen lanes: pairs interleaved and added
-    /// within 128-bit lanes, then the 128-bit lanes transposed and added.
+    /// within 128-bit lanes, then the 128-bit lanes transposed and added. Each lane's sum reads
+    /// only its own accumulator, in one order.
     #[inline(always)]
     unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
         let mut b = [_mm512_setzero_ps(); 8];
@@ -415,9 +467,9 @@ mod avx512 {
     }
 }
 
-/// The AVX2 register tile over stored weight rows: 3 input rows by 4 weight rows, twelve 8-lane
-/// accumulators (with the three rows and one weight vector, the sixteen registers). The caller
-/// checks the bounds.
+/// The AVX2 register tile over stored weight rows: `R` input rows (up to 3) by `J` weight rows
+/// (up to 4), an 8-lane accumulator each (with the three rows and one weight vector, the sixteen
+/// registers); the tail and the invariance as the AVX-512 tile's. The caller checks the bounds.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -425,47 +477,51 @@ mod avx2 {
     use super::WeightRows;
     use crate::gpu::WeightDtype;
 
+    /// One step: input rows at `xp` (stride `xs`), weight rows at element `i0 + j * ws`.
+    #[inline(always)]
+    unsafe fn step<const R: usize, const J: usize>(acc: &mut [__m256; 12], xp: *const f32, xs: usize, w: *const u32, bf16: bool, i0: usize, ws: usize) {
+        let mut xv = [_mm256_setzero_ps(); 3];
+        for (i, v) in xv.iter_mut().enumerate().take(R) {
+            *v = _mm256_loadu_ps(xp.add(i * xs));
+        }
+        for j in 0..J {
+            let at = i0 + j * ws;
+            let wv = if bf16 {
+                let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((w as *const u16).add(at) as *const __m128i));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+            } else {
+                _mm256_loadu_ps((w as *const f32).add(at))
+            };
+            for i in 0..R {
+                acc[4 * i + j] = _mm256_fmadd_ps(xv[i], wv, acc[4 * i + j]);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+    pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
         let mut acc = [_mm256_setzero_ps(); 12];
         let body = k / 8 * 8;
-        // One step: input rows at `xp` (stride `xs`), weight rows at element `i0 + j * ws`.
-        #[inline(always)]
-        unsafe fn step(acc: &mut [__m256; 12], xp: *const f32, xs: usize, w: *const u32, bf16: bool, i0: usize, ws: usize) {
-            let x0 = _mm256_loadu_ps(xp);
-            let x1 = _mm256_loadu_ps(xp.add(xs));
-            let x2 = _mm256_loadu_ps(xp.add(2 * xs));
-            for j in 0..4 {
-                let i = i0 + j * ws;
-                let wv = if bf16 {
-                    let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((w as *const u16).add(i) as *const __m128i));
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-                } else {
-                    _mm256_loadu_ps((w as *const f32).add(i))
-                };
-                acc[j] = _mm256_fmadd_ps(x0, wv, acc[j]);
-                acc[4 + j] = _mm256_fmadd_ps(x1, wv, acc[4 + j]);
-                acc[8 + j] = _mm256_fmadd_ps(x2, wv, acc[8 + j]);
-            }
-        }
         let bf16 = w.dtype == WeightDtype::Bf16;
         let row0 = w_row * k;
         let mut at = 0;
         while at < body {
-            step(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
+            step::<R, J>(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
             at += 8;
         }
         if body < k {
             let (mut xt, mut wt) = ([0f32; 24], [0u32; 32]);
-            super::padded_tail(x, 3, w, w_row, body, 8, &mut xt, &mut wt);
-            step(&mut acc, xt.as_ptr(), 8, wt.as_ptr(), bf16, 0, 8);
+            super::padded_tail(x, R, J, w, w_row, body, 8, &mut xt, &mut wt);
+            step::<R, J>(&mut acc, xt.as_ptr(), 8, wt.as_ptr(), bf16, 0, 8);
         }
         // Each row's four sums at once: horizontal adds within 128-bit lanes, then the halves.
-        for (i, row) in out.iter_mut().take(3).enumerate() {
+        for (i, row) in out.iter_mut().enumerate().take(R) {
             let a = &acc[4 * i..4 * i + 4];
             let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-            _mm_storeu_ps(row.as_mut_ptr(), _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t)));
+            let mut sums = [0f32; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t)));
+            row[..J].copy_from_slice(&sums[..J]);
         }
     }
 }
@@ -511,6 +567,43 @@ pub(crate) mod tests {
                     let e = nmse(&got, &want);
                     assert!(e < 1e-10, "{} {m}x{n}x{k} {dtype:?}: nmse {e:e}", isa.name());
                     assert!(y[..2].iter().all(|v| v.is_nan()), "wrote before the output");
+                }
+            }
+        }
+    }
+
+    /// A row's outputs are the same bits whatever rows are batched with it (alone, at a tile's
+    /// edge, inside a full tile) on the intrinsics paths: a job's lines do not depend on their
+    /// neighbours.
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_batch() {
+        let mut seed = 11u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for isa in Isa::available().into_iter().filter(|&i| reads_stored_rows(i)) {
+            for k in [33, 130, 256] {
+                for dtype in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0] {
+                    if !dtype.fits_cols(k) {
+                        continue;
+                    }
+                    let n = 23;
+                    let wv: Vec<f32> = (0..n * k).map(|_| rand()).collect();
+                    let bytes = crate::gpu::encode_weights(&wv, dtype);
+                    let mut words = vec![0u32; bytes.len().div_ceil(4)];
+                    bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+                    let w = WeightRows { words: &words, dtype, cols: k };
+                    let m = 9;
+                    let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+                    let mut all = vec![f32::NAN; m * n];
+                    matmul(isa, &x, m, w, 0, n, None, &mut all, n);
+                    for r in 0..m {
+                        let mut one = vec![f32::NAN; n];
+                        matmul(isa, &x[r * k..(r + 1) * k], 1, w, 0, n, None, &mut one, n);
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&one), bits(&all[r * n..(r + 1) * n]), "{} k {k} {dtype:?} row {r}", isa.name());
+                    }
                 }
             }
         }
