@@ -177,11 +177,10 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         let out = out;
         // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
         let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };
-        // One row: each weight row widened in registers as the dot product reads it. More: the
-        // tiles read the stored rows where their path widens bf16 in registers; else the block's
-        // rows widened to f32 first.
-        // One row of a block format: each weight row decoded into a row-long buffer that stays in
-        // L1, then its dot product (the same values and products as the widened block's).
+        // The intrinsics tiles read the stored rows (bf16 widened in registers); other paths
+        // and block formats widen the block's rows to f32 first. One row of a block format:
+        // its weight rows decoded a few at a time into a buffer that stays in L1 (the same values
+        // and products as the widened block's).
         if m == 1 && w.dtype.is_quantised() {
             // On the intrinsics paths four rows at a time, through the one-row tile that the
             // same row takes in a batch.
