@@ -195,7 +195,7 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
                 if reads_stored_rows(isa) {
                     let rows = WeightRows { words: bytemuck::cast_slice(&wide[..jn * k]), dtype: WeightDtype::F32, cols: k };
                     let mut tile = [[0f32; 4]; 4];
-                    dot_tile(isa, 1, jn, &x[..k], rows, 0, &mut tile);
+                    dot_tile(isa, 1, jn, &x[..k], rows, 0, Prefetch::NONE, &mut tile);
                     for (j, &v) in tile[0].iter().enumerate().take(jn) {
                         put(0, c + j, v);
                     }
@@ -218,10 +218,16 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
             // sums: a row's result does not depend on the rows batched with it.
             for c in (0..nb).step_by(4) {
                 let jn = 4.min(nb - c);
+                // The first row tile of a group also fetches the next group's weight rows
+                // (the next block's, at its end), so that memory is read while the other row
+                // tiles compute: without it, each group waited for its rows from memory.
+                let next = row0 + c + 4;
+                let ahead = if direct && next < w_row0 + n { Prefetch { row: next, rows: 4.min(w_row0 + n - next) } } else { Prefetch::NONE };
                 for r in (0..m).step_by(mr) {
                     let rn = mr.min(m - r);
                     let mut tile = [[0f32; 4]; 4];
-                    dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, &mut tile);
+                    let ahead = if r == 0 { ahead } else { Prefetch::NONE };
+                    dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, ahead, &mut tile);
                     for (i, row) in tile.iter().enumerate().take(rn) {
                         for (j, &v) in row.iter().enumerate().take(jn) {
                             put(r + i, c + j, v);
@@ -241,7 +247,7 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         for c in (0..full_n).step_by(4) {
             for r in (0..full_m).step_by(mr) {
                 let mut tile = [[0f32; 4]; 4];
-                dot_tile(isa, mr, 4, &x[r * k..(r + mr) * k], rows, row0 + c, &mut tile);
+                dot_tile(isa, mr, 4, &x[r * k..(r + mr) * k], rows, row0 + c, Prefetch::NONE, &mut tile);
                 for (i, row) in tile.iter().enumerate().take(mr) {
                     for (j, &v) in row.iter().enumerate() {
                         put(r + i, c + j, v);
@@ -306,19 +312,32 @@ fn tile_rows(isa: Isa) -> usize {
     }
 }
 
+/// Weight rows a tile asks the memory system for while it computes (`rows` = 0: none).
+#[derive(Clone, Copy)]
+struct Prefetch {
+    row: usize,
+    rows: usize,
+}
+
+impl Prefetch {
+    const NONE: Prefetch = Prefetch { row: 0, rows: 0 };
+}
+
 /// `out[i][j] = x[i * k..][..k] . w[w_row + j]` for `rows` rows of `x` (at most [`tile_rows`])
 /// and `cols` weight rows (at most 4; f32 rows on the paths that do not [`reads_stored_rows`],
 /// where only full tiles are asked for).
-fn dot_tile(isa: Isa, rows: usize, cols: usize, x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+#[allow(clippy::too_many_arguments)]
+fn dot_tile(isa: Isa, rows: usize, cols: usize, x: &[f32], w: WeightRows, w_row: usize, ahead: Prefetch, out: &mut [[f32; 4]; 4]) {
     let k = w.cols;
     assert!(rows >= 1 && rows <= tile_rows(isa) && (1..=4).contains(&cols), "tile size");
     assert!(x.len() >= rows * k && (w_row + cols) * w.dtype.row_bytes(k) <= w.words.len() * 4, "tile shapes");
+    assert!((ahead.row + ahead.rows) * w.dtype.row_bytes(k) <= w.words.len() * 4, "prefetched rows");
     // One instance per size, so that the accumulators stay in registers.
     #[cfg(target_arch = "x86_64")]
     macro_rules! sized {
         ($m:ident, $($r:literal)+) => {
             match (rows, cols) {
-                $( ($r, 1) => $m::tile::<$r, 1>(x, w, w_row, out), ($r, 2) => $m::tile::<$r, 2>(x, w, w_row, out), ($r, 3) => $m::tile::<$r, 3>(x, w, w_row, out), ($r, 4) => $m::tile::<$r, 4>(x, w, w_row, out), )+
+                $( ($r, 1) => $m::tile::<$r, 1>(x, w, w_row, ahead, out), ($r, 2) => $m::tile::<$r, 2>(x, w, w_row, ahead, out), ($r, 3) => $m::tile::<$r, 3>(x, w, w_row, ahead, out), ($r, 4) => $m::tile::<$r, 4>(x, w, w_row, ahead, out), )+
                 _ => unreachable!("checked above"),
             }
         };
@@ -333,6 +352,20 @@ fn dot_tile(isa: Isa, rows: usize, cols: usize, x: &[f32], w: WeightRows, w_row:
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => tile::<4, 4, true>(x, w.f32_rows(w_row, 4), k, out),
         Isa::Portable => tile::<2, 8, false>(x, w.f32_rows(w_row, 4), k, out),
+    }
+}
+
+/// Asks for the cache lines of the `ahead` rows at element `at` (a hint: it never faults, and
+/// changes no result).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(w: WeightRows, ahead: Prefetch, at: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let size = if w.dtype == WeightDtype::Bf16 { 2 } else { 4 };
+    let base = w.words.as_ptr() as *const i8;
+    for j in 0..ahead.rows {
+        // SAFETY: the rows lie inside the weight (checked by the caller); a prefetch reads nothing.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(base.add(((ahead.row + j) * w.cols + at) * size)) };
     }
 }
 
@@ -424,7 +457,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+    pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, ahead: super::Prefetch, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
         let mut acc = [_mm512_setzero_ps(); 16];
         let body = k / 16 * 16;
@@ -433,6 +466,7 @@ mod avx512 {
         let mut at = 0;
         while at < body {
             step::<R, J>(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
+            super::prefetch(w, ahead, at);
             at += 16;
         }
         if body < k {
@@ -498,7 +532,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, out: &mut [[f32; 4]; 4]) {
+    pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, ahead: super::Prefetch, out: &mut [[f32; 4]; 4]) {
         let k = w.cols;
         let mut acc = [_mm256_setzero_ps(); 12];
         let body = k / 8 * 8;
@@ -507,6 +541,7 @@ mod avx2 {
         let mut at = 0;
         while at < body {
             step::<R, J>(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
+            super::prefetch(w, ahead, at);
             at += 8;
         }
         if body < k {
