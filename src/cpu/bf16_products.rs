@@ -123,12 +123,16 @@ pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias:
             let wide = if mr == 1 { 8 } else { 4 };
             for c in (c0..c1).step_by(wide) {
                 let nr = wide.min(c1 - c);
+                // The first rows' pass also fetches the next weight rows (the next block's at the
+                // end), so that memory is read while it computes (later passes find them cached).
+                let next = c + nr;
+                let ahead = if r == r0 && next < n { (w_row0 + next, wide.min(n - next)) } else { (0, 0) };
                 let mut tile = [[0f32; 8]; 4];
                 // SAFETY: `supported` was checked; the rows r..r + mr of `xb` and the weight rows
                 // w_row0 + c..+ nr lie inside their slices (checked above).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx512bf16::tile(&xb[r * kp..(r + mr) * kp], kp, mr, w, w_row0 + c, nr, &mut tile)
+                    avx512bf16::tile(&xb[r * kp..(r + mr) * kp], kp, mr, w, w_row0 + c, nr, ahead, &mut tile)
                 };
                 for (i, row) in tile.iter().enumerate().take(mr) {
                     for (j, &v) in row.iter().enumerate().take(nr) {
@@ -148,12 +152,14 @@ mod avx512bf16 {
     use super::{WeightRows, STEP};
 
     /// `out[i][j] = xb[i] . w[w_row + j]` for `i < mr <= 4` input rows (bf16, `kp` apart, zero
-    /// padded) and `j < nr <= 8` weight rows (`mr * nr <= 16`).
-    pub unsafe fn tile(xb: &[u16], kp: usize, mr: usize, w: WeightRows, w_row: usize, nr: usize, out: &mut [[f32; 8]; 4]) {
+    /// padded) and `j < nr <= 8` weight rows (`mr * nr <= 16`), prefetching the `ahead` weight
+    /// rows (first row, count) as it goes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(xb: &[u16], kp: usize, mr: usize, w: WeightRows, w_row: usize, nr: usize, ahead: (usize, usize), out: &mut [[f32; 8]; 4]) {
         macro_rules! pick {
             ($(($m:literal, $n:literal)),*) => {
                 match (mr, nr) {
-                    $(($m, $n) => fixed::<$m, $n>(xb, kp, w, w_row, out),)*
+                    $(($m, $n) => fixed::<$m, $n>(xb, kp, w, w_row, ahead, out),)*
                     _ => unreachable!("a {mr} x {nr} tile"),
                 }
             };
@@ -166,7 +172,7 @@ mod avx512bf16 {
     // `j` picks the weight row as well as the accumulator.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn fixed<const MR: usize, const NR: usize>(xb: &[u16], kp: usize, w: WeightRows, w_row: usize, out: &mut [[f32; 8]; 4]) {
+    unsafe fn fixed<const MR: usize, const NR: usize>(xb: &[u16], kp: usize, w: WeightRows, w_row: usize, ahead: (usize, usize), out: &mut [[f32; 8]; 4]) {
         let k = w.cols;
         let wp = w.words.as_ptr() as *const u16;
         let xp = xb.as_ptr();
@@ -184,6 +190,10 @@ mod avx512bf16 {
                 for i in 0..MR {
                     acc[i][j] = _mm512_dpbf16_ps(acc[i][j], std::mem::transmute::<__m512i, __m512bh>(xs[i]), wv);
                 }
+            }
+            // A hint: it never faults, and the rows lie inside the weight (checked by the caller).
+            for j in 0..ahead.1 {
+                _mm_prefetch::<_MM_HINT_T1>(wp.add((ahead.0 + j) * k + at) as *const i8);
             }
             at += STEP;
         }
