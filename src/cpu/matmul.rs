@@ -26,6 +26,8 @@ pub fn gemm_min_rows(isa: Isa) -> usize {
 }
 /// Weight elements widened at once on the gemm path (16 MiB of f32).
 const WIDE_BLOCK: usize = 4 << 20;
+/// Input bytes the dot path's tiles pass over at once (half of a typical L2).
+const X_BLOCK_BYTES: usize = 256 << 10;
 /// Weight rows one task of the dot path takes (at least).
 const DOT_BLOCK: usize = 16;
 /// Multiply-adds worth a rayon task.
@@ -216,21 +218,28 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
         if reads_stored_rows(isa) {
             // The intrinsics tiles take every output, the edges in smaller tiles of the same
             // sums: a row's result does not depend on the rows batched with it.
-            for c in (0..nb).step_by(4) {
-                let jn = 4.min(nb - c);
-                // The first row tile of a group also fetches the next group's weight rows
-                // (the next block's, at its end), so that memory is read while the other row
-                // tiles compute: without it, each group waited for its rows from memory.
-                let next = row0 + c + 4;
-                let ahead = if direct && next < w_row0 + n { Prefetch { row: next, rows: 4.min(w_row0 + n - next) } } else { Prefetch::NONE };
-                for r in (0..m).step_by(mr) {
-                    let rn = mr.min(m - r);
-                    let mut tile = [[0f32; 4]; 4];
-                    let ahead = if r == 0 { ahead } else { Prefetch::NONE };
-                    dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, ahead, &mut tile);
-                    for (i, row) in tile.iter().enumerate().take(rn) {
-                        for (j, &v) in row.iter().enumerate().take(jn) {
-                            put(r + i, c + j, v);
+            // The input rows a block at a time, small enough to stay in L2 while the block's
+            // weight rows pass over them (all of them at once, re-read for each group of four
+            // weight rows, came from L3 at prefill sizes).
+            let row_block = ((X_BLOCK_BYTES / (4 * k).max(1)) / mr * mr).max(mr);
+            for rb in (0..m).step_by(row_block) {
+                let rb_end = (rb + row_block).min(m);
+                for c in (0..nb).step_by(4) {
+                    let jn = 4.min(nb - c);
+                    // The first row tile of a group also fetches the next group's weight rows
+                    // (the next block's, at its end), so that memory is read while the other
+                    // row tiles compute: without it, each group waited for its rows from memory.
+                    let next = row0 + c + 4;
+                    let ahead = if direct && rb == 0 && next < w_row0 + n { Prefetch { row: next, rows: 4.min(w_row0 + n - next) } } else { Prefetch::NONE };
+                    for r in (rb..rb_end).step_by(mr) {
+                        let rn = mr.min(rb_end - r);
+                        let mut tile = [[0f32; 4]; 4];
+                        let ahead = if r == rb { ahead } else { Prefetch::NONE };
+                        dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, ahead, &mut tile);
+                        for (i, row) in tile.iter().enumerate().take(rn) {
+                            for (j, &v) in row.iter().enumerate().take(jn) {
+                                put(r + i, c + j, v);
+                            }
                         }
                     }
                 }
