@@ -569,6 +569,16 @@ fn step_cost(
             gpu += 3.0 * hw.matmul_s(t, cfg.intermediate_size as f64, h);
         }
     }
+    // The ops between the matmuls (norms, rope, residual adds, copies; the experts' gather,
+    // activation and combine), by the bytes they read and write.
+    if let Some(rate) = hw.elementwise_bytes_per_s {
+        let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count() as f64;
+        let dense_layers = cfg.num_layers as f64 - moe_layers;
+        let shared = cfg.shared_expert_intermediate_size.map_or(0.0, |si| si as f64);
+        let per_layer = 14.0 * h;
+        let floats = moe_layers * t * (per_layer + 3.0 * k * h + 3.0 * k * inter + 3.0 * shared) + dense_layers * t * (per_layer + 3.0 * cfg.intermediate_size as f64);
+        gpu += floats * 4.0 / rate;
+    }
     let streamed_bytes = streamed_layers * (active - host_experts) * w.per_expert_stream as f64 + placement.streamed_attention.len() as f64 * w.attention_per_layer_stream as f64;
     io_bytes += streamed_bytes;
     gpu += hw.matmul_s(logits, cfg.vocab_size as f64, h);
