@@ -307,6 +307,11 @@ fn cache_path(ctx: &GpuContext) -> Option<PathBuf> {
     if crate::cpu::bf16_products::enabled() {
         features.push_str("cpubf16");
     }
+    // A debug build (the tests' binary) runs the host's kernels several times slower: its rates
+    // must not become a release build's plan.
+    if cfg!(debug_assertions) {
+        features.push_str("debug");
+    }
     let key = format!("{}-{:?}-{}-{}-{features}", i.name, i.backend, i.driver, i.driver_info);
     let clean: String = key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     Some(base.join("moegen").join("hardware").join(format!("{clean}.json")))
