@@ -216,11 +216,8 @@ pub fn swiglu(gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBuffer, offset: usize, 
     let (g, u) = (&f32s(&g)[offset..offset + n], &f32s(&u)[offset..offset + n]);
     let mut ow = out.write_host();
     let o = &mut f32s_mut(&mut ow)[offset..offset + n];
-    o.par_chunks_mut(MIN_TASK_ELEMENTS).zip(g.par_chunks(MIN_TASK_ELEMENTS)).zip(u.par_chunks(MIN_TASK_ELEMENTS)).for_each(|((o, g), u)| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    });
+    let isa = Isa::detected();
+    o.par_chunks_mut(MIN_TASK_ELEMENTS).zip(g.par_chunks(MIN_TASK_ELEMENTS)).zip(u.par_chunks(MIN_TASK_ELEMENTS)).for_each(|((o, g), u)| crate::cpu::simd::swiglu(isa, g, u, o));
     Ok(())
 }
 
