@@ -193,7 +193,7 @@ pub fn exp_approx(x: f32) -> f32 {
     let xc = x.clamp(-87.336_55, 88.376_26);
     let n = (xc * LOG2E + 0.5).floor();
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = p * r * r + r + 1.0;
     let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
     // Past the range: the limits (and NaN through), outside the vector body's arithmetic.
