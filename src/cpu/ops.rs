@@ -303,11 +303,13 @@ pub fn dequant_fp8(src: &GpuBuffer, scales: &GpuBuffer, dst: &GpuBuffer, rows: u
     let mut dw = dst.write_host();
     let out: &mut [u16] = bytemuck::cast_slice_mut(&mut dw[..]);
     let out = &mut out[dst_byte0 / 2..dst_byte0 / 2 + rows * cols];
-    for (i, o) in out.iter_mut().enumerate() {
-        let (r, c) = (i / cols, i % cols);
-        let v = crate::kernels::dequant::e4m3_to_f32(bytes[src_byte0 + i]) * sc[scale0 + ((row0 + r) / block.0) * scale_cols + c / block.1];
-        *o = bf16_bits(v) as u16;
-    }
+    let table = crate::kernels::dequant::e4m3_table();
+    out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        let (src, scales) = (&bytes[src_byte0 + r * cols..][..cols], &sc[scale0 + ((row0 + r) / block.0) * scale_cols..]);
+        for (c, (o, &q)) in row.iter_mut().zip(src).enumerate() {
+            *o = bf16_bits(table[q as usize] * scales[c / block.1]) as u16;
+        }
+    });
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use crate::kernels::moe::GroupTile;
 use crate::kernels::tuning::KernelTuning;
 
 /// Bumped when the calibration changes, so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 18;
+const CALIBRATION_VERSION: u32 = 19;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {

@@ -103,10 +103,11 @@ pub fn dequantize(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
         }
         WeightDtype::Fp8 { block } => {
             let n = block as usize;
+            let table = crate::kernels::dequant::e4m3_table();
             for (o, b) in out.chunks_exact_mut(n).zip(src.chunks_exact(n + 4)) {
                 let scale = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 for (o, &q) in o.iter_mut().zip(&b[4..]) {
-                    *o = half::bf16::from_f32(crate::kernels::dequant::e4m3_to_f32(q) * scale).to_f32();
+                    *o = half::bf16::from_f32(table[q as usize] * scale).to_f32();
                 }
             }
         }
