@@ -23,7 +23,7 @@ if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/
         || { $sudo apt-get update >/dev/null && $sudo apt-get install -y $packages >/dev/null; } \
         || untested "could not install $packages"
 fi
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+if ! rustup target list --installed 2>/dev/null | grep -x "$target" >/dev/null; then
     timeout 600 rustup target add "$target" || untested "could not add the Rust target $target (rustup)"
 fi
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc

@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 have_vulkan() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 && ldconfig -p | grep -q 'libvulkan\.so\.1'
+    # grep reads all of ldconfig's output (with -q it stops early, and under pipefail the
+    # writer's broken pipe made a present driver look missing).
+    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 && ldconfig -p | grep 'libvulkan\.so\.1' >/dev/null
 }
 if [ "$(uname -s)" = Linux ] && ! have_vulkan; then
     echo "No Vulkan driver found: installing Mesa's software Vulkan driver (mesa-vulkan-drivers)"
