@@ -102,7 +102,10 @@ run() {
         say "pack of commit $(cat target/device-pack/commit)"
     fi
     export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} XDG_CACHE_HOME=$out/cache MOEGEN_DEVICE=gpu
-    if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 && [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+    # The lent machine's NVIDIA driver registers its Vulkan ICD where the loader does not look:
+    # point the loader at it whenever it is there (the test of both system folders that stood
+    # here was true whenever either held no file, which is what it relied on).
+    if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
         export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
     fi
     say "date: $(date -u +%F\ %T) UTC; host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"

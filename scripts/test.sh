@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 have_vulkan() {
-    # grep reads all of ldconfig's output (with -q it stops early, and under pipefail the
-    # writer's broken pipe made a present driver look missing).
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1 && ldconfig -p | grep 'libvulkan\.so\.1' >/dev/null
+    # Each place on its own: `ls` of both fails when either holds no driver file (Debian's
+    # Mesa installs into /usr/share only), which made an installed driver look absent. grep
+    # reads all of ldconfig's output (-q stops early; under pipefail a broken pipe would fail).
+    { ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 || ls /etc/vulkan/icd.d/*.json >/dev/null 2>&1; } \
+        && ldconfig -p | grep 'libvulkan\.so\.1' >/dev/null
 }
 if [ "$(uname -s)" = Linux ] && ! have_vulkan; then
     echo "No Vulkan driver found: installing Mesa's software Vulkan driver (mesa-vulkan-drivers)"
