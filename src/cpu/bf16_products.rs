@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
-use crate::cpu::matmul::{Out, WeightRows};
+use crate::cpu::matmul::{Out, Prefetch, WeightRows};
 use crate::gpu::WeightDtype;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -126,7 +126,7 @@ pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias:
                 // The first rows' pass also fetches the next weight rows (the next block's at the
                 // end), so that memory is read while it computes (later passes find them cached).
                 let next = c + nr;
-                let ahead = if r == r0 && next < n { (w_row0 + next, wide.min(n - next)) } else { (0, 0) };
+                let ahead = if r == r0 && next < n { Prefetch { row: w_row0 + next, rows: wide.min(n - next) } } else { Prefetch::NONE };
                 let mut tile = [[0f32; 8]; 4];
                 // SAFETY: `supported` was checked; the rows r..r + mr of `xb` and the weight rows
                 // w_row0 + c..+ nr lie inside their slices (checked above).
@@ -149,13 +149,13 @@ pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias:
 mod avx512bf16 {
     use std::arch::x86_64::*;
 
-    use super::{WeightRows, STEP};
+    use super::{Prefetch, WeightRows, STEP};
 
     /// `out[i][j] = xb[i] . w[w_row + j]` for `i < mr <= 4` input rows (bf16, `kp` apart, zero
     /// padded) and `j < nr <= 8` weight rows (`mr * nr <= 16`), prefetching the `ahead` weight
-    /// rows (first row, count) as it goes.
+    /// rows as it goes.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(xb: &[u16], kp: usize, mr: usize, w: WeightRows, w_row: usize, nr: usize, ahead: (usize, usize), out: &mut [[f32; 8]; 4]) {
+    pub unsafe fn tile(xb: &[u16], kp: usize, mr: usize, w: WeightRows, w_row: usize, nr: usize, ahead: Prefetch, out: &mut [[f32; 8]; 4]) {
         macro_rules! pick {
             ($(($m:literal, $n:literal)),*) => {
                 match (mr, nr) {
@@ -172,7 +172,7 @@ mod avx512bf16 {
     // `j` picks the weight row as well as the accumulator.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn fixed<const MR: usize, const NR: usize>(xb: &[u16], kp: usize, w: WeightRows, w_row: usize, ahead: (usize, usize), out: &mut [[f32; 8]; 4]) {
+    unsafe fn fixed<const MR: usize, const NR: usize>(xb: &[u16], kp: usize, w: WeightRows, w_row: usize, ahead: Prefetch, out: &mut [[f32; 8]; 4]) {
         let k = w.cols;
         let wp = w.words.as_ptr() as *const u16;
         let xp = xb.as_ptr();
@@ -192,8 +192,8 @@ mod avx512bf16 {
                 }
             }
             // A hint: it never faults, and the rows lie inside the weight (checked by the caller).
-            for j in 0..ahead.1 {
-                _mm_prefetch::<_MM_HINT_T1>(wp.add((ahead.0 + j) * k + at) as *const i8);
+            for j in 0..ahead.rows {
+                _mm_prefetch::<_MM_HINT_T1>(wp.add((ahead.row + j) * k + at) as *const i8);
             }
             at += STEP;
         }

@@ -323,13 +323,13 @@ fn tile_rows(isa: Isa) -> usize {
 
 /// Weight rows a tile asks the memory system for while it computes (`rows` = 0: none).
 #[derive(Clone, Copy)]
-struct Prefetch {
-    row: usize,
-    rows: usize,
+pub(crate) struct Prefetch {
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
 }
 
 impl Prefetch {
-    const NONE: Prefetch = Prefetch { row: 0, rows: 0 };
+    pub(crate) const NONE: Prefetch = Prefetch { row: 0, rows: 0 };
 }
 
 /// `out[i][j] = x[i * k..][..k] . w[w_row + j]` for `rows` rows of `x` (at most [`tile_rows`])
