@@ -88,7 +88,7 @@ fn cpu_matmul(quick: bool) {
         }
         let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
         let w = GpuWeight::from_f32(&cpu, "bench weight", &wv, dtype, n, k).expect("weight");
-        let tokens: &[usize] = if dtype.is_quantised() { &[1, 16, 256] } else { &[1, 4, 16, 64, 256, 2048] };
+        let tokens: &[usize] = if dtype.is_quantised() { &[1, 4, 16, 64, 256] } else { &[1, 4, 16, 64, 256, 2048] };
         for &m in tokens {
             let x = filled(&cpu, m * k, 1);
             let y = cpu.storage("bench out", (m * n * 4) as u64).expect("out");

@@ -7,6 +7,7 @@ pub mod bf16_products;
 pub mod experts;
 pub mod matmul;
 pub mod simd;
+pub(crate) mod unpack;
 pub mod ops;
 
 use crate::cpu::simd::Isa;

@@ -133,6 +133,36 @@ pub fn dequantize(dtype: WeightDtype, src: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Elements per unit of the host matmul's in-register decoding (`cpu/unpack.rs`): a Q8_0/Q4_0
+/// block, a K format's sub-block.
+pub const UNIT: usize = 32;
+
+/// Each unit's scales, per row, as the scalar decoder computes them: `[d, 0]` for a Q8_0/Q4_0
+/// block, `[d * scale, dmin * min]` for a Q4_K sub-block. Computed once for a task's weight rows, so that the tiles of input rows that
+/// pass over them share the scalar work (which, per tile, cost more than the decoding itself):
+/// the host matmul's in-register decoding (`cpu/unpack.rs`) reads them.
+pub fn unit_scales(dtype: WeightDtype, row: &[u8], cols: usize, out: &mut [[f32; 2]]) {
+    let units = cols / UNIT;
+    match dtype {
+        WeightDtype::Q8_0 | WeightDtype::Q4_0 => {
+            let bytes = dtype.block_bytes();
+            for (o, b) in out[..units].iter_mut().zip(row.chunks_exact(bytes)) {
+                *o = [half_at(b, 0), 0.0];
+            }
+        }
+        WeightDtype::Q4K => {
+            for (o, b) in out[..units].chunks_exact_mut(8).zip(row.chunks_exact(144)) {
+                let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+                for (s, o) in o.iter_mut().enumerate() {
+                    let (sc, m) = scale_min_k4(s, &b[4..16]);
+                    *o = [d * sc as f32, dmin * m as f32];
+                }
+            }
+        }
+        _ => unreachable!("{} has no 32-element units", dtype.name()),
+    }
+}
+
 /// An FP8 matrix (`rows x cols` e4m3 values, scales per `block` of rows x columns) in the
 /// [`WeightDtype::Fp8`] layout, or None when the scale blocks do not divide the rows' length.
 pub fn pack_fp8_rows(data: &[u8], scales: &[f32], block: (usize, usize), rows: usize, cols: usize) -> Option<(Vec<u8>, WeightDtype)> {
