@@ -25,12 +25,19 @@ PY="$WORK/venv/bin/python"
 if [ ! -f "$WORK/model/config.json" ]; then
     "$PY" scripts/make_bench_model.py "$WORK/model"
 fi
-llama_cpp_build llama-batched-bench
+llama_cpp_build llama-batched-bench llama-quantize
 
 GGUF="$WORK/model-bf16.gguf"
 if [ ! -f "$GGUF" ]; then
     PYTHONPATH="$LLAMA/gguf-py" "$PY" "$LLAMA/convert_hf_to_gguf.py" "$WORK/model" --outtype bf16 --outfile "$GGUF" >"$WORK/convert.log" 2>&1
 fi
+
+# Quantised: the same GGUF files read by both (llama-quantize from the bf16 GGUF), Q8_0 and
+# Q4_K_M (what most users hold: Q4_K, with Q6_K for some tensors).
+QUANTS=${QUANTS:-Q8_0 Q4_K_M}
+for q in $QUANTS; do
+    [ -f "$WORK/model-$q.gguf" ] || "$BUILD/bin/llama-quantize" "$GGUF" "$WORK/model-$q.gguf" "$q" >"$WORK/quantize-$q.log" 2>&1
+done
 
 cargo build --release --locked
 
@@ -56,5 +63,15 @@ cargo build --release --locked
         RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu --cpu-compute bf16 bench --model "$WORK/model" --sequences "$SEQS" \
             --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
     fi
+    for q in $QUANTS; do
+        echo
+        echo "## llama.cpp CPU, $q GGUF"
+        "$BUILD/bin/llama-batched-bench" -m "$WORK/model-$q.gguf" -c $((SEQS * (PROMPT + NEW) + 64)) -b 2048 -ub 512 \
+            -npp "$PROMPT" -ntg "$NEW" -npl "$SEQS" -t "$THREADS" -tb "$THREADS" 2>/dev/null || echo "llama.cpp failed on $q"
+        echo
+        echo "## moegen --device cpu bench, the same $q GGUF"
+        RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu bench --model "$WORK/model-$q.gguf" --sequences "$SEQS" \
+            --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
+    done
 } | tee "$RESULTS"
 echo "figures in $RESULTS (commit them to BENCHMARKS.md with the machine and date)" >&2

@@ -134,11 +134,7 @@ impl PolicyReport {
         if let Some(z) = &self.plan.sizes {
             s += &format!("; attention {}", z.attention.describe(device));
             if z.gpu_kv_rows == 0 {
-                s += &match (z.gpu_states, z.gpu_norm_rows) {
-                    (true, _) => format!(", hidden states kept on the {device}"),
-                    (false, 0) => ", hidden states in host memory".to_string(),
-                    (false, rows) => format!(", hidden states in host memory, normed states on the {device} in steps of up to {rows} tokens"),
-                };
+                s += &format!(", hidden states {}", z.describe_states(device));
             }
         }
         if let Some(t) = &self.trace {

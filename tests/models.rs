@@ -155,18 +155,20 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     for site in [AttentionSite::Gpu, AttentionSite::Host, AttentionSite::Split { host_permille: 500 }] {
         for (sizing, base) in [("split sizes", sizes), ("whole-job steps", wide)] {
             // States in host memory; normed states on the GPU for steps of up to 4 tokens; all on the GPU.
-            for (gpu_states, gpu_norm_rows) in [(false, 0), (false, 4), (true, 0)] {
-                if site == AttentionSite::Gpu && (gpu_states, gpu_norm_rows) == (false, 0) {
+            // And the whole states on the GPU in steps of up to 3 tokens (decode), in host
+            // memory in longer ones.
+            for (gpu_state_rows, gpu_norm_rows) in [(0, 0), (0, 4), (3, 0), (usize::MAX, 0)] {
+                if site == AttentionSite::Gpu && (gpu_state_rows, gpu_norm_rows) == (0, 0) {
                     continue;
                 }
-                let placed = ModuleSizes { attention: site, gpu_states, gpu_norm_rows, ..base };
+                let placed = ModuleSizes { attention: site, gpu_state_rows, gpu_norm_rows, ..base };
                 let mut module = vec![Vec::new(); requests.len()];
                 generate_module(model, &requests, &placed, |f| {
                     module[f.index] = f.output;
                     Ok(())
                 })
                 .unwrap();
-                let states = if gpu_states { "on the GPU".to_string() } else { format!("in host memory, norms on the GPU up to {gpu_norm_rows} tokens") };
+                let states = placed.describe_states("GPU");
                 assert_eq!(module, want, "{name}: attention {} with {sizing}, states {states}, changed the tokens", site.describe("device"));
             }
         }
@@ -176,15 +178,15 @@ fn check_model(name: &str, model: &Model, expected: &Value) -> Vec<Vec<f32>> {
     // the states in host memory, normed states on the GPU, and all states on the GPU: the same
     // tokens (the host matmul sums in another order than the GPU's, which no greedy token feels).
     for host_expert_rows in [usize::MAX, 2] {
-        for (gpu_states, gpu_norm_rows) in [(false, 0), (false, 4), (true, 0)] {
-            let placed = ModuleSizes { host_expert_rows, gpu_states, gpu_norm_rows, attention: AttentionSite::Host, ..sizes };
+        for (gpu_state_rows, gpu_norm_rows) in [(0, 0), (0, 4), (3, 0), (usize::MAX, 0)] {
+            let placed = ModuleSizes { host_expert_rows, gpu_state_rows, gpu_norm_rows, attention: AttentionSite::Host, ..sizes };
             let mut module = vec![Vec::new(); requests.len()];
             generate_module(model, &requests, &placed, |f| {
                 module[f.index] = f.output;
                 Ok(())
             })
             .unwrap();
-            assert_eq!(module, want, "{name}: experts of up to {host_expert_rows} rows on the host, states on the GPU {gpu_states}, norms up to {gpu_norm_rows}, changed the tokens");
+            assert_eq!(module, want, "{name}: experts of up to {host_expert_rows} rows on the host, hidden states {}, changed the tokens", placed.describe_states("GPU"));
         }
     }
 
@@ -230,7 +232,7 @@ fn split_sizes(model: &Model, longest: usize) -> ModuleSizes {
         page_tokens: 4,
         gpu_kv_rows: 0,
         attention: AttentionSite::Gpu,
-        gpu_states: false,
+        gpu_state_rows: 0,
         gpu_norm_rows: 0,
         host_batches: 2,
         host_expert_rows: 0,

@@ -267,7 +267,7 @@ pub fn plan_job(
                     page_tokens: PAGE_TOKENS,
                     gpu_kv_rows: 0,
                     attention: AttentionSite::Gpu,
-                    gpu_states: false,
+                    gpu_state_rows: 0,
                     gpu_norm_rows: 0,
                     host_batches: 1,
                     host_expert_rows: host_expert_rows(cfg, w, hw, cpu_experts),
@@ -279,16 +279,24 @@ pub fn plan_job(
                 // Else the normed states of a decode step (the population's tokens) on the GPU.
                 let norm_bytes = (population * h * 4) as u64;
                 let with_norms = if norm_bytes <= binding_limit { Placement::plan(cfg, w, gpu_budget, reserved + norm_bytes).ok() } else { None };
-                let placements = std::iter::once(((false, 0), placement.clone()))
-                    .chain(with_norms.map(|p| ((false, population), p)))
-                    .chain(with_states.map(|p| ((true, 0), p)));
-                for ((gpu_states, gpu_norm_rows), placed) in placements {
+                // Or the whole states of the decode steps only (which leaves more of the budget
+                // to expert slots, or fits where every step's do not).
+                let decode_states = if population < step && (population * k * h * 4) as u64 <= binding_limit {
+                    Placement::plan(cfg, w, gpu_budget, reserved + state_bytes(population)).ok()
+                } else {
+                    None
+                };
+                let placements = std::iter::once(((0, 0), placement.clone()))
+                    .chain(with_norms.map(|p| ((0, population), p)))
+                    .chain(decode_states.map(|p| ((population, 0), p)))
+                    .chain(with_states.map(|p| ((step, 0), p)));
+                for ((gpu_state_rows, gpu_norm_rows), placed) in placements {
                     for &site in &sites {
                         // Host attention pipelined over more micro-batches hides more of it, at a
                         // submission each: the depth that predicts fastest.
                         let depths: &[usize] = if site == AttentionSite::Gpu { &[1] } else { &[1, 2, 4, 8, 16] };
                         for &host_batches in depths {
-                            let sizes = ModuleSizes { attention: site, gpu_states, gpu_norm_rows, host_batches, ..sizes };
+                            let sizes = ModuleSizes { attention: site, gpu_state_rows, gpu_norm_rows, host_batches, ..sizes };
                             let p = predict(cfg, w, &shaped, &placed, hw, population, Some(&sizes));
                             if best.as_ref().is_none_or(|(_, b, _)| p.tokens_per_s > b.tokens_per_s * 1.01) {
                                 best = Some((sizes, p, placed.clone()));
@@ -326,7 +334,7 @@ pub fn plan_job(
                         host_kv_bytes: 0,
                         gpu_kv_rows: rows,
                         attention: AttentionSite::Gpu,
-                        gpu_states: false,
+                        gpu_state_rows: 0,
                         gpu_norm_rows: 0,
                         host_batches: 1,
                         ..sizes
@@ -592,7 +600,8 @@ fn step_cost(
         // Assignments of host experts: their rows and outputs stay on the host when the states
         // live there, and cross once each way when the states are on the GPU.
         let host_rows = t * k * streamed_layers * host_experts / active.max(1e-9);
-        let norms_on_gpu = !s.gpu_states && t <= s.gpu_norm_rows as f64;
+        let states_on_gpu = t <= s.gpu_state_rows as f64;
+        let norms_on_gpu = !states_on_gpu && t <= s.gpu_norm_rows as f64;
         let (state_up, state_down) = if norms_on_gpu {
             // The states go up for each layer's attention and down after it; experts and FFNs
             // gather the normed rows on the GPU (row lists up) and their outputs come down.
@@ -600,7 +609,7 @@ fn step_cost(
             let up = t * h * 4.0 * (layers + 1.0 + ffn_layers) + layers * t * 4.0 * 2.0 + streamed_layers * t * k * 4.0 + host_tokens * heads * vd * 4.0 * layers;
             let down = t * 4.0 * (h + kv_row + 2.0 * k) * layers + t * k * h * 4.0 * streamed_layers + t * h * 4.0 * ffn_layers + host_tokens * heads * kd * 4.0 * layers;
             (up, down)
-        } else if s.gpu_states {
+        } else if states_on_gpu {
             // Only row indices, routing and the host's attention traffic cross: per layer the
             // micro-batches' and chunks' row lists, the combine's rows and weights.
             let up = t * 4.0 + layers * t * 4.0 * 3.0 + streamed_layers * t * k * 4.0 * 4.0 + host_tokens * heads * vd * 4.0 * layers + host_rows * h * 4.0;
@@ -738,11 +747,7 @@ impl JobPlan {
                 z.population,
                 self.prediction.batch_limit,
                 z.step_tokens,
-                match (z.gpu_states, z.gpu_norm_rows) {
-                    (true, _) => format!("kept on the {device}"),
-                    (false, 0) => "in host memory".to_string(),
-                    (false, rows) => format!("in host memory, normed states on the {device} in steps of up to {rows} tokens"),
-                },
+                z.describe_states(device),
                 match z.attention {
                     _ if z.host_batches > 1 && z.attention != AttentionSite::Gpu => {
                         format!("{}, pipelined in at least {} micro-batches a layer", z.attention.describe(device), z.host_batches)

@@ -130,10 +130,12 @@ pub struct ModuleSizes {
     pub gpu_kv_rows: usize,
     /// Where attention runs over the host pages (the GPU when the KV is on the GPU).
     pub attention: AttentionSite,
-    /// The step's hidden states stay on the GPU between modules (the planner's choice when the
-    /// budget holds them): only new keys and values, routing, host queries and attention
-    /// outputs cross the link, not the states themselves.
-    pub gpu_states: bool,
+    /// Steps of at most this many tokens keep their hidden states on the GPU between modules
+    /// (the planner's choice when the budget holds them: every step's, or those of the decode
+    /// steps, the population's tokens, while longer prefill steps keep theirs in host memory):
+    /// only new keys and values, routing, host queries and attention outputs cross the link,
+    /// not the states themselves. 0: never.
+    pub gpu_state_rows: usize,
     /// Otherwise, steps of at most this many tokens keep their normed states on the GPU: the
     /// experts and FFNs gather their rows there, so a token's state goes up once a layer (for
     /// its attention) instead of once for each expert it visits. 0: never.
@@ -146,6 +148,18 @@ pub struct ModuleSizes {
     /// sets it where the host's calibrated matmul beats the link). Only for steps that run
     /// their attention before choosing experts (those whose tokens leave some unused).
     pub host_expert_rows: usize,
+}
+
+impl ModuleSizes {
+    /// Where the steps' hidden states live, for the plan and the run's summary.
+    pub fn describe_states(&self, device: &str) -> String {
+        match (self.gpu_state_rows, self.gpu_norm_rows) {
+            (rows, _) if rows >= self.step_tokens => format!("kept on the {device}"),
+            (0, 0) => "in host memory".to_string(),
+            (0, rows) => format!("in host memory, normed states on the {device} in steps of up to {rows} tokens"),
+            (rows, _) => format!("kept on the {device} in steps of up to {rows} tokens (decode), in host memory in longer ones"),
+        }
+    }
 }
 
 /// Where the population's KV lives.
@@ -450,7 +464,7 @@ fn run_step(
     for p in parts {
         ids.extend_from_slice(&pop[p.seq].tokens[p.past..p.past + p.count]);
     }
-    let on_gpu = sizes.gpu_states;
+    let on_gpu = n <= sizes.gpu_state_rows;
     let norms_on_gpu = on_gpu || n <= sizes.gpu_norm_rows;
     let host_rows = if on_gpu { 0 } else { n };
     let mut st = StepState {
