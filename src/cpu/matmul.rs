@@ -419,6 +419,32 @@ fn prefetch_bytes(w: WeightRows, rb: usize, ahead: Prefetch, at: usize) {
     }
 }
 
+/// The intrinsics tiles over block-format rows, on either width: each unit of weight rows
+/// `w_row..w_row + J` decoded in registers ([`unpack`](super::unpack)) and multiplied into the
+/// `R` input rows' accumulators (`acc[4 * i + j]`) a part at a time, each element into the lane
+/// and in the order the widened rows' tile adds it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn unit_tile<S: super::unpack::Lanes, const R: usize, const J: usize>(acc: &mut [S::F; 16], x: &[f32], w: WeightRows, w_row: usize, scales: &[[f32; 2]], ahead: Prefetch) {
+    use super::unpack::{self, part};
+    let (k, rb) = (w.cols, w.dtype.row_bytes(w.cols));
+    let rows = (w.words.as_ptr() as *const u8).add(w_row * rb);
+    unpack::for_each_unit!(w.dtype, S, rows, rb, k, scales, J, |dt, u, units| {
+        for p in 0..crate::quant::UNIT / S::N {
+            let mut xv = [S::zero(); 4];
+            for (i, v) in xv.iter_mut().enumerate().take(R) {
+                *v = S::load(x.as_ptr().add(i * k + crate::quant::UNIT * u + S::N * p));
+            }
+            for (j, unit) in units.iter().enumerate().take(J) {
+                let wv = part::<S>(dt, unit, p);
+                for i in 0..R {
+                    acc[4 * i + j] = S::fma(xv[i], wv, acc[4 * i + j]);
+                }
+            }
+        }
+    }, |at| { prefetch_bytes(w, rb, ahead, at) });
+}
+
 /// What an intrinsics tile's vector loop leaves past `body`, zero-padded to `lanes` (the padding
 /// multiplies to nothing): of `rows` input rows into `xt`, and of weight rows `w_row..w_row + cols`
 /// as stored (f32, or bf16 two to a word) into `wt`, each `lanes` elements apart.
@@ -511,22 +537,7 @@ mod avx512 {
     pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, scales: &[[f32; 2]], ahead: super::Prefetch, out: &mut [[f32; 4]; 4]) {
         if w.dtype.is_quantised() {
             let mut acc = [_mm512_setzero_ps(); 16];
-            let (k, rb) = (w.cols, w.dtype.row_bytes(w.cols));
-            let rows = (w.words.as_ptr() as *const u8).add(w_row * rb);
-            unpack::for_each_unit!(w.dtype, unpack::Avx512, rows, rb, k, scales, J, |dt, u, units| {
-                for p in 0..2 {
-                    let mut xv = [_mm512_setzero_ps(); 4];
-                    for (i, v) in xv.iter_mut().enumerate().take(R) {
-                        *v = _mm512_loadu_ps(x.as_ptr().add(i * k + 32 * u + 16 * p));
-                    }
-                    for (j, unit) in units.iter().enumerate().take(J) {
-                        let wv = unpack::part::<unpack::Avx512>(dt, unit, p);
-                        for i in 0..R {
-                            acc[4 * i + j] = _mm512_fmadd_ps(xv[i], wv, acc[4 * i + j]);
-                        }
-                    }
-                }
-            }, |at| { super::prefetch_bytes(w, rb, ahead, at) });
+            super::unit_tile::<unpack::Avx512, R, J>(&mut acc, x, w, w_row, scales, ahead);
             return finish::<R, J>(&acc, out);
         }
         let k = w.cols;
@@ -612,23 +623,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile<const R: usize, const J: usize>(x: &[f32], w: WeightRows, w_row: usize, scales: &[[f32; 2]], ahead: super::Prefetch, out: &mut [[f32; 4]; 4]) {
         if w.dtype.is_quantised() {
-            let mut acc = [_mm256_setzero_ps(); 12];
-            let (k, rb) = (w.cols, w.dtype.row_bytes(w.cols));
-            let rows = (w.words.as_ptr() as *const u8).add(w_row * rb);
-            unpack::for_each_unit!(w.dtype, unpack::Avx2, rows, rb, k, scales, J, |dt, u, units| {
-                for p in 0..4 {
-                    let mut xv = [_mm256_setzero_ps(); 3];
-                    for (i, v) in xv.iter_mut().enumerate().take(R) {
-                        *v = _mm256_loadu_ps(x.as_ptr().add(i * k + 32 * u + 8 * p));
-                    }
-                    for (j, unit) in units.iter().enumerate().take(J) {
-                        let wv = unpack::part::<unpack::Avx2>(dt, unit, p);
-                        for i in 0..R {
-                            acc[4 * i + j] = _mm256_fmadd_ps(xv[i], wv, acc[4 * i + j]);
-                        }
-                    }
-                }
-            }, |at| { super::prefetch_bytes(w, rb, ahead, at) });
+            let mut acc = [_mm256_setzero_ps(); 16];
+            super::unit_tile::<unpack::Avx2, R, J>(&mut acc, x, w, w_row, scales, ahead);
             return finish::<R, J>(&acc, out);
         }
         let k = w.cols;
@@ -652,7 +648,7 @@ mod avx2 {
 
     /// Each row's four sums at once: horizontal adds within 128-bit lanes, then the halves.
     #[inline(always)]
-    unsafe fn finish<const R: usize, const J: usize>(acc: &[__m256; 12], out: &mut [[f32; 4]; 4]) {
+    unsafe fn finish<const R: usize, const J: usize>(acc: &[__m256], out: &mut [[f32; 4]; 4]) {
         for (i, row) in out.iter_mut().enumerate().take(R) {
             let a = &acc[4 * i..4 * i + 4];
             let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));

@@ -32,6 +32,10 @@ pub(crate) trait Lanes {
     unsafe fn shr_and(v: Self::I, shift: u32, mask: i32) -> Self::I;
     unsafe fn sub_i(v: Self::I, c: i32) -> Self::I;
     unsafe fn float(v: Self::I) -> Self::F;
+    unsafe fn zero() -> Self::F;
+    unsafe fn load(p: *const f32) -> Self::F;
+    /// `a * b + c`, fused.
+    unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     unsafe fn mul(v: Self::F, c: f32) -> Self::F;
     unsafe fn sub(v: Self::F, c: f32) -> Self::F;
 }
@@ -75,6 +79,18 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn float(v: __m512i) -> __m512 {
         _mm512_cvtepi32_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
     }
     #[inline(always)]
     unsafe fn mul(v: __m512, c: f32) -> __m512 {
@@ -122,6 +138,18 @@ impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn float(v: __m256i) -> __m256 {
         _mm256_cvtepi32_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
     }
     #[inline(always)]
     unsafe fn mul(v: __m256, c: f32) -> __m256 {
