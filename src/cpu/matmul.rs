@@ -186,16 +186,36 @@ fn gemm_path(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: 
 
 #[allow(clippy::too_many_arguments)]
 fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
-    let k = w.cols;
-    let out = Out(y.as_mut_ptr());
+    let job = DotJob { x, m, w, w_row0, n, bias, y: Out(y.as_mut_ptr()), y_stride };
     // Small matrices in few tasks: a task costs more than a few thousand multiply-adds.
-    let per_task = (MIN_TASK_MACS / (DOT_BLOCK * k * m).max(1)).max(1);
-    (0..n.div_ceil(DOT_BLOCK)).into_par_iter().with_min_len(per_task).for_each_init(<(Vec<f32>, Vec<[f32; 2]>)>::default, |(wide, scales), blk| {
+    let per_task = (MIN_TASK_MACS / (DOT_BLOCK * w.cols * m).max(1)).max(1);
+    (0..n.div_ceil(DOT_BLOCK)).into_par_iter().with_min_len(per_task).for_each_init(Scratch::default, |scratch, blk| dot_block(isa, &job, blk, scratch));
+}
+
+/// One matmul of the dot path, its output behind a pointer so that the matmuls of a batch
+/// ([`matmul_many`]) can run in one parallel loop.
+#[derive(Clone, Copy)]
+struct DotJob<'a> {
+    x: &'a [f32],
+    m: usize,
+    w: WeightRows<'a>,
+    w_row0: usize,
+    n: usize,
+    bias: Option<&'a [f32]>,
+    y: Out,
+    y_stride: usize,
+}
+
+/// A task's buffers: widened weight rows, the block's unit scales.
+type Scratch = (Vec<f32>, Vec<[f32; 2]>);
+
+/// Weight rows `blk * DOT_BLOCK..` of a dot-path matmul, all its input rows.
+fn dot_block(isa: Isa, job: &DotJob, blk: usize, (wide, scales): &mut Scratch) {
+    let DotJob { x, m, w, w_row0, n, bias, y: out, y_stride } = *job;
+    let k = w.cols;
+    {
         let c0 = blk * DOT_BLOCK;
         let nb = DOT_BLOCK.min(n - c0);
-        // The whole wrapper moved into the closure (a field alone, a raw pointer, is not Send).
-        #[allow(clippy::redundant_locals)]
-        let out = out;
         // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
         let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };
         // The intrinsics tiles read the stored rows (bf16 widened in registers); other paths
@@ -301,6 +321,48 @@ fn dot_path(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usiz
             for c in cols {
                 put(r, c, dot(isa, &x[r * k..(r + 1) * k], rows.row_values(row0 + c)));
             }
+        }
+    }
+}
+
+/// One matmul of [`matmul_many`]: `(x, m, w, w_row0, n, y offset)`, for
+/// `y[off + r * n + c] = x[r] . w[w_row0 + c]`.
+pub type ManyJob<'a> = (&'a [f32], usize, WeightRows<'a>, usize, usize, usize);
+
+/// Several matmuls into disjoint outputs (a grouped expert matmul's experts). Those
+/// of few rows run in one parallel loop over all their blocks, so small experts cost one
+/// fork-join in all rather than one each (at the default model's sizes that was most of their
+/// time); those of many rows run one after another, each split as `matmul` splits it. Every
+/// output gets the bits `matmul` gives it alone.
+pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
+    for &(x, m, w, _, n, off) in jobs {
+        assert!(m >= 1 && x.len() >= m * w.cols && y.len() >= off + m * n, "matmul_many shapes");
+    }
+    #[cfg(target_arch = "x86_64")]
+    let products = isa == Isa::Avx512 && crate::cpu::bf16_products::enabled();
+    #[cfg(not(target_arch = "x86_64"))]
+    let products = false;
+    let alone = |j: &ManyJob| j.1 >= gemm_min_rows(isa) || (products && j.2.dtype == WeightDtype::Bf16);
+    for &(x, m, w, w_row0, n, off) in jobs.iter().filter(|j| alone(j)) {
+        matmul(isa, x, m, w, w_row0, n, None, &mut y[off..], n);
+    }
+    let base = Out(y.as_mut_ptr());
+    let dot: Vec<DotJob> = jobs
+        .iter()
+        .filter(|j| !alone(j))
+        // SAFETY: each job's output lies inside `y` (checked above).
+        .map(|&(x, m, w, w_row0, n, off)| DotJob { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
+        .collect();
+    // Tasks of whole blocks, at least MIN_TASK_MACS each (as one matmul's are), never spanning jobs.
+    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, j) in dot.iter().enumerate() {
+        let per_task = (MIN_TASK_MACS / (DOT_BLOCK * j.w.cols * j.m).max(1)).max(1);
+        let blocks = j.n.div_ceil(DOT_BLOCK);
+        tasks.extend((0..blocks).step_by(per_task).map(|b| (i, b, (b + per_task).min(blocks))));
+    }
+    tasks.into_par_iter().for_each_init(Scratch::default, |scratch, (i, b0, b1)| {
+        for blk in b0..b1 {
+            dot_block(isa, &dot[i], blk, scratch);
         }
     });
 }
@@ -741,6 +803,45 @@ pub(crate) mod tests {
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&one), bits(&all[r * n..(r + 1) * n]), "{} k {k} {dtype:?} row {r}", isa.name());
                     }
+                }
+            }
+        }
+    }
+
+    /// A batch of matmuls gives each output the bits `matmul` gives it alone: few-row jobs in
+    /// one parallel loop, many-row ones alone, every weight type, the output poisoned first.
+    #[test]
+    fn matmul_many_gives_each_job_its_own_bits() {
+        let mut seed = 3u64;
+        let mut rand = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        let (k, n, experts) = (256, 37, 4);
+        for isa in Isa::available() {
+            for dtype in [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::Q8_0, WeightDtype::Q4K] {
+                let bytes = crate::gpu::encode_weights(&(0..experts * n * k).map(|_| rand()).collect::<Vec<f32>>(), dtype);
+                let mut words = vec![0u32; bytes.len().div_ceil(4)];
+                bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+                let w = WeightRows { words: &words, dtype, cols: k };
+                // Rows per expert: one, a few, none, and enough for the gemm path.
+                let rows = [1, 5, 0, gemm_min_rows(isa) + 3];
+                let x: Vec<f32> = (0..rows.iter().sum::<usize>() * k).map(|_| rand()).collect();
+                let mut jobs = Vec::new();
+                let mut r0 = 0;
+                for (e, &m) in rows.iter().enumerate() {
+                    if m > 0 {
+                        jobs.push((&x[r0 * k..(r0 + m) * k], m, w, e * n, n, r0 * n));
+                    }
+                    r0 += m;
+                }
+                let mut all = vec![f32::NAN; r0 * n];
+                matmul_many(isa, &jobs, &mut all);
+                for &(xs, m, w, row0, n, off) in &jobs {
+                    let mut one = vec![f32::NAN; m * n];
+                    matmul(isa, xs, m, w, row0, n, None, &mut one, n);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&one), bits(&all[off..off + m * n]), "{} {dtype:?} {m} rows", isa.name());
                 }
             }
         }

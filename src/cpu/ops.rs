@@ -403,15 +403,18 @@ pub fn grouped_matmul(xg: &GpuBuffer, w: &GpuWeight, offsets: &GpuBuffer, n_expe
     let parts: Vec<_> = w.parts.iter().map(|p| (p.first_row, p.rows, input(&p.buffer, &[y]))).collect();
     let mut yw = y.write_host();
     let ys = f32s_mut(&mut yw);
+    // Every expert's rows at once: small experts share one parallel loop.
+    let mut jobs = Vec::new();
     for (first, rows, words) in &parts {
         for pe in 0..rows / n {
             let e = first / n + pe;
             let (r0, r1) = (off[e] as usize, off[e + 1] as usize);
             if r1 > r0 {
-                cpu_matmul::matmul(isa, &xs[r0 * k..r1 * k], r1 - r0, rows_of(words, w), pe * n, n, None, &mut ys[r0 * n..], n);
+                jobs.push((&xs[r0 * k..r1 * k], r1 - r0, rows_of(words, w), pe * n, n, r0 * n));
             }
         }
     }
+    cpu_matmul::matmul_many(isa, &jobs, ys);
     Ok(())
 }
 
