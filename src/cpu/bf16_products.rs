@@ -108,6 +108,12 @@ pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias:
             *o = round_to_bf16(v);
         }
     });
+    // On AMX tiles where the CPU has them and the shape is whole tiles (decided by the weight's
+    // shape alone, so every batch of rows takes the same path).
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::amx::fits(k, n) {
+        return crate::cpu::amx::matmul(&xb, kp, m, w, w_row0, n, bias, y, y_stride);
+    }
     let block = ((WEIGHT_BLOCK_BYTES / (2 * k).max(1)) / 4 * 4).clamp(4, 64);
     let (row_tasks, col_tasks) = (m.div_ceil(TASK_ROWS), n.div_ceil(block));
     let out = Out(y.as_mut_ptr());
@@ -233,7 +239,9 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
-        for (m, n, k) in [(1, 1, 1), (3, 17, 33), (7, 5, 31), (16, 9, 64), (37, 70, 129), (130, 21, 40), (257, 67, 96), (5, 130, 1000)] {
+        // The last ones are whole AMX tiles (k of whole steps, weight rows in pairs of tiles):
+        // those take AMX where this CPU has it.
+        for (m, n, k) in [(1, 1, 1), (3, 17, 33), (7, 5, 31), (16, 9, 64), (37, 70, 129), (130, 21, 40), (257, 67, 96), (5, 130, 1000), (1, 32, 64), (17, 64, 96), (33, 96, 256), (130, 32, 1024)] {
             let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let wv: Vec<f32> = (0..(n + 3) * k).map(|_| rand()).collect();
             let bytes = crate::gpu::encode_weights(&wv, WeightDtype::Bf16);

@@ -2,6 +2,7 @@
 //! kernels are. Vector primitives come from [`simd`], chosen at run time for the CPU at hand;
 //! work is spread over rayon's threads.
 
+pub mod amx;
 pub mod attention;
 pub mod bf16_products;
 pub mod experts;

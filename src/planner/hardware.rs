@@ -15,8 +15,9 @@ use crate::kernels::moe::GroupTile;
 use crate::kernels::tuning::KernelTuning;
 
 /// Bumped when the calibration changes, or the kernels it times change speed (20: the CPU
-/// device's block formats decoded in registers), so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 20;
+/// device's block formats decoded in registers; 21: bf16 products on AMX tiles), so that old
+/// cached profiles are measured again.
+const CALIBRATION_VERSION: u32 = 21;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
