@@ -15,9 +15,10 @@ use crate::kernels::moe::GroupTile;
 use crate::kernels::tuning::KernelTuning;
 
 /// Bumped when the calibration changes, or the kernels it times change speed (20: the CPU
-/// device's block formats decoded in registers; 21: bf16 products on AMX tiles), so that old
-/// cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 21;
+/// device's block formats decoded in registers; 21: bf16 products on AMX tiles; 22: the CPU
+/// device's few-row matmuls timed past the last-level cache), so that old cached profiles are
+/// measured again.
+const CALIBRATION_VERSION: u32 = 22;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
@@ -362,6 +363,57 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0) - 0.5).collect()
 }
 
+/// A bf16 weight of twice the CPU's last-level cache (at least 64 MiB, at most 1 GiB and a
+/// sixteenth of the host budget), so that timing it reads memory; None where that is no larger
+/// than the 64 MiB weight already timed.
+fn memory_bound_weight(ctx: &GpuContext, host_memory: u64) -> Result<Option<GpuWeight>> {
+    let llc = last_level_cache_bytes().unwrap_or(32 << 20);
+    let bytes = (2 * llc).min(1 << 30).min(host_memory / 16);
+    let cols = 1024usize;
+    let rows = (bytes / (2 * cols as u64)) as usize;
+    if rows <= 32768 {
+        return Ok(None);
+    }
+    // A 1 MiB pattern repeated: past the caches, repeated values are read from memory like any.
+    let pattern: Vec<u8> = values(1 << 19, 3).iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect();
+    let mut data = Vec::with_capacity(rows * cols * 2);
+    while data.len() < rows * cols * 2 {
+        let take = pattern.len().min(rows * cols * 2 - data.len());
+        data.extend_from_slice(&pattern[..take]);
+    }
+    Ok(Some(GpuWeight::upload(ctx, "calibration weights from memory", &data, WeightDtype::Bf16, rows, cols)?))
+}
+
+/// The largest cache's size, from Linux's sysfs (None elsewhere, or where it says nothing).
+fn last_level_cache_bytes() -> Option<u64> {
+    let mut best: Option<(u32, u64)> = None;
+    for i in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+        let (Ok(level), Ok(size)) = (std::fs::read_to_string(format!("{dir}/level")), std::fs::read_to_string(format!("{dir}/size"))) else {
+            continue;
+        };
+        let Ok(level) = level.trim().parse::<u32>() else { continue };
+        if let Some(bytes) = cache_size(&size) {
+            if best.is_none_or(|(l, _)| level > l) {
+                best = Some((level, bytes));
+            }
+        }
+    }
+    best.map(|(_, b)| b)
+}
+
+/// A sysfs cache size ("491520K", "32M", or bytes) in bytes.
+fn cache_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    match t.strip_suffix('K') {
+        Some(k) => k.parse::<u64>().ok().map(|k| k << 10),
+        None => match t.strip_suffix('M') {
+            Some(m) => m.parse::<u64>().ok().map(|m| m << 20),
+            None => t.parse::<u64>().ok(),
+        },
+    }
+}
+
 /// Measures the profile on `ctx` (a few seconds even on a software adapter).
 pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<HardwareProfile> {
     let bulk = (32u64 << 20).min(ctx.binding_limit());
@@ -408,6 +460,10 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
     let big = (if ctx.is_cpu() { 32768usize } else { 1024usize }, 1024usize);
     let small = (128usize, 64usize);
     let wb = GpuWeight::from_f32(ctx, "calibration weights", &values(big.0 * big.1, 1), WeightDtype::Bf16, big.0, big.1)?;
+    // Up to 64 rows, where reading the weight bounds the matmul, the CPU device's weight is twice
+    // the last-level cache besides (a CPU with a 480 MiB L3 held the 64 MiB one and was rated
+    // twice what a model's weights, from memory, gave).
+    let from_memory = if ctx.is_cpu() { memory_bound_weight(ctx, host_memory)? } else { None };
     let ws = GpuWeight::from_f32(ctx, "calibration small weights", &values(small.0 * small.1, 9), WeightDtype::Bf16, small.0, small.1)?;
     // The block formats are compared with bf16 on a 1024 x 1024 weight (the big one elsewhere).
     let compared = (1024usize, 1024usize);
@@ -423,6 +479,10 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
             bf16_at.push((rows, wc.as_ref().map_or(Ok(tb), |wc| time_matmul(ctx, wc, rows, 3))?));
         }
         let work = |(n, k): (usize, usize)| (2 * rows * n * k) as f64;
+        let (tb, big) = match &from_memory {
+            Some(w) if rows <= 64 => (time_matmul(ctx, w, rows, 2)?, (w.rows, w.cols)),
+            _ => (tb, big),
+        };
         let flops = (work(big) - work(small)) / (tb - ts).max(1e-9);
         let fixed_s = (ts - work(small) / flops).max(0.0);
         matmul_points.push(MatmulPoint { rows: rows as f64, fixed_s, flops });
@@ -874,4 +934,18 @@ pub fn calibrate_host_matmul() -> HostMatmul {
     let tiny = best_of(3, run).unwrap_or(Duration::from_millis(1)).as_secs_f64();
     m.expert_fixed_s = (tiny - m.expert_s(1.0, h as f64, inter as f64)).max(0.0);
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_read_as_sysfs_writes_them() {
+        assert_eq!(cache_size("491520K\n"), Some(480 << 20));
+        assert_eq!(cache_size("32M"), Some(32 << 20));
+        assert_eq!(cache_size("1048576"), Some(1 << 20));
+        assert_eq!(cache_size("lots"), None);
+        assert_eq!(cache_size(""), None);
+    }
 }
