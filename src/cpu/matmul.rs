@@ -213,114 +213,113 @@ type Scratch = (Vec<f32>, Vec<[f32; 2]>);
 fn dot_block(isa: Isa, job: &DotJob, blk: usize, (wide, scales): &mut Scratch) {
     let DotJob { x, m, w, w_row0, n, bias, y: out, y_stride } = *job;
     let k = w.cols;
-    {
-        let c0 = blk * DOT_BLOCK;
-        let nb = DOT_BLOCK.min(n - c0);
-        // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
-        let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };
-        // The intrinsics tiles read the stored rows (bf16 widened in registers); other paths
-        // and block formats widen the block's rows to f32 first. One row of a block format:
-        // its weight rows decoded a few at a time into a buffer that stays in L1 (the same values
-        // and products as the widened block's).
-        let in_units = m <= unit_decode_rows(isa, w.dtype);
-        if m == 1 && w.dtype.is_quantised() && !in_units {
-            // On the intrinsics paths four rows at a time, through the one-row tile that the
-            // same row takes in a batch.
-            let group = if reads_stored_rows(isa) { 4 } else { 1 };
-            wide.resize(group * k, 0.0);
-            for c in (0..nb).step_by(group) {
-                let jn = group.min(nb - c);
-                for j in 0..jn {
-                    let start = (w_row0 + c0 + c + j) * w.dtype.row_bytes(k);
-                    decode(isa, w.dtype, &bytemuck::cast_slice::<u32, u8>(w.words)[start..], &mut wide[j * k..(j + 1) * k]);
+    let c0 = blk * DOT_BLOCK;
+    let nb = DOT_BLOCK.min(n - c0);
+    // SAFETY: each task writes only its own columns c0..c0 + nb of the rows of `y`.
+    let put = |r: usize, c: usize, v: f32| unsafe { *out.0.add(r * y_stride + c0 + c) = v + bias.map_or(0.0, |b| b[c0 + c]) };
+    // The intrinsics tiles read the stored rows (bf16 widened in registers, and block formats
+    // decoded there up to `unit_decode_rows`); other paths, and block formats past that, widen
+    // the block's rows to f32 first. One row of a block format widened: its weight rows decoded
+    // a few at a time into a buffer that stays in L1 (the same values and products as the
+    // widened block's).
+    let in_units = m <= unit_decode_rows(isa, w.dtype);
+    if m == 1 && w.dtype.is_quantised() && !in_units {
+        // On the intrinsics paths four rows at a time, through the one-row tile that the
+        // same row takes in a batch.
+        let group = if reads_stored_rows(isa) { 4 } else { 1 };
+        wide.resize(group * k, 0.0);
+        for c in (0..nb).step_by(group) {
+            let jn = group.min(nb - c);
+            for j in 0..jn {
+                let start = (w_row0 + c0 + c + j) * w.dtype.row_bytes(k);
+                decode(isa, w.dtype, &bytemuck::cast_slice::<u32, u8>(w.words)[start..], &mut wide[j * k..(j + 1) * k]);
+            }
+            if reads_stored_rows(isa) {
+                let rows = WeightRows { words: bytemuck::cast_slice(&wide[..jn * k]), dtype: WeightDtype::F32, cols: k };
+                let mut tile = [[0f32; 4]; 4];
+                dot_tile(isa, 1, jn, &x[..k], rows, 0, &[], Prefetch::NONE, &mut tile);
+                for (j, &v) in tile[0].iter().enumerate().take(jn) {
+                    put(0, c + j, v);
                 }
-                if reads_stored_rows(isa) {
-                    let rows = WeightRows { words: bytemuck::cast_slice(&wide[..jn * k]), dtype: WeightDtype::F32, cols: k };
+            } else {
+                put(0, c, dot(isa, &x[..k], Values::F32(&wide[..k])));
+            }
+        }
+        return;
+    }
+    let direct = in_units || matches!(w.dtype, WeightDtype::F32 | WeightDtype::Bf16) && (m == 1 || reads_stored_rows(isa));
+    // Decoded in registers: the block's unit scales first, shared by its tiles of input rows.
+    let units = if in_units { k / crate::quant::UNIT } else { 0 };
+    if in_units {
+        scales.resize(nb * units, [0.0; 2]);
+        let (rb, bytes) = (w.dtype.row_bytes(k), bytemuck::cast_slice::<u32, u8>(w.words));
+        for (j, out) in scales.chunks_exact_mut(units).enumerate() {
+            let r = w_row0 + c0 + j;
+            crate::quant::unit_scales(w.dtype, &bytes[r * rb..(r + 1) * rb], k, out);
+        }
+    }
+    let tile_scales = |c: usize| if in_units { &scales[c * units..] } else { &[][..] };
+    let (rows, row0) = if direct {
+        (w, w_row0 + c0)
+    } else {
+        w.widen(w_row0 + c0, nb, wide);
+        (WeightRows { words: bytemuck::cast_slice(&wide[..]), dtype: WeightDtype::F32, cols: k }, 0)
+    };
+    let mr = tile_rows(isa);
+    if reads_stored_rows(isa) {
+        // The intrinsics tiles take every output, the edges in smaller tiles of the same
+        // sums: a row's result does not depend on the rows batched with it.
+        // The input rows a block at a time, small enough to stay in L2 while the block's
+        // weight rows pass over them (all of them at once, re-read for each group of four
+        // weight rows, came from L3 at prefill sizes).
+        let row_block = ((X_BLOCK_BYTES / (4 * k).max(1)) / mr * mr).max(mr);
+        for rb in (0..m).step_by(row_block) {
+            let rb_end = (rb + row_block).min(m);
+            for c in (0..nb).step_by(4) {
+                let jn = 4.min(nb - c);
+                // The first row tile of a group also fetches the next group's weight rows
+                // (the next block's, at its end), so that memory is read while the other
+                // row tiles compute: without it, each group waited for its rows from memory.
+                let next = row0 + c + 4;
+                let ahead = if direct && rb == 0 && next < w_row0 + n { Prefetch { row: next, rows: 4.min(w_row0 + n - next) } } else { Prefetch::NONE };
+                for r in (rb..rb_end).step_by(mr) {
+                    let rn = mr.min(rb_end - r);
                     let mut tile = [[0f32; 4]; 4];
-                    dot_tile(isa, 1, jn, &x[..k], rows, 0, &[], Prefetch::NONE, &mut tile);
-                    for (j, &v) in tile[0].iter().enumerate().take(jn) {
-                        put(0, c + j, v);
-                    }
-                } else {
-                    put(0, c, dot(isa, &x[..k], Values::F32(&wide[..k])));
-                }
-            }
-            return;
-        }
-        let direct = in_units || matches!(w.dtype, WeightDtype::F32 | WeightDtype::Bf16) && (m == 1 || reads_stored_rows(isa));
-        // Decoded in registers: the block's unit scales first, shared by its tiles of input rows.
-        let units = if in_units { k / crate::quant::UNIT } else { 0 };
-        if in_units {
-            scales.resize(nb * units, [0.0; 2]);
-            let (rb, bytes) = (w.dtype.row_bytes(k), bytemuck::cast_slice::<u32, u8>(w.words));
-            for (j, out) in scales.chunks_exact_mut(units).enumerate() {
-                let r = w_row0 + c0 + j;
-                crate::quant::unit_scales(w.dtype, &bytes[r * rb..(r + 1) * rb], k, out);
-            }
-        }
-        let tile_scales = |c: usize| if in_units { &scales[c * units..] } else { &[][..] };
-        let (rows, row0) = if direct {
-            (w, w_row0 + c0)
-        } else {
-            w.widen(w_row0 + c0, nb, wide);
-            (WeightRows { words: bytemuck::cast_slice(&wide[..]), dtype: WeightDtype::F32, cols: k }, 0)
-        };
-        let mr = tile_rows(isa);
-        if reads_stored_rows(isa) {
-            // The intrinsics tiles take every output, the edges in smaller tiles of the same
-            // sums: a row's result does not depend on the rows batched with it.
-            // The input rows a block at a time, small enough to stay in L2 while the block's
-            // weight rows pass over them (all of them at once, re-read for each group of four
-            // weight rows, came from L3 at prefill sizes).
-            let row_block = ((X_BLOCK_BYTES / (4 * k).max(1)) / mr * mr).max(mr);
-            for rb in (0..m).step_by(row_block) {
-                let rb_end = (rb + row_block).min(m);
-                for c in (0..nb).step_by(4) {
-                    let jn = 4.min(nb - c);
-                    // The first row tile of a group also fetches the next group's weight rows
-                    // (the next block's, at its end), so that memory is read while the other
-                    // row tiles compute: without it, each group waited for its rows from memory.
-                    let next = row0 + c + 4;
-                    let ahead = if direct && rb == 0 && next < w_row0 + n { Prefetch { row: next, rows: 4.min(w_row0 + n - next) } } else { Prefetch::NONE };
-                    for r in (rb..rb_end).step_by(mr) {
-                        let rn = mr.min(rb_end - r);
-                        let mut tile = [[0f32; 4]; 4];
-                        let ahead = if r == rb { ahead } else { Prefetch::NONE };
-                        dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, tile_scales(c), ahead, &mut tile);
-                        for (i, row) in tile.iter().enumerate().take(rn) {
-                            for (j, &v) in row.iter().enumerate().take(jn) {
-                                put(r + i, c + j, v);
-                            }
+                    let ahead = if r == rb { ahead } else { Prefetch::NONE };
+                    dot_tile(isa, rn, jn, &x[r * k..(r + rn) * k], rows, row0 + c, tile_scales(c), ahead, &mut tile);
+                    for (i, row) in tile.iter().enumerate().take(rn) {
+                        for (j, &v) in row.iter().enumerate().take(jn) {
+                            put(r + i, c + j, v);
                         }
                     }
                 }
             }
-            return;
         }
-        if m == 1 {
-            for c in 0..nb {
-                put(0, c, dot(isa, &x[..k], rows.row_values(row0 + c)));
-            }
-            return;
+        return;
+    }
+    if m == 1 {
+        for c in 0..nb {
+            put(0, c, dot(isa, &x[..k], rows.row_values(row0 + c)));
         }
-        let (full_m, full_n) = (m / mr * mr, nb / 4 * 4);
-        for c in (0..full_n).step_by(4) {
-            for r in (0..full_m).step_by(mr) {
-                let mut tile = [[0f32; 4]; 4];
-                dot_tile(isa, mr, 4, &x[r * k..(r + mr) * k], rows, row0 + c, &[], Prefetch::NONE, &mut tile);
-                for (i, row) in tile.iter().enumerate().take(mr) {
-                    for (j, &v) in row.iter().enumerate() {
-                        put(r + i, c + j, v);
-                    }
+        return;
+    }
+    let (full_m, full_n) = (m / mr * mr, nb / 4 * 4);
+    for c in (0..full_n).step_by(4) {
+        for r in (0..full_m).step_by(mr) {
+            let mut tile = [[0f32; 4]; 4];
+            dot_tile(isa, mr, 4, &x[r * k..(r + mr) * k], rows, row0 + c, &[], Prefetch::NONE, &mut tile);
+            for (i, row) in tile.iter().enumerate().take(mr) {
+                for (j, &v) in row.iter().enumerate() {
+                    put(r + i, c + j, v);
                 }
             }
         }
-        // What the tiles leave: the last rows, and the last weight rows of the block.
-        for r in 0..m {
-            let cols = if r < full_m { full_n..nb } else { 0..nb };
-            for c in cols {
-                put(r, c, dot(isa, &x[r * k..(r + 1) * k], rows.row_values(row0 + c)));
-            }
+    }
+    // What the tiles leave: the last rows, and the last weight rows of the block.
+    for r in 0..m {
+        let cols = if r < full_m { full_n..nb } else { 0..nb };
+        for c in cols {
+            put(r, c, dot(isa, &x[r * k..(r + 1) * k], rows.row_values(row0 + c)));
         }
     }
 }
