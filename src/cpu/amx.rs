@@ -1,12 +1,14 @@
 //! bf16 products on AMX tiles (`--cpu-compute bf16` on CPUs with AMX-BF16: Intel Sapphire Rapids
 //! and later), the matrix unit torch's oneDNN uses for its bf16 matmuls there. One `tdpbf16ps`
-//! multiplies a 16 x 32 tile of weights (read in place: rows of the stored bf16 matrix) with 32
-//! products for each of 16 input rows, into a 16 x 16 tile of f32 sums: sixteen times the work of
-//! an AVX-512 dot-product instruction. The inputs are rounded to bf16 as on the AVX512-BF16 path,
-//! and packed for the B operand (pairs of elements of 16 rows side by side) once per call.
+//! multiplies a 16 x 32 tile of weights (rows of the stored bf16 matrix, read in place for few
+//! input rows, copied into tile order for many) with 32 products for each of 16 input rows, into
+//! a 16 x 16 tile of f32 sums: sixteen times the work of an AVX-512 dot-product instruction. The
+//! inputs are rounded to bf16 as on the AVX512-BF16 path, and packed for the B operand (pairs of
+//! elements of 16 rows side by side) once per call; the sums come out transposed in registers.
 //!
 //! Each output element is summed by the same instructions in the same order whatever the other
-//! rows of its tile (padding rows are zeros, and a tile's elements are computed independently),
+//! rows of its tile and wherever its weights were loaded from (padding rows are zeros, and a
+//! tile's elements are computed independently),
 //! so a row's result does not depend on the rows batched with it. The kernel must be allowed to
 //! use AMX's state first (Linux: `arch_prctl(ARCH_REQ_XCOMP_PERM)`); where that fails, or the CPU
 //! lacks AMX, the AVX512-BF16 path runs instead.
@@ -14,6 +16,7 @@
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::asm;
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -24,6 +27,9 @@ use crate::cpu::matmul::{Out, WeightRows};
 const STEP: usize = 32;
 /// Rows of a tile (weight rows of an A tile, input rows of a B tile's columns).
 const TILE: usize = 16;
+/// Input groups above which a task copies its weight rows into tile order first (the copy pays
+/// for itself once enough groups reuse it: measured on Sapphire Rapids at expert shapes).
+const COPY_FROM_GROUPS: usize = 16;
 
 /// Whether this CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them.
 pub fn available() -> bool {
@@ -87,10 +93,10 @@ const CONFIG: Config = Config {
 pub fn matmul(xb: &[u16], kp: usize, m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
     let k = w.cols;
     assert!(fits(k, n) && kp >= k && xb.len() >= m * kp && (w_row0 + n) * k <= w.words.len() * 2, "AMX matmul shapes");
-    // The inputs as B tiles: for each pair of 16-row groups (the last padded with zero rows) and
+    // The inputs as B tiles: for each 16-row group (the last padded with zero rows) and
     // each step of k, 16 rows of 64 bytes, row p holding elements 2p and 2p + 1 of the 16 inputs.
     let steps = k / STEP;
-    let groups = m.div_ceil(TILE).next_multiple_of(2);
+    let groups = m.div_ceil(TILE);
     let tile_elems = TILE * STEP;
     let mut packed = vec![0u16; groups * steps * tile_elems];
     packed.par_chunks_mut(steps * tile_elems).enumerate().for_each(|(g, out)| {
@@ -110,41 +116,86 @@ pub fn matmul(xb: &[u16], kp: usize, m: usize, w: WeightRows, w_row0: usize, n: 
     });
     let out = Out(y.as_mut_ptr());
     let words = w.words;
-    // A task: 32 weight rows (two A tiles) over every input group, two at a time.
-    (0..n / (2 * TILE)).into_par_iter().for_each(|t| {
+    let strip_elems = 2 * TILE * k;
+    // A task: 32 weight rows (two A tiles) over every input group, two at a time (a last unpaired
+    // group alone, so that a lone row does not pay for a zero group).
+    (0..n / (2 * TILE)).into_par_iter().for_each_init(Vec::<u16>::new, |strip, t| {
         #[allow(clippy::redundant_locals)]
         let out = out;
         let c0 = t * 2 * TILE;
+        // SAFETY: the rows w_row0 + c0..+32 lie inside `words` (checked above).
+        let rows = unsafe { std::slice::from_raw_parts((words.as_ptr() as *const u16).add((w_row0 + c0) * k), strip_elems) };
+        // Many input groups: the task's 32 weight rows copied in tile order first (step by step,
+        // each tile's 16 rows of 64 bytes side by side), so that the tile loads of every group
+        // after the first read contiguous kilobytes instead of lines 2 KiB or more apart, which
+        // collide in a few cache sets. Few groups: the tiles load the stored rows, and the first
+        // group's pass fetches the next task's rows (the next 32: rayon hands a thread adjacent
+        // tasks) while it computes, since few-row matmuls wait on memory.
+        let copied = groups > COPY_FROM_GROUPS;
+        if copied {
+            strip.resize(strip_elems, 0);
+            for (r, row) in rows.chunks_exact(k).enumerate() {
+                let (wi, rr) = (r / TILE, r % TILE);
+                for (s, piece) in row.chunks_exact(STEP).enumerate() {
+                    let at = ((2 * s + wi) * TILE + rr) * STEP;
+                    strip[at..at + STEP].copy_from_slice(piece);
+                }
+            }
+        }
+        let next = (!copied && c0 + 2 * TILE < n).then(|| rows.as_ptr().wrapping_add(strip_elems));
+        // Where the A tiles' rows start, how far apart their rows are, and where the second starts.
+        let (a, a_stride, a_second) = if copied { (strip.as_ptr(), 64, tile_elems) } else { (rows.as_ptr(), 2 * k, TILE * k) };
         let mut sums = [[0f32; TILE * TILE]; 4];
-        // SAFETY: `available` found AMX and the permission; the weight rows w_row0 + c0..+32 and
-        // the packed groups lie inside their buffers (checked above); the tiles written to are
-        // `sums`' four 1 KiB arrays.
+        // SAFETY: `available` found AMX and the permission; the strip and the packed groups lie
+        // inside their buffers (sized above); the tiles written to are `sums`' four 1 KiB arrays.
         unsafe {
             asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const Config, options(nostack, readonly));
-            let a = (words.as_ptr() as *const u16).add((w_row0 + c0) * k);
-            let stride = k * 2;
             for g in (0..groups).step_by(2) {
+                let pair = g + 1 < groups;
                 let b0 = packed.as_ptr().add(g * steps * tile_elems);
-                let b1 = b0.add(steps * tile_elems);
                 asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
                 for s in 0..steps {
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {stride}*1]",
-                        "tileloadd tmm5, [{a1} + {stride}*1]",
-                        "tileloadd tmm6, [{b0} + {bstride}*1]",
-                        "tileloadd tmm7, [{b1} + {bstride}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a.add(s * STEP),
-                        a1 = in(reg) a.add(TILE * k + s * STEP),
-                        b0 = in(reg) b0.add(s * tile_elems),
-                        b1 = in(reg) b1.add(s * tile_elems),
-                        stride = in(reg) stride,
-                        bstride = in(reg) 64usize,
-                        options(nostack, readonly),
-                    );
+                    let a0 = if copied { a.add(2 * s * tile_elems) } else { a.add(s * STEP) };
+                    let b = b0.add(s * tile_elems);
+                    if let (Some(next), 0) = (next, g) {
+                        // The next rows' k / 32 lines per step: all of them over the steps.
+                        for line in 0..2 * TILE {
+                            _mm_prefetch::<_MM_HINT_T1>(next.add((s * 2 * TILE + line) * 32) as *const i8);
+                        }
+                    }
+                    if pair {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {astride}*1]",
+                            "tileloadd tmm5, [{a1} + {astride}*1]",
+                            "tileloadd tmm6, [{b0} + {stride}*1]",
+                            "tileloadd tmm7, [{b1} + {stride}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) a0,
+                            a1 = in(reg) a0.add(a_second),
+                            astride = in(reg) a_stride,
+                            b0 = in(reg) b,
+                            b1 = in(reg) b.add(steps * tile_elems),
+                            stride = in(reg) 64usize,
+                            options(nostack, readonly),
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {astride}*1]",
+                            "tileloadd tmm5, [{a1} + {astride}*1]",
+                            "tileloadd tmm6, [{b0} + {stride}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            a0 = in(reg) a0,
+                            a1 = in(reg) a0.add(a_second),
+                            astride = in(reg) a_stride,
+                            b0 = in(reg) b,
+                            stride = in(reg) 64usize,
+                            options(nostack, readonly),
+                        );
+                    }
                 }
                 asm!(
                     "tilestored [{s0} + {stride}*1], tmm0",
@@ -159,24 +210,75 @@ pub fn matmul(xb: &[u16], kp: usize, m: usize, w: WeightRows, w_row0: usize, n: 
                     options(nostack),
                 );
                 // sums[2 * wi + gi][c * 16 + r]: weight row c of A tile wi, input row r of group
-                // g + gi. Each output row's 32 columns gathered from the tiles (loads from L1)
-                // and written at once (strided single stores cost as much as the products).
-                for gi in 0..2 {
-                    for r in 0..TILE {
-                        let row = (g + gi) * TILE + r;
-                        if row >= m {
-                            break;
-                        }
-                        let mut line = [0f32; 2 * TILE];
-                        for (c, v) in line.iter_mut().enumerate() {
-                            *v = sums[2 * (c / TILE) + gi][(c % TILE) * TILE + r] + bias.map_or(0.0, |b| b[c0 + c]);
-                        }
-                        // SAFETY: each task writes only its own columns c0..c0 + 32 of `y`.
-                        std::ptr::copy_nonoverlapping(line.as_ptr(), out.0.add(row * y_stride + c0), 2 * TILE);
-                    }
+                // g + gi; each tile transposed in registers and stored row by row.
+                for gi in 0..if pair { 2 } else { 1 } {
+                    let row0 = (g + gi) * TILE;
+                    let rows = TILE.min(m - row0);
+                    // SAFETY: each task writes only its own columns c0..c0 + 32 of the rows
+                    // row0..row0 + rows of `y`, inside it (checked above).
+                    store_group(&sums, gi, rows, bias.map(|b| &b[c0..c0 + 2 * TILE]), out.0.add(row0 * y_stride + c0), y_stride);
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
         }
     });
+}
+
+/// Writes `rows` output rows of 32 columns from the sum tiles of input group `gi` (weight rows
+/// down each tile's rows), each 16 x 16 tile transposed in registers (the summed values, plus
+/// the bias after, exactly as a scalar copy would give them).
+#[target_feature(enable = "avx512f")]
+unsafe fn store_group(sums: &[[f32; TILE * TILE]; 4], gi: usize, rows: usize, bias: Option<&[f32]>, dst: *mut f32, stride: usize) {
+    use std::arch::x86_64::*;
+    for wi in 0..2 {
+        let t = transpose16(&sums[2 * wi + gi]);
+        let b = bias.map(|b| _mm512_loadu_ps(b[wi * TILE..].as_ptr()));
+        for (r, &v) in t.iter().enumerate().take(rows) {
+            let v = b.map_or(v, |b| _mm512_add_ps(v, b));
+            _mm512_storeu_ps(dst.add(r * stride + wi * TILE), v);
+        }
+    }
+}
+
+/// The 16 x 16 matrix `a` (row-major) transposed, a row in each register: four passes, each
+/// swapping one bit of the row index with the same bit of the column index (for rows i and
+/// i + d with bit d clear, the elements whose column has bit d set trade places).
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(a: &[f32; TILE * TILE]) -> [std::arch::x86_64::__m512; TILE] {
+    use std::arch::x86_64::*;
+    let mut r: [__m512; TILE] = std::array::from_fn(|i| _mm512_loadu_ps(a[i * TILE..].as_ptr()));
+    for d in [1usize, 2, 4, 8] {
+        let low: [i32; 16] = std::array::from_fn(|c| if c & d == 0 { c as i32 } else { (16 + c - d) as i32 });
+        let high: [i32; 16] = std::array::from_fn(|c| if c & d == 0 { (c + d) as i32 } else { (16 + c) as i32 });
+        let (low, high) = (_mm512_loadu_si512(low.as_ptr() as *const _), _mm512_loadu_si512(high.as_ptr() as *const _));
+        for i in (0..TILE).filter(|i| i & d == 0) {
+            let (x, y) = (r[i], r[i + d]);
+            r[i] = _mm512_permutex2var_ps(x, low, y);
+            r[i + d] = _mm512_permutex2var_ps(x, high, y);
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_transposes() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let a: [f32; TILE * TILE] = std::array::from_fn(|i| (i as f32 * 0.37).sin() * 100.0);
+        // SAFETY: AVX-512F was detected above.
+        let t = unsafe { transpose16(&a) };
+        for (r, row) in t.iter().enumerate() {
+            let mut got = [0f32; TILE];
+            // SAFETY: as above; `got` holds 16 floats.
+            unsafe { std::arch::x86_64::_mm512_storeu_ps(got.as_mut_ptr(), *row) };
+            for (c, &v) in got.iter().enumerate() {
+                assert_eq!(v.to_bits(), a[c * TILE + r].to_bits(), "element ({r}, {c})");
+            }
+        }
+    }
 }

@@ -605,12 +605,13 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); 16];
         let body = k / 16 * 16;
         let bf16 = w.dtype == WeightDtype::Bf16;
-        let row0 = w_row * k;
-        let mut at = 0;
-        while at < body {
-            step::<R, J>(&mut acc, x.as_ptr().add(at), k, w.words.as_ptr(), bf16, row0 + at, k);
-            super::prefetch(w, ahead, at);
-            at += 16;
+        // The loop compiled once per weight type, with nothing in it but the products and the
+        // prefetches: left to the optimiser, the type test and the prefetch's bounds stayed in
+        // it, reloaded from the stack, or not, as the crate's codegen units fell (10% of a run).
+        if bf16 {
+            body_loop::<R, J, true>(&mut acc, x, w, w_row, body, ahead);
+        } else {
+            body_loop::<R, J, false>(&mut acc, x, w, w_row, body, ahead);
         }
         if body < k {
             let (mut xt, mut wt) = ([0f32; 64], [0u32; 64]);
@@ -618,6 +619,26 @@ mod avx512 {
             step::<R, J>(&mut acc, xt.as_ptr(), 16, wt.as_ptr(), bf16, 0, 16);
         }
         finish::<R, J>(&acc, out)
+    }
+
+    /// The tile's whole steps (`body` elements), each weight line of the `ahead` rows fetched
+    /// once, at the step that starts it.
+    #[inline(always)]
+    unsafe fn body_loop<const R: usize, const J: usize, const BF16: bool>(acc: &mut [__m512; 16], x: &[f32], w: WeightRows, w_row: usize, body: usize, ahead: super::Prefetch) {
+        let k = w.cols;
+        let size = if BF16 { 2 } else { 4 };
+        let (words, row0, row_bytes) = (w.words.as_ptr(), w_row * k, k * size);
+        let next = (w.words.as_ptr() as *const i8).add(ahead.row * row_bytes);
+        let mut at = 0;
+        while at < body {
+            step::<R, J>(acc, x.as_ptr().add(at), k, words, BF16, row0 + at, k);
+            if (at * size).is_multiple_of(64) {
+                for j in 0..ahead.rows {
+                    _mm_prefetch::<_MM_HINT_T1>(next.add(j * row_bytes + at * size));
+                }
+            }
+            at += 16;
+        }
     }
 
     /// The sums of the tile's accumulators into `out`.

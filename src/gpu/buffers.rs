@@ -28,6 +28,11 @@ type Key = (u64, u32);
 struct PoolState {
     free: HashMap<Key, Vec<wgpu::Buffer>>,
     idle_bytes: u64,
+    /// The CPU device's idle host allocations by size class in bytes: a fresh allocation of
+    /// megabytes is mapped pages the kernel must fault in and zero on first touch, which cost a
+    /// fifth of a CPU-device run when every step's activations took new ones.
+    host_free: HashMap<u64, Vec<Vec<u32>>>,
+    host_idle_bytes: u64,
     allocated_bytes: u64,
     reused: u64,
     created: u64,
@@ -179,8 +184,38 @@ impl GpuBuffer {
     }
 }
 
+/// Maps a lent weight's pages now, while the model loads, instead of one minor fault per few
+/// pages the first time a kernel reads them (as llama.cpp maps its checkpoint with
+/// `MAP_POPULATE`): the first step of a job then runs at the speed of the others. Linux 5.14 and
+/// later; elsewhere, or where refused, the pages are mapped on first use as before.
+fn map_now(bytes: &[u8]) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let page = 4096;
+        let start = (bytes.as_ptr() as usize) / page * page;
+        let len = bytes.as_ptr() as usize + bytes.len() - start;
+        // SAFETY: the range covers pages of the lent mapping, which outlives this call; the advice
+        // only maps them (reads), never changes their contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_READ) };
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = bytes;
+}
+
 impl Drop for Pooled {
     fn drop(&mut self) {
+        if let Memory::Host(words) = &mut self.memory {
+            let v = std::mem::take(words.get_mut().unwrap_or_else(|e| e.into_inner()));
+            let class = self.key.0;
+            if v.capacity() as u64 * 4 >= class && class > 0 {
+                let mut s = self.pool.state.lock().unwrap();
+                if s.host_idle_bytes + class <= DEFAULT_IDLE_CAP {
+                    s.host_idle_bytes += class;
+                    s.host_free.entry(class).or_default().push(v);
+                }
+            }
+            return;
+        }
         let Memory::Gpu(buffer) = &self.memory else { return };
         let mut s = self.pool.state.lock().unwrap();
         if s.idle_bytes + self.key.0 <= DEFAULT_IDLE_CAP {
@@ -208,9 +243,38 @@ impl GpuContext {
         }
         let pool = &self.shared.pool;
         if self.is_cpu() {
-            // Host memory comes zeroed from the allocator; no pool (nothing to reuse cheaply).
-            let words = RwLock::new(vec![0u32; (bytes.max(4) as usize).div_ceil(4)]);
-            return Ok(GpuBuffer(Arc::new(Pooled { memory: Memory::Host(words), size: bytes, key: (0, 0), pool: pool.clone() })));
+            let class = size_class(bytes, u64::MAX);
+            let words = (bytes.max(4) as usize).div_ceil(4);
+            let reused = {
+                let mut s = pool.state.lock().unwrap();
+                let found = s.host_free.get_mut(&class).and_then(Vec::pop);
+                if found.is_some() {
+                    s.host_idle_bytes -= class;
+                }
+                found
+            };
+            let v = match reused {
+                Some(mut v) => {
+                    // Contents are undefined, as on the GPU; debug builds poison them (NaN) so
+                    // that a test catches a kernel that counts on zeros.
+                    v.truncate(words);
+                    if cfg!(debug_assertions) {
+                        v.fill(u32::MAX);
+                    }
+                    v.resize(words, 0);
+                    v
+                }
+                None => {
+                    // Zeroed by the allocator (fresh pages, zeroed by the kernel when a kernel's
+                    // threads first touch them: a memset here ran on one thread and cost more),
+                    // at the class's size so that it can be reused. Not transparent huge pages:
+                    // asked for with madvise, they made runs here slower.
+                    let mut v = vec![0u32; (class / 4) as usize];
+                    v.truncate(words);
+                    v
+                }
+            };
+            return Ok(GpuBuffer(Arc::new(Pooled { memory: Memory::Host(RwLock::new(v)), size: bytes, key: (class, 0), pool: pool.clone() })));
         }
         let key = (size_class(bytes, limit), usage.bits());
         let reused = {
@@ -556,6 +620,7 @@ impl GpuWeight {
                 .enumerate()
                 .map(|(i, (p, bytes))| {
                     let offset = p.as_ptr() as usize - (*bytes).as_ref().as_ptr() as usize;
+                    map_now(p);
                     let buffer = GpuBuffer(Arc::new(Pooled { memory: Memory::Lent { bytes, offset, words: p.len() / 4 }, size: p.len() as u64, key: (0, 0), pool: ctx.shared.pool.clone() }));
                     WeightPart { buffer, first_row: i * rows_each, rows: rows_each }
                 })
