@@ -87,32 +87,23 @@ const CONFIG: Config = Config {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// `y[r * y_stride + c] = xb[r] . w[w_row0 + c] + bias[c]` for `r < m`, `c < n`, with `xb` the
-/// inputs already rounded to bf16 (`kp` apart). The caller checks [`fits`] and the shapes.
+/// `y[r * y_stride + c] = bf16(x[r]) . w[w_row0 + c] + bias[c]` for `r < m`, `c < n`, the inputs
+/// rounded to bf16 as [`crate::cpu::bf16_products::round_to_bf16`] rounds them. The caller checks
+/// [`fits`] and the shapes.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(xb: &[u16], kp: usize, m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
+pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
     let k = w.cols;
-    assert!(fits(k, n) && kp >= k && xb.len() >= m * kp && (w_row0 + n) * k <= w.words.len() * 2, "AMX matmul shapes");
-    // The inputs as B tiles: for each 16-row group (the last padded with zero rows) and
-    // each step of k, 16 rows of 64 bytes, row p holding elements 2p and 2p + 1 of the 16 inputs.
+    assert!(fits(k, n) && x.len() >= m * k && (w_row0 + n) * k <= w.words.len() * 2, "AMX matmul shapes");
+    // The inputs as B tiles: for each 16-row group (the last padded with zero rows) and each step
+    // of k, 16 rows of 64 bytes, row p holding elements 2p and 2p + 1 of the 16 inputs.
     let steps = k / STEP;
     let groups = m.div_ceil(TILE);
     let tile_elems = TILE * STEP;
     let mut packed = vec![0u16; groups * steps * tile_elems];
     packed.par_chunks_mut(steps * tile_elems).enumerate().for_each(|(g, out)| {
-        for i in 0..TILE {
-            let r = g * TILE + i;
-            if r >= m {
-                break;
-            }
-            let row = &xb[r * kp..r * kp + k];
-            for (s, tile) in out.chunks_exact_mut(tile_elems).enumerate() {
-                for p in 0..STEP / 2 {
-                    tile[p * 2 * TILE + 2 * i] = row[s * STEP + 2 * p];
-                    tile[p * 2 * TILE + 2 * i + 1] = row[s * STEP + 2 * p + 1];
-                }
-            }
-        }
+        // SAFETY: `available` implies AVX-512 with BF16 (checked by the callers, who take this
+        // path only where `bf16_products::supported`); the group's rows lie inside `x`.
+        unsafe { pack_group(x, k, m, g, out) }
     });
     let out = Out(y.as_mut_ptr());
     let words = w.words;
@@ -224,6 +215,28 @@ pub fn matmul(xb: &[u16], kp: usize, m: usize, w: WeightRows, w_row0: usize, n: 
     });
 }
 
+/// Group `g`'s inputs (rows 16g.. of `x`, zeros past `m`) rounded to bf16 and laid out as B
+/// tiles, a step at a time: each row's 32 elements rounded into one register (`vcvtne2ps2bf16`,
+/// the rounding `round_to_bf16` copies), and the 16 registers, as 16 x 16 pairs, transposed.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_group(x: &[f32], k: usize, m: usize, g: usize, out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let tile_elems = TILE * STEP;
+    assert!(out.len() >= k / STEP * tile_elems && x.len() >= m * k, "packed group shapes");
+    let rows = TILE.min(m - g * TILE);
+    for s in 0..k / STEP {
+        let mut r = [_mm512_setzero_ps(); TILE];
+        for (i, v) in r.iter_mut().enumerate().take(rows) {
+            let p = x.as_ptr().add((g * TILE + i) * k + s * STEP);
+            let pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p));
+            *v = std::mem::transmute::<__m512bh, __m512>(pairs);
+        }
+        for (p, v) in transpose16(r).iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(s * tile_elems + p * 2 * TILE) as *mut f32, *v);
+        }
+    }
+}
+
 /// Writes `rows` output rows of 32 columns from the sum tiles of input group `gi` (weight rows
 /// down each tile's rows), each 16 x 16 tile transposed in registers (the summed values, plus
 /// the bias after, exactly as a scalar copy would give them).
@@ -231,7 +244,8 @@ pub fn matmul(xb: &[u16], kp: usize, m: usize, w: WeightRows, w_row0: usize, n: 
 unsafe fn store_group(sums: &[[f32; TILE * TILE]; 4], gi: usize, rows: usize, bias: Option<&[f32]>, dst: *mut f32, stride: usize) {
     use std::arch::x86_64::*;
     for wi in 0..2 {
-        let t = transpose16(&sums[2 * wi + gi]);
+        let tile = &sums[2 * wi + gi];
+        let t = transpose16(std::array::from_fn(|i| _mm512_loadu_ps(tile[i * TILE..].as_ptr())));
         let b = bias.map(|b| _mm512_loadu_ps(b[wi * TILE..].as_ptr()));
         for (r, &v) in t.iter().enumerate().take(rows) {
             let v = b.map_or(v, |b| _mm512_add_ps(v, b));
@@ -240,13 +254,12 @@ unsafe fn store_group(sums: &[[f32; TILE * TILE]; 4], gi: usize, rows: usize, bi
     }
 }
 
-/// The 16 x 16 matrix `a` (row-major) transposed, a row in each register: four passes, each
+/// The 16 x 16 matrix of 32-bit lanes in `r` (a row in each register) transposed: four passes, each
 /// swapping one bit of the row index with the same bit of the column index (for rows i and
 /// i + d with bit d clear, the elements whose column has bit d set trade places).
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(a: &[f32; TILE * TILE]) -> [std::arch::x86_64::__m512; TILE] {
+unsafe fn transpose16(mut r: [std::arch::x86_64::__m512; TILE]) -> [std::arch::x86_64::__m512; TILE] {
     use std::arch::x86_64::*;
-    let mut r: [__m512; TILE] = std::array::from_fn(|i| _mm512_loadu_ps(a[i * TILE..].as_ptr()));
     for d in [1usize, 2, 4, 8] {
         let low: [i32; 16] = std::array::from_fn(|c| if c & d == 0 { c as i32 } else { (16 + c - d) as i32 });
         let high: [i32; 16] = std::array::from_fn(|c| if c & d == 0 { (c + d) as i32 } else { (16 + c) as i32 });
@@ -271,7 +284,7 @@ mod tests {
         }
         let a: [f32; TILE * TILE] = std::array::from_fn(|i| (i as f32 * 0.37).sin() * 100.0);
         // SAFETY: AVX-512F was detected above.
-        let t = unsafe { transpose16(&a) };
+        let t = unsafe { transpose16(std::array::from_fn(|i| std::arch::x86_64::_mm512_loadu_ps(a[i * TILE..].as_ptr()))) };
         for (r, row) in t.iter().enumerate() {
             let mut got = [0f32; TILE];
             // SAFETY: as above; `got` holds 16 floats.

@@ -99,6 +99,12 @@ pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias:
     let k = w.cols;
     assert!(x.len() >= m * k && y.len() >= (m - 1) * y_stride + n && y_stride >= n, "matmul shapes");
     assert!((w_row0 + n) * k <= w.words.len() * 2, "weight rows");
+    // On AMX tiles where the CPU has them and the shape is whole tiles (decided by the weight's
+    // shape alone, so every batch of rows takes the same path); they round the inputs themselves.
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::amx::fits(k, n) {
+        return crate::cpu::amx::matmul(x, m, w, w_row0, n, bias, y, y_stride);
+    }
     // The inputs in bf16, each row padded with zeros to whole steps (the weights' last step is
     // loaded under a mask, so the padding meets zeros).
     let kp = k.div_ceil(STEP) * STEP;
@@ -108,12 +114,6 @@ pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias:
             *o = round_to_bf16(v);
         }
     });
-    // On AMX tiles where the CPU has them and the shape is whole tiles (decided by the weight's
-    // shape alone, so every batch of rows takes the same path).
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::amx::fits(k, n) {
-        return crate::cpu::amx::matmul(&xb, kp, m, w, w_row0, n, bias, y, y_stride);
-    }
     let block = ((WEIGHT_BLOCK_BYTES / (2 * k).max(1)) / 4 * 4).clamp(4, 64);
     let (row_tasks, col_tasks) = (m.div_ceil(TASK_ROWS), n.div_ceil(block));
     let out = Out(y.as_mut_ptr());

@@ -17,8 +17,9 @@ use crate::kernels::tuning::KernelTuning;
 /// Bumped when the calibration changes, or the kernels it times change speed (20: the CPU
 /// device's block formats decoded in registers; 21: bf16 products on AMX tiles; 22: the CPU
 /// device's few-row matmuls timed past the last-level cache; 23: the AMX tiles' loads and
-/// prefetches, and the AVX-512 tile's loop), so that old cached profiles are measured again.
-const CALIBRATION_VERSION: u32 = 23;
+/// prefetches, and the AVX-512 tile's loop; 24: the AMX path's inputs rounded and packed in
+/// registers), so that old cached profiles are measured again.
+const CALIBRATION_VERSION: u32 = 24;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct HardwareProfile {
