@@ -29,7 +29,7 @@ const STEP: usize = 32;
 const TILE: usize = 16;
 /// Input groups above which a task copies its weight rows into tile order first (the copy pays
 /// for itself once enough groups reuse it: measured on Sapphire Rapids at expert shapes).
-const COPY_FROM_GROUPS: usize = 16;
+const COPY_FROM_GROUPS: usize = 8;
 
 /// Whether this CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them.
 pub fn available() -> bool {

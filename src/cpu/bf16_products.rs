@@ -284,7 +284,7 @@ mod tests {
         };
         // The last ones are whole AMX tiles (k of whole steps, weight rows in pairs of tiles):
         // those take AMX where this CPU has it, with an unpaired last input group (17, 33, 130,
-        // 300 rows) and with the weight rows copied into tile order (300 rows: over 16 groups).
+        // 300 rows) and with the weight rows copied into tile order (130 and 300 rows: over 8 groups).
         for (m, n, k) in [(1, 1, 1), (3, 17, 33), (7, 5, 31), (16, 9, 64), (37, 70, 129), (130, 21, 40), (257, 67, 96), (5, 130, 1000), (1, 32, 64), (17, 64, 96), (33, 96, 256), (130, 32, 1024), (300, 64, 96)] {
             let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let wv: Vec<f32> = (0..(n + 3) * k).map(|_| rand()).collect();
