@@ -79,15 +79,26 @@ fn cpu_matmul(quick: bool) {
     };
     println!("\nCPU device matmul y = x W^T, W {n}x{k}, {threads} threads, {}; f32 peak (gemm crate sgemm, 2048 x {n} x {k}): {peak:.1} GFLOP/s", cpu.info().name);
     println!("{:>6} {:>5} {:>12} {:>10} {:>10} {:>8}", "tokens", "W", "time", "GFLOP/s", "W GB/s", "of peak");
-    // bf16 weights again with bf16 products (`--cpu-compute bf16`) where the CPU has AVX512-BF16.
-    let products = moegen::cpu::bf16_products::supported().then_some(WeightDtype::Bf16);
-    for (run, dtype) in [WeightDtype::Bf16, WeightDtype::F32, WeightDtype::Q8_0, WeightDtype::Q4K].into_iter().chain(products).enumerate() {
-        let bf16_products = run == 4;
-        if bf16_products {
-            moegen::cpu::bf16_products::set(moegen::cpu::bf16_products::CpuCompute::Bf16).expect("AVX512-BF16 detected");
-        }
+    // bf16 weights again with bf16 products (`--cpu-compute bf16`) where the CPU has AVX512-BF16,
+    // the K formats again with int8 products (`--cpu-compute int8`) where it has AVX512-VNNI.
+    use moegen::cpu::bf16_products::CpuCompute;
+    let mut runs = vec![(WeightDtype::Bf16, CpuCompute::F32), (WeightDtype::F32, CpuCompute::F32), (WeightDtype::Q8_0, CpuCompute::F32), (WeightDtype::Q4K, CpuCompute::F32), (WeightDtype::Q6K, CpuCompute::F32)];
+    if moegen::cpu::bf16_products::supported() {
+        runs.push((WeightDtype::Bf16, CpuCompute::Bf16));
+    }
+    if moegen::cpu::int8_products::supported() {
+        runs.extend([(WeightDtype::Q4K, CpuCompute::Int8), (WeightDtype::Q6K, CpuCompute::Int8)]);
+    }
+    for (dtype, compute) in runs {
+        moegen::cpu::bf16_products::set(compute).expect("detected above");
         let wv: Vec<f32> = (0..n * k).map(|i| ((i % 251) as f32 - 125.0) / 500.0).collect();
-        let w = GpuWeight::from_f32(&cpu, "bench weight", &wv, dtype, n, k).expect("weight");
+        // Q6_K has no quantiser here: random blocks of moderate scales.
+        let w = if dtype == WeightDtype::Q6K {
+            GpuWeight::upload(&cpu, "bench weight", &moegen::quant::random_blocks(dtype, n * k / dtype.block_elems(), 5, false), dtype, n, k)
+        } else {
+            GpuWeight::from_f32(&cpu, "bench weight", &wv, dtype, n, k)
+        }
+        .expect("weight");
         let tokens: &[usize] = if dtype.is_quantised() { &[1, 4, 16, 64, 256] } else { &[1, 4, 16, 64, 256, 2048] };
         for &m in tokens {
             let x = filled(&cpu, m * k, 1);
@@ -103,7 +114,11 @@ fn cpu_matmul(quick: bool) {
                 gflops,
                 bytes / t.as_secs_f64() / 1e9,
                 100.0 * gflops / peak,
-                if bf16_products { "  bf16 products (inputs rounded to bf16)" } else { "" }
+                match compute {
+                    CpuCompute::F32 => "",
+                    CpuCompute::Bf16 => "  bf16 products (inputs rounded to bf16)",
+                    CpuCompute::Int8 => "  int8 products (inputs quantised to 8 bits)",
+                }
             );
         }
     }

@@ -252,7 +252,7 @@ pub fn report_json(r: &PolicyReport) -> serde_json::Value {
         "batching": r.batching.name(),
         // What ran it: the two devices, and what the host's matmuls over bf16 weights multiply in.
         "device": if r.plan.cpu_device { "cpu" } else { "gpu" },
-        "cpu_compute": if crate::cpu::bf16_products::enabled() { "bf16" } else { "f32" },
+        "cpu_compute": if crate::cpu::int8_products::enabled() { "int8" } else if crate::cpu::bf16_products::enabled() { "bf16" } else { "f32" },
         "tokens_per_s": r.tokens_per_s(),
         "prefill_tokens_per_s": r.prefill_tokens_per_s(),
         "decode_tokens_per_s": r.decode_tokens_per_s(),

@@ -21,11 +21,13 @@ struct Cli {
     /// any adapter (a software one too); `cpu` the host's cores. Default: MOEGEN_DEVICE, else auto.
     #[arg(long, global = true, value_enum)]
     device: Option<DeviceChoice>,
-    /// What the host's matmuls over bf16 weights multiply in (the CPU device, CPU experts): `f32`
-    /// (exact products, matching transformers' f32 logits), or `bf16`: inputs rounded to bf16 and
+    /// What the host's matmuls multiply in (the CPU device, CPU experts): `f32` (exact products,
+    /// matching transformers' f32 logits); `bf16`: over bf16 weights, inputs rounded to bf16 and
     /// multiplied on AMX tiles where the CPU has AMX-BF16 (about 6x the arithmetic rate), else
     /// with the AVX512-BF16 dot-product instructions (about 2x), as torch and llama.cpp do on such
-    /// CPUs. Without AVX512-BF16, `bf16` warns and stays f32.
+    /// CPUs; `int8`: also over K-format weights (Q4_K, Q5_K, Q6_K: what Q4_K_M and Q5_K_M files
+    /// hold), inputs quantised to 8 bits per 256 and multiplied with AVX512-VNNI's 8-bit dot
+    /// products, as llama.cpp does. Where the CPU lacks them, `bf16` and `int8` warn and stay f32.
     #[arg(long, global = true, value_enum, default_value = "f32")]
     cpu_compute: moegen::cpu::bf16_products::CpuCompute,
     #[command(subcommand)]
@@ -358,6 +360,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 #[cfg(not(target_arch = "x86_64"))]
                 let unit = "AVX512-BF16";
                 println!("    bf16 products ({unit}): {using}");
+            }
+            if moegen::cpu::int8_products::supported() {
+                let using = if moegen::cpu::int8_products::enabled() { "in use" } else { "available with --cpu-compute int8" };
+                println!("    int8 products over K-format weights (AVX512-VNNI): {using}");
             }
             if let Some(m) = host.memory_bytes {
                 println!("    memory: {:.1} GiB", m as f64 / (1u64 << 30) as f64);

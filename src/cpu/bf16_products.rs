@@ -25,6 +25,10 @@ pub enum CpuCompute {
     F32,
     /// Inputs rounded to bf16, bf16 dot-product instructions (AVX512-BF16 CPUs).
     Bf16,
+    /// K-format weights (Q4_K, Q5_K, Q6_K) against inputs quantised to 8 bits per 256 elements,
+    /// 8-bit dot-product instructions (AVX512-VNNI CPUs); bf16 weights as with `bf16` where the
+    /// CPU has AVX512-BF16, f32 otherwise.
+    Int8,
 }
 
 /// Whether this CPU has the instructions of the bf16 path and the host kernels use AVX-512 (not
@@ -44,6 +48,20 @@ pub fn supported() -> bool {
 
 /// Sets the process's choice; `Err` says why `bf16` cannot be had on this CPU (f32 stays).
 pub fn set(compute: CpuCompute) -> Result<(), String> {
+    if compute == CpuCompute::Int8 {
+        if !crate::cpu::int8_products::supported() {
+            ENABLED.store(false, Ordering::Relaxed);
+            crate::cpu::int8_products::set_enabled(false);
+            return Err(format!(
+                "--cpu-compute int8 needs AVX512-VNNI and AVX512-BW (Intel Cascade Lake, Ice Lake or later; AMD Zen 4 or later) and the host kernels' avx512 path; this CPU {}, so the host's matmuls stay in f32",
+                why_not()
+            ));
+        }
+        crate::cpu::int8_products::set_enabled(true);
+        ENABLED.store(supported(), Ordering::Relaxed);
+        return Ok(());
+    }
+    crate::cpu::int8_products::set_enabled(false);
     let on = compute == CpuCompute::Bf16;
     if on && !supported() {
         return Err(format!(

@@ -130,10 +130,26 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: us
     if w.dtype == WeightDtype::Bf16 && isa == Isa::Avx512 && crate::cpu::bf16_products::enabled() {
         return crate::cpu::bf16_products::matmul(x, m, w, w_row0, n, bias, y, y_stride);
     }
+    if int8_path(isa, w.dtype) {
+        return crate::cpu::int8_products::matmul(x, m, w, w_row0, n, bias, y, y_stride);
+    }
     if m >= gemm_min_rows(isa) {
         gemm_path(x, m, w, w_row0, n, bias, y, y_stride);
     } else {
         dot_path(isa, x, m, w, w_row0, n, bias, y, y_stride);
+    }
+}
+
+/// Whether a matmul over `dtype` takes the int8 product path (`--cpu-compute int8`, AVX-512).
+fn int8_path(isa: Isa, dtype: WeightDtype) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512 && crate::cpu::int8_products::takes(dtype)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, dtype);
+        false
     }
 }
 
@@ -341,14 +357,25 @@ pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
     let products = isa == Isa::Avx512 && crate::cpu::bf16_products::enabled();
     #[cfg(not(target_arch = "x86_64"))]
     let products = false;
-    let alone = |j: &ManyJob| j.1 >= gemm_min_rows(isa) || (products && j.2.dtype == WeightDtype::Bf16);
+    let int8 = |j: &ManyJob| int8_path(isa, j.2.dtype);
+    let alone = |j: &ManyJob| !int8(j) && (j.1 >= gemm_min_rows(isa) || (products && j.2.dtype == WeightDtype::Bf16));
     for &(x, m, w, w_row0, n, off) in jobs.iter().filter(|j| alone(j)) {
         matmul(isa, x, m, w, w_row0, n, None, &mut y[off..], n);
     }
     let base = Out(y.as_mut_ptr());
+    // K formats with int8 products: all of them in one loop of their own.
+    let int8_jobs: Vec<crate::cpu::int8_products::Job> = jobs
+        .iter()
+        .filter(|j| int8(j))
+        // SAFETY: each job's output lies inside `y` (checked above).
+        .map(|&(x, m, w, w_row0, n, off)| crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
+        .collect();
+    if !int8_jobs.is_empty() {
+        crate::cpu::int8_products::matmul_many(&int8_jobs);
+    }
     let dot: Vec<DotJob> = jobs
         .iter()
-        .filter(|j| !alone(j))
+        .filter(|j| !alone(j) && !int8(j))
         // SAFETY: each job's output lies inside `y` (checked above).
         .map(|&(x, m, w, w_row0, n, off)| DotJob { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
         .collect();

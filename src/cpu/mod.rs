@@ -6,6 +6,7 @@ pub mod amx;
 pub mod attention;
 pub mod bf16_products;
 pub mod experts;
+pub mod int8_products;
 pub mod matmul;
 pub mod simd;
 pub(crate) mod unpack;
@@ -49,7 +50,12 @@ impl HostInfo {
     /// One line: model, cores, vector path, memory.
     pub fn describe(&self) -> String {
         let mem = self.memory_bytes.map_or(String::new(), |b| format!(", {:.1} GiB", b as f64 / (1u64 << 30) as f64));
-        let products = if crate::cpu::bf16_products::enabled() { " with bf16 products" } else { "" };
+        let products = match (crate::cpu::int8_products::enabled(), crate::cpu::bf16_products::enabled()) {
+            (true, true) => " with int8 products (K formats) and bf16 products",
+            (true, false) => " with int8 products (K formats)",
+            (false, true) => " with bf16 products",
+            (false, false) => "",
+        };
         format!("{}, {} threads, {}{products}{mem}", self.model, self.cores, self.isa.name())
     }
 }

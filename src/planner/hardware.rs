@@ -311,6 +311,9 @@ fn cache_path(ctx: &GpuContext) -> Option<PathBuf> {
     if crate::cpu::bf16_products::enabled() {
         features.push_str("cpubf16");
     }
+    if crate::cpu::int8_products::enabled() {
+        features.push_str("cpuint8");
+    }
     // A debug build (the tests' binary) runs the host's kernels several times slower: its rates
     // must not become a release build's plan.
     if cfg!(debug_assertions) {
