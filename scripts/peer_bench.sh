@@ -72,6 +72,14 @@ cargo build --release --locked
         echo "## moegen --device cpu bench, the same $q GGUF"
         RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu bench --model "$WORK/model-$q.gguf" --sequences "$SEQS" \
             --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
+        # With int8 products over the K formats where the CPU has AVX512-VNNI (llama.cpp's
+        # numerics: it quantises the inputs of these matmuls to 8 bits per 256 too).
+        if [[ $q == *K* ]] && grep -qw avx512_vnni /proc/cpuinfo; then
+            echo
+            echo "## moegen --device cpu --cpu-compute int8 bench, the same $q GGUF"
+            RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu --cpu-compute int8 bench --model "$WORK/model-$q.gguf" --sequences "$SEQS" \
+                --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
+        fi
     done
 } | tee "$RESULTS"
 echo "figures in $RESULTS (commit them to BENCHMARKS.md with the machine and date)" >&2

@@ -95,15 +95,26 @@ impl Rows {
     fn shape(&mut self, rows: usize, k: usize, weights: bool) {
         self.k = k;
         self.kp = k.div_ceil(GROUP) * GROUP;
-        // Zeros where nothing is written: the padding blocks multiply as zeros.
-        self.q.clear();
-        self.q.resize(rows * self.kp, 0);
-        self.d.clear();
-        self.d.resize(rows * self.kp / STEP, 0.0);
+        let kp = self.kp;
+        self.q.resize(rows * kp, 0);
+        self.d.resize(rows * kp / STEP, 0.0);
         self.lin.resize(rows * k / CHUNK, 0.0);
         if weights {
-            self.scales.clear();
-            self.scales.resize(rows * self.kp / 2, 0);
+            self.scales.resize(rows * kp / 2, 0);
+        }
+        // Every element of the row's blocks is written before it is read; the padding blocks of
+        // the last group are zeros, so that they multiply as zeros (whatever the buffers held).
+        let g = (k / QK_K) / 4;
+        for lane in (k / QK_K) % 4..if k == kp { 0 } else { 4 } {
+            for r in 0..rows {
+                for t in 0..STEPS {
+                    self.q[r * kp + g * GROUP + t * STEP + lane * CHUNK..][..CHUNK].fill(0);
+                    if weights {
+                        self.scales[r * kp / 2 + (g * STEPS + t) * 32 + lane * 8..][..8].fill(0);
+                    }
+                }
+                self.d[r * kp / STEP + g * 16 + lane * 4..][..4].fill(0.0);
+            }
         }
     }
 
@@ -363,12 +374,31 @@ fn run_block(job: &Job, xq: &Rows, blk: usize, wq: &mut Rows) {
     let nb = BLOCK_ROWS.min(n - c0);
     wq.shape(nb, k, true);
     unpack_rows(w, w_row0 + c0, wq, nb);
+    // The next block's weight rows (most often this thread's next task) are asked for while the
+    // tiles compute, a share at each tile: unpacking waited for them from memory otherwise.
+    let rb_bytes = w.dtype.row_bytes(k);
+    let next = (c0 + nb < n).then(|| {
+        let bytes = bytemuck::cast_slice::<u32, u8>(w.words);
+        let start = (w_row0 + c0 + nb) * rb_bytes;
+        &bytes[start..start + BLOCK_ROWS.min(n - c0 - nb) * rb_bytes]
+    });
+    let tiles = nb.div_ceil(4) * m.div_ceil(4);
+    let lines_per_tile = next.map_or(0, |b| b.len().div_ceil(64).div_ceil(tiles));
+    let mut line = 0;
     let row_block = ((X_BLOCK_BYTES / xq.kp) / 4 * 4).max(4);
     for rb in (0..m).step_by(row_block) {
         let rb_end = (rb + row_block).min(m);
         for c in (0..nb).step_by(4) {
             let jn = 4.min(nb - c);
             for r in (rb..rb_end).step_by(4) {
+                if let Some(next) = next {
+                    for _ in 0..lines_per_tile {
+                        if line * 64 < next.len() {
+                            prefetch(&next[line * 64]);
+                        }
+                        line += 1;
+                    }
+                }
                 let rn = 4.min(rb_end - r);
                 let mut tile = [[0f32; 4]; 4];
                 tile_of(xq, r, rn, wq, c, jn, &mut tile);
@@ -381,6 +411,18 @@ fn run_block(job: &Job, xq: &Rows, blk: usize, wq: &mut Rows) {
             }
         }
     }
+}
+
+/// Asks for the cache line of `at` into L2 (a hint: it never faults, and changes no result).
+#[inline(always)]
+fn prefetch(at: &u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint about a valid address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at as *const u8 as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// `out[i][j]` for input rows `r..r + rn` and weight slots `c..c + jn` (each at most 4).
@@ -561,10 +603,17 @@ mod avx512unpack {
             };
             // Chunk t's scale in its lane's eight words of step t.
             let sc = rows.scales.as_mut_ptr().add(j * kp / 2 + g * STEPS * 32 + lane * 8);
-            let mut all = [0i16; 16];
-            _mm256_storeu_si256(all.as_mut_ptr() as *mut _, scales);
-            for (t, &v) in all.iter().enumerate() {
-                _mm_storeu_si128(sc.add(t * 32) as *mut _, _mm_set1_epi16(v));
+            let scales = _mm512_castsi256_si512(scales);
+            for quarter in 0..4 {
+                // Scales 4 * quarter..+4, each in eight words.
+                const EIGHTS: [i16; 32] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3];
+                let pick = _mm512_add_epi16(_mm512_loadu_si512(EIGHTS.as_ptr() as *const _), _mm512_set1_epi16(4 * quarter as i16));
+                let v = _mm512_permutexvar_epi16(pick, scales);
+                let t = 4 * quarter;
+                _mm_storeu_si128(sc.add(t * 32) as *mut _, _mm512_castsi512_si128(v));
+                _mm_storeu_si128(sc.add((t + 1) * 32) as *mut _, _mm512_extracti32x4_epi32::<1>(v));
+                _mm_storeu_si128(sc.add((t + 2) * 32) as *mut _, _mm512_extracti32x4_epi32::<2>(v));
+                _mm_storeu_si128(sc.add((t + 3) * 32) as *mut _, _mm512_extracti32x4_epi32::<3>(v));
             }
             _mm512_storeu_ps(rows.lin.as_mut_ptr().add(j * chunks + blk * (QK_K / CHUNK)), offsets);
             _mm_storeu_ps(rows.d.as_mut_ptr().add(j * kp / STEP + Rows::block_scale_at(blk)), _mm_set1_ps(d));
@@ -697,6 +746,39 @@ mod tests {
         assert_eq!(a.q, b.q, "quantised inputs");
         assert_eq!(a.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "input scales");
         assert_eq!(a.lin.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.lin.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "input sums");
+    }
+
+    /// Buffers that held other rows (garbage where the padding goes) give what fresh ones give.
+    #[test]
+    fn reused_buffers_give_what_fresh_ones_give() {
+        let (m, n) = (2, 3);
+        for k in [6 * QK_K, 5 * QK_K] {
+            let (words, _) = weight(WeightDtype::Q4K, n, k, 2, false);
+            let w = WeightRows { words: &words, dtype: WeightDtype::Q4K, cols: k };
+            let x = inputs(m * k, 3);
+            let (mut fresh, mut reused, mut xf, mut xr) = (Rows::default(), Rows::default(), Rows::default(), Rows::default());
+            for rows in [&mut reused, &mut xr] {
+                rows.q = vec![0x7f; 4 * 4 * GROUP];
+                rows.scales = vec![-3; 4 * 4 * GROUP];
+                rows.d = vec![f32::NAN; 4 * 4 * GROUP];
+                rows.lin = vec![f32::NAN; 4 * 4 * GROUP];
+            }
+            for (rows, xs) in [(&mut fresh, &mut xf), (&mut reused, &mut xr)] {
+                rows.shape(n, k, true);
+                unpack_rows(w, 0, rows, n);
+                xs.shape(m, k, false);
+                quantise_rows(&x, m, xs);
+            }
+            for r in 0..m {
+                for j in 0..n {
+                    let mut a = [[0f32; 4]; 4];
+                    let mut b = [[0f32; 4]; 4];
+                    tile_of(&xf, r, 1, &fresh, j, 1, &mut a);
+                    tile_of(&xr, r, 1, &reused, j, 1, &mut b);
+                    assert_eq!(a[0][0].to_bits(), b[0][0].to_bits(), "k {k}: ({r}, {j}): {} vs {}", a[0][0], b[0][0]);
+                }
+            }
+        }
     }
 
     /// The quantised inputs give back the inputs within half a step of their block's scale.
