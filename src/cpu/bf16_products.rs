@@ -53,8 +53,8 @@ pub fn set(compute: CpuCompute) -> Result<(), String> {
             ENABLED.store(false, Ordering::Relaxed);
             crate::cpu::int8_products::set_enabled(false);
             return Err(format!(
-                "--cpu-compute int8 needs AVX512-VNNI and AVX512-BW (Intel Cascade Lake, Ice Lake or later; AMD Zen 4 or later) and the host kernels' avx512 path; this CPU {}, so the host's matmuls stay in f32",
-                why_not()
+                "--cpu-compute int8 needs the host kernels' avx2 path (or avx512 with AVX512-VNNI and AVX512-BW); this CPU runs the {} path, so the host's matmuls stay in f32",
+                crate::cpu::simd::Isa::detected().name()
             ));
         }
         crate::cpu::int8_products::set_enabled(true);

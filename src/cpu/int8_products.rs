@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rayon::prelude::*;
 
 use crate::cpu::matmul::{Out, WeightRows};
+use crate::cpu::simd::Isa;
 use crate::gpu::WeightDtype;
 use crate::quant::{scale_min_k4, QK_K};
 
@@ -43,16 +44,20 @@ const X_BLOCK_BYTES: usize = 256 << 10;
 /// Multiply-adds worth a rayon task.
 const MIN_TASK_MACS: usize = 1 << 18;
 
-/// Whether this CPU has the instructions of the path and the host kernels use AVX-512 (not
-/// narrowed by `MOEGEN_CPU_ISA`).
+/// Whether the path runs on the host kernels' vector path (the one `MOEGEN_CPU_ISA` leaves).
 pub fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::cpu::simd::Isa::detected() == crate::cpu::simd::Isa::Avx512 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    supported_on(Isa::detected())
+}
+
+/// Whether the path has a kernel for `isa` on this CPU: AVX-512 with AVX512-VNNI and -BW
+/// (`vpdpwssd`), or AVX2 (`vpmaddwd` and an add in its place).
+pub fn supported_on(isa: Isa) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Isa::available().contains(&isa) && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Isa::available().contains(&isa),
+        _ => false,
     }
 }
 
@@ -136,6 +141,7 @@ impl Rows {
 /// Quantises one input row (`x`, a whole number of blocks) into its slices of the layout: each
 /// block's scale is its largest magnitude over 127, each element rounded to the nearest step
 /// (ties to even) and clamped to +-127.
+#[inline(always)]
 fn quantise_row(x: &[f32], q: &mut [u8], d: &mut [f32], lin: &mut [f32]) {
     for blk in 0..x.len() / QK_K {
         let xs = &x[blk * QK_K..(blk + 1) * QK_K];
@@ -165,38 +171,38 @@ fn quantise(v: f32) -> i8 {
 }
 
 /// The input rows quantised, in parallel by rows.
-fn quantise_rows(x: &[f32], m: usize, rows: &mut Rows) {
+fn quantise_rows(isa: Isa, x: &[f32], m: usize, rows: &mut Rows) {
     let (k, kp) = (rows.k, rows.kp);
     let q = rows.q.par_chunks_mut(kp);
     let d = rows.d.par_chunks_mut(kp / STEP);
     let lin = rows.lin.par_chunks_mut(k / CHUNK);
-    q.zip(d).zip(lin).zip(x[..m * k].par_chunks(k)).for_each(|(((q, d), lin), x)| {
+    q.zip(d).zip(lin).zip(x[..m * k].par_chunks(k)).for_each(|(((q, d), lin), x)| match isa {
+        // SAFETY: the caller checked `supported_on(isa)`; the slices are one row's.
         #[cfg(target_arch = "x86_64")]
-        if supported() {
-            // SAFETY: `supported` found the instructions; the slices are one row's.
-            return unsafe { avx512unpack::quantise_row(x, q, d, lin) };
-        }
-        quantise_row(x, q, d, lin)
+        Isa::Avx512 => unsafe { avx512unpack::quantise_row(x, q, d, lin) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantise_row(x, q, d, lin) },
+        _ => quantise_row(x, q, d, lin),
     });
 }
 
 /// Unpacks weight rows `r0..r0 + n` of `w` into slots `0..n` of `rows`.
-fn unpack_rows(w: WeightRows, r0: usize, rows: &mut Rows, n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if supported() {
-        for j in 0..n {
-            // SAFETY: `supported` found the instructions; `rows` has slot j.
-            unsafe { avx512unpack::unpack_row(w, r0 + j, rows, j) };
-        }
-        return;
-    }
+fn unpack_rows(isa: Isa, w: WeightRows, r0: usize, rows: &mut Rows, n: usize) {
     for j in 0..n {
-        unpack_row(w, r0 + j, rows, j);
+        match isa {
+            // SAFETY: the caller checked `supported_on(isa)`; `rows` has slot j.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512unpack::unpack_row(w, r0 + j, rows, j) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::unpack_row(w, r0 + j, rows, j) },
+            _ => unpack_row(w, r0 + j, rows, j),
+        }
     }
 }
 
 /// Unpacks weight row `r` of `w` into slot `j` of `rows`: each block's quants in their natural
 /// order, then its 16 chunks to their lanes (the reference for the vector unpacking).
+#[inline(always)]
 fn unpack_row(w: WeightRows, r: usize, rows: &mut Rows, j: usize) {
     let (k, rb, bb) = (w.cols, w.dtype.row_bytes(w.cols), w.dtype.block_bytes());
     let bytes = &bytemuck::cast_slice::<u32, u8>(w.words)[r * rb..(r + 1) * rb];
@@ -267,7 +273,6 @@ fn unpack_row(w: WeightRows, r: usize, rows: &mut Rows, j: usize) {
 }
 
 /// The sum of a register's 16 lanes, halves added to halves (the vector kernel's order).
-#[cfg(any(test, not(target_arch = "x86_64")))]
 fn reduce16(v: [f32; 16]) -> f32 {
     let a: [f32; 8] = std::array::from_fn(|i| v[i] + v[i + 8]);
     let b: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
@@ -278,7 +283,6 @@ fn reduce16(v: [f32; 16]) -> f32 {
 /// Input row `r` of `x` times weight row `j` of `w`, in scalar code doing exactly the vector
 /// kernel's operations: per lane, exact integer sums of each group's products, converted and
 /// scaled once per group; the offset terms in 16 lanes; the two added and reduced.
-#[cfg(any(test, not(target_arch = "x86_64")))]
 fn model(x: &Rows, r: usize, w: &Rows, j: usize) -> f32 {
     let (kp, k) = (x.kp, x.k);
     let mut acc = [0f32; 16];
@@ -325,18 +329,19 @@ pub(crate) struct Job<'a> {
 }
 
 /// `y[r * y_stride + c] = q8(x[r]) . w[w_row0 + c] + bias[c]`, as
-/// [`crate::cpu::matmul::matmul`] with K-format weights. The caller checks [`supported`].
+/// [`crate::cpu::matmul::matmul`] with K-format weights, on `isa`'s kernel. The caller checks
+/// [`supported_on`].
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
+pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: usize, bias: Option<&[f32]>, y: &mut [f32], y_stride: usize) {
     assert!(y.len() >= (m - 1) * y_stride + n && y_stride >= n, "matmul shapes");
-    matmul_many(&[Job { x, m, w, w_row0, n, bias, y: Out(y.as_mut_ptr()), y_stride }]);
+    matmul_many(isa, &[Job { x, m, w, w_row0, n, bias, y: Out(y.as_mut_ptr()), y_stride }]);
 }
 
 /// Several matmuls into disjoint outputs (a grouped expert matmul's experts) in one parallel
 /// loop over all their blocks of weight rows. The caller checks [`supported`] and that each
 /// output lies inside memory it owns.
-pub(crate) fn matmul_many(jobs: &[Job]) {
-    assert!(supported(), "the int8 product path needs AVX512-VNNI and AVX512-BW");
+pub(crate) fn matmul_many(isa: Isa, jobs: &[Job]) {
+    assert!(supported_on(isa), "the int8 product path has no {} kernel on this CPU", isa.name());
     for j in jobs {
         let k = j.w.cols;
         assert!(handles(j.w.dtype) && k.is_multiple_of(QK_K), "int8 products take whole K-format blocks");
@@ -348,7 +353,7 @@ pub(crate) fn matmul_many(jobs: &[Job]) {
         .map(|j| {
             let mut rows = Rows::default();
             rows.shape(j.m, j.w.cols, false);
-            quantise_rows(j.x, j.m, &mut rows);
+            quantise_rows(isa, j.x, j.m, &mut rows);
             rows
         })
         .collect();
@@ -361,19 +366,19 @@ pub(crate) fn matmul_many(jobs: &[Job]) {
     }
     tasks.into_par_iter().for_each_init(Rows::default, |wq, (i, b0, b1)| {
         for blk in b0..b1 {
-            run_block(&jobs[i], &xs[i], blk, wq);
+            run_block(isa, &jobs[i], &xs[i], blk, wq);
         }
     });
 }
 
 /// Weight rows `blk * BLOCK_ROWS..` of a job, all its input rows.
-fn run_block(job: &Job, xq: &Rows, blk: usize, wq: &mut Rows) {
+fn run_block(isa: Isa, job: &Job, xq: &Rows, blk: usize, wq: &mut Rows) {
     let Job { m, w, w_row0, n, bias, y: out, y_stride, .. } = *job;
     let k = w.cols;
     let c0 = blk * BLOCK_ROWS;
     let nb = BLOCK_ROWS.min(n - c0);
     wq.shape(nb, k, true);
-    unpack_rows(w, w_row0 + c0, wq, nb);
+    unpack_rows(isa, w, w_row0 + c0, wq, nb);
     // The next block's weight rows (most often this thread's next task) are asked for while the
     // tiles compute, a share at each tile: unpacking waited for them from memory otherwise.
     let rb_bytes = w.dtype.row_bytes(k);
@@ -401,7 +406,7 @@ fn run_block(job: &Job, xq: &Rows, blk: usize, wq: &mut Rows) {
                 }
                 let rn = 4.min(rb_end - r);
                 let mut tile = [[0f32; 4]; 4];
-                tile_of(xq, r, rn, wq, c, jn, &mut tile);
+                tile_of(isa, xq, r, rn, wq, c, jn, &mut tile);
                 for (i, row) in tile.iter().enumerate().take(rn) {
                     for (j, &v) in row.iter().enumerate().take(jn) {
                         // SAFETY: each task writes only its own columns c0..c0 + nb of the rows.
@@ -426,21 +431,25 @@ fn prefetch(at: &u8) {
 }
 
 /// `out[i][j]` for input rows `r..r + rn` and weight slots `c..c + jn` (each at most 4).
-fn tile_of(x: &Rows, r: usize, rn: usize, w: &Rows, c: usize, jn: usize, out: &mut [[f32; 4]; 4]) {
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn tile_of(isa: Isa, x: &Rows, r: usize, rn: usize, w: &Rows, c: usize, jn: usize, out: &mut [[f32; 4]; 4]) {
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! pick {
-            ($(($a:literal, $b:literal)),*) => {
+            ($m:ident, $(($a:literal, $b:literal)),*) => {
                 match (rn, jn) {
-                    // SAFETY: the caller checked `supported`; the slots lie inside the rows.
-                    $(($a, $b) => unsafe { avx512vnni::tile::<$a, $b>(x, r, w, c, out) },)*
+                    // SAFETY: the caller checked `supported_on(isa)`; the slots lie inside the rows.
+                    $(($a, $b) => unsafe { $m::tile::<$a, $b>(x, r, w, c, out) },)*
                     _ => unreachable!("a {rn} x {jn} tile"),
                 }
             };
         }
-        pick!((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4), (3, 1), (3, 2), (3, 3), (3, 4), (4, 1), (4, 2), (4, 3), (4, 4))
+        match isa {
+            Isa::Avx512 => return pick!(avx512vnni, (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4), (3, 1), (3, 2), (3, 3), (3, 4), (4, 1), (4, 2), (4, 3), (4, 4)),
+            Isa::Avx2 => return pick!(avx2, (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4), (3, 1), (3, 2), (3, 3), (3, 4), (4, 1), (4, 2), (4, 3), (4, 4)),
+            _ => {}
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
     for i in 0..rn {
         for j in 0..jn {
             out[i][j] = model(x, r + i, w, c + j);
@@ -648,6 +657,103 @@ mod avx512unpack {
     }
 }
 
+/// The AVX2 kernel: each 64-byte step in two 256-bit halves (the first two blocks of a group,
+/// then the other two), `vpmaddubsw` then `vpmaddwd` and an add where AVX-512 has `vpdpwssd`
+/// (the same exact integer sums), the float steps in two halves of eight lanes: the same
+/// operations as [`super::model`], to the bit. The weight slots are taken two at a time so
+/// that the tile's sums stay in the sixteen registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Rows, CHUNK, GROUP, STEP, STEPS};
+    use crate::cpu::matmul::WeightRows;
+
+    /// [`super::unpack_row`] compiled for AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn unpack_row(w: WeightRows, r: usize, rows: &mut Rows, j: usize) {
+        super::unpack_row(w, r, rows, j)
+    }
+
+    /// [`super::quantise_row`] compiled for AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantise_row(x: &[f32], q: &mut [u8], d: &mut [f32], lin: &mut [f32]) {
+        super::quantise_row(x, q, d, lin)
+    }
+
+    /// [`super::model`] for `MR x NR` pairs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile<const MR: usize, const NR: usize>(x: &Rows, r: usize, w: &Rows, c: usize, out: &mut [[f32; 4]; 4]) {
+        let mut j = 0;
+        while j < NR {
+            let mut pair = [[0f32; 4]; 4];
+            if NR - j >= 2 {
+                half_tile::<MR, 2>(x, r, w, c + j, &mut pair);
+            } else {
+                half_tile::<MR, 1>(x, r, w, c + j, &mut pair);
+            }
+            for i in 0..MR {
+                out[i][j..j + 2.min(NR - j)].copy_from_slice(&pair[i][..2.min(NR - j)]);
+            }
+            j += 2;
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn half_tile<const MR: usize, const NR: usize>(x: &Rows, r: usize, w: &Rows, c: usize, out: &mut [[f32; 4]; 4]) {
+        let (kp, k) = (x.kp, x.k);
+        assert!(w.kp == kp && (r + MR) * kp <= x.q.len() && (c + NR) * kp <= w.q.len() && (c + NR) * kp / 2 <= w.scales.len(), "tile rows");
+        let (xq, wq, sc) = (x.q.as_ptr(), w.q.as_ptr(), w.scales.as_ptr());
+        // Lanes 0-7 and 8-15 of each sum.
+        let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
+        for g in 0..kp / GROUP {
+            for h in 0..2 {
+                let mut sums = [[_mm256_setzero_si256(); NR]; MR];
+                for t in 0..STEPS {
+                    let at = g * GROUP + t * STEP + h * 32;
+                    let mut xs = [_mm256_setzero_si256(); MR];
+                    for i in 0..MR {
+                        xs[i] = _mm256_loadu_si256(xq.add((r + i) * kp + at) as *const _);
+                    }
+                    for j in 0..NR {
+                        let wv = _mm256_loadu_si256(wq.add((c + j) * kp + at) as *const _);
+                        let s = _mm256_loadu_si256(sc.add((c + j) * kp / 2 + (g * STEPS + t) * 32 + h * 16) as *const _);
+                        for i in 0..MR {
+                            sums[i][j] = _mm256_add_epi32(sums[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xs[i]), s));
+                        }
+                    }
+                }
+                for i in 0..MR {
+                    let xd = _mm256_loadu_ps(x.d.as_ptr().add((r + i) * kp / STEP + g * 16 + h * 8));
+                    for j in 0..NR {
+                        let wd = _mm256_loadu_ps(w.d.as_ptr().add((c + j) * kp / STEP + g * 16 + h * 8));
+                        acc[i][j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][j]), _mm256_mul_ps(wd, xd), acc[i][j][h]);
+                    }
+                }
+            }
+        }
+        let chunks = k / CHUNK;
+        assert!((r + MR) * chunks <= x.lin.len() && (c + NR) * chunks <= w.lin.len(), "tile sums");
+        for i in 0..MR {
+            for j in 0..NR {
+                let (xl, wl) = (x.lin.as_ptr().add((r + i) * chunks), w.lin.as_ptr().add((c + j) * chunks));
+                let mut lin = [_mm256_setzero_ps(); 2];
+                for at in (0..chunks).step_by(16) {
+                    for (h, l) in lin.iter_mut().enumerate() {
+                        *l = _mm256_fmadd_ps(_mm256_loadu_ps(wl.add(at + 8 * h)), _mm256_loadu_ps(xl.add(at + 8 * h)), *l);
+                    }
+                }
+                // Lanes i and i + 8 first, as the 16-lane reduction adds them.
+                let a = _mm256_add_ps(_mm256_add_ps(acc[i][j][0], lin[0]), _mm256_add_ps(acc[i][j][1], lin[1]));
+                let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+                let c2 = _mm_add_ps(b, _mm_movehl_ps(b, b));
+                out[i][j] = _mm_cvtss_f32(_mm_add_ss(c2, _mm_shuffle_ps::<1>(c2, c2)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,9 +813,10 @@ mod tests {
 
     /// The vector unpacking and quantising give the scalar code's bytes, scales and sums
     /// (blocks with extreme scales; inputs with NaN, infinities, zeros and huge values).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_unpacking_and_quantising_match_the_scalar_code() {
-        if !supported() {
+        if !supported_on(Isa::Avx512) {
             eprintln!("no AVX512-VNNI on this CPU: the vector unpacking cannot be picked here");
             return;
         }
@@ -720,7 +827,7 @@ mod tests {
             let (mut a, mut b) = (Rows::default(), Rows::default());
             a.shape(4, k, true);
             b.shape(4, k, true);
-            unpack_rows(w, 0, &mut a, 4);
+            unpack_rows(Isa::Avx512, w, 0, &mut a, 4);
             for j in 0..4 {
                 unpack_row(w, j, &mut b, j);
             }
@@ -738,7 +845,7 @@ mod tests {
         let (mut a, mut b) = (Rows::default(), Rows::default());
         a.shape(3, k, false);
         b.shape(3, k, false);
-        quantise_rows(&x, 3, &mut a);
+        quantise_rows(Isa::Avx512, &x, 3, &mut a);
         for r in 0..3 {
             let (q, d, lin) = (&mut b.q[r * b.kp..(r + 1) * b.kp], &mut b.d[r * b.kp / STEP..(r + 1) * b.kp / STEP], &mut b.lin[r * (k / CHUNK)..(r + 1) * (k / CHUNK)]);
             quantise_row(&x[r * k..(r + 1) * k], q, d, lin);
@@ -765,16 +872,16 @@ mod tests {
             }
             for (rows, xs) in [(&mut fresh, &mut xf), (&mut reused, &mut xr)] {
                 rows.shape(n, k, true);
-                unpack_rows(w, 0, rows, n);
+                unpack_rows(Isa::detected(), w, 0, rows, n);
                 xs.shape(m, k, false);
-                quantise_rows(&x, m, xs);
+                quantise_rows(Isa::detected(), &x, m, xs);
             }
             for r in 0..m {
                 for j in 0..n {
                     let mut a = [[0f32; 4]; 4];
                     let mut b = [[0f32; 4]; 4];
-                    tile_of(&xf, r, 1, &fresh, j, 1, &mut a);
-                    tile_of(&xr, r, 1, &reused, j, 1, &mut b);
+                    tile_of(Isa::detected(), &xf, r, 1, &fresh, j, 1, &mut a);
+                    tile_of(Isa::detected(), &xr, r, 1, &reused, j, 1, &mut b);
                     assert_eq!(a[0][0].to_bits(), b[0][0].to_bits(), "k {k}: ({r}, {j}): {} vs {}", a[0][0], b[0][0]);
                 }
             }
@@ -788,7 +895,7 @@ mod tests {
         let x = inputs(2 * k, 9);
         let mut rows = Rows::default();
         rows.shape(2, k, false);
-        quantise_rows(&x, 2, &mut rows);
+        quantise_rows(Isa::Portable, &x, 2, &mut rows);
         for r in 0..2 {
             for e in 0..k {
                 let (at, _) = Rows::at(e);
@@ -811,7 +918,7 @@ mod tests {
             let w = WeightRows { words: &words, dtype, cols: k };
             let (mut xq, mut wq) = (Rows::default(), Rows::default());
             xq.shape(m, k, false);
-            quantise_rows(&x, m, &mut xq);
+            quantise_rows(Isa::Portable, &x, m, &mut xq);
             wq.shape(n, k, true);
             for j in 0..n {
                 unpack_row(w, j, &mut wq, j);
@@ -841,11 +948,12 @@ mod tests {
     /// alone gets the bits it gets among others.
     #[test]
     fn the_kernel_matches_the_model_bit_for_bit() {
-        if !supported() {
-            eprintln!("no AVX512-VNNI on this CPU: the int8 product path cannot be picked here");
+        let isas: Vec<Isa> = Isa::available().into_iter().filter(|&i| supported_on(i)).collect();
+        if isas.is_empty() {
+            eprintln!("no AVX2 or AVX512-VNNI on this CPU: the int8 product path cannot be picked here");
             return;
         }
-        for dtype in FORMATS {
+        for (isa, dtype) in isas.iter().flat_map(|&i| FORMATS.map(|d| (i, d))) {
             for (m, n, k) in [(1, 1, QK_K), (3, 17, 3 * QK_K), (7, 5, 4 * QK_K), (17, 33, 5 * QK_K), (66, 21, 14 * QK_K), (5, 70, 9 * QK_K)] {
                 let x = inputs(m * k, (m * n) as u64);
                 let (words, _) = weight(dtype, n + 3, k, k as u64, true);
@@ -853,11 +961,11 @@ mod tests {
                 let bias = inputs(n, 77);
                 let stride = n + 5;
                 let mut y = vec![f32::NAN; m * stride + 2];
-                matmul(&x, m, w, 3, n, Some(&bias), &mut y[2..], stride);
+                matmul(isa, &x, m, w, 3, n, Some(&bias), &mut y[2..], stride);
                 assert!(y[..2].iter().all(|v| v.is_nan()), "wrote before the output");
                 let (mut xq, mut wq) = (Rows::default(), Rows::default());
                 xq.shape(m, k, false);
-                quantise_rows(&x, m, &mut xq);
+                quantise_rows(Isa::Portable, &x, m, &mut xq);
                 wq.shape(n, k, true);
                 for j in 0..n {
                     unpack_row(w, 3 + j, &mut wq, j);
@@ -866,12 +974,12 @@ mod tests {
                     for c in 0..n {
                         let want = model(&xq, r, &wq, c) + bias[c];
                         let got = y[2 + r * stride + c];
-                        assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{} {m}x{n}x{k} at ({r}, {c}): {got} vs {want}", dtype.name());
+                        assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{} {} {m}x{n}x{k} at ({r}, {c}): {got} vs {want}", isa.name(), dtype.name());
                     }
                 }
                 let last = m - 1;
                 let mut alone = vec![f32::NAN; n];
-                matmul(&x[last * k..], 1, w, 3, n, Some(&bias), &mut alone, n);
+                matmul(isa, &x[last * k..], 1, w, 3, n, Some(&bias), &mut alone, n);
                 let among: Vec<f32> = y[2 + last * stride..2 + last * stride + n].to_vec();
                 assert_eq!(alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), among.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} {m}x{n}x{k}: the last row alone", dtype.name());
                 // Two jobs in one loop: each gets what it gets alone.
@@ -880,7 +988,7 @@ mod tests {
                     Job { x: &x, m, w, w_row0: 3, n, bias: None, y: Out(both.as_mut_ptr()), y_stride: n },
                     Job { x: &x[last * k..], m: 1, w, w_row0: 3, n, bias: None, y: Out(both[m * n..].as_mut_ptr()), y_stride: n },
                 ];
-                matmul_many(&jobs);
+                matmul_many(isa, &jobs);
                 for c in 0..n {
                     assert_eq!((both[last * n + c] + bias[c]).to_bits(), among[c].to_bits(), "{}: the first job", dtype.name());
                     assert_eq!(both[m * n + c].to_bits(), both[last * n + c].to_bits(), "{}: the second job", dtype.name());

@@ -131,7 +131,7 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: us
         return crate::cpu::bf16_products::matmul(x, m, w, w_row0, n, bias, y, y_stride);
     }
     if int8_path(isa, w.dtype) {
-        return crate::cpu::int8_products::matmul(x, m, w, w_row0, n, bias, y, y_stride);
+        return crate::cpu::int8_products::matmul(isa, x, m, w, w_row0, n, bias, y, y_stride);
     }
     if m >= gemm_min_rows(isa) {
         gemm_path(x, m, w, w_row0, n, bias, y, y_stride);
@@ -140,17 +140,9 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: us
     }
 }
 
-/// Whether a matmul over `dtype` takes the int8 product path (`--cpu-compute int8`, AVX-512).
+/// Whether a matmul over `dtype` takes the int8 product path (`--cpu-compute int8`).
 fn int8_path(isa: Isa, dtype: WeightDtype) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        isa == Isa::Avx512 && crate::cpu::int8_products::takes(dtype)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (isa, dtype);
-        false
-    }
+    crate::cpu::int8_products::takes(dtype) && crate::cpu::int8_products::supported_on(isa)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -371,7 +363,7 @@ pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
         .map(|&(x, m, w, w_row0, n, off)| crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
         .collect();
     if !int8_jobs.is_empty() {
-        crate::cpu::int8_products::matmul_many(&int8_jobs);
+        crate::cpu::int8_products::matmul_many(isa, &int8_jobs);
     }
     let dot: Vec<DotJob> = jobs
         .iter()
