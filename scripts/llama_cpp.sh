@@ -25,14 +25,30 @@ if [ ! -d "$SRC/vendor/llama.cpp" ]; then
     tar xzf "$WORK/sdist.tar.gz" -C "$WORK"
 fi
 LLAMA="$SRC/vendor/llama.cpp"
-BUILD="$WORK/llama-build"
+# CPU_ISA=avx2 builds (and the peer scripts run) both engines as on a CPU without AVX-512: llama.cpp
+# with its AVX-512 flags off (in a build directory of its own), moegen with MOEGEN_CPU_ISA=avx2,
+# torch with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2.
+CPU_ISA=${CPU_ISA:-}
+BUILD="$WORK/llama-build${CPU_ISA:+-$CPU_ISA}"
+if [ -n "$CPU_ISA" ]; then
+    export MOEGEN_CPU_ISA="$CPU_ISA"
+    # torch too: its own kernels and oneDNN's (bf16 matmuls) kept to the same instructions.
+    export ATEN_CPU_CAPABILITY="$CPU_ISA" ONEDNN_MAX_CPU_ISA="${CPU_ISA^^}"
+fi
+# Whether this CPU has instruction-set feature $1 (as /proc/cpuinfo names it), for both engines:
+# none of AVX-512's under CPU_ISA=avx2.
+cpu_has() {
+    if [ "$CPU_ISA" = avx2 ] && [[ $1 == avx512* ]]; then
+        return 1
+    fi
+    grep -qw "$1" /proc/cpuinfo
+}
 
 # The CPU backend only, for the instructions this CPU has. Not -march=native: some machines
 # advertise AMX that traps when used (llama.cpp's Q8_0 path dies with Illegal instruction).
 llama_cpp_build() {
     local flags
-    flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
-    has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+    has() { cpu_has "$1" && echo ON || echo OFF; }
     PATH="$WORK/venv/bin:$PATH" cmake -S "$LLAMA" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
         -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c) -DGGML_BMI2=$(has bmi2) \
         -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AVX512_VNNI=$(has avx512_vnni) \

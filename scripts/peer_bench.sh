@@ -7,6 +7,7 @@
 # by its own convert_hf_to_gguf.py).
 #
 #   scripts/peer_bench.sh            # WORK=/tmp/moegen-peer, THREADS=$(nproc), 64 x (32 + 32)
+#   CPU_ISA=avx2 scripts/peer_bench.sh   # both engines as on a CPU without AVX-512
 #
 # Everything it builds and downloads goes under $WORK; the figures go to $WORK/results.txt.
 set -euo pipefail
@@ -42,7 +43,7 @@ done
 cargo build --release --locked
 
 {
-    echo "# $(date -u +%F) $(uname -m), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $THREADS threads"
+    echo "# $(date -u +%F) $(uname -m), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $THREADS threads${CPU_ISA:+, both engines limited to $CPU_ISA}"
     echo "# moegen $(git rev-parse --short HEAD), llama.cpp from llama-cpp-python $LLAMA_CPP_PYTHON, torch $TORCH, transformers $TRANSFORMERS"
     echo "# job: $SEQS sequences x ($PROMPT prompt + $NEW new) tokens, greedy"
     echo
@@ -57,7 +58,7 @@ cargo build --release --locked
     RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu bench --model "$WORK/model" --sequences "$SEQS" \
         --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
     # With bf16 products where the CPU has AVX512-BF16 (what torch and llama.cpp multiply in there).
-    if grep -qw avx512_bf16 /proc/cpuinfo; then
+    if cpu_has avx512_bf16; then
         echo
         echo "## moegen --device cpu --cpu-compute bf16 bench"
         RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu --cpu-compute bf16 bench --model "$WORK/model" --sequences "$SEQS" \
@@ -72,9 +73,9 @@ cargo build --release --locked
         echo "## moegen --device cpu bench, the same $q GGUF"
         RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu bench --model "$WORK/model-$q.gguf" --sequences "$SEQS" \
             --prompt-len "$PROMPT" --new-tokens "$NEW" --batching all 2>&1 | grep -v "^\s*$"
-        # With int8 products over the K formats where the CPU has AVX512-VNNI (llama.cpp's
-        # numerics: it quantises the inputs of these matmuls to 8 bits per 256 too).
-        if [[ $q == *K* ]] && grep -qw avx512_vnni /proc/cpuinfo; then
+        # With int8 products over the K formats (AVX512-VNNI, else AVX2; llama.cpp's numerics: it
+        # quantises the inputs of these matmuls to 8 bits per 256 too).
+        if [[ $q == *K* ]] && { cpu_has avx512_vnni || cpu_has avx2; }; then
             echo
             echo "## moegen --device cpu --cpu-compute int8 bench, the same $q GGUF"
             RAYON_NUM_THREADS=$THREADS target/release/moegen --device cpu --cpu-compute int8 bench --model "$WORK/model-$q.gguf" --sequences "$SEQS" \
