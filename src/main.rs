@@ -363,7 +363,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if moegen::cpu::int8_products::supported() {
                 let using = if moegen::cpu::int8_products::enabled() { "in use" } else { "available with --cpu-compute int8" };
-                println!("    int8 products over K-format weights (AVX512-VNNI): {using}");
+                let unit = if host.isa.name() == "avx512" { "AVX512-VNNI" } else { "AVX2" };
+                println!("    int8 products over K-format weights ({unit}): {using}");
             }
             if let Some(m) = host.memory_bytes {
                 println!("    memory: {:.1} GiB", m as f64 / (1u64 << 30) as f64);

@@ -4,7 +4,7 @@
 //! unpacked to bytes, and `vpmaddubsw` + `vpdpwssd` (AVX512-BW, AVX512-VNNI) multiply them and
 //! apply each 16-element chunk's integer scale in exact integer sums. One float step per 256
 //! elements applies the block's two f32 scales; the weights' minimums (Q4_K, Q5_K) and Q6_K's
-//! offset of 32 enter through a float dot over the chunks' input sums. That is four times the
+//! offset of 32 enter through a float dot over the chunks' input sums, first. That is four times the
 //! products per instruction of f32 FMAs and no float decoding; the price is the inputs'
 //! quantisation, so it is a choice, not the default.
 //!
@@ -281,11 +281,17 @@ fn reduce16(v: [f32; 16]) -> f32 {
 }
 
 /// Input row `r` of `x` times weight row `j` of `w`, in scalar code doing exactly the vector
-/// kernel's operations: per lane, exact integer sums of each group's products, converted and
-/// scaled once per group; the offset terms in 16 lanes; the two added and reduced.
+/// kernel's operations: per lane, the offset terms first (the chunks' dot in 16 lanes), then
+/// each group's exact integer sums converted and scaled into them; the lanes reduced.
 fn model(x: &Rows, r: usize, w: &Rows, j: usize) -> f32 {
     let (kp, k) = (x.kp, x.k);
     let mut acc = [0f32; 16];
+    let (wl, xl) = (&w.lin[j * (k / CHUNK)..][..k / CHUNK], &x.lin[r * (k / CHUNK)..][..k / CHUNK]);
+    for c in (0..k / CHUNK).step_by(16) {
+        for l in 0..16 {
+            acc[l] = wl[c + l].mul_add(xl[c + l], acc[l]);
+        }
+    }
     for g in 0..kp / GROUP {
         let mut sums = [0i32; 16];
         for t in 0..STEPS {
@@ -305,14 +311,7 @@ fn model(x: &Rows, r: usize, w: &Rows, j: usize) -> f32 {
             acc[l] = (sums[l] as f32).mul_add(wd[l] * xd[l], acc[l]);
         }
     }
-    let mut lin = [0f32; 16];
-    let (wl, xl) = (&w.lin[j * (k / CHUNK)..][..k / CHUNK], &x.lin[r * (k / CHUNK)..][..k / CHUNK]);
-    for c in (0..k / CHUNK).step_by(16) {
-        for l in 0..16 {
-            lin[l] = wl[c + l].mul_add(xl[c + l], lin[l]);
-        }
-    }
-    reduce16(std::array::from_fn(|l| acc[l] + lin[l]))
+    reduce16(acc)
 }
 
 /// One matmul: `y[r * y_stride + c] = q8(x[r]) . w[w_row0 + c] + bias[c]` for `r < m`, `c < n`.
@@ -471,7 +470,22 @@ mod avx512vnni {
         let (kp, k) = (x.kp, x.k);
         assert!(w.kp == kp && (r + MR) * kp <= x.q.len() && (c + NR) * kp <= w.q.len() && (c + NR) * kp / 2 <= w.scales.len(), "tile rows");
         let (xq, wq, sc) = (x.q.as_ptr(), w.q.as_ptr(), w.scales.as_ptr());
+        // The offsets' dot first, each step's loads shared by the tile.
+        let chunks = k / CHUNK;
+        assert!((r + MR) * chunks <= x.lin.len() && (c + NR) * chunks <= w.lin.len(), "tile sums");
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        for at in (0..chunks).step_by(16) {
+            let mut xl = [_mm512_setzero_ps(); MR];
+            for i in 0..MR {
+                xl[i] = _mm512_loadu_ps(x.lin.as_ptr().add((r + i) * chunks + at));
+            }
+            for j in 0..NR {
+                let wl = _mm512_loadu_ps(w.lin.as_ptr().add((c + j) * chunks + at));
+                for i in 0..MR {
+                    acc[i][j] = _mm512_fmadd_ps(wl, xl[i], acc[i][j]);
+                }
+            }
+        }
         for g in 0..kp / GROUP {
             let mut sums = [[_mm512_setzero_si512(); NR]; MR];
             for t in 0..STEPS {
@@ -496,16 +510,9 @@ mod avx512vnni {
                 }
             }
         }
-        let chunks = k / CHUNK;
-        assert!((r + MR) * chunks <= x.lin.len() && (c + NR) * chunks <= w.lin.len(), "tile sums");
         for i in 0..MR {
             for j in 0..NR {
-                let (xl, wl) = (x.lin.as_ptr().add((r + i) * chunks), w.lin.as_ptr().add((c + j) * chunks));
-                let mut lin = _mm512_setzero_ps();
-                for at in (0..chunks).step_by(16) {
-                    lin = _mm512_fmadd_ps(_mm512_loadu_ps(wl.add(at)), _mm512_loadu_ps(xl.add(at)), lin);
-                }
-                out[i][j] = reduce(_mm512_add_ps(acc[i][j], lin));
+                out[i][j] = reduce(acc[i][j]);
             }
         }
     }
@@ -668,11 +675,106 @@ mod avx2 {
 
     use super::{Rows, CHUNK, GROUP, STEP, STEPS};
     use crate::cpu::matmul::WeightRows;
+    use crate::gpu::WeightDtype;
+    use crate::quant::{scale_min_k4, QK_K};
 
-    /// [`super::unpack_row`] compiled for AVX2.
+    #[inline(always)]
+    fn half(b: &[u8], at: usize) -> f32 {
+        half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+    }
+
+    /// Stores the two chunks of `v` (lane i is chunk `t[i]` of a block) at `q`, where chunk t
+    /// goes to `q + t * STEP`.
+    #[inline(always)]
+    unsafe fn store_chunks(q: *mut u8, v: __m256i, t: [usize; 2]) {
+        _mm_storeu_si128(q.add(t[0] * STEP) as *mut _, _mm256_castsi256_si128(v));
+        _mm_storeu_si128(q.add(t[1] * STEP) as *mut _, _mm256_extracti128_si256::<1>(v));
+    }
+
+    /// [`super::unpack_row`] in 256-bit registers, the same bytes, scales and offsets.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn unpack_row(w: WeightRows, r: usize, rows: &mut Rows, j: usize) {
-        super::unpack_row(w, r, rows, j)
+        let (k, rb, bb) = (w.cols, w.dtype.row_bytes(w.cols), w.dtype.block_bytes());
+        let bytes = &bytemuck::cast_slice::<u32, u8>(w.words)[r * rb..(r + 1) * rb];
+        let (kp, chunks) = (rows.kp, k / CHUNK);
+        assert!((j + 1) * kp <= rows.q.len() && (j + 1) * kp / 2 <= rows.scales.len() && (j + 1) * chunks <= rows.lin.len() && (j + 1) * kp / STEP <= rows.d.len(), "slot {j}");
+        let (nib, three) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+        let load = |p: *const u8| _mm256_loadu_si256(p as *const _);
+        for (blk, b) in bytes.chunks_exact(bb).enumerate().take(k / QK_K) {
+            let (g, lane) = (blk / 4, blk % 4);
+            let q = rows.q.as_mut_ptr().add(j * kp + g * GROUP + lane * CHUNK);
+            let p = b.as_ptr();
+            // Each chunk's integer scale, and its offset (eight a register).
+            let mut scales = [0i16; 16];
+            let (offsets, d) = match w.dtype {
+                WeightDtype::Q4K | WeightDtype::Q5K => {
+                    let qs = p.add(if w.dtype == WeightDtype::Q4K { 16 } else { 48 });
+                    let qh = load(p.add(16));
+                    let sixteen = _mm256_set1_epi8(16);
+                    for c in 0..4 {
+                        // 32 bytes: the low nibbles are sub-block 2c, the high ones 2c + 1.
+                        let v = load(qs.add(32 * c));
+                        let mut lo = _mm256_and_si256(v, nib);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                        if w.dtype == WeightDtype::Q5K {
+                            let (b0, b1) = (_mm256_set1_epi8((1u8 << (2 * c)) as i8), _mm256_set1_epi8((2u8 << (2 * c)) as i8));
+                            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen));
+                            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen));
+                        }
+                        store_chunks(q, lo, [4 * c, 4 * c + 1]);
+                        store_chunks(q, hi, [4 * c + 2, 4 * c + 3]);
+                    }
+                    let dmin = half(b, 2);
+                    let mut mins = [0f32; 16];
+                    for sub in 0..8 {
+                        let (sc, m) = scale_min_k4(sub, &b[4..16]);
+                        scales[2 * sub..2 * sub + 2].fill(sc as i16);
+                        mins[2 * sub..2 * sub + 2].fill(m as f32);
+                    }
+                    let neg = _mm256_set1_ps(-dmin);
+                    ([_mm256_mul_ps(_mm256_loadu_ps(mins.as_ptr()), neg), _mm256_mul_ps(_mm256_loadu_ps(mins.as_ptr().add(8)), neg)], half(b, 0))
+                }
+                WeightDtype::Q6K => {
+                    // Half n of 128: ql's 64 bytes (low nibbles, then high) with qh's 32 (two bits
+                    // each, at shifts 0, 2, 4, 6).
+                    for n in 0..2 {
+                        let (a0, a1, h) = (load(p.add(64 * n)), load(p.add(64 * n + 32)), load(p.add(128 + 32 * n)));
+                        let high = |s: i32| {
+                            let v = match s {
+                                0 => h,
+                                2 => _mm256_srli_epi16::<2>(h),
+                                4 => _mm256_srli_epi16::<4>(h),
+                                _ => _mm256_srli_epi16::<6>(h),
+                            };
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(v, three))
+                        };
+                        let t = 8 * n;
+                        store_chunks(q, _mm256_or_si256(_mm256_and_si256(a0, nib), high(0)), [t, t + 1]);
+                        store_chunks(q, _mm256_or_si256(_mm256_and_si256(a1, nib), high(2)), [t + 2, t + 3]);
+                        store_chunks(q, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(a0), nib), high(4)), [t + 4, t + 5]);
+                        store_chunks(q, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(a1), nib), high(6)), [t + 6, t + 7]);
+                    }
+                    let d = half(b, 208);
+                    let sc8 = _mm_loadu_si128(p.add(192) as *const _);
+                    let neg = _mm256_set1_ps(-d);
+                    let off = |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_slli_epi32::<5>(_mm256_cvtepi8_epi32(v))), neg);
+                    for (t, s) in scales.iter_mut().enumerate() {
+                        *s = b[192 + t] as i8 as i16;
+                    }
+                    ([off(sc8), off(_mm_srli_si128::<8>(sc8))], d)
+                }
+                _ => unreachable!("{} is not a K format", w.dtype.name()),
+            };
+            // Chunk t's scale in its lane's eight words of step t.
+            let sc = rows.scales.as_mut_ptr().add(j * kp / 2 + g * STEPS * 32 + lane * 8);
+            for (t, &v) in scales.iter().enumerate() {
+                _mm_storeu_si128(sc.add(t * 32) as *mut _, _mm_set1_epi16(v));
+            }
+            let lin = rows.lin.as_mut_ptr().add(j * chunks + blk * (QK_K / CHUNK));
+            _mm256_storeu_ps(lin, offsets[0]);
+            _mm256_storeu_ps(lin.add(8), offsets[1]);
+            _mm_storeu_ps(rows.d.as_mut_ptr().add(j * kp / STEP + Rows::block_scale_at(blk)), _mm_set1_ps(d));
+        }
     }
 
     /// [`super::quantise_row`] compiled for AVX2.
@@ -705,8 +807,24 @@ mod avx2 {
         let (kp, k) = (x.kp, x.k);
         assert!(w.kp == kp && (r + MR) * kp <= x.q.len() && (c + NR) * kp <= w.q.len() && (c + NR) * kp / 2 <= w.scales.len(), "tile rows");
         let (xq, wq, sc) = (x.q.as_ptr(), w.q.as_ptr(), w.scales.as_ptr());
-        // Lanes 0-7 and 8-15 of each sum.
+        // Lanes 0-7 and 8-15 of each sum; the offsets' dot first.
+        let chunks = k / CHUNK;
+        assert!((r + MR) * chunks <= x.lin.len() && (c + NR) * chunks <= w.lin.len(), "tile sums");
         let mut acc = [[[_mm256_setzero_ps(); 2]; NR]; MR];
+        for at in (0..chunks).step_by(16) {
+            for h in 0..2 {
+                let mut xl = [_mm256_setzero_ps(); MR];
+                for i in 0..MR {
+                    xl[i] = _mm256_loadu_ps(x.lin.as_ptr().add((r + i) * chunks + at + 8 * h));
+                }
+                for j in 0..NR {
+                    let wl = _mm256_loadu_ps(w.lin.as_ptr().add((c + j) * chunks + at + 8 * h));
+                    for i in 0..MR {
+                        acc[i][j][h] = _mm256_fmadd_ps(wl, xl[i], acc[i][j][h]);
+                    }
+                }
+            }
+        }
         for g in 0..kp / GROUP {
             for h in 0..2 {
                 let mut sums = [[_mm256_setzero_si256(); NR]; MR];
@@ -733,19 +851,10 @@ mod avx2 {
                 }
             }
         }
-        let chunks = k / CHUNK;
-        assert!((r + MR) * chunks <= x.lin.len() && (c + NR) * chunks <= w.lin.len(), "tile sums");
         for i in 0..MR {
             for j in 0..NR {
-                let (xl, wl) = (x.lin.as_ptr().add((r + i) * chunks), w.lin.as_ptr().add((c + j) * chunks));
-                let mut lin = [_mm256_setzero_ps(); 2];
-                for at in (0..chunks).step_by(16) {
-                    for (h, l) in lin.iter_mut().enumerate() {
-                        *l = _mm256_fmadd_ps(_mm256_loadu_ps(wl.add(at + 8 * h)), _mm256_loadu_ps(xl.add(at + 8 * h)), *l);
-                    }
-                }
                 // Lanes i and i + 8 first, as the 16-lane reduction adds them.
-                let a = _mm256_add_ps(_mm256_add_ps(acc[i][j][0], lin[0]), _mm256_add_ps(acc[i][j][1], lin[1]));
+                let a = _mm256_add_ps(acc[i][j][0], acc[i][j][1]);
                 let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
                 let c2 = _mm_add_ps(b, _mm_movehl_ps(b, b));
                 out[i][j] = _mm_cvtss_f32(_mm_add_ss(c2, _mm_shuffle_ps::<1>(c2, c2)));
@@ -831,6 +940,13 @@ mod tests {
             for j in 0..4 {
                 unpack_row(w, j, &mut b, j);
             }
+            let mut c = Rows::default();
+            c.shape(4, k, true);
+            unpack_rows(Isa::Avx2, w, 0, &mut c, 4);
+            assert_eq!(c.q, b.q, "{} quants (AVX2)", dtype.name());
+            assert_eq!(c.scales, b.scales, "{} scales (AVX2)", dtype.name());
+            assert_eq!(c.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} block scales (AVX2)", dtype.name());
+            assert_eq!(c.lin.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.lin.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} offsets (AVX2)", dtype.name());
             assert_eq!(a.q, b.q, "{} quants", dtype.name());
             assert_eq!(a.scales, b.scales, "{} scales", dtype.name());
             assert_eq!(a.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} block scales", dtype.name());
