@@ -41,8 +41,6 @@ const STEPS: usize = GROUP / STEP;
 /// rows pass over them), and the input bytes a task's tiles pass over at once.
 const BLOCK_ROWS: usize = 16;
 const X_BLOCK_BYTES: usize = 256 << 10;
-/// Multiply-adds worth a rayon task.
-const MIN_TASK_MACS: usize = 1 << 18;
 
 /// Whether the path runs on the host kernels' vector path (the one `MOEGEN_CPU_ISA` leaves).
 pub fn supported() -> bool {
@@ -356,13 +354,7 @@ pub(crate) fn matmul_many(isa: Isa, jobs: &[Job]) {
             rows
         })
         .collect();
-    // Tasks of whole blocks, at least MIN_TASK_MACS each, never spanning jobs.
-    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
-    for (i, j) in jobs.iter().enumerate() {
-        let per_task = (MIN_TASK_MACS / (BLOCK_ROWS * j.w.cols * j.m).max(1)).max(1);
-        let blocks = j.n.div_ceil(BLOCK_ROWS);
-        tasks.extend((0..blocks).step_by(per_task).map(|b| (i, b, (b + per_task).min(blocks))));
-    }
+    let tasks = crate::cpu::matmul::block_tasks(jobs.iter().map(|j| (j.m, j.w.cols, j.n)), BLOCK_ROWS);
     tasks.into_par_iter().for_each_init(Rows::default, |wq, (i, b0, b1)| {
         for blk in b0..b1 {
             run_block(isa, &jobs[i], &xs[i], blk, wq);

@@ -371,18 +371,25 @@ pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
         // SAFETY: each job's output lies inside `y` (checked above).
         .map(|&(x, m, w, w_row0, n, off)| DotJob { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
         .collect();
-    // Tasks of whole blocks, at least MIN_TASK_MACS each (as one matmul's are), never spanning jobs.
-    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
-    for (i, j) in dot.iter().enumerate() {
-        let per_task = (MIN_TASK_MACS / (DOT_BLOCK * j.w.cols * j.m).max(1)).max(1);
-        let blocks = j.n.div_ceil(DOT_BLOCK);
-        tasks.extend((0..blocks).step_by(per_task).map(|b| (i, b, (b + per_task).min(blocks))));
-    }
+    let tasks = block_tasks(dot.iter().map(|j| (j.m, j.w.cols, j.n)), DOT_BLOCK);
     tasks.into_par_iter().for_each_init(Scratch::default, |scratch, (i, b0, b1)| {
         for blk in b0..b1 {
             dot_block(isa, &dot[i], blk, scratch);
         }
     });
+}
+
+/// The tasks of several matmuls (`(rows, k, weight rows)` each) over blocks of `block` weight
+/// rows: `(matmul, first block, end block)`, at least MIN_TASK_MACS each (as one matmul's are),
+/// never spanning matmuls.
+pub(crate) fn block_tasks(jobs: impl Iterator<Item = (usize, usize, usize)>, block: usize) -> Vec<(usize, usize, usize)> {
+    let mut tasks = Vec::new();
+    for (i, (m, k, n)) in jobs.enumerate() {
+        let per_task = (MIN_TASK_MACS / (block * k * m).max(1)).max(1);
+        let blocks = n.div_ceil(block);
+        tasks.extend((0..blocks).step_by(per_task).map(|b| (i, b, (b + per_task).min(blocks))));
+    }
+    tasks
 }
 
 /// Block-format rows into f32, compiled for the path's vector width (the decoder is inlined
