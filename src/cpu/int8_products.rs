@@ -1,12 +1,13 @@
 //! Host matmul over K-format weights (Q4_K, Q5_K, Q6_K) with 8-bit products (`--cpu-compute
 //! int8`), as llama.cpp multiplies them on such CPUs: each input row is quantised to 8 bits per
 //! 256 elements (one f32 scale each, llama.cpp's Q8_K), the weights' 4-, 5- and 6-bit quants are
-//! unpacked to bytes, and `vpmaddubsw` + `vpdpwssd` (AVX512-BW, AVX512-VNNI) multiply them and
-//! apply each 16-element chunk's integer scale in exact integer sums. One float step per 256
-//! elements applies the block's two f32 scales; the weights' minimums (Q4_K, Q5_K) and Q6_K's
-//! offset of 32 enter through a float dot over the chunks' input sums, first. That is four times the
-//! products per instruction of f32 FMAs and no float decoding; the price is the inputs'
-//! quantisation, so it is a choice, not the default.
+//! unpacked to bytes, and `vpmaddubsw` + `vpdpwssd` (AVX512-BW, AVX512-VNNI; on AVX2 `vpmaddwd`
+//! and an add for the second) multiply them and apply each 16-element chunk's integer scale in
+//! exact integer sums. One float step per 256 elements applies the block's two f32 scales; the
+//! weights' minimums (Q4_K, Q5_K) and Q6_K's offset of 32 enter through a float dot over the
+//! chunks' input sums, first. That is twice the products per instruction of f32 FMAs (64 per
+//! pair against 16 per FMA) and no float decoding; the price is the inputs' quantisation, so it
+//! is a choice, not the default.
 //!
 //! Each output element is computed by the same operations in the same order whatever tile or
 //! batch computes it, so a row's result does not depend on the rows batched with it; the scalar
@@ -335,7 +336,7 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: us
 }
 
 /// Several matmuls into disjoint outputs (a grouped expert matmul's experts) in one parallel
-/// loop over all their blocks of weight rows. The caller checks [`supported`] and that each
+/// loop over all their blocks of weight rows. The caller checks [`supported_on`] and that each
 /// output lies inside memory it owns.
 pub(crate) fn matmul_many(isa: Isa, jobs: &[Job]) {
     assert!(supported_on(isa), "the int8 product path has no {} kernel on this CPU", isa.name());
