@@ -80,7 +80,7 @@ fn cpu_matmul(quick: bool) {
     println!("\nCPU device matmul y = x W^T, W {n}x{k}, {threads} threads, {}; f32 peak (gemm crate sgemm, 2048 x {n} x {k}): {peak:.1} GFLOP/s", cpu.info().name);
     println!("{:>6} {:>5} {:>12} {:>10} {:>10} {:>8}", "tokens", "W", "time", "GFLOP/s", "W GB/s", "of peak");
     // bf16 weights again with bf16 products (`--cpu-compute bf16`) where the CPU has AVX512-BF16,
-    // the K formats again with int8 products (`--cpu-compute int8`) where it has AVX512-VNNI.
+    // the K formats again with int8 products (`--cpu-compute int8`) where it has AVX512-VNNI or AVX2.
     use moegen::cpu::bf16_products::CpuCompute;
     let mut runs = vec![(WeightDtype::Bf16, CpuCompute::F32), (WeightDtype::F32, CpuCompute::F32), (WeightDtype::Q8_0, CpuCompute::F32), (WeightDtype::Q4K, CpuCompute::F32), (WeightDtype::Q6K, CpuCompute::F32)];
     if moegen::cpu::bf16_products::supported() {

@@ -26,8 +26,9 @@ struct Cli {
     /// multiplied on AMX tiles where the CPU has AMX-BF16 (about 6x the arithmetic rate), else
     /// with the AVX512-BF16 dot-product instructions (about 2x), as torch and llama.cpp do on such
     /// CPUs; `int8`: also over K-format weights (Q4_K, Q5_K, Q6_K: what Q4_K_M and Q5_K_M files
-    /// hold), inputs quantised to 8 bits per 256 and multiplied with AVX512-VNNI's 8-bit dot
-    /// products, as llama.cpp does. Where the CPU lacks them, `bf16` and `int8` warn and stay f32.
+    /// hold), inputs quantised to 8 bits per 256 and multiplied with 8-bit dot products
+    /// (AVX512-VNNI, else AVX2), as llama.cpp does. Where the CPU lacks them, `bf16` and `int8`
+    /// warn and stay f32.
     #[arg(long, global = true, value_enum, default_value = "f32")]
     cpu_compute: moegen::cpu::bf16_products::CpuCompute,
     #[command(subcommand)]
@@ -363,8 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if moegen::cpu::int8_products::supported() {
                 let using = if moegen::cpu::int8_products::enabled() { "in use" } else { "available with --cpu-compute int8" };
-                let unit = if host.isa.name() == "avx512" { "AVX512-VNNI" } else { "AVX2" };
-                println!("    int8 products over K-format weights ({unit}): {using}");
+                println!("    int8 products over K-format weights ({}): {using}", moegen::cpu::int8_products::instructions());
             }
             if let Some(m) = host.memory_bytes {
                 println!("    memory: {:.1} GiB", m as f64 / (1u64 << 30) as f64);

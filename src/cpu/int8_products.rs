@@ -60,6 +60,17 @@ pub fn supported_on(isa: Isa) -> bool {
     }
 }
 
+/// The instructions the path's kernel uses on this CPU's vector path (`moegen devices`).
+pub fn instructions() -> &'static str {
+    match Isa::detected() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if supported() => "AVX512-VNNI",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "AVX2",
+        _ => "none",
+    }
+}
+
 /// Turns the path on or off for the process (`--cpu-compute`); the caller checks [`supported`].
 pub(crate) fn set_enabled(on: bool) {
     ENABLED.store(on && supported(), Ordering::Relaxed);
