@@ -185,12 +185,17 @@ fn main() {
                 // The path the tuning takes, and cooperative matrices beside it where they exist.
                 let tuned = ctx.matmul_path(m);
                 let coop = ctx.features().coop.map(|shape| matmul::MatmulPath::Coop { shape, emulated: false });
-                for path in std::iter::once(tuned).chain(coop.filter(|c| *c != tuned)) {
-                    let t = time(&ctx, reps, |b| matmul::matmul_rows(b, &x, &w, None, &y, matmul::Rows::all(m), Some(path)).expect("matmul"));
+                // And block formats with 8-bit inputs (--gpu-compute int8), their quantising
+                // included, on the same path.
+                let int8 = moegen::kernels::matmul_int8::supports(dtype).then_some((tuned, true));
+                for (path, on_int8) in std::iter::once((tuned, false)).chain(coop.filter(|c| *c != tuned).map(|c| (c, false))).chain(int8) {
+                    let run_ctx = ctx.with_int8_products(on_int8);
+                    let t = time(&run_ctx, reps, |b| matmul::matmul_rows(b, &x, &w, None, &y, matmul::Rows::all(m), Some(path)).expect("matmul"));
                     let flops = 2.0 * (m * n * k) as f64;
                     let bytes = dtype.bytes_of(n * k) as f64;
                     let name = match path {
                         matmul::MatmulPath::Coop { shape, .. } => format!("coop {0}x{0} {1}", shape.size, if shape.f16_inputs { "f16" } else { "f32" }),
+                        other if on_int8 => format!("int8 {:?}", moegen::kernels::matmul_int8::Int8Path::of(other)),
                         other => format!("{other:?}"),
                     };
                     println!(

@@ -250,9 +250,10 @@ fn run_name(b: Batching, attention: AttentionChoice, cpu_experts: CpuExperts, al
 pub fn report_json(r: &PolicyReport) -> serde_json::Value {
     json!({
         "batching": r.batching.name(),
-        // What ran it: the two devices, and what the host's matmuls multiply in.
+        // What ran it: the two devices, and what the host's and the GPU's matmuls multiply in.
         "device": if r.plan.cpu_device { "cpu" } else { "gpu" },
         "cpu_compute": if crate::cpu::int8_products::enabled() { "int8" } else if crate::cpu::bf16_products::enabled() { "bf16" } else { "f32" },
+        "gpu_compute": if r.gpu_int8 { "int8" } else { "f32" },
         "tokens_per_s": r.tokens_per_s(),
         "prefill_tokens_per_s": r.prefill_tokens_per_s(),
         "decode_tokens_per_s": r.decode_tokens_per_s(),

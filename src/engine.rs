@@ -85,6 +85,8 @@ pub struct PolicyReport {
     pub downloaded: u64,
     pub trace: Option<TraceSummary>,
     pub trace_json: Option<String>,
+    /// The GPU's block-format matmuls took 8-bit inputs (`--gpu-compute int8`).
+    pub gpu_int8: bool,
 }
 
 impl PolicyReport {
@@ -247,5 +249,6 @@ pub fn run_policy(
         downloaded: link.downloaded(),
         trace: tracer.as_ref().map(|t| t.summary()),
         trace_json: tracer.as_ref().map(|t| t.chrome_json()),
+        gpu_int8: ctx.int8_products(),
     })
 }

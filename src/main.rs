@@ -31,6 +31,13 @@ struct Cli {
     /// warn and stay f32.
     #[arg(long, global = true, value_enum, default_value = "f32")]
     cpu_compute: moegen::cpu::bf16_products::CpuCompute,
+    /// What a GPU's matmuls over block-format weights (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K: GGUF files,
+    /// --quantize) multiply in: `f32` (weights decoded in registers, exact products); `int8`:
+    /// inputs quantised to 8 bits per 32 and multiplied with dot4I8Packed (the packed 8-bit dot
+    /// product where the GPU has one), as llama.cpp's GPU kernels do. The CPU device ignores it.
+    /// Not yet run on a real GPU.
+    #[arg(long, global = true, value_enum, default_value = "f32")]
+    gpu_compute: moegen::gpu::GpuCompute,
     #[command(subcommand)]
     command: Command,
 }
@@ -295,7 +302,7 @@ struct GenerateArgs {
     quiet: bool,
 }
 
-fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>, device: Option<DeviceChoice>, default_kv: KvDtype) -> anyhow::Result<JobSpec> {
+fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter: Option<String>, device: Option<DeviceChoice>, gpu_compute: moegen::gpu::GpuCompute, default_kv: KvDtype) -> anyhow::Result<JobSpec> {
     let l = job.limits;
     Ok(JobSpec {
         source: ModelSource::from_flags(model.model, model.synthetic)?,
@@ -311,7 +318,7 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
         attention: l.attention,
         cpu_experts: l.cpu_experts,
         hardware: l.hardware,
-        adapter: choice(adapter, device),
+        adapter: choice(adapter, device, gpu_compute),
         kv_bf16: KvDtype::bf16(l.kv_dtype, default_kv),
         quantize: l.quantize.iter().map(|q| q.dtype()).collect(),
         quantize_attention: l.quantize_attention,
@@ -319,11 +326,12 @@ fn job_spec(model: ModelFlags, job: JobFlags, batching: BatchingChoice, adapter:
 }
 
 /// The device the flags and the environment name (`--device` over MOEGEN_DEVICE).
-fn choice(adapter: Option<String>, device: Option<DeviceChoice>) -> AdapterChoice {
+fn choice(adapter: Option<String>, device: Option<DeviceChoice>, gpu_compute: moegen::gpu::GpuCompute) -> AdapterChoice {
     let mut c = AdapterChoice::from_env(adapter);
     if let Some(d) = device {
         c.device = d;
     }
+    c.int8_products = gpu_compute == moegen::gpu::GpuCompute::Int8;
     c
 }
 
@@ -345,7 +353,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Devices => {
-            let choice = choice(cli.adapter, cli.device);
+            let choice = choice(cli.adapter, cli.device, cli.gpu_compute);
             let (report, count) = describe_adapters(choice.backends);
             print!("{report}");
             if count == 0 {
@@ -372,7 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ctx = GpuContext::new(&choice)?;
             let f = ctx.features();
             println!(
-                "selected: {} ({:?}); kernels use f16: {}, subgroups: {}, timestamps: {}{}{}; binding limit {} MiB",
+                "selected: {} ({:?}); kernels use f16: {}, subgroups: {}, timestamps: {}{}{}{}; binding limit {} MiB",
                 ctx.info().name,
                 ctx.info().backend,
                 f.f16,
@@ -380,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 f.timestamps,
                 f.coop.map_or(String::new(), |c| format!(", cooperative matrices {0}x{0} ({1} inputs)", c.size, if c.f16_inputs { "f16" } else { "f32" })),
                 if f.subgroup_attention { ", subgroup attention" } else { "" },
+                if ctx.int8_products() { ", int8 products over block formats (dot4I8Packed)" } else { "" },
                 ctx.binding_limit() >> 20
             );
             Ok(())
@@ -419,7 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     _ => anyhow::bail!("--quantize takes one format for generate (none, q8_0, q4_0 or q4_k)"),
                 },
                 quantize_attention: g.limits.quantize_attention,
-                adapter: choice(cli.adapter, cli.device),
+                adapter: choice(cli.adapter, cli.device, cli.gpu_compute),
                 progress: !g.quiet,
             };
             let summary = run_job(&args, demo)?;
@@ -432,12 +441,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(b) => {
-            let spec = job_spec(b.model, b.job, b.batching, cli.adapter, cli.device, KvDtype::F32)?;
+            let spec = job_spec(b.model, b.job, b.batching, cli.adapter, cli.device, cli.gpu_compute, KvDtype::F32)?;
             run_bench(&BenchArgs { spec, json: b.json, trace: b.trace })?;
             Ok(())
         }
         Command::Plan(p) => {
-            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter, cli.device, KvDtype::Auto)?)?;
+            let (plan, any) = run_plan(&job_spec(p.model, p.job, p.batching, cli.adapter, cli.device, cli.gpu_compute, KvDtype::Auto)?)?;
             print!("{plan}");
             if !any {
                 anyhow::bail!("no batching policy fits these budgets (see above)");

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use moegen::gpu::{round_weights, AdapterChoice, Batch, DeviceChoice, Experimental, GpuBuffer, GpuContext, GpuWeight, KernelFeatures, WeightDtype};
-use moegen::kernels::{attention, dequant, elementwise, embedding, head_matmul, matmul, moe, norm, rope, router, softmax};
+use moegen::kernels::{attention, dequant, elementwise, embedding, head_matmul, matmul, matmul_int8, moe, norm, rope, router, softmax};
 use moegen::Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -970,4 +970,176 @@ fn timed_submission_reports_a_duration() {
     let t = b.submit_timed().unwrap();
     assert!(t.as_nanos() > 0);
     assert_eq!(ctx.read_f32(&y, 1).unwrap(), vec![16.0]);
+}
+
+/// The int8 path's input rows as the GPU quantised them: values and `[scale, sum]` per unit.
+fn read_quantised(ctx: &GpuContext, xq: &matmul_int8::QuantisedRows) -> (Vec<i8>, Vec<[f32; 2]>) {
+    let q = ctx.read_bytes(&xq.q, 0, (xq.m * xq.k) as u64).unwrap().into_iter().map(|b| b as i8).collect();
+    let s = ctx.read_f32(&xq.s, xq.m * xq.k / 16).unwrap().chunks_exact(2).map(|p| [p[0], p[1]]).collect();
+    (q, s)
+}
+
+#[test]
+fn int8_quantiser_rounds_each_unit_of_32_to_its_scale() {
+    let mut rng = StdRng::seed_from_u64(60);
+    let ctx = gpu();
+    let (rows, k, row0) = (9, 96, 2);
+    let mut x = random(&mut rng, rows * k, 3.0);
+    // A unit of zeros (scale 0), one with a single huge value, one of tiny values.
+    x[(row0 + 1) * k..(row0 + 1) * k + 32].fill(0.0);
+    x[(row0 + 2) * k + 40] = 1e30;
+    x[(row0 + 3) * k + 64..(row0 + 3) * k + 96].iter_mut().for_each(|v| *v *= 1e-30);
+    let m = rows - row0 - 1;
+    let mut b = Batch::new(ctx);
+    let xq = matmul_int8::quantize(&mut b, &upload(ctx, &x), row0, m, k).unwrap();
+    b.submit().unwrap();
+    let (q, s) = read_quantised(ctx, &xq);
+    let (want_q, want_s) = matmul_int8::quantize_reference(&x[row0 * k..(row0 + m) * k]);
+    for (u, (got, want)) in s.iter().zip(&want_s).enumerate() {
+        assert!((got[0] - want[0]).abs() <= want[0] * 1e-6, "unit {u}: scale {} not {}", got[0], want[0]);
+        let sum: i32 = q[u * 32..(u + 1) * 32].iter().map(|&v| v as i32).sum();
+        assert_eq!(got[1], sum as f32, "unit {u}: the sum is not the values'");
+        for i in u * 32..(u + 1) * 32 {
+            let exact = x[row0 * k + i] / want[0];
+            // The GPU multiplies by a reciprocal: a value within a hair of a half may round the
+            // other way, never further.
+            let near_half = want[0] > 0.0 && ((exact.abs().fract() - 0.5).abs() < 1e-4);
+            assert!(q[i] == want_q[i] || (near_half && (q[i] as i32 - want_q[i] as i32).abs() == 1), "element {i}: {} not {} (x / d = {exact})", q[i], want_q[i]);
+        }
+    }
+    assert!(s[3].iter().all(|&v| v == 0.0) && q[96..128].iter().all(|&v| v == 0), "a unit of zeros quantises to zeros");
+}
+
+#[test]
+fn int8_matmul_matches_its_model_on_every_format_and_path() {
+    let mut rng = StdRng::seed_from_u64(61);
+    let ctx = gpu().with_int8_products(true);
+    let paths = [
+        matmul_int8::Int8Path::Vector { tok: 1, wg: 64 },
+        matmul_int8::Int8Path::Vector { tok: 4, wg: 32 },
+        matmul_int8::Int8Path::Vector { tok: 8, wg: 128 },
+        matmul_int8::Int8Path::Tiled { bm: 16 },
+        matmul_int8::Int8Path::Tiled { bm: 32 },
+        matmul_int8::Int8Path::Tiled { bm: 64 },
+    ];
+    for dtype in WeightDtype::QUANTISED {
+        for extremes in [false, true] {
+            // Three blocks a row (an odd count of 34-, 18- and 210-byte blocks) and columns that
+            // fill neither a workgroup nor a tile.
+            let (n, k) = (67, 3 * dtype.block_elems());
+            let (bytes, values) = block_weights(&mut rng, dtype, n, k, extremes);
+            let w = GpuWeight::upload(&ctx, "w", &bytes, dtype, n, k).unwrap();
+            let (wq, wa) = matmul_int8::sub_blocks(dtype, &bytes);
+            for m in [1, 3, 7, 40, 67] {
+                let x = random(&mut rng, m * k, 1.0);
+                let bv = random(&mut rng, n, 1.0);
+                let (xb, bb) = (upload(&ctx, &x), upload(&ctx, &bv));
+                let mut b = Batch::new(&ctx);
+                let xq = matmul_int8::quantize(&mut b, &xb, 0, m, k).unwrap();
+                b.submit().unwrap();
+                let (q, s) = read_quantised(&ctx, &xq);
+                let want = matmul_int8::model(&q, &s, &wq, &wa, Some(&bv), m, n, k);
+                let mut first: Option<Vec<u32>> = None;
+                for path in paths {
+                    let y = poisoned(&ctx, m * n);
+                    let mut b = Batch::new(&ctx);
+                    matmul_int8::matmul_quantised(&mut b, &xq, &w, Some(&bb), &y, 0, None, path).unwrap();
+                    b.submit().unwrap();
+                    let got = ctx.read_f32(&y, m * n).unwrap();
+                    let what = format!("int8 matmul {m}x{n}x{k} {dtype:?} extremes={extremes} {path:?}");
+                    assert_close(&what, &got, &want, 1e-12);
+                    // Every path adds the same terms in the same order: a row's bits do not
+                    // depend on the path (nor, so, on the rows beside it).
+                    let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                    // The kernels round each product and sum on their own: the model's bits.
+                    if let Some(i) = (0..bits.len()).find(|&i| bits[i] != want[i].to_bits()) {
+                        panic!("{what}: output {i} is {} where the model gives {}", got[i], want[i]);
+                    }
+                    match &first {
+                        Some(f) => assert_eq!(&bits, f, "{what}: bits differ from the first path's"),
+                        None => first = Some(bits),
+                    }
+                }
+                // Against the exact product on the decoded weights: within 8-bit rounding.
+                if !extremes {
+                    let exact = matmul::reference(&x, &values, Some(&bv), m, n, k);
+                    let y = poisoned(&ctx, m * n);
+                    let mut b = Batch::new(&ctx);
+                    matmul::matmul_rows(&mut b, &xb, &w, Some(&bb), &y, matmul::Rows::all(m), None).unwrap();
+                    b.submit().unwrap();
+                    assert_close(&format!("int8 matmul {m}x{n}x{k} {dtype:?} against f32"), &ctx.read_f32(&y, m * n).unwrap(), &exact, 1e-3);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_matmul_through_matmul_rows_at_offsets_and_split_bindings() {
+    let mut rng = StdRng::seed_from_u64(62);
+    let ctx = gpu().with_int8_products(true);
+    for dtype in [WeightDtype::Q8_0, WeightDtype::Q6K] {
+        let (m, n, k) = (9, 70, 2 * dtype.block_elems());
+        let small = ctx.with_binding_limit((16 * k * dtype.block_bytes() / dtype.block_elems()) as u64);
+        let (bytes, _) = block_weights(&mut rng, dtype, n, k, false);
+        let w = GpuWeight::upload(&small, "split w", &bytes, dtype, n, k).unwrap();
+        assert!(w.parts.len() >= 4, "{} parts", w.parts.len());
+        let x = random(&mut rng, (m + 3) * k, 1.0);
+        let bv = random(&mut rng, n, 1.0);
+        let stride = n + 5;
+        for m_here in [1, m] {
+            let y = poisoned(&ctx, (m_here + 1) * stride);
+            let mut b = Batch::new(&small);
+            let rows = matmul::Rows { m: m_here, x_row0: 3, y_row0: 1, y_stride: Some(stride) };
+            matmul::matmul_rows(&mut b, &upload(&ctx, &x), &w, Some(&upload(&ctx, &bv)), &y, rows, None).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&y, (m_here + 1) * stride).unwrap();
+            let (q, s) = matmul_int8::quantize_reference(&x[3 * k..(3 + m_here) * k]);
+            let (wq, wa) = matmul_int8::sub_blocks(dtype, &bytes);
+            let want = matmul_int8::model(&q, &s, &wq, &wa, Some(&bv), m_here, n, k);
+            let got_rows: Vec<f32> = (0..m_here).flat_map(|r| got[(r + 1) * stride..(r + 1) * stride + n].to_vec()).collect();
+            assert_close(&format!("int8 matmul {dtype:?} split, {m_here} rows at offsets"), &got_rows, &want, 1e-9);
+            assert!(got[..stride].iter().all(|v| v.is_nan()), "row 0 was written");
+            assert!((1..=m_here).all(|r| got[r * stride + n..(r + 1) * stride].iter().all(|v| v.is_nan())), "columns past n were written");
+        }
+    }
+}
+
+#[test]
+fn int8_grouped_expert_matmul_gives_each_row_the_models_bits() {
+    let mut rng = StdRng::seed_from_u64(63);
+    let ctx = gpu().with_int8_products(true);
+    for dtype in [WeightDtype::Q4K, WeightDtype::Q8_0, WeightDtype::Q6K] {
+        let (tokens, n_experts, top_k, n) = (40, 6, 2, 50);
+        let k = if dtype.block_elems() == 32 { 96 } else { 512 };
+        let ids: Vec<u32> = (0..tokens * top_k).map(|_| rng.random_range(0..n_experts as u32)).collect();
+        let x = random(&mut rng, tokens * k, 1.0);
+        let (bytes, _) = block_weights(&mut rng, dtype, n_experts * n, k, false);
+        let w = GpuWeight::upload(&ctx, "w", &bytes, dtype, n_experts * n, k).unwrap();
+        let (wq, wa) = matmul_int8::sub_blocks(dtype, &bytes);
+        let xb = upload(&ctx, &x);
+        // The tokens' rows as the GPU quantises them (each gathered row is a copy of one).
+        let mut b = Batch::new(&ctx);
+        let xq = matmul_int8::quantize(&mut b, &xb, 0, tokens, k).unwrap();
+        b.submit().unwrap();
+        let (q, s) = read_quantised(&ctx, &xq);
+        let (per_w, per_a) = (n * k, n * k / 32);
+        for tile in moe::GroupTile::ALL {
+            let mut b = Batch::new(&ctx);
+            let plan = moe::plan(&mut b, &ctx.storage_from("ids", &ids).unwrap(), ids.len(), n_experts, tile).unwrap();
+            let xg = moe::gather(&mut b, &xb, &plan, k, top_k).unwrap();
+            let y = moe::grouped_matmul(&mut b, &xg, &w, &plan).unwrap();
+            b.submit().unwrap();
+            let got = ctx.read_f32(&y, ids.len() * n).unwrap();
+            let assign_row = ctx.read_u32(&plan.assign_row, ids.len()).unwrap();
+            for (a, &e) in ids.iter().enumerate() {
+                let (t, e) = (a / top_k, e as usize);
+                let units = k / 32;
+                let want = matmul_int8::model(&q[t * k..(t + 1) * k], &s[t * units..(t + 1) * units], &wq[e * per_w..(e + 1) * per_w], &wa[e * per_a..(e + 1) * per_a], None, 1, n, k);
+                let row = assign_row[a] as usize;
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got[row * n..(row + 1) * n]), bits(&want), "{dtype:?} {tile:?}: assignment {a} (token {t}, expert {e})");
+            }
+        }
+    }
 }

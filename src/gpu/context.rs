@@ -15,6 +15,17 @@ pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::SUBGROUP)
     .union(wgpu::Features::TIMESTAMP_QUERY);
 
+/// What a GPU's matmuls over block-format weights multiply in (`--gpu-compute`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GpuCompute {
+    /// Weights decoded to f32 in registers, f32 inputs (exact products).
+    #[default]
+    F32,
+    /// Inputs quantised to 8 bits per 32, `dot4I8Packed` over the blocks' bytes
+    /// (`kernels/matmul_int8.rs`).
+    Int8,
+}
+
 /// Which kind of device runs the model (`--device`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
@@ -39,6 +50,8 @@ pub struct AdapterChoice {
     pub disabled_features: wgpu::Features,
     /// Kernels that have not yet run on a real GPU, allowed by `MOEGEN_EXPERIMENTAL`.
     pub experimental: Experimental,
+    /// Block-format matmuls on a GPU take 8-bit inputs (`--gpu-compute int8`).
+    pub int8_products: bool,
 }
 
 /// Kernels that are off unless asked for, because they have not yet been checked on a real GPU
@@ -83,6 +96,7 @@ impl AdapterChoice {
             adapter: flag.or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok()),
             disabled_features: disabled_from_env(),
             experimental: Experimental::from_env(),
+            int8_products: false,
         }
     }
 }
@@ -243,12 +257,18 @@ pub struct GpuContext {
     binding_limit: u64,
     /// Counts (and may hold to a rate) what crosses to and from the GPU; none while loading.
     link: Option<Arc<Link>>,
+    /// Block-format matmuls take 8-bit inputs and `dot4I8Packed` (`--gpu-compute int8`).
+    int8_products: bool,
 }
 
 impl GpuContext {
     /// The device `choice` names: under `auto`, a hardware GPU adapter if there is one, else
     /// the CPU, said in one line on stderr with the hint for installing a driver.
     pub fn new(choice: &AdapterChoice) -> Result<Self> {
+        Ok(Self::open(choice)?.with_int8_products(choice.int8_products))
+    }
+
+    fn open(choice: &AdapterChoice) -> Result<Self> {
         let auto = choice.device == DeviceChoice::Auto && choice.adapter.is_none();
         match choice.device {
             DeviceChoice::Cpu => return Ok(Self::cpu()),
@@ -342,6 +362,7 @@ impl GpuContext {
             },
             binding_limit,
             link: None,
+            int8_products: false,
         })
     }
 
@@ -368,6 +389,7 @@ impl GpuContext {
             features: KernelFeatures::basic(false, false, false),
             binding_limit: 1 << 40,
             link: None,
+            int8_products: false,
         }
     }
 
@@ -497,7 +519,19 @@ impl GpuContext {
             },
             binding_limit: self.binding_limit,
             link: self.link.clone(),
+            int8_products: self.int8_products,
         }
+    }
+
+    /// The same device with block-format matmuls on 8-bit inputs (`on`) or f32 ones. The CPU
+    /// device keeps its own choice (`--cpu-compute`).
+    pub fn with_int8_products(&self, on: bool) -> Self {
+        GpuContext { int8_products: on && !self.is_cpu(), ..self.clone() }
+    }
+
+    /// Whether block-format matmuls multiply 8-bit inputs with `dot4I8Packed`.
+    pub fn int8_products(&self) -> bool {
+        self.int8_products
     }
 
     /// The same device with a smaller binding limit, so that tests reach the split paths.

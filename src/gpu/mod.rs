@@ -14,7 +14,7 @@ pub use buffers::{
     encode_weights, round_weights, BufferPool, HostRead, PendingRead, GpuBuffer, GpuWeight, PoolStats, WeightDtype, WeightPart, STORAGE,
     UNIFORM,
 };
-pub use context::{instance, list_adapters, AdapterChoice, CoopShape, DeviceChoice, Experimental, GpuContext, KernelFeatures, WANTED_FEATURES};
+pub use context::{instance, list_adapters, AdapterChoice, CoopShape, DeviceChoice, Experimental, GpuCompute, GpuContext, KernelFeatures, WANTED_FEATURES};
 pub use devices::describe_adapters;
 pub use link::{Link, RateLimit};
 pub use pipelines::{ShaderBuilder, ShaderSource};

@@ -77,6 +77,23 @@ impl ShaderBuilder {
         self
     }
 
+    /// `fn load_wsub(s: u32) -> WSub` for the int8 matmul: sub-block `s` of a block format as
+    /// signed bytes with its affine map back to the weights (`shaders/lib/wsub_*.wgsl`). Only for
+    /// the formats of [`crate::kernels::matmul_int8::supports`].
+    pub fn weights_int8(mut self, dtype: WeightDtype) -> Self {
+        let (name, format) = match dtype {
+            WeightDtype::Q8_0 => ("q8_0", WSUB_Q8_0),
+            WeightDtype::Q4_0 => ("q4_0", WSUB_Q4_0),
+            WeightDtype::Q4K => ("q4_k", WSUB_Q4_K),
+            WeightDtype::Q5K => ("q5_k", WSUB_Q5_K),
+            WeightDtype::Q6K => ("q6_k", WSUB_Q6_K),
+            other => unreachable!("no int8 sub-blocks for {other:?} (callers check matmul_int8::supports)"),
+        };
+        let _ = write!(self.key, ",wsub={name}");
+        self.snippets.extend_from_slice(&[HALF_BITS, WEIGHTS_BLOCKS, WSUB_COMMON, format]);
+        self
+    }
+
     /// `wg_sum`, `wg_max` across the workgroup, through subgroups where the device has them.
     /// The kernel's entry point takes a `lane: Lane` argument that carries the builtins.
     pub fn reductions(mut self, features: KernelFeatures) -> Self {
@@ -143,6 +160,12 @@ const WEIGHTS4_Q4_0: &str = include_str!("../../shaders/lib/weights4_q4_0.wgsl")
 const WEIGHTS4_Q4_K: &str = include_str!("../../shaders/lib/weights4_q4_k.wgsl");
 const WEIGHTS4_Q5_K: &str = include_str!("../../shaders/lib/weights4_q5_k.wgsl");
 const WEIGHTS4_Q6_K: &str = include_str!("../../shaders/lib/weights4_q6_k.wgsl");
+const WSUB_COMMON: &str = include_str!("../../shaders/lib/wsub_common.wgsl");
+const WSUB_Q8_0: &str = include_str!("../../shaders/lib/wsub_q8_0.wgsl");
+const WSUB_Q4_0: &str = include_str!("../../shaders/lib/wsub_q4_0.wgsl");
+const WSUB_Q4_K: &str = include_str!("../../shaders/lib/wsub_q4_k.wgsl");
+const WSUB_Q5_K: &str = include_str!("../../shaders/lib/wsub_q5_k.wgsl");
+const WSUB_Q6_K: &str = include_str!("../../shaders/lib/wsub_q6_k.wgsl");
 const FP8: &str = include_str!("../../shaders/lib/fp8.wgsl");
 const WEIGHTS_FP8: &str = include_str!("../../shaders/lib/weights_fp8.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/lib/reduce_subgroup.wgsl");

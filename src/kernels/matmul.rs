@@ -256,6 +256,9 @@ pub fn matmul_rows(
     }
     let ctx = b.ctx().clone();
     let path = path.unwrap_or_else(|| ctx.matmul_path(m));
+    if ctx.int8_products() && crate::kernels::matmul_int8::supports(w.dtype) {
+        return crate::kernels::matmul_int8::matmul_rows(b, x, w, bias, y, rows, path);
+    }
     ensure!(path.runs_with(ctx.features()), "matmul", "path {path:?} needs features this device lacks ({:?})", ctx.features());
     let pipeline = ctx.pipeline(&shader(path, w.dtype, ctx.features()))?;
     let placeholder;

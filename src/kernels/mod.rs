@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod head_matmul;
 pub mod matmul;
+pub mod matmul_int8;
 pub mod moe;
 pub mod norm;
 pub mod rope;
@@ -81,6 +82,7 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         moe::plan_shader(),
         moe::gather_shader(),
         moe::combine_shader(),
+        matmul_int8::quantize_shader(),
     ];
     // Every variant the tuning may pick on these features (subgroup key reads only where allowed).
     for kernel in attention::AttentionKernel::candidates(features, 1024) {
@@ -107,6 +109,16 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         }
         for tile in moe::GroupTile::ALL {
             out.push(moe::grouped_matmul_shader(tile, dtype, features));
+        }
+        if matmul_int8::supports(dtype) {
+            let mut paths: Vec<matmul_int8::Int8Path> = Vec::new();
+            for path in matmul::MatmulPath::candidates(features, &LISTING_LIMITS).into_iter().map(matmul_int8::Int8Path::of) {
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+            out.extend(paths.into_iter().map(|path| matmul_int8::shader(path, dtype)));
+            out.extend(moe::GroupTile::ALL.map(|tile| matmul_int8::grouped_shader(tile.rows(), dtype)));
         }
     }
     out

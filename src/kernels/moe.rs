@@ -153,6 +153,9 @@ pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePl
         b.host("moe_matmul", move || crate::cpu::ops::grouped_matmul(&xg, &w, &o, n_experts, &out))?;
         return Ok(y);
     }
+    if ctx.int8_products() && crate::kernels::matmul_int8::supports(w.dtype) {
+        return crate::kernels::matmul_int8::grouped_matmul(b, xg, w, plan);
+    }
     let pipeline = ctx.pipeline(&grouped_matmul_shader(plan.tile, w.dtype, ctx.features()))?;
     for part in &w.parts {
         ensure!(

@@ -314,6 +314,10 @@ fn cache_path(ctx: &GpuContext) -> Option<PathBuf> {
     if crate::cpu::int8_products::enabled() {
         features.push_str("cpuint8");
     }
+    // So do the GPU's matmul rates over block formats.
+    if ctx.int8_products() {
+        features.push_str("gpuint8");
+    }
     // A debug build (the tests' binary) runs the host's kernels several times slower: its rates
     // must not become a release build's plan.
     if cfg!(debug_assertions) {
