@@ -475,6 +475,55 @@ fn quantised_gguf_files_match_their_dequantised_weights() {
     }
 }
 
+/// `--gpu-compute int8` on llama-quantize's Q8_0, Q4_0, Q4_K_M and Q5_K_M files: the logits move
+/// from f32 compute's by the inputs' 8-bit rounding (per 32), no more; the last prompt alone gets
+/// the bits it gets among the others; streamed experts (matmul_rows' paths) give the tokens of
+/// resident ones (the grouped matmul); greedy tokens are reported beside f32 compute's and
+/// llama.cpp's own.
+#[test]
+fn gpu_int8_products_stay_within_8_bit_rounding_on_quantised_files() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mixtral-256.json")).unwrap()).unwrap();
+    let prompts: Vec<Vec<u32>> = recorded["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let max_new = recorded["max_new_tokens"].as_u64().unwrap() as usize;
+    let int8 = gpu().with_int8_products(true);
+    for format in ["q8_0", "q4_0", "q4_k_m", "q5_k_m"] {
+        let files = moegen::loader::ModelFiles::open(&dir.join(format!("mixtral-256-{format}.gguf"))).unwrap();
+        let resident = Placement::all_resident(&files.config);
+        let exact_model = Model::load_placed(gpu(), files.config.clone(), &files.checkpoint, 64, &resident).unwrap();
+        let model = Model::load_placed(&int8, files.config.clone(), &files.checkpoint, 64, &resident).unwrap();
+        let (exact, ours) = (prompt_logits(&exact_model, &prompts).unwrap(), prompt_logits(&model, &prompts).unwrap());
+        let errors: Vec<f64> = ours.iter().zip(&exact).map(|(a, b)| relative_error(a, b)).collect();
+        let last = prompts.len() - 1;
+        let alone = prompt_logits(&model, &prompts[last..]).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&alone[0]), bits(&ours[last]), "{format}: the last prompt alone");
+        let tokens = greedy(&model, &prompts, max_new);
+        let streamed = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![1], budget: None, resident_bytes: 0, reserved_bytes: 0 };
+        let streamed_model = Model::load_placed(&int8, files.config.clone(), &files.checkpoint, 64, &streamed).unwrap();
+        assert_eq!(greedy(&streamed_model, &prompts, max_new), tokens, "{format}: streamed experts changed the int8 tokens");
+        let exact_tokens = greedy(&exact_model, &prompts, max_new);
+        let theirs: Vec<Vec<u32>> = recorded["llama_cpp"][format].as_array().unwrap().iter().map(ids).collect();
+        let agree = |a: &[Vec<u32>], b: &[Vec<u32>]| a.iter().flatten().zip(b.iter().flatten()).filter(|(x, y)| x == y).count();
+        let total = prompts.len() * max_new;
+        eprintln!(
+            "{format}: relative logit error from f32 compute by prompt {}; greedy tokens agree with f32 compute's {}/{total}, with llama.cpp's {}/{total} (f32 compute with llama.cpp's: {}/{total})",
+            errors.iter().map(|v| format!("{v:.1e}")).collect::<Vec<_>>().join(" "),
+            agree(&tokens, &exact_tokens),
+            agree(&tokens, &theirs),
+            agree(&exact_tokens, &theirs)
+        );
+        let worst = errors.iter().copied().fold(0f64, f64::max);
+        let mut sorted = errors.clone();
+        sorted.sort_by(f64::total_cmp);
+        // As on the host (tests/cpu_bf16_products.rs): 8-bit inputs move the logits by about
+        // 2e-2 of their range, more where a token's choice of expert flips; a wrong product
+        // moves every prompt's by about their range; unchanged logits mean the path was not taken.
+        assert!(worst > 1e-5, "{format}: int8 products ({worst:e}) left the f32 result unchanged: the path was not taken");
+        assert!(sorted[sorted.len() / 2] < 5e-2 && worst < 0.3, "{format}: int8 products {:e} (median prompt), {worst:e} (worst) from f32 compute", sorted[sorted.len() / 2]);
+    }
+}
+
 /// FP8 weights whose 32-wide scale blocks divide every row (the synthetic `deepseek-small`, as
 /// DeepSeek-V3's 128-wide blocks divide its) are read as FP8 by the kernels, experts included:
 /// the logits and greedy tokens of the same model on its weights dequantised to bf16 the way

@@ -170,6 +170,7 @@ struct Params {
 }
 
 /// `y[y_row0 + r] = xq[r] W^T (+ bias)` for the `xq.m` quantised rows, on `path`.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_quantised(b: &mut Batch, xq: &QuantisedRows, w: &GpuWeight, bias: Option<&GpuBuffer>, y: &GpuBuffer, y_row0: usize, y_stride: Option<usize>, path: Int8Path) -> Result<()> {
     ensure!(supports(w.dtype), "int8 matmul", "no int8 path for {} weights", w.dtype.name());
     ensure!(w.cols == xq.k, "int8 matmul", "inputs of {} against weights of {} columns", xq.k, w.cols);
