@@ -23,18 +23,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if tile >= tile_starts[p.first + p.count] {
         return;
     }
-    // The expert whose tiles contain this one: the last e with tile_starts[e] <= tile.
-    var lo = p.first;
-    var hi = p.first + p.count;
-    while hi - lo > 1u {
-        let mid = (lo + hi) / 2u;
-        if tile_starts[mid] <= tile {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    let e = lo;
+    let e = tile_expert(tile, p.first, p.count);
     let m0 = offsets[e] + (tile - tile_starts[e]) * BM;
     let m_end = offsets[e + 1u];
     let n0 = wg.x * BN;

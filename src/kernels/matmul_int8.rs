@@ -79,6 +79,7 @@ pub fn shader(path: Int8Path, dtype: WeightDtype) -> ShaderSource {
 pub fn grouped_shader(bm: u32, dtype: WeightDtype) -> ShaderSource {
     ShaderBuilder::new("moe_matmul_i8").constant("BM", bm).constant("BN", TILE_BN).weights_int8(dtype).body(concat!(
         include_str!("../../shaders/moe_matmul_i8.wgsl"),
+        include_str!("../../shaders/lib/moe_tiles.wgsl"),
         include_str!("../../shaders/lib/int8_product.wgsl"),
         include_str!("../../shaders/lib/matmul_tile_i8.wgsl")
     ))
@@ -96,30 +97,20 @@ struct GroupedParams {
 }
 
 /// [`crate::kernels::moe::grouped_matmul`] on 8-bit inputs: `xg`'s `n_assign` rows quantised,
-/// then every expert's rows against its matrix of the stacked `w`, one dispatch per part.
-/// Returns `[n_assign, n]`.
-pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &crate::kernels::moe::MoePlan) -> Result<GpuBuffer> {
+/// then every expert's rows against its matrix of the stacked `w` into `y` (`[n_assign, n]`),
+/// one dispatch per part.
+pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &crate::kernels::moe::MoePlan, y: &GpuBuffer) -> Result<()> {
     let (n, k) = (w.rows / plan.n_experts, w.cols);
     let xq = quantize(b, xg, 0, plan.n_assign, k)?;
-    let ctx = b.ctx().clone();
-    let y = ctx.storage("grouped matmul output", plan.n_assign as u64 * n as u64 * 4)?;
     let bm = plan.tile.rows();
-    let pipeline = ctx.pipeline(&grouped_shader(bm, w.dtype))?;
-    for part in &w.parts {
-        ensure!(
-            part.first_row % n == 0 && part.rows % n == 0,
-            "grouped matmul",
-            "a part of the stacked weights splits an expert (rows {}..{})",
-            part.first_row,
-            part.first_row + part.rows
-        );
-        let (first, count) = (part.first_row / n, part.rows / n);
+    let pipeline = b.ctx().pipeline(&grouped_shader(bm, w.dtype))?;
+    for (part, first, count) in crate::kernels::moe::expert_parts(w, n)? {
         let params = GroupedParams { n: u32_of(n, "expert width")?, k: u32_of(k, "expert inner dim")?, first: first as u32, count: count as u32, zero: 0, pad: [0; 3] };
         let max_tiles = plan.n_assign.div_ceil(bm as usize) + count;
         let groups = [params.n.div_ceil(TILE_BN), u32_of(max_tiles, "grouped matmul tiles")?, 1];
-        b.dispatch("moe_matmul_i8", &pipeline, &params, &[&xq.q, &xq.s, &part.buffer, &plan.offsets, &plan.tile_starts, &y], groups)?;
+        b.dispatch("moe_matmul_i8", &pipeline, &params, &[&xq.q, &xq.s, &part.buffer, &plan.offsets, &plan.tile_starts, y], groups)?;
     }
-    Ok(y)
+    Ok(())
 }
 
 /// Input rows quantised for the int8 matmul: `q` holds each row's units of 32 values as signed

@@ -58,7 +58,7 @@ pub fn combine_shader() -> ShaderSource {
 pub fn grouped_matmul_shader(tile: GroupTile, dtype: WeightDtype, features: KernelFeatures) -> ShaderSource {
     tile_constants(ShaderBuilder::new("moe_matmul"), tile.rows())
         .weights(dtype, features)
-        .body(concat!(include_str!("../../shaders/lib/matmul_tile.wgsl"), include_str!("../../shaders/moe_matmul.wgsl")))
+        .body(concat!(include_str!("../../shaders/lib/matmul_tile.wgsl"), include_str!("../../shaders/moe_matmul.wgsl"), include_str!("../../shaders/lib/moe_tiles.wgsl")))
 }
 
 /// Where each (token, slot) assignment's row is, grouped by expert.
@@ -154,24 +154,35 @@ pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePl
         return Ok(y);
     }
     if ctx.int8_products() && crate::kernels::matmul_int8::supports(w.dtype) {
-        return crate::kernels::matmul_int8::grouped_matmul(b, xg, w, plan);
+        crate::kernels::matmul_int8::grouped_matmul(b, xg, w, plan, &y)?;
+        return Ok(y);
     }
     let pipeline = ctx.pipeline(&grouped_matmul_shader(plan.tile, w.dtype, ctx.features()))?;
-    for part in &w.parts {
-        ensure!(
-            part.first_row % n == 0 && part.rows % n == 0,
-            "grouped matmul",
-            "a part of the stacked weights splits an expert (rows {}..{})",
-            part.first_row,
-            part.first_row + part.rows
-        );
-        let (first, count) = (part.first_row / n, part.rows / n);
+    for (part, first, count) in expert_parts(w, n)? {
         let params = Dims4 { a: u32_of(n, "expert width")?, b: u32_of(k, "expert inner dim")?, c: first as u32, d: count as u32 };
         let max_tiles = plan.n_assign.div_ceil(plan.tile.rows() as usize) + count;
         let groups = [params.a.div_ceil(TILE_BN), u32_of(max_tiles, "grouped matmul tiles")?, 1];
         b.dispatch("moe_matmul", &pipeline, &params, &[xg, &part.buffer, &plan.offsets, &plan.tile_starts, &y], groups)?;
     }
     Ok(y)
+}
+
+/// The parts of stacked expert weights (experts `n` rows each), each with its first expert and
+/// expert count; a part that splits an expert is an error.
+pub(crate) fn expert_parts(w: &GpuWeight, n: usize) -> Result<Vec<(&crate::gpu::WeightPart, usize, usize)>> {
+    w.parts
+        .iter()
+        .map(|part| {
+            ensure!(
+                part.first_row % n == 0 && part.rows % n == 0,
+                "grouped matmul",
+                "a part of the stacked weights splits an expert (rows {}..{})",
+                part.first_row,
+                part.first_row + part.rows
+            );
+            Ok((part, part.first_row / n, part.rows / n))
+        })
+        .collect()
 }
 
 /// `out[t, :] += sum_j weights[t, j] * y[row of (t, j), :]`.
