@@ -148,6 +148,11 @@ run() {
     step "bench: default model" 30 90 "$bin/moegen" bench --model assets/default-model --sequences 64 --prompt-len 16 --new-tokens 64 --batching all --json
     step "bench: mixtral-small streamed, every policy" 60 150 "$bin/moegen" bench --synthetic mixtral-small --gpu-memory 1536KiB --sequences 512 --prompt-len 32 --new-tokens 16 --batching all --attention gpu,host --json
     step "bench: mixtral-small streamed, experimental kernels" 60 120 env MOEGEN_EXPERIMENTAL=all "$bin/moegen" bench --synthetic mixtral-small --gpu-memory 1536KiB --sequences 512 --prompt-len 32 --new-tokens 16 --batching module --attention host --json
+    # Q4_K experts with f32 compute, then with 8-bit inputs on dot4I8Packed (--gpu-compute int8),
+    # the same job: where the packed dot product pays on this GPU.
+    for compute in f32 int8; do
+        step "bench: mixtral-256 Q4_K experts, --gpu-compute $compute" 30 90 "$bin/moegen" --gpu-compute "$compute" bench --synthetic mixtral-256 --sequences 512 --prompt-len 32 --new-tokens 16 --batching module --quantize q4_k --json
+    done
     if [ -n "${profile:-}" ]; then
         step "plan: Mixtral-8x7B on the measured profile" 10 30 "$bin/moegen" plan --synthetic mixtral-8x7b --hardware "$out/hardware.json" --host-memory 120GiB --sequences 4096 --prompt-len 512 --new-tokens 256
         step "plan: DeepSeek-V3 on the measured profile" 10 30 "$bin/moegen" plan --synthetic deepseek-v3 --hardware "$out/hardware.json" --host-memory 1TiB --sequences 4096 --prompt-len 512 --new-tokens 256
