@@ -2,8 +2,8 @@
 //! int8`), as llama.cpp multiplies them on such CPUs: each input row is quantised to 8 bits per
 //! 256 elements (one f32 scale each, llama.cpp's Q8_K), the weights' 4-, 5- and 6-bit quants are
 //! unpacked to bytes, and `vpmaddubsw` + `vpdpwssd` (AVX512-BW, AVX512-VNNI; on AVX2 `vpmaddwd`
-//! and an add for the second) multiply them and apply each 16-element chunk's integer scale in
-//! exact integer sums. One float step per 256 elements applies the block's two f32 scales; the
+//! and an add for the second; on NEON widening multiplies and pairwise adds) multiply them and
+//! apply each 16-element chunk's integer scale in exact integer sums. One float step per 256 elements applies the block's two f32 scales; the
 //! weights' minimums (Q4_K, Q5_K) and Q6_K's offset of 32 enter through a float dot over the
 //! chunks' input sums, first. That is twice the products per instruction of f32 FMAs (64 per
 //! pair against 16 per FMA) and no float decoding; the price is the inputs' quantisation, so it
@@ -18,8 +18,9 @@
 //! integer sum's lanes 4g..4g+3 then hold block g's sum throughout a group, and one float step
 //! per group converts all four (rows are padded with zero blocks to whole groups).
 
-// Elsewhere than x86-64 the path is never taken (`supported` is false): its pieces go unused.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports, unused_variables))]
+// Elsewhere than x86-64 and aarch64 the path is never taken (`supported` is false): its pieces
+// go unused.
+#![cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code, unused_imports, unused_variables))]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -49,13 +50,16 @@ pub fn supported() -> bool {
 }
 
 /// Whether the path has a kernel for `isa` on this CPU: AVX-512 with AVX512-VNNI and -BW
-/// (`vpdpwssd`), or AVX2 (`vpmaddwd` and an add in its place).
+/// (`vpdpwssd`), AVX2 (`vpmaddwd` and an add in its place), or NEON (the unpacking and
+/// quantising in scalar code there).
 pub fn supported_on(isa: Isa) -> bool {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => Isa::available().contains(&isa) && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw"),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Isa::available().contains(&isa),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => Isa::available().contains(&isa),
         _ => false,
     }
 }
@@ -67,6 +71,8 @@ pub fn instructions() -> &'static str {
         Isa::Avx512 if supported() => "AVX512-VNNI",
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => "AVX2",
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => "NEON",
         _ => "none",
     }
 }
@@ -453,6 +459,16 @@ fn tile_of(isa: Isa, x: &Rows, r: usize, rn: usize, w: &Rows, c: usize, jn: usiz
             _ => {}
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        for i in 0..rn {
+            for j in 0..jn {
+                // SAFETY: the caller checked `supported_on(isa)`; the slots lie inside the rows.
+                out[i][j] = unsafe { neon::pair(x, r + i, w, c + j) };
+            }
+        }
+        return;
+    }
     for i in 0..rn {
         for j in 0..jn {
             out[i][j] = model(x, r + i, w, c + j);
@@ -528,6 +544,57 @@ mod avx512vnni {
         let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
         let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
         _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c)))
+    }
+}
+
+/// [`model`] in NEON registers, one input row and weight slot at a time (their 16 integer sums
+/// and 16 accumulators fill half of NEON's 32 registers; a 4 x 4 tile's would spill).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{Rows, CHUNK, GROUP, STEP, STEPS};
+
+    /// Input row `r` of `x` times weight slot `j` of `w`, [`super::model`]'s operations: the
+    /// offsets' dot in four registers of four lanes (lanes 4q..4q+3 in register q), then each
+    /// step's quarter q (bytes 16q..16q+15: lanes 4q..4q+3) multiplied to i16 pairs, scaled and
+    /// paired into its lanes' exact i32 sums, each group's sums converted and scaled in.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn pair(x: &Rows, r: usize, w: &Rows, j: usize) -> f32 {
+        let (kp, k) = (x.kp, x.k);
+        let chunks = k / CHUNK;
+        assert!(w.kp == kp && (r + 1) * kp <= x.q.len() && (j + 1) * kp <= w.q.len() && (j + 1) * kp / 2 <= w.scales.len(), "pair rows");
+        assert!((r + 1) * chunks <= x.lin.len() && (j + 1) * chunks <= w.lin.len() && (r + 1) * kp / STEP <= x.d.len() && (j + 1) * kp / STEP <= w.d.len(), "pair sums");
+        let (xl, wl) = (x.lin.as_ptr().add(r * chunks), w.lin.as_ptr().add(j * chunks));
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        for at in (0..chunks).step_by(16) {
+            for (q, a) in acc.iter_mut().enumerate() {
+                *a = vfmaq_f32(*a, vld1q_f32(wl.add(at + 4 * q)), vld1q_f32(xl.add(at + 4 * q)));
+            }
+        }
+        let (xq, wq, sc) = (x.q.as_ptr().add(r * kp), w.q.as_ptr().add(j * kp), w.scales.as_ptr().add(j * kp / 2));
+        for g in 0..kp / GROUP {
+            let mut sums = [vdupq_n_s32(0); 4];
+            for t in 0..STEPS {
+                let (at, s_at) = (g * GROUP + t * STEP, (g * STEPS + t) * 32);
+                for (q, sum) in sums.iter_mut().enumerate() {
+                    // The weights' bytes are below 64, so they read as the same signed bytes.
+                    let wv = vreinterpretq_s8_u8(vld1q_u8(wq.add(at + 16 * q)));
+                    let xv = vld1q_s8(xq.add(at + 16 * q) as *const i8);
+                    let pairs = vpaddq_s16(vmull_s8(vget_low_s8(wv), vget_low_s8(xv)), vmull_high_s8(wv, xv));
+                    let s = vld1q_s16(sc.add(s_at + 8 * q));
+                    let scaled = vpaddq_s32(vmull_s16(vget_low_s16(pairs), vget_low_s16(s)), vmull_high_s16(pairs, s));
+                    *sum = vaddq_s32(*sum, scaled);
+                }
+            }
+            let (xd, wd) = (x.d.as_ptr().add(r * kp / STEP + g * 16), w.d.as_ptr().add(j * kp / STEP + g * 16));
+            for (q, a) in acc.iter_mut().enumerate() {
+                *a = vfmaq_f32(*a, vcvtq_f32_s32(sums[q]), vmulq_f32(vld1q_f32(wd.add(4 * q)), vld1q_f32(xd.add(4 * q))));
+            }
+        }
+        // reduce16's order: lanes i and i + 8, then i and i + 4, then i and i + 2, then the two.
+        let b = vaddq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3]));
+        (vgetq_lane_f32::<0>(b) + vgetq_lane_f32::<2>(b)) + (vgetq_lane_f32::<1>(b) + vgetq_lane_f32::<3>(b))
     }
 }
 
