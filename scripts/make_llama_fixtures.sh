@@ -121,4 +121,40 @@ for f in ["deepseek-v3-q8_0", "deepseek-v3-f32"]:
 json.dump(out, open(f"{g}/deepseek.json", "w"), indent=1)
 print(json.dumps(out["llama_cpp"]))
 PYEOF
+# DeepSeek's pre-tokenizers (`deepseek-llm`, `deepseek-v3`): the Qwen2 vocabulary with each
+# name written in place of its own, and llama.cpp's token ids (llama-tokenize) for texts that
+# reach every split: the test renames the pre-tokenizer of the same file in memory.
+llama_cpp_build llama-tokenize
+"$PY" - "$G" "$LIB/llama-tokenize" "$WORK" "$LLAMA" <<'PYEOF'
+import json, subprocess, sys
+g, tokenize, work, llama = sys.argv[1:]
+texts = [
+    "Hello, World! 12345 and 3.14159; x=[1,2,3].",
+    "  leading spaces, trailing  ",
+    "lines\n\nand\r\nbreaks\n",
+    "中文字符和日本語のかなカタカナ、한국어 텍스트",
+    "Ελληνικά και кириллица, µ and Ａｂｃ full width",
+    "code: fn main() { println!(\"{}\", a_b + 42); } // done",
+    "mixed123abc 1234567890 ٣٤٥ ①②",
+    "quotes 'single' \"double\" ‘curly’ — dash… end",
+    # Runs of newlines (one piece each in V2, together in V3), a decomposed accent (no NFC).
+    "end\n\n\n\nnext\n\n  \n",
+    "cafe\u0301 and caf\u00e9",
+]
+out = {"texts": texts, "llama_cpp": {}}
+for pre in ["deepseek-llm", "deepseek-v3"]:
+    path = f"{work}/qwen2-vocab-{pre}.gguf"
+    subprocess.run([sys.executable, f"{llama}/gguf-py/gguf/scripts/gguf_new_metadata.py", "--pre-tokenizer", pre, "--force",
+                    f"{g}/qwen2-vocab.gguf", path], check=True, capture_output=True, env={"PYTHONPATH": f"{llama}/gguf-py"})
+    ids = []
+    for i, t in enumerate(texts):
+        with open(f"{work}/text-{i}.txt", "w", encoding="utf-8", newline="") as f:
+            f.write(t)
+        r = subprocess.run([tokenize, "-m", path, "-f", f"{work}/text-{i}.txt", "--ids", "--no-bos", "--no-escape", "--log-disable"],
+                           capture_output=True, text=True, check=True)
+        ids.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    out["llama_cpp"][pre] = ids
+json.dump(out, open(f"{g}/deepseek-pre-tokens.json", "w"), indent=1, ensure_ascii=False)
+print(json.dumps(out["llama_cpp"])[:400])
+PYEOF
 ls -la "$Q" "$G"

@@ -32,6 +32,29 @@ fn numbers(m: &BTreeMap<String, Meta>, key: &str, n: usize, file: &str) -> Resul
     }
 }
 
+/// llama.cpp's pre-tokenizer regexes for `deepseek-llm` (DeepSeek-V2) and `deepseek-v3`, in order
+/// (the text of its `llama-vocab.cpp`, llama-cpp-python 0.3.36's vendored copy).
+const DEEPSEEK_LLM_SPLITS: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+];
+const DEEPSEEK_V3_SPLITS: &[&str] = &[
+    "\\p{N}{1,3}",
+    "[一-龥぀-ゟ゠-ヿ]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+];
+
+/// A sequence of `Isolated` regex splits, then `last`.
+fn isolated_splits(regexes: &[&str], last: Value) -> Value {
+    let mut steps: Vec<Value> = regexes.iter().map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false})).collect();
+    steps.push(last);
+    json!({"type": "Sequence", "pretokenizers": steps})
+}
+
 /// The Hugging Face pre-tokenizer for llama.cpp's pre-tokenizer name.
 fn pre_tokenizer(pre: &str, file: &str) -> Result<(Value, Value)> {
     let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
@@ -45,10 +68,15 @@ fn pre_tokenizer(pre: &str, file: &str) -> Result<(Value, Value)> {
                  "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
         ),
+        // DeepSeek-V2's and V3's: llama.cpp's splits for these names, each regex applied to the
+        // pieces of the one before (matches and the text between them kept, as HF's `Isolated`
+        // splits), then the bytes mapped without a split of their own.
+        "deepseek-llm" => (Value::Null, isolated_splits(DEEPSEEK_LLM_SPLITS, byte_level(false))),
+        "deepseek-v3" => (Value::Null, isolated_splits(DEEPSEEK_V3_SPLITS, byte_level(false))),
         other => {
             return Err(Error::invalid(
                 file,
-                format!("tokenizer.ggml.pre `{other}` is not supported (supported: default, gpt2, olmo, qwen2); give the model's tokenizer.json beside a safetensors checkpoint instead"),
+                format!("tokenizer.ggml.pre `{other}` is not supported (supported: default, gpt2, olmo, qwen2, deepseek-llm, deepseek-v3); give the model's tokenizer.json beside a safetensors checkpoint instead"),
             ))
         }
     })
@@ -153,4 +181,39 @@ pub fn tokenizer_json(m: &BTreeMap<String, Meta>, file: &str) -> Result<Option<V
         other => return Err(Error::invalid(file, format!("tokenizer.ggml.model `{other}` is not supported (supported: llama, gpt2)"))),
     };
     Ok(Some(json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper};
+
+    /// The pieces the regex splits of a pre-tokenizer name cut `text` into (before the bytes
+    /// are mapped).
+    fn pieces(regexes: &[&str], text: &str) -> Vec<String> {
+        let steps: Vec<Value> = regexes.iter().map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false})).collect();
+        let pre: PreTokenizerWrapper = serde_json::from_value(json!({"type": "Sequence", "pretokenizers": steps})).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(p, _, _)| p.to_string()).collect()
+    }
+
+    #[test]
+    fn deepseek_pre_tokenizers_split_as_llama_cpp_does() {
+        // Worked by hand from llama.cpp's regexes: V3 groups digits by three and keeps CJK runs
+        // whole; V2 splits lines, letter runs with one leading space, punctuation, trailing
+        // spaces, CJK and digit runs in that order.
+        let v3 = pieces(DEEPSEEK_V3_SPLITS, "Hello, 世界! 12345 x\n\nok");
+        assert_eq!(v3, ["Hello", ",", " ", "世界", "!", " ", "123", "45", " x", "\n\n", "ok"]);
+        let v2 = pieces(DEEPSEEK_LLM_SPLITS, "Hello, World! 12345\n日本 ok  ");
+        assert_eq!(v2, ["Hello", ",", " World", "!", " ", "12345", "\n", "日本", " ok", "  "]);
+        // The names build a tokenizer.json whose pre-tokenizer the tokenizers crate takes.
+        for name in ["deepseek-llm", "deepseek-v3"] {
+            let (normalizer, pre) = pre_tokenizer(name, "test.gguf").unwrap();
+            assert!(normalizer.is_null());
+            let _: PreTokenizerWrapper = serde_json::from_value(pre).unwrap();
+        }
+        let err = pre_tokenizer("deepseek-coder", "test.gguf").unwrap_err().to_string();
+        assert!(err.contains("test.gguf") && err.contains("deepseek-coder") && err.contains("deepseek-v3"), "{err}");
+    }
 }
