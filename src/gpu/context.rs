@@ -265,7 +265,11 @@ impl GpuContext {
     /// The device `choice` names: under `auto`, a hardware GPU adapter if there is one, else
     /// the CPU, said in one line on stderr with the hint for installing a driver.
     pub fn new(choice: &AdapterChoice) -> Result<Self> {
-        Ok(Self::open(choice)?.with_int8_products(choice.int8_products))
+        let ctx = Self::open(choice)?;
+        if choice.int8_products && ctx.is_cpu() {
+            eprintln!("note: --gpu-compute int8 does nothing on the CPU device; its 8-bit path is --cpu-compute int8");
+        }
+        Ok(ctx.with_int8_products(choice.int8_products))
     }
 
     fn open(choice: &AdapterChoice) -> Result<Self> {
