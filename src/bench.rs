@@ -346,6 +346,9 @@ pub fn run_plan(args: &JobSpec) -> anyhow::Result<(String, bool)> {
     let (hw, budgets) = match &args.hardware {
         Some(p) => {
             let hw = HardwareProfile::load(p)?;
+            if args.adapter.int8_products {
+                eprintln!("note: {} prices block formats by its own rates; --gpu-compute int8 does not change the plan", p.display());
+            }
             let budgets = Budgets {
                 gpu: args.gpu_memory.unwrap_or(hw.gpu_memory),
                 gpu_source: if args.gpu_memory.is_some() { "--gpu-memory".into() } else { "the hardware file".into() },
