@@ -9,7 +9,7 @@
 
 use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, CoopShape, GpuBuffer, GpuWeight, KernelFeatures, ShaderBuilder, ShaderSource, WeightDtype};
-use crate::kernels::{need, u32_of, unused_binding};
+use crate::kernels::{need, optional_binding, u32_of};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MatmulPath {
@@ -261,14 +261,7 @@ pub fn matmul_rows(
     }
     ensure!(path.runs_with(ctx.features()), "matmul", "path {path:?} needs features this device lacks ({:?})", ctx.features());
     let pipeline = ctx.pipeline(&shader(path, w.dtype, ctx.features()))?;
-    let placeholder;
-    let bias_buf = match bias {
-        Some(buf) => buf,
-        None => {
-            placeholder = unused_binding(&ctx)?;
-            &placeholder
-        }
-    };
+    let bias_buf = &optional_binding(&ctx, bias)?;
     for part in &w.parts {
         let params = Params {
             m: u32_of(m, "matmul rows")?,

@@ -18,7 +18,7 @@
 use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, GpuWeight, ShaderBuilder, ShaderSource, WeightDtype};
 use crate::kernels::matmul::{MatmulPath, Rows, TILE_BN};
-use crate::kernels::{need, u32_of, unused_binding};
+use crate::kernels::{need, optional_binding, u32_of};
 
 /// Elements per quantised unit of the inputs and per weight sub-block.
 pub const SUB: usize = 32;
@@ -174,14 +174,7 @@ pub fn matmul_quantised(b: &mut Batch, xq: &QuantisedRows, w: &GpuWeight, bias: 
     }
     let ctx = b.ctx().clone();
     let pipeline = ctx.pipeline(&shader(path, w.dtype))?;
-    let placeholder;
-    let bias_buf = match bias {
-        Some(buf) => buf,
-        None => {
-            placeholder = unused_binding(&ctx)?;
-            &placeholder
-        }
-    };
+    let bias_buf = &optional_binding(&ctx, bias)?;
     for part in &w.parts {
         let params = Params {
             m: u32_of(m, "int8 matmul rows")?,

@@ -52,6 +52,14 @@ pub(crate) fn unused_binding(ctx: &GpuContext) -> Result<GpuBuffer> {
     ctx.storage("unused binding", 16)
 }
 
+/// The buffer to bind for an optional input: it, or a small unused one in its place.
+pub(crate) fn optional_binding(ctx: &GpuContext, buf: Option<&GpuBuffer>) -> Result<GpuBuffer> {
+    match buf {
+        Some(b) => Ok(b.clone()),
+        None => unused_binding(ctx),
+    }
+}
+
 /// Limits generous enough that every candidate is listed.
 const LISTING_LIMITS: wgpu::Limits = wgpu::Limits {
     max_compute_workgroup_storage_size: 32768,

@@ -2,7 +2,7 @@
 
 use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, ShaderBuilder, ShaderSource};
-use crate::kernels::{need, u32_of, unused_binding, ELEMENT_WG};
+use crate::kernels::{need, u32_of, optional_binding, ELEMENT_WG};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RouterConfig {
@@ -102,8 +102,7 @@ pub fn route(
     };
     let ctx = b.ctx().clone();
     let pipeline = ctx.pipeline(&shader())?;
-    let placeholder = unused_binding(&ctx)?;
-    let bias = bias.unwrap_or(&placeholder);
+    let bias = &optional_binding(&ctx, bias)?;
     let groups = grid(&ctx, params.tokens.div_ceil(ELEMENT_WG));
     b.dispatch("router", &pipeline, &params, &[logits, bias, ids, weights], groups)
 }
