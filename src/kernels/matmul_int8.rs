@@ -96,21 +96,40 @@ struct GroupedParams {
     pad: [u32; 3],
 }
 
-/// [`crate::kernels::moe::grouped_matmul`] on 8-bit inputs: `xg`'s `n_assign` rows quantised,
-/// then every expert's rows against its matrix of the stacked `w` into `y` (`[n_assign, n]`),
-/// one dispatch per part.
-pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &crate::kernels::moe::MoePlan, y: &GpuBuffer) -> Result<()> {
+/// [`crate::kernels::moe::grouped_matmul`] on rows quantised by [`quantize`] (`plan.n_assign` of
+/// them): every expert's rows against its matrix of the stacked `w`, one dispatch per part.
+/// Returns `[n_assign, n]`.
+pub fn grouped_matmul(b: &mut Batch, xq: &QuantisedRows, w: &GpuWeight, plan: &crate::kernels::moe::MoePlan) -> Result<GpuBuffer> {
     let (n, k) = (w.rows / plan.n_experts, w.cols);
-    let xq = quantize(b, xg, 0, plan.n_assign, k)?;
+    ensure!(xq.k == k && xq.m == plan.n_assign, "int8 grouped matmul", "{} rows of {} against {} assignments of {k}", xq.m, xq.k, plan.n_assign);
+    let ctx = b.ctx().clone();
+    let y = ctx.storage("grouped matmul output", plan.n_assign as u64 * n as u64 * 4)?;
     let bm = plan.tile.rows();
-    let pipeline = b.ctx().pipeline(&grouped_shader(bm, w.dtype))?;
+    let pipeline = ctx.pipeline(&grouped_shader(bm, w.dtype))?;
     for (part, first, count) in crate::kernels::moe::expert_parts(w, n)? {
         let params = GroupedParams { n: u32_of(n, "expert width")?, k: u32_of(k, "expert inner dim")?, first: first as u32, count: count as u32, zero: 0, pad: [0; 3] };
         let max_tiles = plan.n_assign.div_ceil(bm as usize) + count;
         let groups = [params.n.div_ceil(TILE_BN), u32_of(max_tiles, "grouped matmul tiles")?, 1];
-        b.dispatch("moe_matmul_i8", &pipeline, &params, &[&xq.q, &xq.s, &part.buffer, &plan.offsets, &plan.tile_starts, y], groups)?;
+        b.dispatch("moe_matmul_i8", &pipeline, &params, &[&xq.q, &xq.s, &part.buffer, &plan.offsets, &plan.tile_starts, &y], groups)?;
     }
-    Ok(())
+    Ok(y)
+}
+
+/// Rows `rows` of `x` quantised once for matmuls over each of `weights` (an expert's gate and
+/// up), when the int8 path takes them all; None when it does not (each matmul then reads `x`).
+pub fn shared_inputs(b: &mut Batch, x: &GpuBuffer, rows: Rows, weights: &[&GpuWeight]) -> Result<Option<QuantisedRows>> {
+    let Some(first) = weights.first() else { return Ok(None) };
+    if b.on_host() || !b.ctx().int8_products() || !weights.iter().all(|w| supports(w.dtype) && w.cols == first.cols) {
+        return Ok(None);
+    }
+    quantize(b, x, rows.x_row0, rows.m, first.cols).map(Some)
+}
+
+/// [`crate::kernels::matmul::matmul_rows`] (no bias, the tuned path) on rows from
+/// [`shared_inputs`], written to `rows`' output rows.
+pub fn matmul_shared(b: &mut Batch, xq: &QuantisedRows, w: &GpuWeight, y: &GpuBuffer, rows: Rows) -> Result<()> {
+    let path = Int8Path::of(b.ctx().matmul_path(rows.m));
+    matmul_quantised(b, xq, w, None, y, rows.y_row0, rows.y_stride, path)
 }
 
 /// Input rows quantised for the int8 matmul: `q` holds each row's units of 32 values as signed

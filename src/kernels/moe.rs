@@ -5,7 +5,7 @@
 use crate::error::{ensure, Result};
 use crate::gpu::{grid, Batch, GpuBuffer, GpuWeight, KernelFeatures, ShaderBuilder, ShaderSource, WeightDtype};
 use crate::kernels::elementwise::{silu, swiglu};
-use crate::kernels::matmul::{tile_constants, TILE_BN};
+use crate::kernels::matmul::{tile_constants, Rows, TILE_BN};
 use crate::kernels::{need, u32_of, Dims4, ROW_WG};
 
 /// Experts one plan can count (workgroup memory holds a counter per expert).
@@ -147,14 +147,13 @@ pub fn grouped_matmul(b: &mut Batch, xg: &GpuBuffer, w: &GpuWeight, plan: &MoePl
     let (n, k) = (w.rows / plan.n_experts, w.cols);
     need(xg, plan.n_assign * k, "grouped matmul input")?;
     let ctx = b.ctx().clone();
+    if let Some(xq) = crate::kernels::matmul_int8::shared_inputs(b, xg, Rows::all(plan.n_assign), &[w])? {
+        return crate::kernels::matmul_int8::grouped_matmul(b, &xq, w, plan);
+    }
     let y = ctx.storage("grouped matmul output", plan.n_assign as u64 * n as u64 * 4)?;
     if b.on_host() {
         let (xg, w, o, out, n_experts) = (xg.clone(), w.clone(), plan.offsets.clone(), y.clone(), plan.n_experts);
         b.host("moe_matmul", move || crate::cpu::ops::grouped_matmul(&xg, &w, &o, n_experts, &out))?;
-        return Ok(y);
-    }
-    if ctx.int8_products() && crate::kernels::matmul_int8::supports(w.dtype) {
-        crate::kernels::matmul_int8::grouped_matmul(b, xg, w, plan, &y)?;
         return Ok(y);
     }
     let pipeline = ctx.pipeline(&grouped_matmul_shader(plan.tile, w.dtype, ctx.features()))?;
@@ -237,8 +236,11 @@ pub fn expert_ffn(
     let tile = GroupTile::for_load(n_assign, experts.n_experts, b.ctx().tuned(|t| t.grouped_large_from));
     let plan = plan(b, ids, n_assign, experts.n_experts, tile)?;
     let xg = gather(b, x, &plan, dim, top_k)?;
-    let gate = grouped_matmul(b, &xg, &experts.gate, &plan)?;
-    let up = grouped_matmul(b, &xg, &experts.up, &plan)?;
+    // With 8-bit inputs, the gate and up matmuls share one quantising of the rows.
+    let (gate, up) = match crate::kernels::matmul_int8::shared_inputs(b, &xg, Rows::all(n_assign), &[&experts.gate, &experts.up])? {
+        Some(xq) => (crate::kernels::matmul_int8::grouped_matmul(b, &xq, &experts.gate, &plan)?, crate::kernels::matmul_int8::grouped_matmul(b, &xq, &experts.up, &plan)?),
+        None => (grouped_matmul(b, &xg, &experts.gate, &plan)?, grouped_matmul(b, &xg, &experts.up, &plan)?),
+    };
     let h = b.ctx().storage("expert activations", (n_assign * inter * 4) as u64)?;
     swiglu(b, &gate, &up, &h, n_assign * inter)?;
     let y = grouped_matmul(b, &h, &experts.down, &plan)?;

@@ -449,8 +449,17 @@ impl Model {
         let [gate, up, act] = scratch;
         let [wg, wu, wd] = slot.weights(inter, h, host.dtypes);
         let rows = Rows { m, x_row0: row0, y_row0: row0, y_stride: None };
-        matmul_rows(b, xg, &wg, None, gate, rows, None)?;
-        matmul_rows(b, xg, &wu, None, up, rows, None)?;
+        // With 8-bit inputs, the gate and up matmuls share one quantising of the rows.
+        match crate::kernels::matmul_int8::shared_inputs(b, xg, rows, &[&wg, &wu])? {
+            Some(xq) => {
+                crate::kernels::matmul_int8::matmul_shared(b, &xq, &wg, gate, rows)?;
+                crate::kernels::matmul_int8::matmul_shared(b, &xq, &wu, up, rows)?;
+            }
+            None => {
+                matmul_rows(b, xg, &wg, None, gate, rows, None)?;
+                matmul_rows(b, xg, &wu, None, up, rows, None)?;
+            }
+        }
         swiglu_range(b, gate, up, act, row0 * inter, m * inter)?;
         matmul_rows(b, act, &wd, None, y, rows, None)
     }
