@@ -983,31 +983,60 @@ fn read_quantised(ctx: &GpuContext, xq: &matmul_int8::QuantisedRows) -> (Vec<i8>
 fn int8_quantiser_rounds_each_unit_of_32_to_its_scale() {
     let mut rng = StdRng::seed_from_u64(60);
     let ctx = gpu();
-    let (rows, k, row0) = (9, 96, 2);
+    let (rows, k, row0) = (11, 96, 2);
     let mut x = random(&mut rng, rows * k, 3.0);
-    // A unit of zeros (scale 0), one with a single huge value, one of tiny values.
+    // A unit of zeros (scale 0), one with a single huge value, one of tiny values, one below the
+    // smallest scale (zeros too).
     x[(row0 + 1) * k..(row0 + 1) * k + 32].fill(0.0);
     x[(row0 + 2) * k + 40] = 1e30;
-    x[(row0 + 3) * k + 64..(row0 + 3) * k + 96].iter_mut().for_each(|v| *v *= 1e-30);
+    x[(row0 + 3) * k + 64..(row0 + 3) * k + 96].iter_mut().for_each(|v| *v *= 1e-15);
+    x[(row0 + 4) * k..(row0 + 4) * k + 32].iter_mut().for_each(|v| *v *= 1e-21);
+    // Units of exact halves of their scale (short scales), and of the floats nearest the halves
+    // of a full-length scale and a few steps either side: a reciprocal's rounding moves many of
+    // these (one in two here on llvmpipe before the exact test), the exact test none.
+    for (unit, top, exact) in [(row0 + 5, 127.0f32, true), (row0 + 6, -1.5 * 127.0 / 64.0, true), (row0 + 7, 2.4235780, false)] {
+        let d = top.abs() * matmul_int8::RECIP_127;
+        let at = unit * k + 32;
+        x[at] = top;
+        for i in 1..32 {
+            let half = (2 * 7 * (i as i64 - 16) + 1) as f64 / 2.0 * d as f64;
+            let v = half as f32;
+            assert!(!exact || v as f64 == half, "unit {unit}: {half} is not a float");
+            let step = if exact { [0, 1, -1][i % 3] } else { i as i32 % 7 - 3 };
+            x[at + i] = f32::from_bits((v.to_bits() as i32 + step) as u32);
+        }
+    }
     let m = rows - row0 - 1;
     let mut b = Batch::new(ctx);
     let xq = matmul_int8::quantize(&mut b, &upload(ctx, &x), row0, m, k).unwrap();
     b.submit().unwrap();
     let (q, s) = read_quantised(ctx, &xq);
     let (want_q, want_s) = matmul_int8::quantize_reference(&x[row0 * k..(row0 + m) * k]);
+    // The same bytes and scales as the host's, every one (the host experts rely on it).
     for (u, (got, want)) in s.iter().zip(&want_s).enumerate() {
-        assert!((got[0] - want[0]).abs() <= want[0] * 1e-6, "unit {u}: scale {} not {}", got[0], want[0]);
+        assert_eq!(got[0].to_bits(), want[0].to_bits(), "unit {u}: scale {} not {}", got[0], want[0]);
         let sum: i32 = q[u * 32..(u + 1) * 32].iter().map(|&v| v as i32).sum();
-        assert_eq!(got[1], sum as f32, "unit {u}: the sum is not the values'");
+        assert_eq!((got[1], want[1]), (sum as f32, sum as f32), "unit {u}: the sum is not the values'");
         for i in u * 32..(u + 1) * 32 {
-            let exact = x[row0 * k + i] / want[0];
-            // The GPU multiplies by a reciprocal: a value within a hair of a half may round the
-            // other way, never further.
-            let near_half = want[0] > 0.0 && ((exact.abs().fract() - 0.5).abs() < 1e-4);
-            assert!(q[i] == want_q[i] || (near_half && (q[i] as i32 - want_q[i] as i32).abs() == 1), "element {i}: {} not {} (x / d = {exact})", q[i], want_q[i]);
+            assert_eq!(q[i], want_q[i], "element {i}: x = {:e}, x / d = {}", x[row0 * k + i], x[row0 * k + i] as f64 / want[0] as f64);
         }
     }
-    assert!(s[3].iter().all(|&v| v == 0.0) && q[96..128].iter().all(|&v| v == 0), "a unit of zeros quantises to zeros");
+    // The reference itself: ties to even, and each value the nearest to x / d.
+    for (i, (&v, &qv)) in x[row0 * k..(row0 + m) * k].iter().zip(&want_q).enumerate() {
+        let d = want_s[i / 32][0];
+        if d > 0.0 {
+            let exact = v as f64 / d as f64;
+            let gap = (exact - qv as f64).abs();
+            assert!(gap < 0.5 || (gap == 0.5 && qv % 2 == 0) || exact.abs() > 127.0, "element {i}: {qv} for {exact}");
+        }
+    }
+    let units_per_row = k / 32;
+    for zeros in [units_per_row, 4 * units_per_row] {
+        assert!(s[zeros].iter().all(|&v| v == 0.0) && q[zeros * 32..(zeros + 1) * 32].iter().all(|&v| v == 0), "unit {zeros} quantises to zeros");
+    }
+    assert!(s[3 * units_per_row + 2][0] > 0.0, "tiny units above the bound keep their scale");
+    let ties = (5 * units_per_row + 1..8 * units_per_row).step_by(units_per_row).flat_map(|u| u * 32 + 1..u * 32 + 32).filter(|&i| (x[row0 * k + i] as f64 / want_s[i / 32][0] as f64).fract().abs() == 0.5).count();
+    assert!(ties >= 18, "only {ties} exact halves");
 }
 
 #[test]

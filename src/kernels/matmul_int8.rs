@@ -223,25 +223,42 @@ pub fn matmul_rows(b: &mut Batch, x: &GpuBuffer, w: &GpuWeight, bias: Option<&Gp
     matmul_quantised(b, &xq, w, bias, y, rows.y_row0, rows.y_stride, Int8Path::of(path))
 }
 
-/// The quantiser's meaning on the host: per unit of 32, `(values, [scale, sum])` with scale =
-/// max |x| / 127 and each value round(x / scale), ties to even (the GPU multiplies by the scale's
-/// reciprocal, whose rounding may move a value that lies within an ulp of a half by one).
+/// `f32` nearest 1 / 127: a unit's scale is its largest magnitude times this (a product, exact
+/// on every device, where a quotient need not be).
+pub const RECIP_127: f32 = f32::from_bits(0x3c01_0204);
+/// Units whose largest magnitude is below 2^-64 quantise to zeros (their products would need
+/// subnormals, which devices may flush).
+pub const TINY: f32 = f32::from_bits(0x1f80_0000);
+
+/// The quantiser on the host, as the GPU's gives it on every device: per unit of 32, `(values,
+/// [scale, sum])` with scale = max |x| * [`RECIP_127`] and each value the integer nearest
+/// x / scale, ties to even (an f64 quotient decides exactly: one that is not a half lies at least
+/// 2^-27 from one, and the f64 rounding moves it by under 2^-46).
 pub fn quantize_reference(x: &[f32]) -> (Vec<i8>, Vec<[f32; 2]>) {
-    let mut q = Vec::with_capacity(x.len());
-    let mut s = Vec::with_capacity(x.len() / SUB);
-    for unit in x.chunks_exact(SUB) {
-        let amax = unit.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for &v in unit {
-            let value = ((v * inv).round_ties_even() as i32).clamp(-127, 127);
-            sum += value;
-            q.push(value as i8);
-        }
-        s.push([d, sum as f32]);
+    let mut q = vec![0i8; x.len()];
+    let mut s = vec![[0f32; 2]; x.len() / SUB];
+    for ((unit, q), s) in x.chunks_exact(SUB).zip(q.chunks_exact_mut(SUB)).zip(&mut s) {
+        *s = quantize_unit(unit, q);
     }
     (q, s)
+}
+
+/// One unit of [`quantize_reference`]: its values into `q`, its `[scale, sum]` returned.
+#[inline]
+pub fn quantize_unit(unit: &[f32], q: &mut [i8]) -> [f32; 2] {
+    let amax = unit.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if !(amax >= TINY) {
+        q.fill(0);
+        return [0.0, 0.0];
+    }
+    let d = amax * RECIP_127;
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(unit) {
+        let value = ((v as f64 / d as f64).round_ties_even() as i32).clamp(-127, 127);
+        sum += value;
+        *o = value as i8;
+    }
+    [d, sum as f32]
 }
 
 /// Weight sub-blocks as the kernels read them: every element's signed byte and, per sub-block of
