@@ -980,6 +980,42 @@ fn read_quantised(ctx: &GpuContext, xq: &matmul_int8::QuantisedRows) -> (Vec<i8>
 }
 
 #[test]
+fn int8_mode_swiglu_gives_the_hosts_bits() {
+    // Under --gpu-compute int8 the activation is computed by fixed operations: the host experts
+    // beside the GPU rely on getting its bits. Wide and extreme gates: the clamps, the exp
+    // limits, values whose 1 + e^-g is a power of two.
+    let mut rng = StdRng::seed_from_u64(62);
+    let ctx = gpu().with_int8_products(true);
+    let n = 40_007;
+    let mut gate = random(&mut rng, n, 12.0);
+    let edges = [0.0, -0.0, 1e-30, -1e-30, 79.9, -79.9, -80.0, -80.1, -88.0, -90.0, -1e30, 87.3, 87.4, 89.0, 1e30, 0.6931472, -0.6931472];
+    gate[..edges.len()].copy_from_slice(&edges);
+    for (i, g) in gate.iter_mut().enumerate().skip(edges.len()).step_by(11) {
+        *g = (i % 200) as f32 - 100.0;
+    }
+    let up = random(&mut rng, n, 2.0);
+    let out = poisoned(&ctx, n);
+    let mut b = Batch::new(&ctx);
+    elementwise::swiglu_range(&mut b, &upload(&ctx, &gate), &upload(&ctx, &up), &out, 0, n).unwrap();
+    b.submit().unwrap();
+    let got = ctx.read_f32(&out, n).unwrap();
+    let mut host = vec![f32::NAN; n];
+    moegen::cpu::simd::swiglu_portable(&gate, &up, &mut host);
+    for i in 0..n {
+        assert_eq!(got[i].to_bits(), host[i].to_bits(), "gate {:e}, up {}: GPU {:e}, host {:e}", gate[i], up[i], got[i], host[i]);
+        // And it is silu: within 4e-7 relative where silu is not negligible.
+        let g = gate[i] as f64;
+        let exact = g / (1.0 + (-g).exp()) * up[i] as f64;
+        let silu = moegen::cpu::simd::silu_portable(gate[i]) as f64;
+        if g >= -80.0 {
+            assert!((silu - g / (1.0 + (-g).exp())).abs() <= 4e-7 * (g / (1.0 + (-g).exp())).abs() + 1e-38, "silu({g}) = {silu}");
+        } else {
+            assert!(silu.abs() < 1e-32 * g.abs().max(1.0) && exact.abs() < 1e-30, "silu({g}) = {silu}");
+        }
+    }
+}
+
+#[test]
 fn int8_quantiser_rounds_each_unit_of_32_to_its_scale() {
     let mut rng = StdRng::seed_from_u64(60);
     let ctx = gpu();

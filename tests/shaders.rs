@@ -135,12 +135,12 @@ fn specialisation_count_is_what_the_engine_uses() {
     // cross-compiled, so the count is pinned here to be updated on purpose.
     let mut features = KernelFeatures::basic(true, true, false);
     let n = all_shaders(features).len();
-    // 13 single kernels (the int8 quantiser among them), 7 attention shapes (one latent) at 3 workgroup sizes, column copy, FP8
+    // 14 single kernels (the int8 quantiser and the portable SwiGLU among them), 7 attention shapes (one latent) at 3 workgroup sizes, column copy, FP8
     // dequantisation, bf16 rounding and widening, and per weight type: embedding, 7 matmul paths
     // and the vector path's 4 row counts at 3 other workgroup sizes, 2 emulated cooperative
     // matmuls, 2 grouped tiles, the per-head matmul; weight types: f32, f16, bf16, the five block
     // formats and FP8 rows; per block format the int8 matmul's 16 vector and 3 tiled variants and 2 grouped tiles.
-    assert_eq!(n, 13 + 7 * 3 + 4 + 9 * (1 + 7 + 12 + 2 + 2 + 1) + 5 * (16 + 3 + 2));
+    assert_eq!(n, 14 + 7 * 3 + 4 + 9 * (1 + 7 + 12 + 2 + 2 + 1) + 5 * (16 + 3 + 2));
     // Subgroup key reads in attention double its variants; cooperative matrices add a matmul.
     features.subgroup_attention = true;
     assert_eq!(all_shaders(features).len(), n + 7 * 3);

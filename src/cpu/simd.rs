@@ -209,6 +209,51 @@ pub fn exp_approx(x: f32) -> f32 {
     }
 }
 
+/// `silu(g) = g / (1 + e^-g)` in operations whose every result is fixed by IEEE rounding (plain
+/// multiplies and adds, no division, whose accuracy GPUs do not promise), so that a GPU running
+/// the same operations (`shaders/swiglu_portable.wgsl`, under `--gpu-compute int8`) gives the
+/// same bits: [`exp_approx`]'s operations on `-g` clamped to `[-87.33655, 80]` (no branches:
+/// above, `1 + e` rounds to 1), then `1 / (1 + e)` by three Newton steps from a linear start on
+/// the mantissa (in [1/2, 1)), scaled by the exponent's power of two. Within 2e-7 of silu for
+/// `g >= -80`; below, `g e^-80` (under 1e-32 in magnitude) for `g e^g`.
+#[inline(always)]
+pub fn silu_portable(g: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = (-g).clamp(-87.336_55, 80.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    let e = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    g * recip_portable(1.0 + e)
+}
+
+/// `1 / y` for `y` in `[1, 2^116)`, to within about an ulp, by fixed operations (see
+/// [`silu_portable`]): `y = m 2^(e+1)` with `m` in `[1/2, 1)`, where the linear start is within
+/// 1/17.
+#[inline(always)]
+fn recip_portable(y: f32) -> f32 {
+    const START_A: f32 = f32::from_bits(0x4034_b4b5); // 48 / 17
+    const START_B: f32 = f32::from_bits(0x3ff0_f0f1); // 32 / 17
+    let bits = y.to_bits();
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let mut r = START_A - START_B * m;
+    for _ in 0..3 {
+        r = r + r * (1.0 - m * r);
+    }
+    let scale = f32::from_bits((253 - (bits >> 23)) << 23);
+    r * scale
+}
+
+/// `out[i] = silu_portable(gate[i]) * up[i]`: the GPU's SwiGLU under `--gpu-compute int8`, bit
+/// for bit (the host experts beside such a GPU).
+pub fn swiglu_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == out.len() && up.len() == out.len(), "swiglu lengths");
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu_portable(g) * u;
+    }
+}
+
 mod portable {
     use super::{bf16_to_f32, Values};
 

@@ -13,6 +13,12 @@ pub fn swiglu_shader() -> ShaderSource {
     ShaderBuilder::new("swiglu").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/swiglu.wgsl"))
 }
 
+/// [`swiglu_shader`] in operations fixed by IEEE rounding (`--gpu-compute int8`): the host's
+/// `cpu::simd::silu_portable` gives its bits.
+pub fn swiglu_portable_shader() -> ShaderSource {
+    ShaderBuilder::new("swiglu_portable").constant("WG", ELEMENT_WG).body(include_str!("../../shaders/swiglu_portable.wgsl"))
+}
+
 pub fn add_gated_shader() -> ShaderSource {
     ShaderBuilder::new("add_gated").constant("WG", ROW_WG).body(include_str!("../../shaders/add_gated.wgsl"))
 }
@@ -40,7 +46,8 @@ pub fn add_assign(b: &mut Batch, acc: &GpuBuffer, x: &GpuBuffer, n: usize) -> Re
     b.dispatch("add", &pipeline, &params, &[acc, x], g)
 }
 
-/// `out[i] = silu(gate[i]) * up[i]` for `n` elements.
+/// `out[i] = silu(gate[i]) * up[i]` for `n` elements (with `--gpu-compute int8`, the portable
+/// silu: see [`swiglu_portable_shader`]).
 pub fn swiglu(b: &mut Batch, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBuffer, n: usize) -> Result<()> {
     swiglu_range(b, gate, up, out, 0, n)
 }
@@ -55,7 +62,10 @@ pub fn swiglu_range(b: &mut Batch, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBu
         let (gate, up, out) = (gate.clone(), up.clone(), out.clone());
         return b.host("swiglu", move || crate::cpu::ops::swiglu(&gate, &up, &out, offset, n));
     }
-    let pipeline = b.ctx().pipeline(&swiglu_shader())?;
+    // Under --gpu-compute int8 the activation is the portable one, so that host experts beside
+    // the GPU give the GPU's bits (c is the shader's opaque zero).
+    let shader = if b.ctx().int8_products() { swiglu_portable_shader() } else { swiglu_shader() };
+    let pipeline = b.ctx().pipeline(&shader)?;
     let params = Dims4 { a: u32_of(n, "swiglu elements")?, b: u32_of(offset, "swiglu offset")?, c: 0, d: 0 };
     let g = groups(b, n)?;
     b.dispatch("swiglu", &pipeline, &params, &[gate, up, out], g)

@@ -81,6 +81,7 @@ pub fn all_shaders(features: KernelFeatures) -> Vec<ShaderSource> {
         norm::rms_norm_shader(features),
         elementwise::add_shader(),
         elementwise::swiglu_shader(),
+        elementwise::swiglu_portable_shader(),
         elementwise::add_gated_shader(),
         elementwise::copy_rows_shader(),
         rope::shader(),
