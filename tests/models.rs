@@ -475,6 +475,51 @@ fn quantised_gguf_files_match_their_dequantised_weights() {
     }
 }
 
+/// Under `--gpu-compute int8`, streamed experts computed on the host give the GPU's bits: the
+/// same tokens and the same log-probabilities, bit for bit, with every expert on the host, those
+/// of up to 2 rows, or none, and the states in host memory or the normed states on the GPU
+/// (`--cpu-experts always` and `never` write the same files).
+#[test]
+fn host_experts_beside_gpu_int8_products_give_the_gpus_bits() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mixtral-256.json")).unwrap()).unwrap();
+    let prompts: Vec<Vec<u32>> = recorded["prompts"].as_array().unwrap().iter().map(ids).collect();
+    let max_new = 6;
+    let int8 = gpu().with_int8_products(true);
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request { ignore_eos: true, logprobs: Some(3), ..Request::new(Value::from(i), p.clone(), max_new) })
+        .collect();
+    let longest = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap();
+    for format in ["q8_0", "q4_0", "q4_k_m", "q5_k_m"] {
+        let files = moegen::loader::ModelFiles::open(&dir.join(format!("mixtral-256-{format}.gguf"))).unwrap();
+        let streamed = Placement { resident_layers: vec![], slots: 2, streamed_attention: vec![], budget: None, resident_bytes: 0, reserved_bytes: 0 };
+        let model = Model::load_placed(&int8, files.config.clone(), &files.checkpoint, 64, &streamed).unwrap();
+        let sizes = ModuleSizes { attention: AttentionSite::Host, ..split_sizes(&model, longest) };
+        let run = |placed: &ModuleSizes| {
+            let mut out = vec![(Vec::new(), Vec::new()); requests.len()];
+            generate_module(&model, &requests, placed, |f| {
+                out[f.index] = (f.output, f.logprobs);
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        let on_gpu = run(&ModuleSizes { host_expert_rows: 0, ..sizes });
+        let bits = |o: &[(Vec<u32>, Vec<moegen::sampler::TokenLogprob>)]| -> Vec<(Vec<u32>, Vec<u32>)> {
+            o.iter().map(|(t, l)| (t.clone(), l.iter().flat_map(|p| std::iter::once(p.logprob.to_bits()).chain(p.top.iter().flat_map(|&(id, v)| [id, v.to_bits()]))).collect())).collect()
+        };
+        assert!(on_gpu.iter().all(|(t, l)| t.len() == max_new && l.len() == max_new));
+        for host_expert_rows in [usize::MAX, 2] {
+            for (gpu_state_rows, gpu_norm_rows) in [(0, 0), (0, 4)] {
+                let placed = ModuleSizes { host_expert_rows, gpu_state_rows, gpu_norm_rows, ..sizes };
+                assert!(bits(&run(&placed)) == bits(&on_gpu), "{format}: experts of up to {host_expert_rows} rows on the host, states {}, changed the tokens or log-probabilities", placed.describe_states("GPU"));
+            }
+        }
+    }
+}
+
 /// `--gpu-compute int8` on llama-quantize's Q8_0, Q4_0, Q4_K_M and Q5_K_M files: the logits move
 /// from f32 compute's by the inputs' 8-bit rounding (per 32), no more; the last prompt alone gets
 /// the bits it gets among the others; streamed experts (matmul_rows' paths) give the tokens of

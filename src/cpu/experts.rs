@@ -46,8 +46,53 @@ fn matrices<'a>(host: &HostExperts, pack: &'a [u8]) -> Result<[(Cow<'a, [u32]>, 
     }
 }
 
-/// Expert `e`'s outputs `[m, hidden]` for the rows `x` (`[m, hidden]`).
-pub fn expert_ffn(host: &HostExperts, e: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
+/// How the host experts compute: as the host's own matmuls do, or as a GPU with
+/// `--gpu-compute int8` does (its bits, so that where an expert runs changes nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numbers {
+    Host,
+    GpuInt8,
+}
+
+/// Expert `e`'s outputs `[m, hidden]` for the rows `x` (`[m, hidden]`), computed as `numbers`
+/// says.
+pub fn expert_ffn(host: &HostExperts, e: usize, x: &[f32], m: usize, numbers: Numbers) -> Result<Vec<f32>> {
+    match numbers {
+        Numbers::Host => expert_ffn_host(host, e, x, m),
+        Numbers::GpuInt8 => expert_ffn_gpu_int8(host, e, x, m),
+    }
+}
+
+/// The GPU's int8 expert on the host: block-format matrices through [`crate::cpu::gpu_int8`]
+/// (the gate and up sharing one quantising, as on the GPU), others through the host matmul as
+/// the GPU's f32 path takes them, and the portable SwiGLU the GPU runs in that mode.
+fn expert_ffn_gpu_int8(host: &HostExperts, e: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    use crate::cpu::gpu_int8;
+    use crate::kernels::matmul_int8::supports;
+    let (h, inter) = (host.hidden, host.inter);
+    ensure!(e < host.packs.len(), "host expert", "expert {e} of {}", host.packs.len());
+    ensure!(m > 0 && x.len() == m * h, "host expert", "{} values for {m} rows of {h}", x.len());
+    let isa = Isa::detected();
+    let [(g, gd), (u, ud), (d, dd)] = matrices(host, &host.packs[e])?;
+    let xq = (supports(gd) || supports(ud)).then(|| gpu_int8::quantise(x, m, h));
+    let product = |xq: Option<&gpu_int8::Quantised>, x: &[f32], words: &[u32], dtype: WeightDtype, cols: usize, n: usize| {
+        let mut y = vec![0f32; m * n];
+        let w = WeightRows { words, dtype, cols };
+        match xq {
+            Some(xq) if supports(dtype) => gpu_int8::matmul(isa, xq, w, n, &mut y),
+            _ => matmul(isa, x, m, w, 0, n, None, &mut y, n),
+        }
+        y
+    };
+    let gate = product(xq.as_ref(), x, &g, gd, h, inter);
+    let up = product(xq.as_ref(), x, &u, ud, h, inter);
+    let mut act = vec![0f32; m * inter];
+    crate::cpu::simd::swiglu_portable(&gate, &up, &mut act);
+    let aq = supports(dd).then(|| gpu_int8::quantise(&act, m, inter));
+    Ok(product(aq.as_ref(), &act, &d, dd, inter, h))
+}
+
+fn expert_ffn_host(host: &HostExperts, e: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
     let (h, inter) = (host.hidden, host.inter);
     ensure!(e < host.packs.len(), "host expert", "expert {e} of {}", host.packs.len());
     ensure!(m > 0 && x.len() == m * h, "host expert", "{} values for {m} rows of {h}", x.len());
@@ -85,7 +130,7 @@ mod tests {
         // bf16
         let pack: Vec<u8> = mats.iter().flat_map(|v| crate::gpu::encode_weights(v, WeightDtype::Bf16)).collect();
         let host = HostExperts { packs: vec![vec![0u8; 6], pack], dtypes: [WeightDtype::Bf16; 3], fp8_block: None, inter, hidden: h };
-        let got = expert_ffn(&host, 1, &x, m).unwrap();
+        let got = expert_ffn(&host, 1, &x, m, Numbers::Host).unwrap();
         let r: Vec<Vec<f32>> = mats.iter().map(|v| crate::gpu::round_weights(v, WeightDtype::Bf16)).collect();
         check(&got, &x, &r, inter, h);
         // FP8 with 8 x 8 blocks: bytes, then every matrix's scales.
@@ -98,7 +143,7 @@ mod tests {
             pack.extend(bytemuck::cast_slice::<f32, u8>(sc));
         }
         let host = HostExperts { packs: vec![pack], dtypes: [WeightDtype::Bf16; 3], fp8_block: Some(block), inter, hidden: h };
-        let got = expert_ffn(&host, 0, &x, m).unwrap();
+        let got = expert_ffn(&host, 0, &x, m, Numbers::Host).unwrap();
         let r: Vec<Vec<f32>> = (0..3).map(|i| dequant_reference(&Fp8Matrix { data: &bytes[i], scales: &scales[i], block }, shapes[i].0, shapes[i].1)).collect();
         check(&got, &x, &r, inter, h);
     }

@@ -6,6 +6,7 @@ pub mod amx;
 pub mod attention;
 pub mod bf16_products;
 pub mod experts;
+pub mod gpu_int8;
 pub mod int8_products;
 pub mod matmul;
 pub mod simd;

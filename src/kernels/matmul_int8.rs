@@ -265,34 +265,47 @@ pub fn quantize_unit(unit: &[f32], q: &mut [i8]) -> [f32; 2] {
 /// 32, `[scale of elements 0-15, scale of 16-31, offset]`, decoded from the blocks' bytes here
 /// independently of the shaders.
 pub fn sub_blocks(dtype: WeightDtype, bytes: &[u8]) -> (Vec<i8>, Vec<[f32; 3]>) {
+    let elems = bytes.len() / dtype.block_bytes() * dtype.block_elems();
+    let (mut q, mut a) = (vec![0i8; elems], vec![[0f32; 3]; elems / SUB]);
+    sub_blocks_into(dtype, bytes, &mut q, &mut a);
+    (q, a)
+}
+
+/// [`sub_blocks`] into `q` (an element each) and `a` (a sub-block each), for the whole blocks
+/// of `bytes` (the host experts decode a weight row at a time).
+pub fn sub_blocks_into(dtype: WeightDtype, bytes: &[u8], q: &mut [i8], a: &mut [[f32; 3]]) {
     use crate::quant::scale_min_k4;
     let half = |b: &[u8], at: usize| half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
-    let (mut q, mut a) = (Vec::new(), Vec::new());
-    for block in bytes.chunks_exact(dtype.block_bytes()) {
+    let (be, bs) = (dtype.block_elems(), dtype.block_elems() / SUB);
+    for ((block, q), a) in bytes.chunks_exact(dtype.block_bytes()).zip(q.chunks_exact_mut(be)).zip(a.chunks_exact_mut(bs)) {
         match dtype {
             WeightDtype::Q8_0 => {
                 let d = half(block, 0);
-                q.extend(block[2..34].iter().map(|&v| v as i8));
-                a.push([d, d, -0.0]);
+                for (o, &v) in q.iter_mut().zip(&block[2..34]) {
+                    *o = v as i8;
+                }
+                a[0] = [d, d, -0.0];
             }
             WeightDtype::Q4_0 => {
                 let d = half(block, 0);
-                q.extend(block[2..18].iter().map(|&v| (v & 0xf) as i8));
-                q.extend(block[2..18].iter().map(|&v| (v >> 4) as i8));
-                a.push([d, d, -8.0 * d]);
+                for (i, &v) in block[2..18].iter().enumerate() {
+                    q[i] = (v & 0xf) as i8;
+                    q[16 + i] = (v >> 4) as i8;
+                }
+                a[0] = [d, d, -8.0 * d];
             }
             WeightDtype::Q4K | WeightDtype::Q5K => {
                 let (d, dmin, scales) = (half(block, 0), half(block, 2), &block[4..16]);
                 let (qh, qs) = if dtype == WeightDtype::Q5K { (Some(&block[16..48]), &block[48..176]) } else { (None, &block[16..144]) };
                 for j in 0..8 {
                     let (sc, m) = scale_min_k4(j, scales);
+                    let (src, shift) = (&qs[32 * (j / 2)..32 * (j / 2) + 32], 4 * (j % 2));
                     for l in 0..32 {
-                        let low = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xf;
                         let high = qh.map_or(0, |h| ((h[l] >> j) & 1) << 4);
-                        q.push((low | high) as i8);
+                        q[32 * j + l] = (((src[l] >> shift) & 0xf) | high) as i8;
                     }
                     let scale = d * sc as f32;
-                    a.push([scale, scale, -(dmin * m as f32)]);
+                    a[j] = [scale, scale, -(dmin * m as f32)];
                 }
             }
             WeightDtype::Q6K => {
@@ -302,16 +315,15 @@ pub fn sub_blocks(dtype: WeightDtype, bytes: &[u8]) -> (Vec<i8>, Vec<[f32; 3]>) 
                     for l in 0..32 {
                         let low = (ql[64 * n + 32 * (r % 2) + l] >> (4 * (r / 2))) & 0xf;
                         let high = (qh[32 * n + l] >> (2 * r)) & 3;
-                        q.push(((low | (high << 4)) as i32 - 32) as i8);
+                        q[32 * j + l] = ((low | (high << 4)) as i32 - 32) as i8;
                     }
                     let s = |i: usize| d * sc[8 * n + 2 * r + i] as i8 as f32;
-                    a.push([s(0), s(1), -0.0]);
+                    a[j] = [s(0), s(1), -0.0];
                 }
             }
             other => panic!("sub_blocks: {} has no int8 path", other.name()),
         }
     }
-    (q, a)
 }
 
 /// What the kernels compute, operation for operation, each product and sum rounded on its own:

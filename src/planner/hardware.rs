@@ -938,7 +938,7 @@ pub fn calibrate_host_matmul() -> HostMatmul {
     let run = || {
         let t = Instant::now();
         for _ in 0..16 {
-            std::hint::black_box(crate::cpu::experts::expert_ffn(&host, 0, &x, 1)?);
+            std::hint::black_box(crate::cpu::experts::expert_ffn(&host, 0, &x, 1, crate::cpu::experts::Numbers::Host)?);
         }
         Ok(t.elapsed() / 16)
     };

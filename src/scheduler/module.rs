@@ -1131,9 +1131,12 @@ fn host_expert_inputs(model: &Model, li: usize, st: &StepState, groups: &[Vec<u3
 fn host_experts(ctx: &crate::gpu::GpuContext, host: &HostExperts, li: usize, work: &[HostExpertWork]) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
     let tracer = ctx.tracer();
     let start = tracer.as_ref().map(|t| t.now_ns());
+    // Beside a GPU with 8-bit products the host computes its numbers, so where an expert ran
+    // does not show in the results.
+    let numbers = if ctx.int8_products() { crate::cpu::experts::Numbers::GpuInt8 } else { crate::cpu::experts::Numbers::Host };
     let out = work
         .iter()
-        .map(|w| Ok((w.assignments.clone(), crate::cpu::experts::expert_ffn(host, w.expert, &w.rows, w.assignments.len())?)))
+        .map(|w| Ok((w.assignments.clone(), crate::cpu::experts::expert_ffn(host, w.expert, &w.rows, w.assignments.len(), numbers)?)))
         .collect::<Result<Vec<_>>>()?;
     if let (Some(t), Some(s)) = (tracer, start) {
         t.finish(Track::HostExperts, format!("layer {li}: {} experts on the host", work.len()), s);
