@@ -274,7 +274,7 @@ fn main() {
         // The same decode shapes on the host, over 16-token pages in a scrambled order, on every
         // instruction-set path this CPU has, with one thread and with all of them; beside the
         // host's memory read rate measured now (the bound a memory-bound kernel approaches).
-        let profile = moegen::planner::calibrate_host();
+        let profile = moegen::planner::calibrate_host(false);
         println!("\nhost attention over KV pages ({} cores; memory read {:.1} GB/s)", profile.cores, profile.memory_bytes_per_s / 1e9);
         println!("{:>7} {:>8} {:>7} {:>5} {:>9} {:>8} {:>12} {:>10} {:>10}", "shape", "path", "threads", "KV", "sequences", "context", "time", "KV GB/s", "GFLOP/s");
         let shapes = [("GQA", attention::AttentionShape::new(32, 8, 128), 16usize, 512usize), ("MLA", attention::AttentionShape::latent(16, 576, 512, 0.1), 16, 512)];

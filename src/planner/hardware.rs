@@ -626,7 +626,7 @@ pub fn calibrate(ctx: &GpuContext, gpu_memory: u64, host_memory: u64) -> Result<
 
     // The host's own kernels are timed alone: in a job they take every core while they run.
     drop(load);
-    let host = calibrate_host();
+    let host = calibrate_host(!ctx.is_cpu() && ctx.int8_products());
     let i = ctx.info();
     Ok(HardwareProfile {
         name: format!("{} ({:?}, {} {})", i.name, i.backend, i.driver, i.driver_info),
@@ -835,7 +835,9 @@ pub fn tune(ctx: &GpuContext) -> Result<KernelTuning> {
 /// Measures the host: its memory read rate, and the host attention kernel over KV pages with one
 /// thread and with every core, on a memory-bound shape (grouped-query decode) and an
 /// arithmetic-bound one (MLA's latent rows).
-pub fn calibrate_host() -> HostProfile {
+/// `gpu_int8`: the host experts compute the GPU's int8 bits (`--gpu-compute int8`), so their
+/// matmul is measured on that path.
+pub fn calibrate_host(gpu_int8: bool) -> HostProfile {
     use crate::cpu::attention::{attention, KeySpan, PagedRows};
     use crate::cpu::simd::Values;
     use rayon::prelude::*;
@@ -898,8 +900,43 @@ pub fn calibrate_host() -> HostProfile {
         cores,
         memory_bytes_per_s: (big.len() * 8) as f64 / read.as_secs_f64(),
         attention: points,
-        matmul: Some(calibrate_host_matmul()),
+        matmul: Some(if gpu_int8 { calibrate_host_gpu_int8() } else { calibrate_host_matmul() }),
         source: format!("measured by moegen's calibration ({} path), {}", crate::cpu::simd::Isa::detected().name(), crate::planner::today()),
+    }
+}
+
+/// The host experts' matmul beside a GPU with `--gpu-compute int8` (`cpu::gpu_int8`, on a Q4_K
+/// matrix), as the rates of [`HostMatmul`] express it: each time stated against the bf16
+/// matrix of the same shape, so that [`HostMatmul::matmul_s`] predicts this path's seconds.
+pub fn calibrate_host_gpu_int8() -> HostMatmul {
+    use crate::cpu::matmul::WeightRows;
+    let (n, k) = (4096usize, 2048usize);
+    let dtype = crate::gpu::WeightDtype::Q4K;
+    let bytes = crate::quant::quantize(dtype, &values(n * k, 23), k).unwrap_or_default();
+    let mut words = vec![0u32; bytes.len().div_ceil(4)];
+    bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+    let w = WeightRows { words: &words, dtype, cols: k };
+    let isa = crate::cpu::simd::Isa::detected();
+    let time = |m: usize| -> f64 {
+        let x = values(m * k, 21);
+        let mut y = vec![0f32; m * n];
+        let mut run = || {
+            let t = Instant::now();
+            let xq = crate::cpu::gpu_int8::quantise(&x, m, k);
+            crate::cpu::gpu_int8::matmul(isa, &xq, w, n, &mut y);
+            Ok(t.elapsed())
+        };
+        let _ = run();
+        best_of(3, run).unwrap_or(Duration::from_secs(1)).as_secs_f64()
+    };
+    let (one, dot) = (time(1), time(64));
+    let f32_path = calibrate_host_matmul();
+    HostMatmul {
+        weight_bytes_per_s: (n * k * 2) as f64 / one,
+        dot_flops: 2.0 * (64 * n * k) as f64 / dot,
+        // No gemm path: many rows keep the dot path's rate.
+        gemm_flops: 2.0 * (64 * n * k) as f64 / dot,
+        expert_fixed_s: f32_path.expert_fixed_s,
     }
 }
 
