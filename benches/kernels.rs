@@ -123,6 +123,36 @@ fn cpu_matmul(quick: bool) {
         }
     }
     moegen::cpu::bf16_products::set(moegen::cpu::bf16_products::CpuCompute::F32).expect("f32 is always available");
+    // Host experts beside a GPU with `--gpu-compute int8` compute its bits (`cpu::gpu_int8`),
+    // quantising their inputs included.
+    for dtype in [WeightDtype::Q4K, WeightDtype::Q8_0] {
+        let bytes = moegen::quant::random_blocks(dtype, n * k / dtype.block_elems(), 5, false);
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+        let rows = moegen::cpu::matmul::WeightRows { words: &words, dtype, cols: k };
+        for m in [1usize, 4, 16, 64] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+            let mut y = vec![0f32; m * n];
+            let reps = if quick { 3 } else { 10 };
+            let mut run = || {
+                let t = std::time::Instant::now();
+                let q = moegen::cpu::gpu_int8::quantise(&x, m, k);
+                moegen::cpu::gpu_int8::matmul(Isa::detected(), &q, rows, n, &mut y);
+                t.elapsed()
+            };
+            run();
+            let t = median((0..reps).map(|_| run()).collect());
+            let gflops = 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
+            println!(
+                "{m:>6} {:>5} {:>10.3}ms {:>10.1} {:>10.1} {:>7.0}%  the GPU's int8 bits (host experts beside --gpu-compute int8)",
+                dtype.name(),
+                t.as_secs_f64() * 1e3,
+                gflops,
+                dtype.bytes_of(n * k) as f64 / t.as_secs_f64() / 1e9,
+                100.0 * gflops / peak
+            );
+        }
+    }
     // What the planner's calibration measures for CPU experts, by thread count.
     for t in [1, threads] {
         let Ok(pool) = rayon::ThreadPoolBuilder::new().num_threads(t).build() else { continue };

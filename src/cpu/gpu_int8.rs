@@ -3,9 +3,10 @@
 //! always` and `never` write the same files. Inputs are quantised by the GPU's quantiser (exact
 //! on every device), each output adds its sub-blocks in order with the kernels' operations
 //! (`sub_product`), and the integer sums, exact whatever their order, run 16 output columns to a
-//! register: a block of weight rows is decoded once into pairs of 16-bit values, column-major
-//! within the register, and each input row's pair of values is broadcast against them
-//! (`vpmaddwd` on AVX-512 and AVX2; plain code the compiler vectorises elsewhere).
+//! register: a block of 16 weight rows is decoded once (each row's quants by vectorised loops,
+//! then transposed in registers) into pairs of 16-bit values, column-major within the register,
+//! and each input row's pair of values is broadcast against them (`vpmaddwd` on AVX-512 and
+//! AVX2, several input rows to a pass; plain code the compiler vectorises elsewhere).
 
 use rayon::prelude::*;
 
@@ -48,36 +49,77 @@ pub fn quantise(x: &[f32], m: usize, k: usize) -> Quantised {
 
 /// A block of up to 16 weight rows decoded for the kernel: per sub-block, its 16 pairs for each
 /// lane (`pairs[(s * 16 + p) * 16 + lane]`), and its affine map per lane (`maps[3 * s + i]`).
+#[derive(Default)]
 struct Block {
     pairs: Vec<u32>,
     maps: Vec<[f32; LANES]>,
 }
 
-fn decode(w: WeightRows, c0: usize, nb: usize) -> Block {
-    let (k, rb, bb, be) = (w.cols, w.dtype.row_bytes(w.cols), w.dtype.block_bytes(), w.dtype.block_elems());
-    let (subs, bs) = (k / SUB, be / SUB);
+/// A task's buffers, kept between the blocks it decodes.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<i8>,
+    a: Vec<[f32; 3]>,
+    block: Block,
+}
+
+fn decode(isa: Isa, w: WeightRows, c0: usize, nb: usize, scratch: &mut Scratch) {
+    let (k, rb) = (w.cols, w.dtype.row_bytes(w.cols));
+    let subs = k / SUB;
     let bytes = bytemuck::cast_slice::<u32, u8>(w.words);
-    let mut block = Block { pairs: vec![0; subs * PAIRS * LANES], maps: vec![[0.0; LANES]; 3 * subs] };
-    let (mut q, mut a) = (vec![0i8; be], vec![[0f32; 3]; bs]);
-    // A block of every column at a time, so that the columns' pairs are written to a few
-    // kilobytes that stay in L1.
-    for blk in 0..k / be {
-        for j in 0..nb {
-            let at = (c0 + j) * rb + blk * bb;
-            sub_blocks_into(w.dtype, &bytes[at..at + bb], &mut q, &mut a);
-            for t in 0..bs {
-                let s = blk * bs + t;
-                let out = &mut block.pairs[s * PAIRS * LANES..(s + 1) * PAIRS * LANES];
-                for p in 0..PAIRS {
-                    out[p * LANES + j] = pair(q[t * SUB + 2 * p], q[t * SUB + 2 * p + 1]);
-                }
-                for i in 0..3 {
-                    block.maps[3 * s + i][j] = a[t][i];
-                }
+    // Each column's quants in a row of their own (the rows past `nb` zero), then turned into
+    // the register layout by a transpose in registers: a few tens of kilobytes, in L2.
+    let Scratch { q, a, block } = scratch;
+    q.resize(LANES * k, 0);
+    a.resize(LANES * subs, [0.0; 3]);
+    q[nb * k..].fill(0);
+    a[nb * subs..].fill([0.0; 3]);
+    let rows = &bytes[c0 * rb..(c0 + nb) * rb];
+    match isa {
+        // SAFETY: as in `row`, a path is only taken where detection found its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::quants_avx2(w.dtype, rows, rb, &mut q[..nb * k], &mut a[..nb * subs]) },
+        _ => quants(w.dtype, rows, rb, &mut q[..nb * k], &mut a[..nb * subs]),
+    }
+    block.pairs.resize(subs * PAIRS * LANES, 0);
+    block.maps.resize(3 * subs, [0.0; LANES]);
+    for s in 0..subs {
+        for j in 0..LANES {
+            for i in 0..3 {
+                block.maps[3 * s + i][j] = a[j * subs + s][i];
             }
         }
     }
-    block
+    match isa {
+        // SAFETY: as above; the buffers have the sizes the transposes assert.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if is_x86_feature_detected!("avx512bw") => unsafe { x86::transpose_avx512(q, k, &mut block.pairs) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => unsafe { x86::transpose_avx2(q, k, &mut block.pairs) },
+        _ => transpose_portable(q, k, &mut block.pairs),
+    }
+}
+
+/// Each weight row of `rows` (`rb` bytes apart) decoded into its quants and affine maps.
+#[inline(always)]
+fn quants(dtype: crate::gpu::WeightDtype, rows: &[u8], rb: usize, q: &mut [i8], a: &mut [[f32; 3]]) {
+    let (per_q, per_a) = (q.len() / (rows.len() / rb), a.len() / (rows.len() / rb));
+    for ((row, q), a) in rows.chunks_exact(rb).zip(q.chunks_exact_mut(per_q)).zip(a.chunks_exact_mut(per_a)) {
+        sub_blocks_into(dtype, row, q, a);
+    }
+}
+
+/// Sixteen rows of quants (`q[j * k..]`, one per output column) into the register layout:
+/// `pairs[(s * 16 + p) * 16 + j]` holds values `2p` and `2p + 1` of sub-block `s` of row `j`.
+fn transpose_portable(q: &[i8], k: usize, pairs: &mut [u32]) {
+    for s in 0..k / SUB {
+        for p in 0..PAIRS {
+            for j in 0..LANES {
+                let at = j * k + s * SUB + 2 * p;
+                pairs[(s * PAIRS + p) * LANES + j] = pair(q[at], q[at + 1]);
+            }
+        }
+    }
 }
 
 /// One input row against a decoded block: each lane's output, the sub-blocks added in order as
@@ -107,69 +149,200 @@ fn row_portable(b: &Block, xp: &[u32], xs: &[[f32; 2]]) -> [f32; LANES] {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Block, LANES, PAIRS};
+    use super::{Block, Quantised, LANES, PAIRS, SUB};
     use std::arch::x86_64::*;
 
-    /// [`super::row_portable`] with 16 lanes in one register.
+    /// [`super::quants`] compiled with 256-bit vectors.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quants_avx2(dtype: crate::gpu::WeightDtype, rows: &[u8], rb: usize, q: &mut [i8], a: &mut [[f32; 3]]) {
+        super::quants(dtype, rows, rb, q, a)
+    }
+
+    /// [`super::transpose_portable`]: per sub-block, each row's 32 values widened to 16 pairs in
+    /// a register, and the 16 x 16 pairs transposed (32-bit, then 64-bit interleaves within
+    /// 128-bit lanes, then the lanes themselves).
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn row_avx512(b: &Block, xp: &[u32], xs: &[[f32; 2]]) -> [f32; LANES] {
-        let mut acc = _mm512_setzero_ps();
-        for (s, x) in xs.iter().enumerate() {
-            let mut sums = [_mm512_setzero_si512(); 2];
-            for p in 0..PAIRS {
-                let w = _mm512_loadu_si512(b.pairs.as_ptr().add((s * PAIRS + p) * LANES) as *const _);
-                let xv = _mm512_set1_epi32(xp[s * PAIRS + p] as i32);
-                sums[p / 8] = _mm512_add_epi32(sums[p / 8], _mm512_madd_epi16(w, xv));
+    pub unsafe fn transpose_avx512(q: &[i8], k: usize, pairs: &mut [u32]) {
+        assert!(q.len() >= LANES * k && pairs.len() >= k / 2 * LANES);
+        for s in 0..k / SUB {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (j, r) in r.iter_mut().enumerate() {
+                *r = _mm512_cvtepi8_epi16(_mm256_loadu_si256(q.as_ptr().add(j * k + s * SUB) as *const __m256i));
             }
-            let map = |i: usize| _mm512_loadu_ps(b.maps[3 * s + i].as_ptr());
-            let lo = _mm512_mul_ps(map(0), _mm512_cvtepi32_ps(sums[0]));
-            let hi = _mm512_mul_ps(map(1), _mm512_cvtepi32_ps(sums[1]));
-            let v = _mm512_add_ps(_mm512_add_ps(lo, hi), _mm512_mul_ps(map(2), _mm512_set1_ps(x[1])));
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(x[0]), v));
+            // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved by pairs.
+            let mut t = [_mm512_setzero_si512(); 16];
+            for i in 0..8 {
+                t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+            }
+            // u[4g + c], lane L: pair 4L + c of rows 4g..4g + 4.
+            let mut u = [_mm512_setzero_si512(); 16];
+            for g in (0..16).step_by(4) {
+                u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+                u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+                u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+                u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+            }
+            let out = pairs.as_mut_ptr().add(s * PAIRS * LANES) as *mut __m512i;
+            for c in 0..4 {
+                let (v0, v1) = (_mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]));
+                let (v2, v3) = (_mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]), _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]));
+                _mm512_storeu_si512(out.add(c), _mm512_shuffle_i32x4::<0x88>(v0, v2));
+                _mm512_storeu_si512(out.add(4 + c), _mm512_shuffle_i32x4::<0xDD>(v0, v2));
+                _mm512_storeu_si512(out.add(8 + c), _mm512_shuffle_i32x4::<0x88>(v1, v3));
+                _mm512_storeu_si512(out.add(12 + c), _mm512_shuffle_i32x4::<0xDD>(v1, v3));
+            }
         }
-        let mut out = [0f32; LANES];
-        _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    }
+
+    /// [`super::transpose_portable`] in 8 x 8 squares of pairs: rows `8h..8h + 8` against pairs
+    /// `8ph..8ph + 8` of each sub-block.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn transpose_avx2(q: &[i8], k: usize, pairs: &mut [u32]) {
+        assert!(q.len() >= LANES * k && pairs.len() >= k / 2 * LANES);
+        for s in 0..k / SUB {
+            for h in 0..2 {
+                for ph in 0..2 {
+                    let mut r = [_mm256_setzero_si256(); 8];
+                    for (j, r) in r.iter_mut().enumerate() {
+                        *r = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add((8 * h + j) * k + s * SUB + 16 * ph) as *const __m128i));
+                    }
+                    let mut t = [_mm256_setzero_si256(); 8];
+                    for i in 0..4 {
+                        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+                    }
+                    let mut u = [_mm256_setzero_si256(); 8];
+                    for g in [0, 4] {
+                        u[g] = _mm256_unpacklo_epi64(t[g], t[g + 2]);
+                        u[g + 1] = _mm256_unpackhi_epi64(t[g], t[g + 2]);
+                        u[g + 2] = _mm256_unpacklo_epi64(t[g + 1], t[g + 3]);
+                        u[g + 3] = _mm256_unpackhi_epi64(t[g + 1], t[g + 3]);
+                    }
+                    let out = pairs.as_mut_ptr().add((s * PAIRS + 8 * ph) * LANES + 8 * h);
+                    for c in 0..4 {
+                        _mm256_storeu_si256(out.add(c * LANES) as *mut __m256i, _mm256_permute2x128_si256::<0x20>(u[c], u[4 + c]));
+                        _mm256_storeu_si256(out.add((4 + c) * LANES) as *mut __m256i, _mm256_permute2x128_si256::<0x31>(u[c], u[4 + c]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::row_portable`] for `R` input rows at once (each weight register loaded once
+    /// for all of them), 16 lanes in one register.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn rows_avx512<const R: usize>(b: &Block, x: &Quantised, r0: usize) -> [[f32; LANES]; R] {
+        let subs = x.k / SUB;
+        let (xp, xs) = (x.pairs.as_ptr().add(r0 * x.k / 2), &x.scales[r0 * subs..(r0 + R) * subs]);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for s in 0..subs {
+            // Each half's sums in registers of their own (an index computed in the loop would
+            // put them in memory).
+            let half = |first: usize| {
+                let mut sums = [_mm512_setzero_si512(); R];
+                for p in first..first + PAIRS / 2 {
+                    let w = _mm512_loadu_si512(b.pairs.as_ptr().add((s * PAIRS + p) * LANES) as *const _);
+                    for (r, sum) in sums.iter_mut().enumerate() {
+                        let xv = _mm512_set1_epi32(*xp.add(r * x.k / 2 + s * PAIRS + p) as i32);
+                        *sum = _mm512_add_epi32(*sum, _mm512_madd_epi16(w, xv));
+                    }
+                }
+                sums
+            };
+            let (lo, hi) = (half(0), half(PAIRS / 2));
+            let map = |i: usize| _mm512_loadu_ps(b.maps[3 * s + i].as_ptr());
+            let (a0, a1, a2) = (map(0), map(1), map(2));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xr = xs[r * subs + s];
+                let l = _mm512_mul_ps(a0, _mm512_cvtepi32_ps(lo[r]));
+                let u = _mm512_mul_ps(a1, _mm512_cvtepi32_ps(hi[r]));
+                let v = _mm512_add_ps(_mm512_add_ps(l, u), _mm512_mul_ps(a2, _mm512_set1_ps(xr[1])));
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_set1_ps(xr[0]), v));
+            }
+        }
+        let mut out = [[0f32; LANES]; R];
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), acc);
+        }
         out
     }
 
-    /// [`super::row_portable`] with 16 lanes in two registers.
+    /// [`super::row_portable`] for `R` input rows at once, 16 lanes in two registers.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn row_avx2(b: &Block, xp: &[u32], xs: &[[f32; 2]]) -> [f32; LANES] {
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for (s, x) in xs.iter().enumerate() {
-            let mut sums = [[_mm256_setzero_si256(); 2]; 2];
-            for p in 0..PAIRS {
-                let xv = _mm256_set1_epi32(xp[s * PAIRS + p] as i32);
-                for (h, sum) in sums[p / 8].iter_mut().enumerate() {
-                    let w = _mm256_loadu_si256(b.pairs.as_ptr().add((s * PAIRS + p) * LANES + 8 * h) as *const _);
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(w, xv));
+    pub unsafe fn rows_avx2<const R: usize>(b: &Block, x: &Quantised, r0: usize) -> [[f32; LANES]; R] {
+        let subs = x.k / SUB;
+        let (xp, xs) = (x.pairs.as_ptr().add(r0 * x.k / 2), &x.scales[r0 * subs..(r0 + R) * subs]);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for s in 0..subs {
+            let half = |first: usize| {
+                let mut sums = [[_mm256_setzero_si256(); 2]; R];
+                for p in first..first + PAIRS / 2 {
+                    let w = b.pairs.as_ptr().add((s * PAIRS + p) * LANES);
+                    let (w0, w1) = (_mm256_loadu_si256(w as *const _), _mm256_loadu_si256(w.add(8) as *const _));
+                    for (r, sum) in sums.iter_mut().enumerate() {
+                        let xv = _mm256_set1_epi32(*xp.add(r * x.k / 2 + s * PAIRS + p) as i32);
+                        sum[0] = _mm256_add_epi32(sum[0], _mm256_madd_epi16(w0, xv));
+                        sum[1] = _mm256_add_epi32(sum[1], _mm256_madd_epi16(w1, xv));
+                    }
+                }
+                sums
+            };
+            let (lo, hi) = (half(0), half(PAIRS / 2));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xr = xs[r * subs + s];
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let map = |i: usize| _mm256_loadu_ps(b.maps[3 * s + i].as_ptr().add(8 * h));
+                    let l = _mm256_mul_ps(map(0), _mm256_cvtepi32_ps(lo[r][h]));
+                    let u = _mm256_mul_ps(map(1), _mm256_cvtepi32_ps(hi[r][h]));
+                    let v = _mm256_add_ps(_mm256_add_ps(l, u), _mm256_mul_ps(map(2), _mm256_set1_ps(xr[1])));
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_set1_ps(xr[0]), v));
                 }
             }
-            for (h, acc) in acc.iter_mut().enumerate() {
-                let map = |i: usize| _mm256_loadu_ps(b.maps[3 * s + i].as_ptr().add(8 * h));
-                let lo = _mm256_mul_ps(map(0), _mm256_cvtepi32_ps(sums[0][h]));
-                let hi = _mm256_mul_ps(map(1), _mm256_cvtepi32_ps(sums[1][h]));
-                let v = _mm256_add_ps(_mm256_add_ps(lo, hi), _mm256_mul_ps(map(2), _mm256_set1_ps(x[1])));
-                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_set1_ps(x[0]), v));
-            }
         }
-        let mut out = [0f32; LANES];
-        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
+        let mut out = [[0f32; LANES]; R];
+        for (o, acc) in out.iter_mut().zip(acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+        }
         out
     }
 }
 
-fn row(isa: Isa, b: &Block, xp: &[u32], xs: &[[f32; 2]]) -> [f32; LANES] {
+/// Every input row of `x` against a decoded block: each row's 16 outputs. Several rows to a
+/// pass where the registers allow; each output adds the same operations in the same order
+/// whichever pass computes it.
+fn rows(isa: Isa, b: &Block, x: &Quantised) -> Vec<[f32; LANES]> {
+    let mut out = Vec::with_capacity(x.m);
     match isa {
-        // SAFETY: a path is only chosen where detection found its instructions (AVX512-BW
-        // with AVX512F, as Isa::Avx512 requires).
+        // SAFETY: a path is only chosen where detection found its instructions (AVX512-BW with
+        // AVX512F, as Isa::Avx512 requires); each pass reads rows that exist.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if is_x86_feature_detected!("avx512bw") => unsafe { x86::row_avx512(b, xp, xs) },
+        Isa::Avx512 if is_x86_feature_detected!("avx512bw") => unsafe {
+            while out.len() + 4 <= x.m {
+                out.extend(x86::rows_avx512::<4>(b, x, out.len()));
+            }
+            while out.len() < x.m {
+                out.extend(x86::rows_avx512::<1>(b, x, out.len()));
+            }
+        },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => unsafe { x86::row_avx2(b, xp, xs) },
-        _ => row_portable(b, xp, xs),
+        Isa::Avx512 | Isa::Avx2 => unsafe {
+            while out.len() + 2 <= x.m {
+                out.extend(x86::rows_avx2::<2>(b, x, out.len()));
+            }
+            while out.len() < x.m {
+                out.extend(x86::rows_avx2::<1>(b, x, out.len()));
+            }
+        },
+        _ => {
+            let subs = x.k / SUB;
+            for r in 0..x.m {
+                out.push(row_portable(b, &x.pairs[r * x.k / 2..(r + 1) * x.k / 2], &x.scales[r * subs..(r + 1) * subs]));
+            }
+        }
     }
+    out
 }
 
 /// `y[r * n + c] = xq[r] . w[c]` for the quantised rows and the first `n` rows of block-format
@@ -178,13 +351,12 @@ pub fn matmul(isa: Isa, x: &Quantised, w: WeightRows, n: usize, y: &mut [f32]) {
     let (m, k) = (x.m, x.k);
     assert!(w.cols == k && y.len() >= m * n, "int8 matmul shapes");
     assert!(n * w.dtype.row_bytes(k) <= w.words.len() * 4, "int8 matmul weight rows");
-    let subs = k / SUB;
     let blocks: Vec<Vec<[f32; LANES]>> = (0..n.div_ceil(LANES))
         .into_par_iter()
-        .map(|blk| {
+        .map_init(Scratch::default, |scratch, blk| {
             let c0 = blk * LANES;
-            let decoded = decode(w, c0, LANES.min(n - c0));
-            (0..m).map(|r| row(isa, &decoded, &x.pairs[r * k / 2..(r + 1) * k / 2], &x.scales[r * subs..(r + 1) * subs])).collect()
+            decode(isa, w, c0, LANES.min(n - c0), scratch);
+            rows(isa, &scratch.block, x)
         })
         .collect();
     for (blk, outs) in blocks.iter().enumerate() {

@@ -272,50 +272,76 @@ pub fn sub_blocks(dtype: WeightDtype, bytes: &[u8]) -> (Vec<i8>, Vec<[f32; 3]>) 
 }
 
 /// [`sub_blocks`] into `q` (an element each) and `a` (a sub-block each), for the whole blocks
-/// of `bytes` (the host experts decode a weight row at a time).
+/// of `bytes` (the host experts decode a weight row at a time). The quants of each sub-block are
+/// one loop over fixed-size arrays, which the compiler vectorises; always inlined, so that the
+/// host's per-instruction-set callers compile it with their vector width.
+#[inline(always)]
 pub fn sub_blocks_into(dtype: WeightDtype, bytes: &[u8], q: &mut [i8], a: &mut [[f32; 3]]) {
     use crate::quant::scale_min_k4;
-    let half = |b: &[u8], at: usize| half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
+    #[inline(always)]
+    fn half(b: &[u8], at: usize) -> f32 {
+        half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+    }
+    #[inline(always)]
+    fn sub(q: &mut [i8], i: usize) -> &mut [i8; SUB] {
+        (&mut q[i * SUB..(i + 1) * SUB]).try_into().expect("a sub-block")
+    }
+    #[inline(always)]
+    fn bytes32(b: &[u8], at: usize) -> [u8; 32] {
+        b[at..at + 32].try_into().expect("32 bytes")
+    }
     let (be, bs) = (dtype.block_elems(), dtype.block_elems() / SUB);
     for ((block, q), a) in bytes.chunks_exact(dtype.block_bytes()).zip(q.chunks_exact_mut(be)).zip(a.chunks_exact_mut(bs)) {
         match dtype {
             WeightDtype::Q8_0 => {
                 let d = half(block, 0);
-                for (o, &v) in q.iter_mut().zip(&block[2..34]) {
+                let src = bytes32(block, 2);
+                for (o, v) in sub(q, 0).iter_mut().zip(src) {
                     *o = v as i8;
                 }
                 a[0] = [d, d, -0.0];
             }
             WeightDtype::Q4_0 => {
                 let d = half(block, 0);
-                for (i, &v) in block[2..18].iter().enumerate() {
-                    q[i] = (v & 0xf) as i8;
-                    q[16 + i] = (v >> 4) as i8;
+                let src: [u8; 16] = block[2..18].try_into().expect("16 bytes");
+                let out = sub(q, 0);
+                for (i, v) in src.into_iter().enumerate() {
+                    out[i] = (v & 0xf) as i8;
+                    out[16 + i] = (v >> 4) as i8;
                 }
                 a[0] = [d, d, -8.0 * d];
             }
             WeightDtype::Q4K | WeightDtype::Q5K => {
                 let (d, dmin, scales) = (half(block, 0), half(block, 2), &block[4..16]);
-                let (qh, qs) = if dtype == WeightDtype::Q5K { (Some(&block[16..48]), &block[48..176]) } else { (None, &block[16..144]) };
-                for j in 0..8 {
-                    let (sc, m) = scale_min_k4(j, scales);
-                    let (src, shift) = (&qs[32 * (j / 2)..32 * (j / 2) + 32], 4 * (j % 2));
-                    for l in 0..32 {
-                        let high = qh.map_or(0, |h| ((h[l] >> j) & 1) << 4);
-                        q[32 * j + l] = (((src[l] >> shift) & 0xf) | high) as i8;
+                let (qh, qs) = if dtype == WeightDtype::Q5K { (Some(bytes32(block, 16)), &block[48..176]) } else { (None, &block[16..144]) };
+                // Sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes.
+                for p in 0..4 {
+                    let src = bytes32(qs, 32 * p);
+                    for (j, shift) in [(2 * p, 0), (2 * p + 1, 4)] {
+                        let out = sub(q, j);
+                        for (o, v) in out.iter_mut().zip(src) {
+                            *o = ((v >> shift) & 0xf) as i8;
+                        }
+                        if let Some(h) = qh {
+                            for (o, hb) in out.iter_mut().zip(h) {
+                                *o |= (((hb >> j) & 1) << 4) as i8;
+                            }
+                        }
                     }
+                }
+                for (j, a) in a.iter_mut().enumerate() {
+                    let (sc, m) = scale_min_k4(j, scales);
                     let scale = d * sc as f32;
-                    a[j] = [scale, scale, -(dmin * m as f32)];
+                    *a = [scale, scale, -(dmin * m as f32)];
                 }
             }
             WeightDtype::Q6K => {
                 let (ql, qh, sc, d) = (&block[0..128], &block[128..192], &block[192..208], half(block, 208));
                 for j in 0..8 {
                     let (n, r) = (j / 4, j % 4);
-                    for l in 0..32 {
-                        let low = (ql[64 * n + 32 * (r % 2) + l] >> (4 * (r / 2))) & 0xf;
-                        let high = (qh[32 * n + l] >> (2 * r)) & 3;
-                        q[32 * j + l] = ((low | (high << 4)) as i32 - 32) as i8;
+                    let (low, high) = (bytes32(ql, 64 * n + 32 * (r % 2)), bytes32(qh, 32 * n));
+                    for ((o, l), h) in sub(q, j).iter_mut().zip(low).zip(high) {
+                        *o = (((l >> (4 * (r / 2))) & 0xf) | (((h >> (2 * r)) & 3) << 4)).wrapping_sub(32) as i8;
                     }
                     let s = |i: usize| d * sc[8 * n + 2 * r + i] as i8 as f32;
                     a[j] = [s(0), s(1), -0.0];
