@@ -988,7 +988,7 @@ fn int8_mode_swiglu_gives_the_hosts_bits() {
     let ctx = gpu().with_int8_products(true);
     let n = 40_007;
     let mut gate = random(&mut rng, n, 12.0);
-    let edges = [0.0, -0.0, 1e-30, -1e-30, 79.9, -79.9, -80.0, -80.1, -88.0, -90.0, -1e30, 87.3, 87.4, 89.0, 1e30, 0.6931472, -0.6931472];
+    let edges = [0.0, -0.0, 1e-30, -1e-30, 79.9, -79.9, -80.0, -80.1, -88.0, -90.0, -1e30, 87.3, 87.4, 89.0, 1e30, std::f32::consts::LN_2, -std::f32::consts::LN_2];
     gate[..edges.len()].copy_from_slice(&edges);
     for (i, g) in gate.iter_mut().enumerate().skip(edges.len()).step_by(11) {
         *g = (i % 200) as f32 - 100.0;
@@ -1030,7 +1030,7 @@ fn int8_quantiser_rounds_each_unit_of_32_to_its_scale() {
     // Units of exact halves of their scale (short scales), and of the floats nearest the halves
     // of a full-length scale and a few steps either side: a reciprocal's rounding moves many of
     // these (one in two here on llvmpipe before the exact test), the exact test none.
-    for (unit, top, exact) in [(row0 + 5, 127.0f32, true), (row0 + 6, -1.5 * 127.0 / 64.0, true), (row0 + 7, 2.4235780, false)] {
+    for (unit, top, exact) in [(row0 + 5, 127.0f32, true), (row0 + 6, -1.5 * 127.0 / 64.0, true), (row0 + 7, 2.423578, false)] {
         let d = top.abs() * matmul_int8::RECIP_127;
         let at = unit * k + 32;
         x[at] = top;

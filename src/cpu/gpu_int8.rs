@@ -85,8 +85,8 @@ fn decode(isa: Isa, w: WeightRows, c0: usize, nb: usize, scratch: &mut Scratch) 
     block.maps.resize(3 * subs, [0.0; LANES]);
     for s in 0..subs {
         for j in 0..LANES {
-            for i in 0..3 {
-                block.maps[3 * s + i][j] = a[j * subs + s][i];
+            for (i, &v) in a[j * subs + s].iter().enumerate() {
+                block.maps[3 * s + i][j] = v;
             }
         }
     }

@@ -247,7 +247,7 @@ pub fn quantize_reference(x: &[f32]) -> (Vec<i8>, Vec<[f32; 2]>) {
 #[inline]
 pub fn quantize_unit(unit: &[f32], q: &mut [i8]) -> [f32; 2] {
     let amax = unit.iter().fold(0f32, |a, v| a.max(v.abs()));
-    if !(amax >= TINY) {
+    if amax.is_nan() || amax < TINY {
         q.fill(0);
         return [0.0, 0.0];
     }
@@ -337,14 +337,14 @@ pub fn sub_blocks_into(dtype: WeightDtype, bytes: &[u8], q: &mut [i8], a: &mut [
             }
             WeightDtype::Q6K => {
                 let (ql, qh, sc, d) = (&block[0..128], &block[128..192], &block[192..208], half(block, 208));
-                for j in 0..8 {
+                for (j, a) in a.iter_mut().enumerate() {
                     let (n, r) = (j / 4, j % 4);
                     let (low, high) = (bytes32(ql, 64 * n + 32 * (r % 2)), bytes32(qh, 32 * n));
                     for ((o, l), h) in sub(q, j).iter_mut().zip(low).zip(high) {
                         *o = (((l >> (4 * (r / 2))) & 0xf) | (((h >> (2 * r)) & 3) << 4)).wrapping_sub(32) as i8;
                     }
                     let s = |i: usize| d * sc[8 * n + 2 * r + i] as i8 as f32;
-                    a[j] = [s(0), s(1), -0.0];
+                    *a = [s(0), s(1), -0.0];
                 }
             }
             other => panic!("sub_blocks: {} has no int8 path", other.name()),
