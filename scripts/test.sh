@@ -41,5 +41,11 @@ fi
 # Fails (non-zero) when no GPU adapter is found, instead of passing with the GPU untested.
 cargo run --locked --quiet -- --device gpu devices
 cargo test --locked "$@"
+# Subgroups of other sizes than llvmpipe's default 8 (real GPUs have 32 or 64, and kernels must
+# not assume one): the GPU kernels' tests again with llvmpipe's 128- and 512-bit vectors, which
+# give subgroups of 4 and 16 (the variable means nothing to other drivers).
+for width in 128 512; do
+    LP_NATIVE_VECTOR_WIDTH=$width cargo test --locked --test kernels "$@"
+done
 # The NEON paths, which this machine's CPU cannot run: cross-built and run under qemu-aarch64.
 scripts/test-aarch64.sh
