@@ -76,7 +76,7 @@ fn decode(isa: Isa, w: WeightRows, c0: usize, nb: usize, scratch: &mut Scratch) 
     a[nb * subs..].fill([0.0; 3]);
     let rows = &bytes[c0 * rb..(c0 + nb) * rb];
     match isa {
-        // SAFETY: as in `row`, a path is only taken where detection found its instructions.
+        // SAFETY: as in `rows`, a path is only taken where detection found its instructions.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 => unsafe { x86::quants_avx2(w.dtype, rows, rb, &mut q[..nb * k], &mut a[..nb * subs]) },
         _ => quants(w.dtype, rows, rb, &mut q[..nb * k], &mut a[..nb * subs]),
