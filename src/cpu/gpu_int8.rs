@@ -6,7 +6,8 @@
 //! register: a block of 16 weight rows is decoded once (each row's quants by vectorised loops,
 //! then transposed in registers) into pairs of 16-bit values, column-major within the register,
 //! and each input row's pair of values is broadcast against them (`vpmaddwd` on AVX-512 and
-//! AVX2, several input rows to a pass; plain code the compiler vectorises elsewhere).
+//! AVX2, `vmlal_s16` on NEON, several input rows to a pass; plain code the compiler vectorises
+//! elsewhere).
 
 use rayon::prelude::*;
 
@@ -96,6 +97,8 @@ fn decode(isa: Isa, w: WeightRows, c0: usize, nb: usize, scratch: &mut Scratch) 
         Isa::Avx512 if is_x86_feature_detected!("avx512bw") => unsafe { x86::transpose_avx512(q, k, &mut block.pairs) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 => unsafe { x86::transpose_avx2(q, k, &mut block.pairs) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { neon::transpose(q, k, &mut block.pairs) },
         _ => transpose_portable(q, k, &mut block.pairs),
     }
 }
@@ -309,6 +312,97 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{Block, Quantised, LANES, PAIRS, SUB};
+    use std::arch::aarch64::*;
+
+    /// [`super::transpose_portable`] in 4 x 4 squares of pairs: each row's 32 values widened to
+    /// 16 pairs in four registers, four rows' registers transposed by 32- and 64-bit interleaves.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn transpose(q: &[i8], k: usize, pairs: &mut [u32]) {
+        assert!(q.len() >= LANES * k && pairs.len() >= k / 2 * LANES);
+        for s in 0..k / SUB {
+            for g in 0..LANES / 4 {
+                // r[j][c]: pairs 4c..4c + 4 of row 4g + j.
+                let mut r = [[vdupq_n_u32(0); 4]; 4];
+                for (j, r) in r.iter_mut().enumerate() {
+                    let at = q.as_ptr().add((4 * g + j) * k + s * SUB);
+                    let (lo, hi) = (vld1q_s8(at), vld1q_s8(at.add(16)));
+                    *r = [
+                        vreinterpretq_u32_s16(vmovl_s8(vget_low_s8(lo))),
+                        vreinterpretq_u32_s16(vmovl_high_s8(lo)),
+                        vreinterpretq_u32_s16(vmovl_s8(vget_low_s8(hi))),
+                        vreinterpretq_u32_s16(vmovl_high_s8(hi)),
+                    ];
+                }
+                for (c, [r0, r1, r2, r3]) in (0..4).map(|c| [r[0][c], r[1][c], r[2][c], r[3][c]]).enumerate() {
+                    let (t0, t1) = (vtrn1q_u32(r0, r1), vtrn2q_u32(r0, r1));
+                    let (t2, t3) = (vtrn1q_u32(r2, r3), vtrn2q_u32(r2, r3));
+                    let (t0, t1, t2, t3) = (vreinterpretq_u64_u32(t0), vreinterpretq_u64_u32(t1), vreinterpretq_u64_u32(t2), vreinterpretq_u64_u32(t3));
+                    let out = pairs.as_mut_ptr().add((s * PAIRS + 4 * c) * LANES + 4 * g);
+                    vst1q_u32(out, vreinterpretq_u32_u64(vtrn1q_u64(t0, t2)));
+                    vst1q_u32(out.add(LANES), vreinterpretq_u32_u64(vtrn1q_u64(t1, t3)));
+                    vst1q_u32(out.add(2 * LANES), vreinterpretq_u32_u64(vtrn2q_u64(t0, t2)));
+                    vst1q_u32(out.add(3 * LANES), vreinterpretq_u32_u64(vtrn2q_u64(t1, t3)));
+                }
+            }
+        }
+    }
+
+    /// [`super::row_portable`] for `R` input rows at once, 16 lanes in four registers. Each
+    /// lane's two products per pair accumulate apart (`vmlal_s16`) and are added at the end of
+    /// each half: the same exact integers as `vpmaddwd`'s pair sums.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn rows<const R: usize>(b: &Block, x: &Quantised, r0: usize) -> [[f32; LANES]; R] {
+        let subs = x.k / SUB;
+        let (xp, xs) = (x.pairs.as_ptr().add(r0 * x.k / 2), &x.scales[r0 * subs..(r0 + R) * subs]);
+        let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+        for s in 0..subs {
+            let half = |first: usize| {
+                // sums[r][q]: products of lanes 2q and 2q + 1 (eight to a register pair).
+                let mut sums = [[vdupq_n_s32(0); 8]; R];
+                for p in first..first + PAIRS / 2 {
+                    let w = b.pairs.as_ptr().add((s * PAIRS + p) * LANES);
+                    let wv: [int16x8_t; 4] = std::array::from_fn(|i| vreinterpretq_s16_u32(vld1q_u32(w.add(4 * i))));
+                    for (r, sum) in sums.iter_mut().enumerate() {
+                        let xv = vreinterpretq_s16_u32(vdupq_n_u32(*xp.add(r * x.k / 2 + s * PAIRS + p)));
+                        for i in 0..4 {
+                            sum[2 * i] = vmlal_s16(sum[2 * i], vget_low_s16(wv[i]), vget_low_s16(xv));
+                            sum[2 * i + 1] = vmlal_high_s16(sum[2 * i + 1], wv[i], xv);
+                        }
+                    }
+                }
+                let mut out = [[vdupq_n_s32(0); 4]; R];
+                for (o, sum) in out.iter_mut().zip(sums) {
+                    for i in 0..4 {
+                        o[i] = vpaddq_s32(sum[2 * i], sum[2 * i + 1]);
+                    }
+                }
+                out
+            };
+            let (lo, hi) = (half(0), half(PAIRS / 2));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xr = xs[r * subs + s];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let map = |m: usize| vld1q_f32(b.maps[3 * s + m].as_ptr().add(4 * i));
+                    let l = vmulq_f32(map(0), vcvtq_f32_s32(lo[r][i]));
+                    let u = vmulq_f32(map(1), vcvtq_f32_s32(hi[r][i]));
+                    let v = vaddq_f32(vaddq_f32(l, u), vmulq_f32(map(2), vdupq_n_f32(xr[1])));
+                    *acc = vaddq_f32(*acc, vmulq_f32(vdupq_n_f32(xr[0]), v));
+                }
+            }
+        }
+        let mut out = [[0f32; LANES]; R];
+        for (o, acc) in out.iter_mut().zip(acc) {
+            for (i, a) in acc.into_iter().enumerate() {
+                vst1q_f32(o.as_mut_ptr().add(4 * i), a);
+            }
+        }
+        out
+    }
+}
+
 /// Every input row of `x` against a decoded block: each row's 16 outputs. Several rows to a
 /// pass where the registers allow; each output adds the same operations in the same order
 /// whichever pass computes it.
@@ -333,6 +427,17 @@ fn rows(isa: Isa, b: &Block, x: &Quantised) -> Vec<[f32; LANES]> {
             }
             while out.len() < x.m {
                 out.extend(x86::rows_avx2::<1>(b, x, out.len()));
+            }
+        },
+        // SAFETY: NEON is part of every aarch64 target this builds for; each pass reads rows
+        // that exist.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe {
+            while out.len() + 2 <= x.m {
+                out.extend(neon::rows::<2>(b, x, out.len()));
+            }
+            while out.len() < x.m {
+                out.extend(neon::rows::<1>(b, x, out.len()));
             }
         },
         _ => {
