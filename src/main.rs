@@ -27,8 +27,9 @@ struct Cli {
     /// with the AVX512-BF16 dot-product instructions (about 2x), as torch and llama.cpp do on such
     /// CPUs; `int8`: also over K-format weights (Q4_K, Q5_K, Q6_K: what Q4_K_M and Q5_K_M files
     /// hold), inputs quantised to 8 bits per 256 and multiplied with 8-bit dot products
-    /// (AVX512-VNNI, else AVX2, or NEON), as llama.cpp does. Where the CPU lacks them, `bf16` and `int8`
-    /// warn and stay f32.
+    /// (AVX512-VNNI, else AVX2, or NEON), and over Q8_0 and Q4_0, inputs quantised to 8 bits per
+    /// 32 (the products of `--gpu-compute int8`), as llama.cpp does. Where the CPU lacks them,
+    /// `bf16` and `int8` warn and stay f32.
     #[arg(long, global = true, value_enum, default_value = "f32")]
     cpu_compute: moegen::cpu::bf16_products::CpuCompute,
     /// What a GPU's matmuls over block-format weights (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K: GGUF files,

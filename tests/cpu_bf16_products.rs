@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use moegen::cpu::bf16_products::{self, CpuCompute};
+use moegen::cpu::simd::Isa;
+use moegen::gpu::WeightDtype;
 use moegen::gpu::GpuContext;
 use moegen::model::Model;
 use moegen::scheduler::prompt_logits;
@@ -84,8 +86,8 @@ fn greedy(model: &Model, prompts: &[Vec<u32>], max_new: usize) -> Vec<Vec<u32>> 
     outputs
 }
 
-/// llama-quantize's Q4_K_M and Q5_K_M files (Q4_K or Q5_K with Q6_K) on the CPU device with int8
-/// products: the logits move from f32 compute's by the inputs' 8-bit rounding, no more; each
+/// llama-quantize's Q4_K_M and Q5_K_M files (Q4_K or Q5_K with Q6_K), Q8_0 and Q4_0 files on the
+/// CPU device with int8 products: the logits move from f32 compute's by the inputs' 8-bit rounding, no more; each
 /// prompt gets the same logits alone as among the others; greedy tokens are reported beside f32
 /// compute's and llama.cpp's own (which quantises the inputs the same way, per 256).
 #[test]
@@ -102,7 +104,9 @@ fn int8_products_stay_within_8_bit_rounding_on_k_format_files() {
     let recorded: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("mixtral-256.json")).unwrap()).unwrap();
     let prompts: Vec<Vec<u32>> = recorded["prompts"].as_array().unwrap().iter().map(ids).collect();
     let max_new = recorded["max_new_tokens"].as_u64().unwrap() as usize;
-    for format in ["q4_k_m", "q5_k_m"] {
+    // The K formats quantise the inputs per 256 (`cpu::int8_products`), Q8_0 and Q4_0 per 32
+    // (`cpu::gpu_int8`, the GPU's int8 bits).
+    for format in ["q4_k_m", "q5_k_m", "q8_0", "q4_0"] {
         let model = Model::load(&ctx, &dir.join(format!("mixtral-256-{format}.gguf")), 64).unwrap();
         bf16_products::set(CpuCompute::F32).unwrap();
         let exact = prompt_logits(&model, &prompts).unwrap();
@@ -120,7 +124,16 @@ fn int8_products_stay_within_8_bit_rounding_on_k_format_files() {
             .collect();
         let last = prompts.len() - 1;
         let alone = prompt_logits(&model, &prompts[last..]).unwrap();
+        let q8_0_taken = moegen::cpu::matmul::takes_int8_32(Isa::detected(), WeightDtype::Q8_0);
         bf16_products::set(CpuCompute::F32).unwrap();
+        if format == "q8_0" && !q8_0_taken {
+            // Q8_0 and Q4_0 keep f32 compute where their 8-bit path is not the faster one, so the
+            // Q8_0 file (every matrix Q8_0) is unchanged; the Q4_0 file's output matrix is Q6_K,
+            // which takes the K formats' path either way.
+            assert!(int8.iter().zip(&exact).all(|(a, b)| a.iter().map(|v| v.to_bits()).eq(b.iter().map(|v| v.to_bits()))), "{format}: kept f32 compute on the {} path", Isa::detected().name());
+            eprintln!("{format}: f32 compute kept on the {} path", Isa::detected().name());
+            continue;
+        }
         assert_eq!(alone[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), int8[last].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{format}: the last prompt alone");
         let theirs: Vec<Vec<u32>> = recorded["llama_cpp"][format].as_array().unwrap().iter().map(ids).collect();
         let agree = |a: &[Vec<u32>], b: &[Vec<u32>]| a.iter().flatten().zip(b.iter().flatten()).filter(|(x, y)| x == y).count();
@@ -146,4 +159,41 @@ fn int8_products_stay_within_8_bit_rounding_on_k_format_files() {
         assert!(worst > 1e-5, "{format}: int8 products ({worst:e}) left the f32 result unchanged: the path was not taken");
         assert!(median < 5e-2 && worst < 0.3, "{format}: int8 products {median:e} (median prompt), {worst:e} (worst) from f32 compute");
     }
+}
+
+/// Q8_0 and Q4_0 through the host matmul with int8 products on the AVX2 path (where they take
+/// `cpu::gpu_int8`; on AVX-512 they keep f32 compute): the GPU int8 model's bits, whatever the
+/// row count, and f32 compute's bits with the choice off.
+#[test]
+fn int8_products_over_q8_0_and_q4_0_give_the_gpu_int8_bits_on_avx2() {
+    let _one = CHOICE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(isa) = Isa::available().into_iter().find(|i| i.name() == "avx2") else {
+        eprintln!("no AVX2 here: nothing to check");
+        return;
+    };
+    if bf16_products::set(CpuCompute::Int8).is_err() {
+        eprintln!("--cpu-compute int8 cannot be picked here: nothing to check");
+        return;
+    }
+    use moegen::cpu::matmul::{matmul, WeightRows};
+    use moegen::kernels::matmul_int8::{model, quantize_reference, sub_blocks};
+    for dtype in [WeightDtype::Q8_0, WeightDtype::Q4_0] {
+        assert!(moegen::cpu::matmul::takes_int8_32(isa, dtype));
+        let (n, k) = (21, 160);
+        let bytes = moegen::quant::random_blocks(dtype, n * k / dtype.block_elems(), 7, false);
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+        let w = WeightRows { words: &words, dtype, cols: k };
+        let (wq, wa) = sub_blocks(dtype, &bytes);
+        for m in [1usize, 5, 40] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let (q, s) = quantize_reference(&x);
+            let want = model(&q, &s, &wq, &wa, None, m, n, k);
+            let mut y = vec![f32::NAN; m * n];
+            matmul(isa, &x, m, w, 0, n, None, &mut y, n);
+            assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} m={m}: not the GPU int8 model's bits");
+        }
+    }
+    bf16_products::set(CpuCompute::F32).unwrap();
+    assert!(!moegen::cpu::matmul::takes_int8_32(isa, WeightDtype::Q8_0), "f32 compute again");
 }

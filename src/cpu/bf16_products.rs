@@ -26,8 +26,9 @@ pub enum CpuCompute {
     /// Inputs rounded to bf16, bf16 dot-product instructions (AVX512-BF16 CPUs).
     Bf16,
     /// K-format weights (Q4_K, Q5_K, Q6_K) against inputs quantised to 8 bits per 256 elements,
-    /// 8-bit dot-product instructions (AVX512-VNNI, else AVX2; NEON's widening multiplies); bf16 weights as with `bf16` where
-    /// the CPU has AVX512-BF16, f32 otherwise.
+    /// 8-bit dot-product instructions (AVX512-VNNI, else AVX2; NEON's widening multiplies); Q8_0
+    /// and Q4_0 against inputs quantised to 8 bits per 32 (`cpu::gpu_int8`); bf16 weights as with
+    /// `bf16` where the CPU has AVX512-BF16, f32 otherwise.
     Int8,
 }
 

@@ -11,7 +11,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::matmul::WeightRows;
+use crate::cpu::int8_products::Job;
+use crate::cpu::matmul::{Out, WeightRows};
 use crate::cpu::simd::Isa;
 use crate::kernels::matmul_int8::{quantize_unit, sub_blocks_into, SUB};
 
@@ -453,24 +454,57 @@ fn rows(isa: Isa, b: &Block, x: &Quantised) -> Vec<[f32; LANES]> {
 /// `y[r * n + c] = xq[r] . w[c]` for the quantised rows and the first `n` rows of block-format
 /// weights `w`: the GPU int8 matmul's bits. In parallel over blocks of 16 weight rows.
 pub fn matmul(isa: Isa, x: &Quantised, w: WeightRows, n: usize, y: &mut [f32]) {
-    let (m, k) = (x.m, x.k);
-    assert!(w.cols == k && y.len() >= m * n, "int8 matmul shapes");
-    assert!(n * w.dtype.row_bytes(k) <= w.words.len() * 4, "int8 matmul weight rows");
-    let blocks: Vec<Vec<[f32; LANES]>> = (0..n.div_ceil(LANES))
-        .into_par_iter()
-        .map_init(Scratch::default, |scratch, blk| {
-            let c0 = blk * LANES;
-            decode(isa, w, c0, LANES.min(n - c0), scratch);
-            rows(isa, &scratch.block, x)
-        })
-        .collect();
-    for (blk, outs) in blocks.iter().enumerate() {
-        let c0 = blk * LANES;
-        let nb = LANES.min(n - c0);
-        for (r, out) in outs.iter().enumerate() {
-            y[r * n + c0..r * n + c0 + nb].copy_from_slice(&out[..nb]);
-        }
+    assert!(y.len() >= x.m * n, "int8 matmul shapes");
+    run(isa, &[QuantisedJob { x, w, w_row0: 0, n, bias: None, y: Out(y.as_mut_ptr()), y_stride: n }]);
+}
+
+/// [`crate::cpu::matmul::matmul`]'s jobs over Q8_0 and Q4_0 weights with `--cpu-compute int8`:
+/// each input row quantised to 8 bits per 32 (the GPU's quantiser, as llama.cpp's Q8_0 x Q8_0
+/// dot products quantise theirs) and multiplied as the GPU's int8 kernels multiply, bias added
+/// after. The integer sums are exact, so a row gets the same bits at any row count. All the
+/// jobs' blocks of 16 weight rows run in one parallel loop. The caller checks that each output
+/// lies inside memory it owns.
+pub(crate) fn matmul_many(isa: Isa, jobs: &[Job]) {
+    let xs: Vec<Quantised> = jobs.iter().map(|j| quantise(j.x, j.m, j.w.cols)).collect();
+    let quantised: Vec<QuantisedJob> =
+        jobs.iter().zip(&xs).map(|(j, x)| QuantisedJob { x, w: j.w, w_row0: j.w_row0, n: j.n, bias: j.bias, y: j.y, y_stride: j.y_stride }).collect();
+    run(isa, &quantised);
+}
+
+/// One matmul of [`run`]: `y[r * y_stride + c] = x[r] . w[w_row0 + c] (+ bias[c])`.
+struct QuantisedJob<'a> {
+    x: &'a Quantised,
+    w: WeightRows<'a>,
+    w_row0: usize,
+    n: usize,
+    bias: Option<&'a [f32]>,
+    y: Out,
+    y_stride: usize,
+}
+
+fn run(isa: Isa, jobs: &[QuantisedJob]) {
+    for j in jobs {
+        let k = j.x.k;
+        assert!(j.w.cols == k && j.y_stride >= j.n && j.bias.is_none_or(|b| b.len() >= j.n), "int8 matmul shapes");
+        assert!((j.w_row0 + j.n) * j.w.dtype.row_bytes(k) <= j.w.words.len() * 4, "int8 matmul weight rows");
     }
+    let tasks = crate::cpu::matmul::block_tasks(jobs.iter().map(|j| (j.x.m, j.x.k, j.n)), LANES);
+    tasks.into_par_iter().for_each_init(Scratch::default, |scratch, (i, b0, b1)| {
+        let j = &jobs[i];
+        for blk in b0..b1 {
+            let c0 = blk * LANES;
+            let nb = LANES.min(j.n - c0);
+            decode(isa, j.w, j.w_row0 + c0, nb, scratch);
+            for (r, out) in rows(isa, &scratch.block, j.x).iter().enumerate() {
+                for (c, &v) in out[..nb].iter().enumerate() {
+                    let v = j.bias.map_or(v, |b| v + b[c0 + c]);
+                    // SAFETY: output (r, c0 + c) lies inside the job's output (checked by the
+                    // caller), and only this task writes the block's columns.
+                    unsafe { *j.y.0.add(r * j.y_stride + c0 + c) = v };
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -478,6 +512,61 @@ mod tests {
     use super::*;
     use crate::gpu::WeightDtype;
     use crate::kernels::matmul_int8::{model, quantize_reference, sub_blocks};
+
+    /// `--cpu-compute int8`'s jobs over Q8_0 and Q4_0: at a weight-row offset, with a bias and
+    /// an output stride, several jobs at once, on every path: the model's bits plus the bias,
+    /// each row the same whatever the row count, nothing written outside the outputs.
+    #[test]
+    fn jobs_give_the_models_bits_at_offsets_with_bias() {
+        let mut state = 11u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for dtype in [WeightDtype::Q8_0, WeightDtype::Q4_0] {
+            let (rows, row0, n, k) = (45, 5, 37, 96);
+            let bytes = crate::quant::random_blocks(dtype, rows * k / dtype.block_elems(), 3, true);
+            let mut words = vec![0u32; bytes.len().div_ceil(4) + 1];
+            bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+            let (wq, wa) = sub_blocks(dtype, &bytes);
+            let (wq, wa) = (&wq[row0 * k..(row0 + n) * k], &wa[row0 * k / SUB..(row0 + n) * k / SUB]);
+            let bias: Vec<f32> = (0..n).map(|_| next()).collect();
+            let w = WeightRows { words: &words, dtype, cols: k };
+            let ms = [1usize, 6];
+            let xs: Vec<Vec<f32>> = ms.iter().map(|&m| (0..m * k).map(|_| next() * 2.0).collect()).collect();
+            let stride = n + 3;
+            for isa in Isa::available() {
+                let mut y = vec![f32::NAN; (1 + 6) * stride];
+                let (y1, y6) = y.split_at_mut(stride);
+                let jobs = [
+                    Job { x: &xs[0], m: 1, w, w_row0: row0, n, bias: Some(&bias), y: Out(y1.as_mut_ptr()), y_stride: stride },
+                    Job { x: &xs[1], m: 6, w, w_row0: row0, n, bias: Some(&bias), y: Out(y6.as_mut_ptr()), y_stride: stride },
+                ];
+                matmul_many(isa, &jobs);
+                for (j, &m) in ms.iter().enumerate() {
+                    let (q, sc) = quantize_reference(&xs[j]);
+                    let want = model(&q, &sc, wq, wa, Some(&bias), m, n, k);
+                    let at = if j == 0 { 0 } else { stride };
+                    for r in 0..m {
+                        for c in 0..stride {
+                            let got = y[at + r * stride + c];
+                            if c < n {
+                                assert_eq!(got.to_bits(), want[r * n + c].to_bits(), "{dtype:?} {} m={m}: output ({r}, {c})", isa.name());
+                            } else {
+                                assert!(got.is_nan(), "{dtype:?} {}: ({r}, {c}) is outside the output and was written", isa.name());
+                            }
+                        }
+                    }
+                }
+                // A row alone: the same bits as among the others.
+                let mut alone = vec![f32::NAN; n];
+                matmul_many(isa, &[Job { x: &xs[1][3 * k..4 * k], m: 1, w, w_row0: row0, n, bias: Some(&bias), y: Out(alone.as_mut_ptr()), y_stride: n }]);
+                for c in 0..n {
+                    assert_eq!(alone[c].to_bits(), y[stride + 3 * stride + c].to_bits(), "{dtype:?} {}: row 3 alone, column {c}", isa.name());
+                }
+            }
+        }
+    }
 
     /// Every format on every path this CPU has, awkward sizes (columns not a whole register,
     /// three blocks a row), extreme scales: exactly the kernels' model's bits.

@@ -133,6 +133,10 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: us
     if int8_path(isa, w.dtype) {
         return crate::cpu::int8_products::matmul(isa, x, m, w, w_row0, n, bias, y, y_stride);
     }
+    if takes_int8_32(isa, w.dtype) {
+        let job = crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias, y: Out(y.as_mut_ptr()), y_stride };
+        return crate::cpu::gpu_int8::matmul_many(isa, &[job]);
+    }
     if m >= gemm_min_rows(isa) {
         gemm_path(x, m, w, w_row0, n, bias, y, y_stride);
     } else {
@@ -143,6 +147,15 @@ pub fn matmul(isa: Isa, x: &[f32], m: usize, w: WeightRows, w_row0: usize, n: us
 /// Whether a matmul over `dtype` takes the int8 product path (`--cpu-compute int8`).
 fn int8_path(isa: Isa, dtype: WeightDtype) -> bool {
     crate::cpu::int8_products::takes(dtype) && crate::cpu::int8_products::supported_on(isa)
+}
+
+/// Whether a matmul over `dtype` on `isa` takes the 8-bit path of the 32-element block formats
+/// (`--cpu-compute int8` over Q8_0 and Q4_0: `cpu::gpu_int8`). Only on AVX2, where it is faster
+/// than decoding the blocks into f32 (1.27x on the benchmark model's Q8_0 job, where the AVX-512
+/// path's f32 tiles, which decode the blocks in registers, were 1.15-1.2x faster than it; NEON
+/// unmeasured): elsewhere they keep f32 compute.
+pub fn takes_int8_32(isa: Isa, dtype: WeightDtype) -> bool {
+    isa.name() == "avx2" && crate::cpu::int8_products::enabled() && matches!(dtype, WeightDtype::Q8_0 | WeightDtype::Q4_0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -350,7 +363,8 @@ pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
     #[cfg(not(target_arch = "x86_64"))]
     let products = false;
     let int8 = |j: &ManyJob| int8_path(isa, j.2.dtype);
-    let alone = |j: &ManyJob| !int8(j) && (j.1 >= gemm_min_rows(isa) || (products && j.2.dtype == WeightDtype::Bf16));
+    let int8_32 = |j: &ManyJob| takes_int8_32(isa, j.2.dtype);
+    let alone = |j: &ManyJob| !int8(j) && !int8_32(j) && (j.1 >= gemm_min_rows(isa) || (products && j.2.dtype == WeightDtype::Bf16));
     for &(x, m, w, w_row0, n, off) in jobs.iter().filter(|j| alone(j)) {
         matmul(isa, x, m, w, w_row0, n, None, &mut y[off..], n);
     }
@@ -365,9 +379,19 @@ pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
     if !int8_jobs.is_empty() {
         crate::cpu::int8_products::matmul_many(isa, &int8_jobs);
     }
+    // Q8_0 and Q4_0 with int8 products: theirs.
+    let int8_32_jobs: Vec<crate::cpu::int8_products::Job> = jobs
+        .iter()
+        .filter(|j| int8_32(j))
+        // SAFETY: each job's output lies inside `y` (checked above).
+        .map(|&(x, m, w, w_row0, n, off)| crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
+        .collect();
+    if !int8_32_jobs.is_empty() {
+        crate::cpu::gpu_int8::matmul_many(isa, &int8_32_jobs);
+    }
     let dot: Vec<DotJob> = jobs
         .iter()
-        .filter(|j| !alone(j) && !int8(j))
+        .filter(|j| !alone(j) && !int8(j) && !int8_32(j))
         // SAFETY: each job's output lies inside `y` (checked above).
         .map(|&(x, m, w, w_row0, n, off)| DotJob { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
         .collect();
