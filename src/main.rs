@@ -373,7 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if moegen::cpu::int8_products::supported() {
                 let using = if moegen::cpu::int8_products::enabled() { "in use" } else { "available with --cpu-compute int8" };
-                let blocks = if host.isa.name() == "avx2" { "K-format, Q8_0 and Q4_0 weights" } else { "K-format weights" };
+                let blocks = if moegen::cpu::matmul::int8_32_on(host.isa) { "K-format, Q8_0 and Q4_0 weights" } else { "K-format weights" };
                 println!("    int8 products over {blocks} ({}): {using}", moegen::cpu::int8_products::instructions());
             }
             if let Some(m) = host.memory_bytes {

@@ -149,13 +149,18 @@ fn int8_path(isa: Isa, dtype: WeightDtype) -> bool {
     crate::cpu::int8_products::takes(dtype) && crate::cpu::int8_products::supported_on(isa)
 }
 
+/// Whether `isa` is a path where Q8_0 and Q4_0 take 8-bit products under `--cpu-compute int8`.
+pub fn int8_32_on(isa: Isa) -> bool {
+    isa.name() == "avx2"
+}
+
 /// Whether a matmul over `dtype` on `isa` takes the 8-bit path of the 32-element block formats
 /// (`--cpu-compute int8` over Q8_0 and Q4_0: `cpu::gpu_int8`). Only on AVX2, where it is faster
 /// than decoding the blocks into f32 (1.27x on the benchmark model's Q8_0 job, where the AVX-512
 /// path's f32 tiles, which decode the blocks in registers, were 1.15-1.2x faster than it; NEON
 /// unmeasured): elsewhere they keep f32 compute.
 pub fn takes_int8_32(isa: Isa, dtype: WeightDtype) -> bool {
-    isa.name() == "avx2" && crate::cpu::int8_products::enabled() && matches!(dtype, WeightDtype::Q8_0 | WeightDtype::Q4_0)
+    int8_32_on(isa) && crate::cpu::int8_products::enabled() && matches!(dtype, WeightDtype::Q8_0 | WeightDtype::Q4_0)
 }
 
 #[allow(clippy::too_many_arguments)]
