@@ -374,23 +374,21 @@ pub fn matmul_many(isa: Isa, jobs: &[ManyJob], y: &mut [f32]) {
         matmul(isa, x, m, w, w_row0, n, None, &mut y[off..], n);
     }
     let base = Out(y.as_mut_ptr());
-    // K formats with int8 products: all of them in one loop of their own.
-    let int8_jobs: Vec<crate::cpu::int8_products::Job> = jobs
-        .iter()
-        .filter(|j| int8(j))
-        // SAFETY: each job's output lies inside `y` (checked above).
-        .map(|&(x, m, w, w_row0, n, off)| crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
-        .collect();
+    // The jobs `keep` picks, with their outputs behind pointers.
+    let picked = |keep: &dyn Fn(&ManyJob) -> bool| -> Vec<crate::cpu::int8_products::Job> {
+        jobs.iter()
+            .filter(|j| keep(j))
+            // SAFETY: each job's output lies inside `y` (checked above).
+            .map(|&(x, m, w, w_row0, n, off)| crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
+            .collect()
+    };
+    // K formats with int8 products: all of them in one loop of their own; Q8_0 and Q4_0 with
+    // int8 products in theirs.
+    let int8_jobs = picked(&int8);
     if !int8_jobs.is_empty() {
         crate::cpu::int8_products::matmul_many(isa, &int8_jobs);
     }
-    // Q8_0 and Q4_0 with int8 products: theirs.
-    let int8_32_jobs: Vec<crate::cpu::int8_products::Job> = jobs
-        .iter()
-        .filter(|j| int8_32(j))
-        // SAFETY: each job's output lies inside `y` (checked above).
-        .map(|&(x, m, w, w_row0, n, off)| crate::cpu::int8_products::Job { x, m, w, w_row0, n, bias: None, y: Out(unsafe { base.0.add(off) }), y_stride: n })
-        .collect();
+    let int8_32_jobs = picked(&int8_32);
     if !int8_32_jobs.is_empty() {
         crate::cpu::gpu_int8::matmul_many(isa, &int8_32_jobs);
     }
