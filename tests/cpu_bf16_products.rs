@@ -163,7 +163,7 @@ fn int8_products_stay_within_8_bit_rounding_on_k_format_files() {
 
 /// Q8_0 and Q4_0 through the host matmul with int8 products on the AVX2 path (where they take
 /// `cpu::gpu_int8`; on AVX-512 they keep f32 compute): the GPU int8 model's bits, whatever the
-/// row count, and f32 compute's bits with the choice off.
+/// row count, and the path left with the choice off.
 #[test]
 fn int8_products_over_q8_0_and_q4_0_give_the_gpu_int8_bits_on_avx2() {
     let _one = CHOICE.lock().unwrap_or_else(|e| e.into_inner());
